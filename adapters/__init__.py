@@ -1,0 +1,1 @@
+"""Built-in domain plugins (import name ``wsss_adapters``; folder ``adapters/``)."""

@@ -1,0 +1,1 @@
+"""Sample loading helpers shared by every loader."""

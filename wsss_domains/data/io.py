@@ -1,0 +1,99 @@
+"""Reading images and masks with errors that name the file, and atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+Image.MAX_IMAGE_PIXELS = None  # whole-slide-sized tiles are legitimate input here
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the problem."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise DataError(path, "file not found")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DataError(path, f"unreadable image ({exc})") from exc
+    return image
+
+
+def read_rgb(path: Path | str) -> Tensor:
+    """An image file as float32 ``3xHxW`` in [0, 1]."""
+    image = _open(Path(path)).convert("RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_index_mask(path: Path | str) -> Tensor:
+    """A single-channel (palette or grey) mask as int64 ``HxW`` holding the stored indices."""
+    image = _open(Path(path))
+    if image.mode not in ("P", "L", "I", "I;16", "1"):
+        raise DataError(path, f"expected a palette or greyscale mask, got mode {image.mode}")
+    return torch.from_numpy(np.asarray(image).astype(np.int64))
+
+
+def read_color_mask(
+    path: Path | str, colors: Mapping[tuple[int, int, int], int], unknown: int | None = None
+) -> Tensor:
+    """An RGB-coded mask mapped to class ids; unknown colours are an error unless ``unknown`` is set."""
+    rgb = np.asarray(_open(Path(path)).convert("RGB"), dtype=np.int64)
+    code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    out = np.full(code.shape, -1, dtype=np.int64)
+    for (r, g, b), cls in colors.items():
+        out[code == ((r << 16) | (g << 8) | b)] = cls
+    missing = out < 0
+    if missing.any():
+        if unknown is None:
+            y, x = np.argwhere(missing)[0]
+            raise DataError(path, f"colour {tuple(rgb[y, x])} at ({y}, {x}) is not a known class colour")
+        out[missing] = unknown
+    return torch.from_numpy(out)
+
+
+def check_same_size(image: Tensor, mask: Tensor, path: Path | str) -> None:
+    if tuple(image.shape[-2:]) != tuple(mask.shape[-2:]):
+        raise DataError(
+            path, f"mask size {tuple(mask.shape[-2:])} does not match image size {tuple(image.shape[-2:])}"
+        )
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A killed process leaves either the old file or none, never half a file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_palette_png(path: Path | str, ids: np.ndarray, palette: list[int]) -> None:
+    """Write class ids as a palette PNG, atomically."""
+    image = Image.fromarray(ids.astype(np.uint8), mode="P")
+    image.putpalette(palette)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

@@ -1,0 +1,32 @@
+"""Domain-plugin contract and registry."""
+
+from wsss_domains.domains.contract import (
+    IGNORE_INDEX,
+    BackgroundMode,
+    ClipPrompts,
+    DatasetSpec,
+    DomainPlugin,
+    LabelSpace,
+    MetricResult,
+    PromptKind,
+    Sample,
+    SamStrategy,
+)
+from wsss_domains.domains.registry import ENTRY_POINT_GROUP, get_domain, list_domains, register_domain
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "IGNORE_INDEX",
+    "BackgroundMode",
+    "ClipPrompts",
+    "DatasetSpec",
+    "DomainPlugin",
+    "LabelSpace",
+    "MetricResult",
+    "PromptKind",
+    "Sample",
+    "SamStrategy",
+    "get_domain",
+    "list_domains",
+    "register_domain",
+]

@@ -1,0 +1,256 @@
+"""The domain-plugin contract: everything a domain adds to the engine goes through these types.
+
+A domain plugin (histopathology, remote sensing, ...) is a subclass of :class:`DomainPlugin`
+registered under the entry-point group ``wsss_domains.domains``. The engine never imports a plugin
+by name; it asks the registry. Every hook has a default so a minimal plugin only declares its
+datasets.
+
+Conventions shared by every loader and the engine:
+
+* A *sample* is a plain dict (see :class:`Sample`): ``image`` float32 ``3xHxW`` in ``[0, 1]``
+  (not yet normalised), ``label`` float32 multi-hot over the *foreground* classes, optional
+  ``mask`` int64 ``HxW`` with dataset class ids and ``ignore_index`` for unscored pixels, optional
+  ``exclude`` bool ``HxW`` (True where the domain decides the pixel is background / not tissue /
+  no-data), ``id`` a unique string, ``meta`` free-form.
+* Class ids in masks and pseudo-labels are indices into :attr:`LabelSpace.classes`.
+* The classifier predicts only the foreground classes (every class but the background class, if
+  the label space has one). How background is decided is :attr:`LabelSpace.background_mode`.
+"""
+
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+IGNORE_INDEX = 255
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Sample(TypedDict, total=False):
+    """One item of any loader. Only ``image``, ``label`` and ``id`` are required."""
+
+    image: Tensor
+    label: Tensor
+    mask: Tensor
+    exclude: Tensor
+    id: str
+    meta: dict[str, Any]
+
+
+class BackgroundMode(str, enum.Enum):
+    """How the pixels of no foreground class are decided."""
+
+    NONE = "none"  # every pixel belongs to some class (driving, land cover)
+    THRESHOLD = "threshold"  # a background class wins where all CAMs are below a threshold (VOC, GlaS)
+    EXCLUDE = "exclude"  # background comes from an exclude mask (white glass in histology, no-data)
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The classes of one dataset, as stored in its masks and written in pseudo-labels."""
+
+    classes: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    background_mode: BackgroundMode = BackgroundMode.NONE
+    background_index: int | None = None
+    ignore_index: int = IGNORE_INDEX
+    # Colour used for ignore / excluded pixels in palette PNGs.
+    ignore_color: tuple[int, int, int] = (255, 255, 255)
+
+    def __post_init__(self) -> None:
+        if len(self.palette) != len(self.classes):
+            raise ValueError(f"palette has {len(self.palette)} colours for {len(self.classes)} classes")
+        if self.background_mode is BackgroundMode.THRESHOLD and self.background_index is None:
+            raise ValueError("background_mode 'threshold' needs a background_index")
+        if self.background_index is not None and not 0 <= self.background_index < len(self.classes):
+            raise ValueError(f"background_index {self.background_index} out of range")
+        if not len(self.classes) <= self.ignore_index <= 255:
+            raise ValueError("ignore_index must lie above the class ids and fit in a byte")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def foreground(self) -> tuple[int, ...]:
+        """Class ids the classifier predicts (all but the background class)."""
+        return tuple(i for i in range(len(self.classes)) if i != self.background_index)
+
+    @property
+    def foreground_names(self) -> tuple[str, ...]:
+        return tuple(self.classes[i] for i in self.foreground)
+
+    def label_from_mask(self, mask: Tensor, min_pixels: int = 1) -> Tensor:
+        """Multi-hot foreground label vector from the classes present in ``mask``."""
+        counts = torch.bincount(mask[mask != self.ignore_index].flatten().long(), minlength=self.num_classes)
+        if counts.numel() > self.num_classes:
+            bad = int(torch.nonzero(counts[self.num_classes :])[0]) + self.num_classes
+            raise ValueError(f"mask holds class id {bad}, outside 0..{self.num_classes - 1}")
+        return (counts[list(self.foreground)] >= min_pixels).float()
+
+    def flat_palette(self) -> list[int]:
+        """A 768-entry PIL palette: class colours, then the ignore colour at ``ignore_index``."""
+        pal = [0] * 768
+        for i, rgb in enumerate(self.palette):
+            pal[3 * i : 3 * i + 3] = rgb
+        pal[3 * self.ignore_index : 3 * self.ignore_index + 3] = self.ignore_color
+        return pal
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named on-disk dataset format a domain can read.
+
+    ``build(root, split, **options)`` returns a map-style dataset of :class:`Sample` dicts.
+    ``options`` understood by every loader: ``labels_from_masks`` (bool), ``patch_size`` (int).
+    ``detect(root)`` says whether a folder looks like this dataset, so ``--dataset`` may be omitted.
+    """
+
+    name: str
+    label_space: LabelSpace
+    build: Callable[..., Dataset]
+    detect: Callable[[Path], bool]
+    splits: tuple[str, ...]
+    description: str = ""
+    default_split: str | None = None
+    # Default patch size when cutting fully annotated images for ``--labels-from-masks``.
+    patch_size: int = 224
+
+
+class PromptKind(str, enum.Enum):
+    BOXES = "boxes"
+    POINTS = "points"
+    EVERYTHING = "everything"
+
+
+@dataclass(frozen=True)
+class SamStrategy:
+    """How the SAM path prompts SAM from CAMs and builds prototypes in this domain."""
+
+    prompt: PromptKind = PromptKind.BOXES
+    # Fraction of a CAM's maximum above which a region becomes a prompt.
+    cam_threshold: float = 0.5
+    # Local maxima above this fraction of the global maximum become point prompts (S2C).
+    peak_threshold: float = 0.7
+    max_prompts_per_class: int = 4
+    # Pool backbone features over SAM segments into prototypes (SAM-derived prototypes hook).
+    use_prototypes: bool = True
+    # Preferred SAM registry name for this domain (e.g. "lite_medsam" for histology).
+    model: str = "vit_b"
+
+
+@dataclass(frozen=True)
+class ClipPrompts:
+    """Class names, synonyms, templates and background vocabulary for CLIP-based methods."""
+
+    class_names: Mapping[str, Sequence[str]]  # class -> [name, synonym, ...]
+    templates: Sequence[str] = ("a photo of {}.",)
+    background: Sequence[str] = ()
+    learned: str | None = None  # name of a learned prompt artefact under prompts/<domain>/
+
+
+@dataclass
+class MetricResult:
+    """A named scalar and optional per-class values produced by a domain metric."""
+
+    name: str
+    value: float
+    per_class: dict[str, float] = field(default_factory=dict)
+
+
+class DomainPlugin(ABC):
+    """Base class of every domain plugin. Subclass, declare datasets, override hooks as needed."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+
+    # -- datasets ----------------------------------------------------------------------------
+    @abstractmethod
+    def datasets(self) -> Mapping[str, DatasetSpec]:
+        """Dataset formats this domain reads, by loader name."""
+
+    def demo(self, root: Path) -> tuple[str, Path] | None:
+        """Write a small synthetic demo set under ``root``; return (dataset name, data folder)."""
+        return None
+
+    # -- image handling ----------------------------------------------------------------------
+    def normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """Mean and std applied after loading; ImageNet statistics suit ImageNet backbones."""
+        return IMAGENET_MEAN, IMAGENET_STD
+
+    def preprocess(self, image: Tensor) -> Tensor:
+        """Domain-specific colour handling before normalisation (e.g. stain normalisation)."""
+        return image
+
+    def train_augment(self, sample: Sample) -> Sample:
+        """Label-preserving augmentation for classifier training. Default: horizontal flip."""
+        if torch.rand(()) < 0.5:
+            sample = dict(sample)  # type: ignore[assignment]
+            sample["image"] = sample["image"].flip(-1)
+        return sample
+
+    # -- background --------------------------------------------------------------------------
+    def exclude_mask(self, image: Tensor, label_space: LabelSpace) -> Tensor | None:
+        """Pixels this domain excludes when a sample carries no ``exclude`` mask (None: none)."""
+        return None
+
+    def background_threshold(self, label_space: LabelSpace) -> float:
+        """CAM score below which a pixel is background, for ``BackgroundMode.THRESHOLD``."""
+        return 0.3
+
+    # -- evaluation --------------------------------------------------------------------------
+    def metrics(self, confusion: Tensor, label_space: LabelSpace) -> list[MetricResult]:
+        """Domain metrics computed from the accumulated confusion matrix (rows gt, cols pred).
+
+        The engine always reports mIoU, per-class IoU, FwIoU, pixel accuracy and Dice; return
+        extra ones here (e.g. Cohen's kappa for remote sensing).
+        """
+        return []
+
+    def scored_classes(self, label_space: LabelSpace) -> tuple[int, ...]:
+        """Class ids averaged into mIoU. Default: every class of the label space."""
+        return tuple(range(label_space.num_classes))
+
+    # -- CLIP and SAM hooks ------------------------------------------------------------------
+    def clip_prompts(self, label_space: LabelSpace) -> ClipPrompts:
+        """Prompts for CLIP-based CAMs. Default: class names in a generic template."""
+        return ClipPrompts(class_names={c: (c,) for c in label_space.foreground_names})
+
+    def sam_strategy(self) -> SamStrategy:
+        """How to prompt SAM from CAMs and whether to build SAM-derived prototypes."""
+        return SamStrategy()
+
+    # -- helpers -----------------------------------------------------------------------------
+    def dataset(self, name: str) -> DatasetSpec:
+        specs = self.datasets()
+        if name not in specs:
+            raise KeyError(f"domain '{self.name}' has no dataset '{name}'; known: {', '.join(specs)}")
+        return specs[name]
+
+    def detect_dataset(self, root: Path) -> DatasetSpec:
+        """The one dataset whose layout matches ``root``; a clear error if none or several do."""
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"data folder {root} does not exist")
+        hits = [spec for spec in self.datasets().values() if spec.detect(root)]
+        if not hits:
+            raise ValueError(
+                f"{root}: no '{self.name}' dataset layout recognised (known: {', '.join(self.datasets())});"
+                " pass --dataset NAME"
+            )
+        if len(hits) > 1:
+            raise ValueError(
+                f"{root}: layout is ambiguous between {', '.join(s.name for s in hits)}; pass --dataset NAME"
+            )
+        return hits[0]

@@ -1,0 +1,45 @@
+"""Discovery of domain plugins through the ``wsss_domains.domains`` entry-point group."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib.metadata import entry_points
+
+from wsss_domains.domains.contract import DomainPlugin
+
+ENTRY_POINT_GROUP = "wsss_domains.domains"
+
+# Plugins registered at run time (tests, notebooks); entry points remain the normal route.
+_RUNTIME: dict[str, type[DomainPlugin]] = {}
+
+
+def register_domain(plugin: type[DomainPlugin]) -> type[DomainPlugin]:
+    """Register a plugin class without packaging it (usable as a decorator)."""
+    _RUNTIME[plugin.name] = plugin
+    return plugin
+
+
+@lru_cache(maxsize=1)
+def _entry_points() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def list_domains() -> list[str]:
+    """Names of every installed or registered domain, sorted."""
+    return sorted(set(_entry_points()) | set(_RUNTIME))
+
+
+def get_domain(name: str) -> DomainPlugin:
+    """Instantiate the plugin registered under ``name``."""
+    if name in _RUNTIME:
+        return _RUNTIME[name]()
+    eps = _entry_points()
+    if name not in eps:
+        known = ", ".join(list_domains()) or "none"
+        raise KeyError(f"unknown domain '{name}'; installed domains: {known}")
+    cls = eps[name].load()  # type: ignore[attr-defined]
+    if not (isinstance(cls, type) and issubclass(cls, DomainPlugin)):
+        raise TypeError(f"entry point '{name}' does not point to a DomainPlugin subclass: {cls!r}")
+    if getattr(cls, "name", None) != name:
+        raise TypeError(f"entry point '{name}' loads a plugin named {getattr(cls, 'name', None)!r}")
+    return cls()
