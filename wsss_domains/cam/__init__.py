@@ -1,1 +1,1 @@
-"""cam"""
+"""Class activation maps."""

@@ -2,12 +2,19 @@
 
 This is the usual way to benchmark WSSS on fully annotated data (``--labels-from-masks``): the
 classifier only ever sees each patch's set of present classes, never its mask.
+
+Patches may be square (``patch_size=224``) or rectangular (``patch_size=(120, 160)``, height then
+width), because street scenes are wide. A class counts as present in a patch when it covers at
+least ``min_pixels`` pixels and at least ``min_fraction`` of the patch's scored (non-ignore)
+pixels, so that a sliver of a few pixels at a crop border does not become an image-level label.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -24,40 +31,90 @@ def grid_starts(length: int, patch: int, stride: int) -> list[int]:
     return starts
 
 
+def pair(size: int | tuple[int, int] | list[int], what: str = "patch size") -> tuple[int, int]:
+    """``(height, width)`` from an int (square) or a pair; ValueError for anything not positive."""
+    if isinstance(size, int):
+        hw = (size, size)
+    else:
+        hw = tuple(int(v) for v in size)
+        if len(hw) != 2:
+            raise ValueError(f"{what} must be an int or (height, width), got {size!r}")
+    if min(hw) < 1:
+        raise ValueError(f"{what} must be positive, got {size!r}")
+    return hw  # type: ignore[return-value]
+
+
+def label_from_crop(
+    label_space: LabelSpace, mask: torch.Tensor, min_pixels: int = 1, min_fraction: float = 0.0
+) -> torch.Tensor:
+    """Multi-hot label of ``mask``: classes covering ``min_pixels`` and ``min_fraction`` of scored pixels.
+
+    Counted in numpy: indexing builds thousands of crops, and torch's per-op overhead dominates there.
+    """
+    if not 0.0 <= min_fraction <= 1.0:
+        raise ValueError(f"min_fraction must lie in [0, 1], got {min_fraction}")
+    ids = mask.detach().cpu().numpy()
+    scored = ids[ids != label_space.ignore_index]
+    if scored.size and (scored.min() < 0 or scored.max() >= label_space.num_classes):
+        bad = scored[(scored < 0) | (scored >= label_space.num_classes)][0]
+        raise ValueError(f"mask holds class id {bad}, outside 0..{label_space.num_classes - 1}")
+    counts = np.bincount(scored.astype(np.int64), minlength=label_space.num_classes)
+    need = max(min_pixels, math.ceil(min_fraction * scored.size))
+    return torch.from_numpy((counts[list(label_space.foreground)] >= need).astype(np.float32))
+
+
 class PatchDataset(Dataset):
     """Patches of the samples of ``base``, each labelled by the classes present in its mask.
 
     Patches with no labelled pixel (all ignore / excluded) are dropped. Base samples are cached
-    (a small LRU) because consecutive patches come from the same image.
+    (a small LRU) because consecutive patches come from the same image. When ``base`` has a
+    ``load_mask(i)`` method returning the scored mask (ignore where excluded), the index is built
+    from masks alone, without decoding every image up front.
     """
 
     def __init__(
         self,
         base: Dataset,
         label_space: LabelSpace,
-        patch_size: int,
-        stride: int | None = None,
+        patch_size: int | tuple[int, int],
+        stride: int | tuple[int, int] | None = None,
         min_pixels: int = 1,
         cache_size: int = 64,
+        min_fraction: float = 0.0,
     ) -> None:
         self.base = base
         self.label_space = label_space
         self.patch_size = patch_size
         self.stride = stride or patch_size
+        self.patch_hw = pair(patch_size)
+        self.stride_hw = pair(self.stride, "stride")
+        self.min_pixels = min_pixels
+        self.min_fraction = min_fraction
         self._cache: OrderedDict[int, Sample] = OrderedDict()
         self._cache_size = cache_size
         self.index: list[tuple[int, int, int, torch.Tensor]] = []
+        ph, pw = self.patch_hw
+        sh, sw = self.stride_hw
+        load_mask = getattr(base, "load_mask", None)
         for i in range(len(base)):  # type: ignore[arg-type]
-            sample = self._base(i)
-            if "mask" not in sample:
-                raise ValueError(f"sample {sample['id']} has no mask; --labels-from-masks needs masks")
-            mask = self._scored_mask(sample)
-            h, w = mask.shape
-            for y in grid_starts(h, patch_size, self.stride):
-                for x in grid_starts(w, patch_size, self.stride):
-                    crop = mask[y : y + patch_size, x : x + patch_size]
+            if callable(load_mask):
+                mask = load_mask(i)
+                if mask is None:
+                    raise ValueError(
+                        f"sample {i} of {type(base).__name__} has no mask; --labels-from-masks needs masks"
+                    )
+            else:
+                sample = self._base(i)
+                if "mask" not in sample:
+                    raise ValueError(f"sample {sample['id']} has no mask; --labels-from-masks needs masks")
+                mask = self._scored_mask(sample)
+            ids = mask.cpu().numpy()
+            h, w = ids.shape
+            for y in grid_starts(h, ph, sh):
+                for x in grid_starts(w, pw, sw):
+                    crop = ids[y : y + ph, x : x + pw]
                     if (crop != label_space.ignore_index).any():
-                        label = label_space.label_from_mask(crop, min_pixels=min_pixels)
+                        label = label_from_crop(label_space, torch.from_numpy(crop), min_pixels, min_fraction)
                         self.index.append((i, y, x, label))
 
     def _scored_mask(self, sample: Sample) -> torch.Tensor:
@@ -82,14 +139,14 @@ class PatchDataset(Dataset):
     def __getitem__(self, k: int) -> Sample:
         i, y, x, label = self.index[k]
         sample = self._base(i)
-        p = self.patch_size
+        ph, pw = self.patch_hw
         out: Sample = {
-            "image": sample["image"][:, y : y + p, x : x + p],
+            "image": sample["image"][:, y : y + ph, x : x + pw],
             "label": label,
-            "mask": sample["mask"][y : y + p, x : x + p],
+            "mask": sample["mask"][y : y + ph, x : x + pw],
             "id": f"{sample['id']}@{y},{x}",
             "meta": {**sample.get("meta", {}), "parent": sample["id"], "offset": (y, x)},
         }
         if "exclude" in sample:
-            out["exclude"] = sample["exclude"][y : y + p, x : x + p]
+            out["exclude"] = sample["exclude"][y : y + ph, x : x + pw]
         return out

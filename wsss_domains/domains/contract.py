@@ -115,6 +115,8 @@ class DatasetSpec:
     ``build(root, split, **options)`` returns a map-style dataset of :class:`Sample` dicts.
     ``options`` understood by every loader: ``labels_from_masks`` (bool), ``patch_size`` (int).
     ``detect(root)`` says whether a folder looks like this dataset, so ``--dataset`` may be omitted.
+    Formats whose classes are declared inside the data folder (the generic folder format) set
+    ``label_space_from``; callers ask :meth:`label_space_for` rather than read ``label_space``.
     """
 
     name: str
@@ -124,8 +126,28 @@ class DatasetSpec:
     splits: tuple[str, ...]
     description: str = ""
     default_split: str | None = None
-    # Default patch size when cutting fully annotated images for ``--labels-from-masks``.
-    patch_size: int = 224
+    # Default patch size when cutting fully annotated images for ``--labels-from-masks``;
+    # a (height, width) pair for rectangular crops (wide street scenes).
+    patch_size: int | tuple[int, int] = 224
+    # Reads the label space of the dataset at ``root``; ``label_space`` is then a placeholder.
+    label_space_from: Callable[[Path], LabelSpace] | None = None
+
+    def label_space_for(self, root: Path) -> LabelSpace:
+        """The label space of the dataset stored at ``root``."""
+        if self.label_space_from is None:
+            return self.label_space
+        return self.label_space_from(Path(root))
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """A generated demo set: which loader reads it, where, and which splits to train and score."""
+
+    dataset: str
+    root: Path
+    train_split: str
+    eval_split: str
+    labels_from_masks: bool = False
 
 
 class PromptKind(str, enum.Enum):
@@ -180,8 +202,8 @@ class DomainPlugin(ABC):
     def datasets(self) -> Mapping[str, DatasetSpec]:
         """Dataset formats this domain reads, by loader name."""
 
-    def demo(self, root: Path) -> tuple[str, Path] | None:
-        """Write a small synthetic demo set under ``root``; return (dataset name, data folder)."""
+    def demo(self, root: Path) -> DemoData | None:
+        """Write a small synthetic demo set under ``root`` (deterministic; skip if already there)."""
         return None
 
     # -- image handling ----------------------------------------------------------------------

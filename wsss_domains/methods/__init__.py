@@ -1,1 +1,6 @@
-"""methods"""
+"""WSSS methods behind one registry."""
+
+from wsss_domains.methods.base import Method
+from wsss_domains.methods.registry import create_method, list_methods, method_class, register_method
+
+__all__ = ["Method", "create_method", "list_methods", "method_class", "register_method"]

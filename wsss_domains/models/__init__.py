@@ -1,1 +1,1 @@
-"""models"""
+"""Backbones, pretrained weights and the CAM classifier."""

@@ -1,1 +1,1 @@
-"""pseudo_labels"""
+"""Pseudo-label assembly, writing and overlays."""

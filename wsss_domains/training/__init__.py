@@ -1,1 +1,1 @@
-"""training"""
+"""Classifier training from image-level labels."""

@@ -1,0 +1,90 @@
+"""The map-style dataset both driving loaders return: they only list files and decode masks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from wsss_adapters.driving.crops import DEFAULT_MIN_LABEL_FRACTION, CropProtocol, make_crops
+
+from wsss_domains.data.io import DataError, check_same_size, read_rgb
+from wsss_domains.data.patches import label_from_crop
+from wsss_domains.domains.contract import LabelSpace, Sample
+
+# Reads one annotation file as class ids with the ignore index; DataError naming the file.
+MaskDecoder = Callable[[Path], Tensor]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image on disk and, when annotated, its mask file and how to decode it."""
+
+    id: str
+    image: Path
+    mask: Path | None = None
+    decode: MaskDecoder | None = None
+
+
+class StreetDataset(Dataset):
+    """Whole street images with their masks; labels are the classes present (see crops.py)."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        label_space: LabelSpace,
+        meta: Mapping[str, str],
+        min_label_fraction: float = DEFAULT_MIN_LABEL_FRACTION,
+    ) -> None:
+        self.records = list(records)
+        self.label_space = label_space
+        self.meta = dict(meta)
+        self.min_label_fraction = min_label_fraction
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_mask(self, index: int) -> Tensor | None:
+        """The decoded mask alone (lets the crop index skip decoding images)."""
+        rec = self.records[index]
+        if rec.mask is None or rec.decode is None:
+            return None
+        return rec.decode(rec.mask)
+
+    def __getitem__(self, index: int) -> Sample:
+        rec = self.records[index]
+        image = read_rgb(rec.image)
+        sample: Sample = {
+            "image": image,
+            "id": rec.id,
+            "meta": {**self.meta, "path": str(rec.image)},
+        }
+        mask = self.load_mask(index)
+        if mask is None:
+            sample["label"] = torch.zeros(len(self.label_space.foreground))
+            sample["meta"]["annotated"] = False
+            return sample
+        check_same_size(image, mask, rec.mask)  # type: ignore[arg-type]
+        sample["mask"] = mask
+        sample["label"] = label_from_crop(self.label_space, mask, min_fraction=self.min_label_fraction)
+        sample["meta"]["annotated"] = True
+        return sample
+
+
+def finish(
+    dataset: StreetDataset, where: Path, split: str, labels_from_masks: bool, protocol: CropProtocol
+) -> Dataset:
+    """Refuse empty splits; cut annotated images into labelled crops when asked."""
+    if len(dataset) == 0:
+        raise DataError(where, f"split '{split}' holds no images")
+    if not labels_from_masks:
+        return dataset
+    missing = [rec for rec in dataset.records if rec.mask is None]
+    if missing:
+        raise DataError(
+            missing[0].image, f"split '{split}' has images without masks; --labels-from-masks needs masks"
+        )
+    return make_crops(dataset, dataset.label_space, protocol)

@@ -1,0 +1,54 @@
+"""The driving domain: street scenes where every pixel belongs to some class."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+from wsss_adapters.driving import camvid, cityscapes
+from wsss_adapters.driving.labels import CAMVID, CAMVID_CATEGORIES, CITYSCAPES, CITYSCAPES_CATEGORIES
+from wsss_adapters.driving.metrics import category_miou
+from wsss_adapters.driving.prompts import street_prompts
+
+from wsss_domains.domains.contract import (
+    ClipPrompts,
+    DatasetSpec,
+    DomainPlugin,
+    LabelSpace,
+    MetricResult,
+    PromptKind,
+    SamStrategy,
+)
+
+
+class DrivingDomain(DomainPlugin):
+    """Cityscapes and CamVid street scenes (``BackgroundMode.NONE``).
+
+    Image-level labels come from crops (``labels_from_masks=True`` with the crop protocol of
+    :mod:`wsss_adapters.driving.crops`), because a whole frame shows nearly every class. Besides the
+    engine's class mIoU, both datasets report a ``category_mIoU`` over the 7 Cityscapes categories
+    (CamVid's 11 classes grouped the same way, see ``labels.CAMVID_CATEGORIES``).
+    """
+
+    name = "driving"
+    description = "Street scenes: Cityscapes (19 train ids) and CamVid (SegNet, 11 classes)"
+
+    def datasets(self) -> Mapping[str, DatasetSpec]:
+        return {cityscapes.NAME: cityscapes.SPEC, camvid.NAME: camvid.SPEC}
+
+    def metrics(self, confusion: Tensor, label_space: LabelSpace) -> list[MetricResult]:
+        if label_space.classes == CITYSCAPES.classes:
+            return [category_miou(confusion, label_space, CITYSCAPES_CATEGORIES)]
+        if label_space.classes == CAMVID.classes:
+            return [category_miou(confusion, label_space, CAMVID_CATEGORIES)]
+        return []
+
+    def clip_prompts(self, label_space: LabelSpace) -> ClipPrompts:
+        return street_prompts(label_space)
+
+    def sam_strategy(self) -> SamStrategy:
+        # Road, sky and buildings span the frame, so a CAM's box would cover nearly everything;
+        # points at CAM peaks localise each class, several per class for repeated objects.
+        return SamStrategy(
+            prompt=PromptKind.POINTS, cam_threshold=0.5, peak_threshold=0.6, max_prompts_per_class=6
+        )

@@ -1,0 +1,110 @@
+"""Warwick GlaS (MICCAI 2015 gland segmentation): colon histology, gland versus background.
+
+All files sit in one folder: ``train_<n>.bmp`` with ``train_<n>_anno.bmp``, likewise ``testA_<n>``
+and ``testB_<n>`` (any common image suffix is accepted; annotations may be PNG). Annotations hold
+gland instance ids (0 = background); they are binarised to background 0 / gland 1. Background
+here is a real, scored class decided by a CAM threshold, not by colour: GlaS background is stroma
+and mucosa, not glass.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from torch import Tensor
+from torch.utils.data import Dataset
+from wsss_adapters.histo.dataset import IMAGE_SUFFIXES, HistoDataset, Record, finish, resolve_split
+
+from wsss_domains.data.io import DataError, read_index_mask, read_rgb
+from wsss_domains.domains.contract import BackgroundMode, DatasetSpec, LabelSpace
+
+NAME = "glas"
+LABEL_SPACE = LabelSpace(
+    classes=("background", "gland"),
+    palette=((0, 0, 0), (255, 255, 255)),
+    background_mode=BackgroundMode.THRESHOLD,
+    background_index=0,
+    ignore_color=(128, 128, 128),  # white already means gland
+)
+SPLITS = ("train", "testA", "testB")
+ALIASES = {"training": "train"}
+PATCH_SIZE = 256  # GlaS images are 775x522: 4x3 patches each, some without gland
+_IMAGE = re.compile(r"^(train|testA|testB)_(\d+)$")
+
+
+def _images(root: Path) -> dict[str, list[tuple[int, Path]]]:
+    """Images per split prefix, by number; annotation files are not images."""
+    found: dict[str, list[tuple[int, Path]]] = {s: [] for s in SPLITS}
+    for path in root.iterdir():
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        match = _IMAGE.match(path.stem)
+        if match:
+            found[match.group(1)].append((int(match.group(2)), path))
+    return found
+
+
+def _annotation(image: Path) -> Path | None:
+    for suffix in (image.suffix, ".png", ".bmp", ".tif"):
+        path = image.with_name(f"{image.stem}_anno{suffix}")
+        if path.is_file():
+            return path
+    return None
+
+
+def detect(root: Path) -> bool:
+    """A folder of ``train_<n>`` / ``testA_<n>`` / ``testB_<n>`` images with ``_anno`` files."""
+    root = Path(root)
+    if not root.is_dir():
+        return False
+    return any(_annotation(path) is not None for paths in _images(root).values() for _, path in paths)
+
+
+def _decode(rec: Record) -> tuple[Tensor, Tensor | None]:
+    assert rec.mask is not None
+    try:
+        ids = read_index_mask(rec.mask)
+    except DataError as exc:
+        if not exc.problem.startswith("expected a palette or greyscale mask"):
+            raise
+        # Some GlaS copies store annotations as grey RGB: any non-black pixel is gland.
+        ids = (read_rgb(rec.mask).amax(dim=0) > 0).long()
+    return (ids > 0).long(), None
+
+
+def build(
+    root: Path,
+    split: str,
+    labels_from_masks: bool = False,
+    patch_size: int | None = None,
+    stain_normalize: bool = False,
+    **_: object,
+) -> Dataset:
+    """Samples of one GlaS split (``train``, ``testA`` or ``testB``), labels from the annotations."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(root, "GlaS folder not found")
+    split = resolve_split(split, SPLITS, ALIASES, NAME)
+    records = []
+    for _, path in sorted(_images(root)[split]):
+        anno = _annotation(path)
+        if anno is None:
+            raise DataError(path, f"no annotation for this image (looked for {path.stem}_anno.*)")
+        records.append(Record(id=path.stem, image=path, mask=anno))
+    dataset = HistoDataset(
+        records, LABEL_SPACE, _decode, {"dataset": NAME, "split": split}, stain_normalize=stain_normalize
+    )
+    return finish(dataset, root, split, labels_from_masks, patch_size, PATCH_SIZE)
+
+
+SPEC = DatasetSpec(
+    name=NAME,
+    label_space=LABEL_SPACE,
+    build=build,
+    detect=detect,
+    splits=SPLITS,
+    description="Warwick GlaS: colon gland / background, background by CAM threshold",
+    default_split="train",
+    patch_size=PATCH_SIZE,
+)

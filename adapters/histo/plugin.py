@@ -1,0 +1,80 @@
+"""The histopathology domain plugin: H&E tissue segmentation from image-level labels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+from torch import Tensor
+from wsss_adapters.histo import bcss_wsss, glas, luad_histoseg, wsss4luad
+from wsss_adapters.histo.augment import histo_augment
+from wsss_adapters.histo.background import white_mask
+from wsss_adapters.histo.demo import write_demo
+from wsss_adapters.histo.prompts import clip_prompts_for
+from wsss_adapters.histo.stain import normalize_stains
+
+from wsss_domains.domains.contract import (
+    BackgroundMode,
+    ClipPrompts,
+    DatasetSpec,
+    DomainPlugin,
+    LabelSpace,
+    PromptKind,
+    Sample,
+    SamStrategy,
+)
+
+# Label spaces whose unannotated images should not lose their white regions: white in breast
+# tissue is mostly fat, which BCSS-WSSS does not treat as background.
+_KEEP_WHITE = (bcss_wsss.LABEL_SPACE,)
+
+
+class HistoDomain(DomainPlugin):
+    """WSSS4LUAD, LUAD-HistoSeg, BCSS-WSSS and GlaS; glass excluded by colour, SAM via LiteMedSAM.
+
+    ``stain_normalize=True`` makes :meth:`preprocess` Macenko-normalise every image. Loaders take
+    the same option (``build(..., stain_normalize=True)``); enable it in one place, not both.
+    """
+
+    name = "histo"
+    description = "Histopathology (H&E): WSSS4LUAD, LUAD-HistoSeg, BCSS-WSSS, GlaS"
+
+    def __init__(self, stain_normalize: bool = False) -> None:
+        self.stain_normalize = stain_normalize
+
+    def datasets(self) -> Mapping[str, DatasetSpec]:
+        specs = (wsss4luad.SPEC, luad_histoseg.SPEC, bcss_wsss.SPEC, glas.SPEC)
+        return {spec.name: spec for spec in specs}
+
+    def demo(self, root: Path) -> tuple[str, Path]:
+        return wsss4luad.NAME, write_demo(Path(root))
+
+    def preprocess(self, image: Tensor) -> Tensor:
+        return normalize_stains(image) if self.stain_normalize else image
+
+    def train_augment(self, sample: Sample) -> Sample:
+        return histo_augment(sample)
+
+    def exclude_mask(self, image: Tensor, label_space: LabelSpace) -> Tensor | None:
+        """White / glass pixels where background is excluded by colour (not for BCSS or GlaS)."""
+        if label_space.background_mode is not BackgroundMode.EXCLUDE or label_space in _KEEP_WHITE:
+            return None
+        return white_mask(image)
+
+    def scored_classes(self, label_space: LabelSpace) -> tuple[int, ...]:
+        """Tissue classes; with a threshold-decided background (GlaS) that class is tissue too."""
+        if label_space.background_mode is BackgroundMode.THRESHOLD:
+            return tuple(range(label_space.num_classes))
+        return label_space.foreground
+
+    def clip_prompts(self, label_space: LabelSpace) -> ClipPrompts:
+        return clip_prompts_for(self._dataset_name(label_space), label_space)
+
+    def sam_strategy(self) -> SamStrategy:
+        return SamStrategy(prompt=PromptKind.BOXES, model="lite_medsam")
+
+    def _dataset_name(self, label_space: LabelSpace) -> str | None:
+        for name, spec in self.datasets().items():
+            if spec.label_space == label_space:
+                return name
+        return None

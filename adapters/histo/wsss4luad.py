@@ -1,0 +1,124 @@
+"""WSSS4LUAD (Grand Challenge 2022): lung adenocarcinoma, tumour / stroma / normal.
+
+On disk::
+
+    WSSS4LUAD/
+      1.training/436219-9328-56427-[1, 1, 0].png    patches, label (tumour, stroma, normal) in the name
+      2.validation/{img,mask,background-mask}/NN.png
+      3.testing/{img,mask,background-mask}/NN.png
+
+``mask`` is a palette PNG (0 tumour, 1 stroma, 2 normal, 3 background / exclude); ``background-mask``
+is a 0/1 palette PNG (1 = background). Both mark glass; a pixel either marks is excluded and unscored.
+For the annotated splits the image-level label is the set of classes present in the mask, as the
+challenge defines it. Training patches carry no mask: the domain's white-region hook supplies their
+exclude mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+from torch.utils.data import Dataset
+from wsss_adapters.histo.dataset import HistoDataset, Record, finish, list_images, paired, resolve_split
+from wsss_adapters.histo.masks import exclude_index_to_ignore, read_checked_mask
+from wsss_adapters.histo.naming import label_from_name
+
+from wsss_domains.data.io import DataError, check_same_size
+from wsss_domains.domains.contract import BackgroundMode, DatasetSpec, LabelSpace
+
+NAME = "wsss4luad"
+LABEL_SPACE = LabelSpace(
+    classes=("tumor", "stroma", "normal"),
+    palette=((0, 64, 128), (64, 128, 0), (243, 152, 0)),
+    background_mode=BackgroundMode.EXCLUDE,
+)
+EXCLUDE_ID = 3  # 'background' in the challenge masks: glass, never scored
+FOLDERS = {"training": "1.training", "validation": "2.validation", "test": "3.testing"}
+SPLITS = tuple(FOLDERS)
+ALIASES = {"train": "training", "val": "validation", "testing": "test"}
+PATCH_SIZE = 224
+
+
+def _is_root(root: Path) -> bool:
+    return (root / FOLDERS["training"]).is_dir() or any(
+        (root / FOLDERS[s] / "img").is_dir() for s in ("validation", "test")
+    )
+
+
+def _check_not_subfolder(root: Path) -> None:
+    if root.name in FOLDERS.values() and _is_root(root.parent):
+        raise DataError(
+            root,
+            f"this is the '{root.name}' sub-folder of a WSSS4LUAD dataset; pass its parent {root.parent}",
+        )
+
+
+def detect(root: Path) -> bool:
+    """A folder holding ``1.training/`` or ``2.validation/img`` / ``3.testing/img``."""
+    root = Path(root)
+    _check_not_subfolder(root)
+    return _is_root(root)
+
+
+def _decode(rec: Record) -> tuple[Tensor, Tensor | None]:
+    assert rec.mask is not None
+    mask, exclude = exclude_index_to_ignore(
+        read_checked_mask(rec.mask, EXCLUDE_ID + 1), EXCLUDE_ID, LABEL_SPACE.ignore_index
+    )
+    if rec.background is not None:
+        background = read_checked_mask(rec.background, 2)
+        check_same_size(mask, background, rec.background)
+        exclude = exclude | (background == 1)
+        mask = mask.masked_fill(exclude, LABEL_SPACE.ignore_index)
+    return mask, exclude
+
+
+def build(
+    root: Path,
+    split: str,
+    labels_from_masks: bool = False,
+    patch_size: int | None = None,
+    stain_normalize: bool = False,
+    **_: object,
+) -> Dataset:
+    """Samples of one WSSS4LUAD split (``training``, ``validation`` or ``test``)."""
+    root = Path(root)
+    _check_not_subfolder(root)
+    split = resolve_split(split, SPLITS, ALIASES, NAME)
+    folder = root / FOLDERS[split]
+    if not folder.is_dir():
+        raise DataError(folder, f"WSSS4LUAD split folder not found (is {root} the WSSS4LUAD folder?)")
+    records = []
+    if split == "training":
+        for path in list_images(folder):
+            records.append(Record(id=path.stem, image=path, label=label_from_name(path, 3)))
+    else:
+        has_background = (folder / "background-mask").is_dir()
+        for path in list_images(folder / "img"):
+            records.append(
+                Record(
+                    id=path.stem,
+                    image=path,
+                    mask=paired(folder / "mask", path, "mask"),
+                    background=paired(folder / "background-mask", path, "background mask")
+                    if has_background
+                    else None,
+                )
+            )
+    dataset = HistoDataset(
+        records, LABEL_SPACE, _decode, {"dataset": NAME, "split": split}, stain_normalize=stain_normalize
+    )
+    return finish(dataset, folder, split, labels_from_masks, patch_size, PATCH_SIZE)
+
+
+SPEC = DatasetSpec(
+    name=NAME,
+    label_space=LABEL_SPACE,
+    build=build,
+    detect=detect,
+    splits=SPLITS,
+    description="WSSS4LUAD challenge layout: lung adenocarcinoma tumour / stroma / normal",
+    default_split="training",
+    patch_size=PATCH_SIZE,
+)

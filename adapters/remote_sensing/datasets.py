@@ -1,0 +1,173 @@
+"""The map-style datasets remote-sensing loaders return: whole scenes, or tiles cut window by window.
+
+* :class:`SceneDataset`: one sample per scene, labelled by the classes present in its mask.
+* :class:`TileDataset`: one sample per tile (window) of every scene, each labelled by the classes
+  present in its own window of the mask, the usual tile-level protocol of remote-sensing WSSS.
+  Tiles are read straight from disk window by window; no scene is ever loaded whole.
+* :class:`RasterTiles`: every tile of one (possibly huge) raster, none dropped, with the window
+  in ``meta`` so predictions can be stitched back into a full-size map.
+
+Samples of scenes without a mask carry no ``label`` (the engine predicts labels for them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from wsss_adapters.remote_sensing.codes import IdCode, MaskCode
+from wsss_adapters.remote_sensing.raster import Scaling, TileWindow, iter_windows
+from wsss_adapters.remote_sensing.scene import ReadOptions, Scene, SceneReader
+from wsss_domains.data.io import DataError
+from wsss_domains.domains.contract import LabelSpace, Sample
+
+# Whole scenes above this many pixels are refused: read them as tiles (patch_size) instead.
+MAX_SCENE_PIXELS = 8192 * 8192
+
+
+class SceneDataset(Dataset):
+    """Whole scenes as samples; headers are read lazily, so building costs no I/O."""
+
+    def __init__(
+        self,
+        scenes: Sequence[Scene],
+        label_space: LabelSpace,
+        options: ReadOptions,
+        max_pixels: int = MAX_SCENE_PIXELS,
+    ) -> None:
+        self.scenes = list(scenes)
+        self.label_space = label_space
+        self.options = options
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def __getitem__(self, index: int) -> Sample:
+        reader = SceneReader(self.scenes[index], self.label_space, self.options)
+        h, w = reader.size
+        if h * w > self.max_pixels:
+            raise DataError(
+                self.scenes[index].image,
+                f"is {h}x{w} pixels, too large to load whole; pass patch_size to read it in tiles",
+            )
+        return reader.read()
+
+
+class TileDataset(Dataset):
+    """Tiles of every scene, read window by window; tiles with no scored pixel dropped if asked.
+
+    Sample ids are ``<scene id>@<row>,<col>``; ``meta`` holds ``parent`` (the scene id),
+    ``offset`` and ``window`` (row, col, height, width) and ``full_size`` (the scene's size).
+    """
+
+    def __init__(
+        self,
+        scenes: Sequence[Scene],
+        label_space: LabelSpace,
+        options: ReadOptions,
+        tile: int,
+        overlap: int = 0,
+        drop_empty: bool = True,
+    ) -> None:
+        self.scenes = list(scenes)
+        self.label_space = label_space
+        self.options = options
+        self.tile = tile
+        self.overlap = overlap
+        self._readers: dict[int, SceneReader] = {}
+        self.index: list[tuple[int, TileWindow]] = []
+        for i in range(len(self.scenes)):
+            reader = self._reader(i)
+            windows = list(iter_windows(*reader.size, tile, overlap))
+            keep = reader.labelled(windows) if drop_empty else [True] * len(windows)
+            self.index.extend((i, w) for w, k in zip(windows, keep, strict=True) if k)
+
+    def _reader(self, i: int) -> SceneReader:
+        if i not in self._readers:
+            self._readers[i] = SceneReader(self.scenes[i], self.label_space, self.options)
+        return self._readers[i]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k: int) -> Sample:
+        i, window = self.index[k]
+        sample = self._reader(i).read(window)
+        parent = sample["id"]
+        sample["id"] = f"{parent}@{window.row},{window.col}"
+        sample["meta"] = {
+            **sample["meta"],
+            "parent": parent,
+            "offset": (window.row, window.col),
+            "window": tuple(window),
+        }
+        return sample
+
+
+class RasterTiles(TileDataset):
+    """Every tile of one raster (and its mask raster, if any), for tiled inference and stitching.
+
+    ``code`` says how the mask stores classes (default: class ids as they are); without a
+    ``label_space`` a mask cannot be read and tiles carry no label. No tile is dropped, so the
+    windows in ``meta["window"]`` cover the raster of size ``meta["full_size"]``.
+    """
+
+    def __init__(
+        self,
+        image: Path | str,
+        mask: Path | str | None = None,
+        *,
+        tile: int = 512,
+        overlap: int = 0,
+        label_space: LabelSpace | None = None,
+        code: MaskCode | None = None,
+        bands: Sequence[int] | None = None,
+        scaling: Scaling = "auto",
+    ) -> None:
+        if mask is not None and label_space is None:
+            raise ValueError("reading a mask raster needs the label_space its ids belong to")
+        space = label_space or LabelSpace(classes=("unknown",), palette=((0, 0, 0),))
+        code = code or IdCode.identity(space.num_classes, space.ignore_index)
+        scene = Scene(Path(image).stem, Path(image), None if mask is None else Path(mask))
+        options = ReadOptions(code, None if bands is None else tuple(bands), scaling)
+        super().__init__([scene], space, options, tile, overlap, drop_empty=False)
+
+
+def build_dataset(
+    scenes: Sequence[Scene],
+    label_space: LabelSpace,
+    options: ReadOptions,
+    *,
+    where: Path,
+    split: str,
+    labels_from_masks: bool,
+    patch_size: int | None,
+    default_patch_size: int,
+    overlap: int = 0,
+) -> Dataset:
+    """The dataset a loader returns, following the options every loader shares.
+
+    ``labels_from_masks``: tiles of ``patch_size`` (default ``default_patch_size``) labelled from
+    their masks; every scene must be annotated. ``patch_size`` alone: tiles as well (labelled where
+    a mask exists). Neither: whole scenes, labelled from their whole masks where they exist.
+    Tiles without any scored pixel are dropped.
+    """
+    if not scenes:
+        raise DataError(where, f"split '{split}' holds no images")
+    if labels_from_masks:
+        missing = [s for s in scenes if s.mask is None]
+        if missing:
+            raise DataError(
+                missing[0].image,
+                f"has no mask; split '{split}' is not fully annotated and --labels-from-masks needs masks",
+            )
+    if not labels_from_masks and patch_size is None:
+        return SceneDataset(scenes, label_space, options)
+    tile = patch_size or default_patch_size
+    tiles = TileDataset(scenes, label_space, options, tile, overlap, drop_empty=True)
+    if len(tiles) == 0:
+        raise DataError(where, f"split '{split}' holds no tile with a labelled pixel")
+    return tiles

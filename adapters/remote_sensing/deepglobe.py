@@ -1,0 +1,95 @@
+"""DeepGlobe 2018 land cover: ``train/<id>_sat.jpg`` with ``train/<id>_mask.png`` colour masks.
+
+Classes (mask colour): urban (0,255,255), agriculture (255,255,0), rangeland (255,0,255), forest
+(0,255,0), water (0,0,255), barren (255,255,255). The seventh code, unknown (0,0,0), is the
+ignore label here, as in the community protocol that leaves it out of scoring. Masks were
+JPEG-compressed before being saved as PNG, so each channel is thresholded at 128 before
+matching, as the official scripts and torchgeo do.
+
+Splits: ``train`` (annotated), ``valid`` and ``test`` (images only, when their folders exist).
+Only ``train`` has masks, so scoring needs a hold-out slice of it: train on ``train[:80%]``,
+score ``train[80%:]`` (see :mod:`wsss_adapters.remote_sensing.splits`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from wsss_adapters.remote_sensing.codes import ColorCode
+from wsss_adapters.remote_sensing.loading import TILE, any_matching, finish, matching, request_split
+from wsss_adapters.remote_sensing.raster import Scaling
+from wsss_adapters.remote_sensing.scene import Scene
+from wsss_domains.data.io import DataError
+from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
+
+NAME = "deepglobe"
+SPLITS = ("train", "valid", "test")
+CLASSES = ("urban", "agriculture", "rangeland", "forest", "water", "barren")
+PALETTE = ((0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255), (255, 255, 255))
+UNKNOWN = (0, 0, 0)
+LABEL_SPACE = LabelSpace(CLASSES, PALETTE, BackgroundMode.NONE, ignore_color=UNKNOWN)
+CODE = ColorCode({**{c: i for i, c in enumerate(PALETTE)}, UNKNOWN: IGNORE_INDEX}, threshold=128)
+
+_SAT = re.compile(r"^(?P<id>.+)_sat\.jpg$", re.IGNORECASE)
+
+
+def detect(root: Path) -> bool:
+    return any_matching((Path(root) / s for s in SPLITS), _SAT)
+
+
+def scenes(root: Path, split: str) -> list[Scene]:
+    """Every ``<id>_sat.jpg`` of the split folder; masks required once any mask is present."""
+    folder = Path(root) / split
+    images = matching(folder, _SAT)
+    annotated = any(folder.glob("*_mask.png"))
+    out = []
+    for image in images:
+        sample_id = _SAT.match(image.name)["id"]  # type: ignore[index]
+        mask = folder / f"{sample_id}_mask.png"
+        if annotated and not mask.is_file():
+            raise DataError(image, f"has no mask (looked for {mask.name}) while other images do")
+        out.append(Scene(sample_id, image, mask if annotated else None, {"split": split}))
+    return out
+
+
+def build(
+    root: Path | str,
+    split: str | None = None,
+    labels_from_masks: bool = False,
+    patch_size: int | None = None,
+    bands: Sequence[int] | None = None,
+    scaling: Scaling = "auto",
+    overlap: int = 0,
+    **_: object,
+) -> Dataset:
+    root = Path(root)
+    request = request_split(split, "train", SPLITS, NAME)
+    return finish(
+        scenes(root, request.base),
+        request,
+        LABEL_SPACE,
+        CODE,
+        where=root / request.base,
+        split=split,
+        labels_from_masks=labels_from_masks,
+        patch_size=patch_size,
+        bands=bands,
+        scaling=scaling,
+        overlap=overlap,
+    )
+
+
+SPEC = DatasetSpec(
+    name=NAME,
+    label_space=LABEL_SPACE,
+    build=build,
+    detect=detect,
+    splits=SPLITS,
+    description="DeepGlobe 2018 land cover (6 classes; unknown = ignore); hold out with train[80%:]",
+    default_split="train",
+    patch_size=TILE,
+)

@@ -1,0 +1,131 @@
+"""LoveDA land cover, in its official layout or converted by mmsegmentation.
+
+* official: ``{Train,Val,Test}/{Urban,Rural}/images_png/<n>.png`` with
+  ``masks_png/<n>.png`` beside ``images_png`` (no masks for Test);
+* mmsegmentation: ``img_dir/{train,val,test}/<n>.png`` and ``ann_dir/{train,val}/<n>.png``.
+  The converter only moves files, so the annotations keep the official ids.
+
+Masks store 0 = no-data and 1..7 = background, building, road, water, barren, forest,
+agriculture; here 0 becomes the ignore label and 1..7 become class ids 0..6. LoveDA's
+"background" is a land-cover class of its own (every pixel has a class), so it is an ordinary
+class, not a threshold-decided background. Sample ids are the file stems, which are unique across
+Urban and Rural, so both layouts name samples alike. ``scene="urban"`` or ``"rural"`` keeps one
+domain (official layout only, where the folder says which).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+
+from wsss_adapters.remote_sensing.codes import IdCode
+from wsss_adapters.remote_sensing.loading import TILE, any_matching, finish, matching, request_split
+from wsss_adapters.remote_sensing.raster import Scaling
+from wsss_adapters.remote_sensing.scene import Scene
+from wsss_domains.data.io import DataError
+from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
+
+NAME = "loveda"
+SPLITS = ("train", "val", "test")
+SCENES = ("Urban", "Rural")
+CLASSES = ("background", "building", "road", "water", "barren", "forest", "agriculture")
+# The colours of the LoveDA paper's figures.
+PALETTE = (
+    (255, 255, 255),
+    (255, 0, 0),
+    (255, 255, 0),
+    (0, 0, 255),
+    (159, 129, 183),
+    (0, 255, 0),
+    (255, 195, 128),
+)
+LABEL_SPACE = LabelSpace(CLASSES, PALETTE, BackgroundMode.NONE, ignore_color=(0, 0, 0))
+CODE = IdCode({0: IGNORE_INDEX, **{i + 1: i for i in range(len(CLASSES))}})
+
+_PNG = re.compile(r"^\d+\.png$")
+
+
+def _official(root: Path, split: str) -> Path:
+    return root / split.capitalize()
+
+
+def is_official(root: Path) -> bool:
+    return any((_official(root, s) / c / "images_png").is_dir() for s in SPLITS for c in SCENES)
+
+
+def detect(root: Path) -> bool:
+    root = Path(root)
+    return is_official(root) or any_matching((root / "img_dir" / s for s in SPLITS), _PNG)
+
+
+def _pair(images: list[Path], masks: Path, meta: dict[str, str]) -> list[Scene]:
+    annotated = masks.is_dir()
+    out = []
+    for image in images:
+        mask = masks / image.name
+        if annotated and not mask.is_file():
+            raise DataError(image, f"has no mask (looked for {mask})")
+        out.append(Scene(image.stem, image, mask if annotated else None, meta))
+    return out
+
+
+def scenes(root: Path, split: str, scene: str | None = None) -> list[Scene]:
+    """The scenes of a split in whichever layout ``root`` holds (official preferred)."""
+    if scene is not None and scene.capitalize() not in SCENES:
+        raise ValueError(f"scene must be 'urban' or 'rural', got {scene!r}")
+    if is_official(root):
+        out = []
+        for name in SCENES:
+            if scene is not None and name != scene.capitalize():
+                continue
+            folder = _official(root, split) / name
+            meta = {"split": split, "scene": name.lower()}
+            out.extend(_pair(matching(folder / "images_png", _PNG), folder / "masks_png", meta))
+        return out
+    if scene is not None:
+        raise ValueError("scene= needs the official LoveDA layout (Urban/Rural folders)")
+    images = matching(root / "img_dir" / split, _PNG)
+    return _pair(images, root / "ann_dir" / split, {"split": split})
+
+
+def build(
+    root: Path | str,
+    split: str | None = None,
+    labels_from_masks: bool = False,
+    patch_size: int | None = None,
+    bands: Sequence[int] | None = None,
+    scaling: Scaling = "auto",
+    overlap: int = 0,
+    scene: str | None = None,
+    **_: object,
+) -> Dataset:
+    root = Path(root)
+    request = request_split(split, "train", SPLITS, NAME)
+    return finish(
+        scenes(root, request.base, scene),
+        request,
+        LABEL_SPACE,
+        CODE,
+        where=root,
+        split=split,
+        labels_from_masks=labels_from_masks,
+        patch_size=patch_size,
+        bands=bands,
+        scaling=scaling,
+        overlap=overlap,
+    )
+
+
+SPEC = DatasetSpec(
+    name=NAME,
+    label_space=LABEL_SPACE,
+    build=build,
+    detect=detect,
+    splits=SPLITS,
+    description="LoveDA (official Train/Val/Test or mmseg img_dir/ann_dir); 7 classes, 0 = no-data",
+    default_split="train",
+    patch_size=TILE,
+)

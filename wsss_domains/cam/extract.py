@@ -1,0 +1,100 @@
+"""Class activation maps of every class of an image in one pass per scale.
+
+The extractor runs each scale once on a batch of the image and its mirror, so the cost does not
+grow with the number of present classes (unlike gradient-based CAMs, which need a backward pass
+per class). Methods that compute maps differently subclass :class:`CamExtractor` and override
+:meth:`CamExtractor.raw_maps`, in the style of pytorch-grad-cam.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from wsss_domains.data.patches import grid_starts
+
+DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
+
+
+def normalize_per_class(cams: Tensor, eps: float = 1e-5) -> Tensor:
+    """Scale each class map to [0, 1] by its own maximum (maps are already rectified)."""
+    peak = cams.flatten(-2).amax(dim=-1).clamp_min(eps)
+    return cams / peak[..., None, None]
+
+
+class CamExtractor:
+    """Multi-scale, flip-augmented CAMs for all classes, tiled when an image is large."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        scales: Sequence[float] = DEFAULT_SCALES,
+        flip: bool = True,
+        base_scale: float = 1.0,
+        tile_size: int = 1024,
+        tile_overlap: int = 64,
+    ) -> None:
+        self.model = model
+        self.scales = tuple(scales)
+        self.flip = flip
+        self.base_scale = base_scale
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+
+    def raw_maps(self, batch: Tensor) -> Tensor:
+        """Rectified class maps ``B x K x h x w`` for a normalised batch (the override point)."""
+        return self.model.cams(batch)
+
+    def _maps_at_size(self, image: Tensor) -> Tensor:
+        """Maps of one (already scaled) image, upsampled to its size, flips averaged in."""
+        batch = image[None]
+        if self.flip:
+            batch = torch.cat([batch, batch.flip(-1)])
+        maps = self.raw_maps(batch)
+        maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        if self.flip:
+            maps = maps[0] + maps[1].flip(-1)
+        else:
+            maps = maps[0]
+        return maps
+
+    def _tiled(self, image: Tensor) -> Tensor:
+        h, w = image.shape[-2:]
+        if max(h, w) <= self.tile_size:
+            return self._maps_at_size(image)
+        stride = self.tile_size - self.tile_overlap
+        out: Tensor | None = None
+        weight = torch.zeros((h, w), device=image.device)
+        for y in grid_starts(h, self.tile_size, stride):
+            for x in grid_starts(w, self.tile_size, stride):
+                tile = image[:, y : y + self.tile_size, x : x + self.tile_size]
+                maps = self._maps_at_size(tile)
+                if out is None:
+                    out = torch.zeros((maps.shape[0], h, w), device=image.device)
+                out[:, y : y + tile.shape[1], x : x + tile.shape[2]] += maps
+                weight[y : y + tile.shape[1], x : x + tile.shape[2]] += 1
+        assert out is not None
+        return out / weight
+
+    @torch.no_grad()
+    def __call__(self, image: Tensor) -> Tensor:
+        """Per-class CAMs ``K x H x W`` in [0, 1] for a normalised ``3 x H x W`` image."""
+        h, w = image.shape[-2:]
+        total: Tensor | None = None
+        for scale in self.scales:
+            s = scale * self.base_scale
+            size = (max(1, round(h * s)), max(1, round(w * s)))
+            scaled = (
+                image
+                if size == (h, w)
+                else F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+            )
+            maps = self._tiled(scaled)
+            if size != (h, w):
+                maps = F.interpolate(maps[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            total = maps if total is None else total + maps
+        assert total is not None
+        return normalize_per_class(total)

@@ -1,0 +1,51 @@
+"""The `wsss-domains` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from wsss_domains import __version__
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from wsss_domains.cli.evaluate import add_evaluate_subcommand
+    from wsss_domains.cli.info import add_info_subcommands
+    from wsss_domains.cli.pseudo_labels import add_pseudo_labels_subcommand
+    from wsss_domains.cli.train import add_train_subcommand
+
+    parser = argparse.ArgumentParser(
+        prog="wsss-domains",
+        description=(
+            "Weakly supervised semantic segmentation from image-level labels, across domains: train a CAM "
+            "classifier, write pseudo-labels, evaluate them. Start with `wsss-domains train --domain histo`."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_info_subcommands(sub)
+    add_train_subcommand(sub)
+    add_pseudo_labels_subcommand(sub)
+    add_evaluate_subcommand(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from wsss_domains.cli.common import CliError
+    from wsss_domains.data.io import DataError
+    from wsss_domains.models.weights import WeightsNotFound
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, DataError, WeightsNotFound, FileNotFoundError, ValueError, KeyError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"wsss-domains: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

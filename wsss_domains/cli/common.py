@@ -1,0 +1,75 @@
+"""Pieces every subcommand shares: opening a dataset, devices, errors, options."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from wsss_domains.domains import DatasetSpec, DomainPlugin, get_domain
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+@dataclass
+class OpenedData:
+    domain: DomainPlugin
+    spec: DatasetSpec
+    split: str
+    dataset: Dataset
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, data_required: bool = True) -> None:
+    parser.add_argument(
+        "--dataset",
+        metavar="NAME",
+        help="loader name (see `wsss-domains domains`); recognised from --data if omitted",
+    )
+    parser.add_argument("--data", metavar="DIR", type=Path, required=data_required, help="dataset folder")
+    parser.add_argument(
+        "--split", metavar="S", help="split name as the dataset spells it (default: the loader's)"
+    )
+
+
+def open_dataset(
+    domain_name: str,
+    dataset_name: str | None,
+    data: Path,
+    split: str | None,
+    **options: object,
+) -> OpenedData:
+    """Resolve domain, loader (by name or by recognising the folder) and split; build the dataset."""
+    domain = get_domain(domain_name)
+    if not Path(data).exists():
+        raise CliError(f"{data}: data folder does not exist")
+    spec = domain.dataset(dataset_name) if dataset_name else domain.detect_dataset(Path(data))
+    if split is None:
+        split = spec.default_split or (spec.splits[0] if len(spec.splits) == 1 else None)
+        if split is None:
+            raise CliError(f"--split is required for {spec.name}: one of {', '.join(spec.splits)}")
+    dataset = spec.build(Path(data), split, **options)
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise CliError(f"{data}: split '{split}' of {spec.name} holds no images")
+    return OpenedData(domain, spec, split, dataset)
+
+
+def validate_dataset(dataset: Dataset, progress: bool = True) -> None:
+    """Read every sample once so bad files fail before anything is written."""
+    for i in tqdm(range(len(dataset)), desc="checking data", unit="img", disable=not progress, leave=False):  # type: ignore[arg-type]
+        dataset[i]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError("--device cuda was asked for but torch sees no CUDA device")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise CliError(f"unknown device '{name}' (cpu, cuda, cuda:N, auto)")
+    return name

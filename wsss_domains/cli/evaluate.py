@@ -1,0 +1,54 @@
+"""`wsss-domains evaluate`: score predicted label PNGs against a split's masks."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from wsss_domains.cli.common import add_data_arguments, open_dataset
+from wsss_domains.data.io import atomic_write
+from wsss_domains.evaluation import EvaluationReport, evaluate_predictions
+
+
+def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score pseudo-labels or predictions against ground-truth masks",
+        description=(
+            "Accumulate a confusion matrix over the split and report mIoU, per-class IoU, FwIoU, pixel "
+            "accuracy, Dice and the domain's own metrics. Ignore / excluded pixels are not scored; mIoU "
+            "averages the domain's scored classes that occur in the ground truth."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--domain", required=True)
+    add_data_arguments(p)
+    p.add_argument("--pred", type=Path, required=True, help="folder of <id>.png predictions")
+    p.add_argument("--json", type=Path, help="write the report as JSON here")
+    p.add_argument("--plot", type=Path, help="write a per-class IoU bar chart (PNG) here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_evaluate)
+
+
+def evaluate_split(
+    domain: str, dataset: str | None, data: Path, split: str | None, pred: Path, progress: bool = True
+) -> EvaluationReport:
+    opened = open_dataset(domain, dataset, data, split)
+    return evaluate_predictions(
+        opened.domain, opened.spec.label_space, opened.dataset, pred, progress=progress
+    )
+
+
+def write_report(report: EvaluationReport, json_path: Path | None, plot_path: Path | None) -> None:
+    if json_path is not None:
+        text = report.to_json()
+        atomic_write(json_path, lambda tmp: tmp.write_text(text))
+    if plot_path is not None:
+        report.plot_per_class(plot_path)
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    report = evaluate_split(args.domain, args.dataset, args.data, args.split, args.pred, not args.no_progress)
+    write_report(report, args.json, args.plot)
+    print(report.to_table())
+    return 0

@@ -1,0 +1,42 @@
+"""`wsss-domains domains` and `wsss-domains methods`: what is installed."""
+
+from __future__ import annotations
+
+import argparse
+
+from wsss_domains.domains import get_domain, list_domains
+from wsss_domains.domains.registry import _entry_points
+from wsss_domains.methods import list_methods, method_class
+
+
+def run_domains(args: argparse.Namespace) -> int:
+    for name in list_domains():
+        try:
+            domain = get_domain(name)
+        except Exception as exc:  # a broken third-party plugin must not hide the others
+            print(f"{name}: failed to load ({type(exc).__name__}: {exc})")
+            continue
+        source = getattr(_entry_points().get(name), "value", "registered at run time")
+        print(f"{name}  ({source})")
+        if domain.description:
+            print(f"    {domain.description}")
+        for spec in domain.datasets().values():
+            ls = spec.label_space
+            print(
+                f"    --dataset {spec.name:<14} splits: {', '.join(spec.splits)}; "
+                f"{ls.num_classes} classes ({', '.join(ls.classes)}); background: {ls.background_mode.value}"
+            )
+    return 0
+
+
+def run_methods(args: argparse.Namespace) -> int:
+    for name in list_methods():
+        print(f"{name:<18} {method_class(name).description}")
+    return 0
+
+
+def add_info_subcommands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("domains", help="list installed domain plugins and their dataset loaders")
+    p.set_defaults(func=run_domains)
+    p = sub.add_parser("methods", help="list the WSSS methods of the registry")
+    p.set_defaults(func=run_methods)

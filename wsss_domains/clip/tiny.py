@@ -1,0 +1,44 @@
+"""A tiny randomly initialised open_clip model, for tests and benchmarks on machines without weights.
+
+Its outputs carry no meaning; it exists so CLIP code paths (shapes, gradients, adapters, artefact
+round trips, timing) are exercised by the same open_clip classes that load real checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+TINY_CONFIG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 3},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def tiny_model_config(**vision: Any) -> dict[str, Any]:
+    """:data:`TINY_CONFIG` with vision-tower overrides (e.g. ``image_size=224, patch_size=16``)."""
+    config = copy.deepcopy(TINY_CONFIG)
+    config["vision_cfg"].update(vision)
+    return config
+
+
+def tiny_clip(seed: int = 0, config: dict[str, Any] | None = None) -> tuple[torch.nn.Module, Any]:
+    """A random-weight open_clip ``CLIP`` in eval mode and its built-in (offline) tokenizer."""
+    from open_clip import SimpleTokenizer
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    config = copy.deepcopy(config or TINY_CONFIG)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = CLIP(
+            config["embed_dim"],
+            vision_cfg=CLIPVisionCfg(**config["vision_cfg"]),
+            text_cfg=CLIPTextCfg(**config["text_cfg"]),
+        )
+    finally:
+        torch.random.set_rng_state(state)
+    return model.eval(), SimpleTokenizer(context_length=config["text_cfg"]["context_length"])

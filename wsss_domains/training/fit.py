@@ -1,0 +1,95 @@
+"""Running a training job with Lightning: checkpoints, resume, seed, time budget, DDP."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint, Timer
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader, Dataset
+
+from wsss_domains.domains.contract import DomainPlugin
+from wsss_domains.methods.registry import create_method
+from wsss_domains.training.data import TrainingView
+from wsss_domains.training.run import RunConfig, build_model, save_model
+from wsss_domains.training.task import BudgetCosineSchedule, ClassifierTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainOptions:
+    max_minutes: float | None = None
+    max_epochs: int | None = None
+    max_steps: int = -1
+    batch_size: int = 32
+    lr: float = 1e-3
+    num_workers: int = 0
+    device: str = "auto"  # cpu | cuda | auto
+    devices: int = 1
+    strategy: str = "auto"
+    progress: bool = True
+
+
+def _accelerator(device: str) -> str:
+    if device in ("cpu", "cuda", "auto", "mps"):
+        return "gpu" if device == "cuda" else device
+    raise ValueError(f"unknown device '{device}' (cpu, cuda, auto)")
+
+
+def train(
+    config: RunConfig, domain: DomainPlugin, dataset: Dataset, out: Path, options: TrainOptions
+) -> L.Trainer:
+    """Train the run's classifier on ``dataset`` (sample dicts), writing everything under ``out``.
+
+    Re-running with the same ``out`` resumes from ``checkpoints/last.ckpt``. Returns the trainer;
+    only the global-zero process writes the final ``model.pt`` and ``run.json``.
+    """
+    out = Path(out)
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise ValueError("the training set is empty")
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    model = build_model(config)
+    method = create_method(config.method, **config.method_options)
+    task = ClassifierTask(model, method, lr=options.lr)
+    view = TrainingView(dataset, domain, config.image_size, config.mean, config.std, augment=True)
+    loader = DataLoader(
+        view,
+        batch_size=min(options.batch_size, len(view)),
+        shuffle=True,
+        num_workers=options.num_workers,
+        drop_last=len(view) > options.batch_size,
+        persistent_workers=options.num_workers > 0,
+    )
+    max_seconds = options.max_minutes * 60 if options.max_minutes else None
+    callbacks: list[L.Callback] = [
+        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1),
+        BudgetCosineSchedule(max_seconds),
+    ]
+    if max_seconds:
+        callbacks.append(Timer(duration=timedelta(seconds=max_seconds), interval="step"))
+    max_epochs = options.max_epochs if options.max_epochs is not None else (-1 if max_seconds else 10)
+    trainer = L.Trainer(
+        accelerator=_accelerator(options.device),
+        devices=options.devices,
+        strategy=options.strategy,
+        max_epochs=max_epochs,
+        max_steps=options.max_steps,
+        callbacks=callbacks,
+        logger=CSVLogger(out, name="logs", version=""),
+        enable_progress_bar=options.progress,
+        enable_model_summary=False,
+        log_every_n_steps=5,
+        default_root_dir=out,
+        use_distributed_sampler=True,
+    )
+    last = out / "checkpoints" / "last.ckpt"
+    trainer.fit(task, loader, ckpt_path=str(last) if last.is_file() else None)
+    if trainer.is_global_zero:
+        save_model(task.model.cpu(), out)
+        config.save(out)
+    return trainer
