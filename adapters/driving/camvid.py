@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
+import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_adapters.driving.crops import DEFAULT_MIN_LABEL_FRACTION, crop_protocol
@@ -28,12 +29,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 def decode_mask(path: Path) -> Tensor:
     """An annotation PNG with Unlabelled (11) turned into the ignore index."""
-    ids = read_index_mask(path)
+    ids = read_index_mask(path).numpy()  # numpy: cheaper than torch ops for per-file work
     ignore = CAMVID.ignore_index
     bad = (ids > CAMVID_UNLABELLED) & (ids != ignore)
     if bad.any():
         raise DataError(path, f"holds id {int(ids[bad][0])}; CamVid ids are 0..10 and 11 (Unlabelled)")
-    return ids.masked_fill(ids == CAMVID_UNLABELLED, ignore)
+    ids[ids == CAMVID_UNLABELLED] = ignore
+    return torch.from_numpy(ids)
 
 
 def _inside(root: Path, listed: str) -> Path:

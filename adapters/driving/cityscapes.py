@@ -36,9 +36,9 @@ def decode_label_ids(path: Path) -> Tensor:
 def decode_train_ids(path: Path) -> Tensor:
     """A ``*_gtFine_labelTrainIds.png`` as stored; anything but 0..18 and 255 is an error."""
     ids = read_index_mask(path)
-    bad = (ids >= CITYSCAPES.num_classes) & (ids != IGNORE_INDEX)
+    bad = (ids.numpy() >= CITYSCAPES.num_classes) & (ids.numpy() != IGNORE_INDEX)
     if bad.any():
-        raise DataError(path, f"holds train id {int(ids[bad][0])}; expected 0..18 or {IGNORE_INDEX}")
+        raise DataError(path, f"holds train id {int(ids.numpy()[bad][0])}; expected 0..18 or {IGNORE_INDEX}")
     return ids
 
 

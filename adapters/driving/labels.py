@@ -112,14 +112,15 @@ def _label_id_lut() -> np.ndarray:
     return lut
 
 
-_LUT = torch.from_numpy(_label_id_lut())
+_LUT = _label_id_lut()
 
 
 def label_ids_to_train_ids(label_ids: Tensor) -> Tensor:
     """Map a Cityscapes ``labelIds`` mask to train ids (0..18), 255 for every unevaluated id."""
-    if label_ids.numel() and (int(label_ids.min()) < 0 or int(label_ids.max()) > 255):
+    ids = label_ids.cpu().numpy()
+    if ids.size and (ids.min() < 0 or ids.max() > 255):
         raise ValueError("labelIds must lie in 0..255")
-    return _LUT[label_ids.long()]
+    return torch.from_numpy(_LUT[ids])
 
 
 CAMVID_CLASSES = (

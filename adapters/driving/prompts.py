@@ -1,62 +1,48 @@
 """CLIP prompts for street scenes: ``prompts/driving/prompts.json`` when installed, else class names.
 
-The JSON file (package ``wsss_prompts``) may hold ``class_names`` (class -> name or list of
-names and synonyms), ``templates``, ``background`` and ``learned``; classes it does not mention
-fall back to their readable names, so one file serves both Cityscapes and CamVid.
+The file (package ``wsss_prompts``, read by the engine's prompt-file reader) holds one entry per
+dataset; the entry is chosen from the label space, since the hook receives no dataset name.
+Without the file, classes are prompted by readable forms of their names.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping, Sequence
-from importlib import resources
-from typing import Any
+from wsss_adapters.driving.labels import CAMVID, CITYSCAPES
 
+from wsss_domains.clip.prompt_files import clip_prompts_from_file
 from wsss_domains.domains.contract import ClipPrompts, LabelSpace
 
-TEMPLATES = ("a photo of a {} in a street scene.", "a photo of the {}.")
-# CamVid's SegNet class names, as words CLIP knows.
+DOMAIN = "driving"
+TEMPLATES = ("a photo of {} in a street scene.",)
+# CamVid's SegNet class names, as words CLIP knows (used only without the prompt file).
 READABLE = {
     "SignSymbol": ("traffic sign", "sign"),
     "Pavement": ("sidewalk", "pavement"),
     "Bicyclist": ("cyclist", "person riding a bicycle"),
-    "Pole": ("pole",),
-    "Tree": ("tree", "vegetation"),
 }
 
 
-def _packaged(domain: str) -> Mapping[str, Any] | None:
-    try:
-        path = resources.files("wsss_prompts").joinpath(domain, "prompts.json")
-        if not path.is_file():
-            return None
-        data = json.loads(path.read_text())
-    except (ModuleNotFoundError, FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, Mapping) else None
+def _dataset_of(label_space: LabelSpace) -> str | None:
+    for name, known in (("cityscapes", CITYSCAPES), ("camvid", CAMVID)):
+        if label_space.classes == known.classes:
+            return name
+    return None
 
 
-def _names(value: object) -> tuple[str, ...]:
-    if isinstance(value, str):
-        return (value,)
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value) and value:
-        return tuple(value)  # type: ignore[arg-type]
-    return ()
-
-
-def street_prompts(label_space: LabelSpace, domain: str = "driving") -> ClipPrompts:
-    """Prompts for the foreground classes of ``label_space``."""
-    data = _packaged(domain) or {}
-    given = data.get("class_names", data.get("classes", {}))
-    given = {str(k).lower(): v for k, v in given.items()} if isinstance(given, Mapping) else {}
-    names = {}
-    for cls in label_space.foreground_names:
-        names[cls] = _names(given.get(cls.lower())) or READABLE.get(cls) or (cls.lower(),)
-    templates = _names(data.get("templates")) or TEMPLATES
-    learned = data.get("learned")
+def class_name_prompts(label_space: LabelSpace) -> ClipPrompts:
+    """Readable class names in a street-scene template."""
     return ClipPrompts(
-        class_names=names,
-        templates=templates,
-        background=_names(data.get("background")),
-        learned=learned if isinstance(learned, str) else None,
+        class_names={c: READABLE.get(c, (c.lower(),)) for c in label_space.foreground_names},
+        templates=TEMPLATES,
     )
+
+
+def street_prompts(label_space: LabelSpace) -> ClipPrompts:
+    """Prompts for the foreground classes of ``label_space``, from the prompt file when it has them."""
+    dataset = _dataset_of(label_space)
+    if dataset is None:
+        return class_name_prompts(label_space)
+    try:
+        return clip_prompts_from_file(DOMAIN, dataset, label_space.foreground_names)
+    except (FileNotFoundError, ModuleNotFoundError, KeyError):
+        return class_name_prompts(label_space)

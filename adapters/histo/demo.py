@@ -26,6 +26,7 @@ TRAIN_SIZE = 128
 N_VAL = 12
 VAL_SIZES = (192, 256)
 CELL = 21  # alveolus size of the normal texture, px
+GLASS = (0.965, 0.962, 0.958)  # unstained slide, slightly warm grey-white
 MIN_FRACTION = 0.06  # a tissue region smaller than this share of the image is merged away
 _MARKER = ".complete.json"
 
@@ -86,8 +87,8 @@ def _blobs(
     ys = centres[:, 0:1] + u * np.sin(angle) + v * np.cos(angle)
     layer = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(layer)
-    for x, y, k in zip(xs, ys, shade):
-        draw.polygon(list(zip(x.tolist(), y.tolist())), fill=int(k))
+    for x, y, k in zip(xs, ys, shade, strict=True):
+        draw.polygon(list(zip(x.tolist(), y.tolist(), strict=True)), fill=int(k))
     level = np.asarray(layer)
     inside = level > 0
     # Nuclei vary a little in darkness: 85-110 % of the base colour.
@@ -135,13 +136,9 @@ def _normal(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     )
     d.partition(1, axis=-1)
     wall = (d[..., 1] - d[..., 0] < 2.6)[..., None]
-    img = np.where(wall, _fill(h, w, (0.86, 0.56, 0.72)), _fill(h, w, (0.94, 0.76, 0.87)))
+    img = np.where(wall, _fill(h, w, (0.86, 0.56, 0.72)), _fill(h, w, (0.93, 0.72, 0.85)))
     _blobs(img, rng, h * w // 250, (1.5, 2.2), (0.36, 0.20, 0.50), where=wall[..., 0])
     return img
-
-
-def _white(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    return _fill(h, w, (0.965, 0.962, 0.958))
 
 
 TEXTURES: tuple[Texture, ...] = (_tumor, _stroma, _normal)
@@ -167,7 +164,7 @@ def _layout(rng: np.random.Generator, h: int, w: int, classes: list[int], white:
 def _render(rng: np.random.Generator, ids: np.ndarray) -> np.ndarray:
     """Paint each region with its texture, then add slide-level stain shift and pixel noise."""
     h, w = ids.shape
-    img = _white(rng, h, w)
+    img = _fill(h, w, GLASS)
     for c, texture in enumerate(TEXTURES):
         if (ids == c).any():
             img = np.where((ids == c)[..., None], texture(rng, h, w), img)

@@ -17,6 +17,7 @@ from wsss_domains.domains.contract import (
     BackgroundMode,
     ClipPrompts,
     DatasetSpec,
+    DemoData,
     DomainPlugin,
     LabelSpace,
     PromptKind,
@@ -46,8 +47,11 @@ class HistoDomain(DomainPlugin):
         specs = (wsss4luad.SPEC, luad_histoseg.SPEC, bcss_wsss.SPEC, glas.SPEC)
         return {spec.name: spec for spec in specs}
 
-    def demo(self, root: Path) -> tuple[str, Path]:
-        return wsss4luad.NAME, write_demo(Path(root))
+    def demo(self, root: Path) -> DemoData:
+        """Synthetic WSSS4LUAD-layout set: train on labelled patches, score the annotated split."""
+        return DemoData(
+            wsss4luad.NAME, write_demo(Path(root)), train_split="training", eval_split="validation"
+        )
 
     def preprocess(self, image: Tensor) -> Tensor:
         return normalize_stains(image) if self.stain_normalize else image

@@ -1,33 +1,24 @@
 """CLIP prompts for histology, read from ``prompts/histo/prompts.json`` (package ``wsss_prompts``).
 
-Kept in data rather than code so prompt wording can be tuned without touching the plugin.
+Kept in data rather than code so prompt wording can be tuned without touching the plugin; the
+engine's prompt-file reader validates the file and resolves shared templates and background words.
 """
 
 from __future__ import annotations
 
-import json
-from functools import lru_cache
-from importlib.resources import files
-from typing import Any
-
+from wsss_domains.clip.prompt_files import clip_prompts_from_file, load_prompt_file
 from wsss_domains.domains.contract import ClipPrompts, LabelSpace
 
-
-@lru_cache(maxsize=1)
-def load_prompt_file() -> dict[str, Any]:
-    """The parsed prompts file."""
-    resource = files("wsss_prompts").joinpath("histo", "prompts.json")
-    return json.loads(resource.read_text(encoding="utf-8"))
+DOMAIN = "histo"
 
 
 def clip_prompts_for(dataset: str | None, label_space: LabelSpace) -> ClipPrompts:
-    """Prompts for the foreground classes of ``label_space``; class names where none are listed."""
-    data = load_prompt_file()
-    entry = data["datasets"].get(dataset or "", {})
-    listed = entry.get("classes", {})
-    names = {c: tuple(listed.get(c) or (c.replace("_", " "),)) for c in label_space.foreground_names}
+    """Prompts for the foreground classes of ``label_space``; its class names if the file lacks it."""
+    if dataset is not None:
+        return clip_prompts_from_file(DOMAIN, dataset, label_space.foreground_names)
+    data = load_prompt_file(DOMAIN)
     return ClipPrompts(
-        class_names=names,
+        class_names={c: (c.replace("_", " "),) for c in label_space.foreground_names},
         templates=tuple(data["templates"]),
-        background=tuple(entry.get("background", data["background"])),
+        background=tuple(data["background"]),
     )

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from wsss_adapters.natural import coco, voc
 
+from wsss_domains.clip.prompt_files import clip_prompts_from_file
 from wsss_domains.domains.contract import ClipPrompts, DatasetSpec, DomainPlugin, LabelSpace
 
 # Words CLIP understands better than the datasets' spellings.
@@ -34,12 +35,16 @@ BACKGROUND_WORDS = (
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
 
 
-def natural_prompts(label_space: LabelSpace) -> ClipPrompts:
-    return ClipPrompts(
-        class_names={c: READABLE.get(c, (c,)) for c in label_space.foreground_names},
-        templates=TEMPLATES,
-        background=BACKGROUND_WORDS,
-    )
+def natural_prompts(label_space: LabelSpace, domain: str) -> ClipPrompts:
+    """Prompts from ``prompts/<domain>/prompts.json`` (dataset ``domain``), else readable class names."""
+    try:
+        return clip_prompts_from_file(domain, domain, label_space.foreground_names)
+    except (FileNotFoundError, ModuleNotFoundError, KeyError):
+        return ClipPrompts(
+            class_names={c: READABLE.get(c, (c,)) for c in label_space.foreground_names},
+            templates=TEMPLATES,
+            background=BACKGROUND_WORDS,
+        )
 
 
 class _NaturalDomain(DomainPlugin):
@@ -59,7 +64,7 @@ class _NaturalDomain(DomainPlugin):
         return self.BACKGROUND_THRESHOLD
 
     def clip_prompts(self, label_space: LabelSpace) -> ClipPrompts:
-        return natural_prompts(label_space)
+        return natural_prompts(label_space, self.name)
 
 
 class VocDomain(_NaturalDomain):

@@ -1,0 +1,7 @@
+"""Remote-sensing domain plugin (entry point ``remote-sensing``) and windowed raster tiles."""
+
+from wsss_adapters.remote_sensing.datasets import RasterTiles
+from wsss_adapters.remote_sensing.plugin import RemoteSensingDomain
+from wsss_adapters.remote_sensing.raster import TileWindow, iter_windows
+
+__all__ = ["RasterTiles", "RemoteSensingDomain", "TileWindow", "iter_windows"]

@@ -30,12 +30,16 @@ class UnknownCode(ValueError):
 
 
 class MaskCode(ABC):
-    """Decodes raw mask values (``h x w`` ids or ``h x w x 3`` RGB) into int64 class ids."""
+    """Decodes raw mask values (``h x w`` ids or ``h x w x 3`` RGB) into int64 class ids.
+
+    Pixels flagged in ``skip`` (the mask raster's own no-data) become ``IGNORE_INDEX`` whatever
+    value they hold, so a nodata value outside the code is no error.
+    """
 
     wants_rgb: ClassVar[bool]
 
     @abstractmethod
-    def decode(self, values: np.ndarray) -> np.ndarray: ...
+    def decode(self, values: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray: ...
 
 
 def _first(bad: np.ndarray) -> tuple[int, int]:
@@ -62,7 +66,7 @@ class ColorCode(MaskCode):
             if off:
                 raise ValueError(f"thresholded colour codes must use only 0 and 255, got {off}")
 
-    def decode(self, values: np.ndarray) -> np.ndarray:
+    def decode(self, values: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
         rgb = values.astype(np.int64)
         if self.threshold is not None:
             rgb = np.where(rgb >= self.threshold, 255, 0)
@@ -72,10 +76,15 @@ class ColorCode(MaskCode):
         ids = np.array([by_key[int(k)] for k in keys], dtype=np.int64)
         pos = np.clip(np.searchsorted(keys, code), 0, len(keys) - 1)
         known = keys[pos] == code
+        if skip is not None:
+            known |= skip
         if not known.all():
             y, x = _first(~known)
             raise UnknownCode("colour", tuple(int(v) for v in values[y, x]), (y, x))
-        return ids[pos]
+        out = ids[pos]
+        if skip is not None:
+            out[skip] = IGNORE_INDEX
+        return out
 
 
 @dataclass(frozen=True)
@@ -90,7 +99,7 @@ class IdCode(MaskCode):
         """Masks that already hold class ids ``0..num_classes-1`` and the ignore index."""
         return cls({**{i: i for i in range(num_classes)}, ignore_index: ignore_index})
 
-    def decode(self, values: np.ndarray) -> np.ndarray:
+    def decode(self, values: np.ndarray, skip: np.ndarray | None = None) -> np.ndarray:
         if values.ndim != 2:
             raise ValueError(f"id masks are single-channel, got shape {values.shape}")
         lut = np.full(max(self.ids) + 1, -1, dtype=np.int64)
@@ -100,6 +109,8 @@ class IdCode(MaskCode):
         inside = (raw >= 0) & (raw < len(lut))
         out = np.full(raw.shape, -1, dtype=np.int64)
         out[inside] = lut[raw[inside]]
+        if skip is not None:
+            out[skip] = IGNORE_INDEX
         bad = out < 0
         if bad.any():
             y, x = _first(bad)

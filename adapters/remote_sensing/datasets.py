@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-
 from wsss_adapters.remote_sensing.codes import IdCode, MaskCode
 from wsss_adapters.remote_sensing.raster import Scaling, TileWindow, iter_windows
 from wsss_adapters.remote_sensing.scene import ReadOptions, Scene, SceneReader
+
 from wsss_domains.data.io import DataError
 from wsss_domains.domains.contract import LabelSpace, Sample
 

@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-
 from wsss_adapters.remote_sensing.codes import ColorCode
 from wsss_adapters.remote_sensing.loading import TILE, finish, matching
 from wsss_adapters.remote_sensing.raster import Scaling
 from wsss_adapters.remote_sensing.scene import Scene
 from wsss_adapters.remote_sensing.splits import SplitRequest, parse_split
+
 from wsss_domains.data.io import DataError
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
 
@@ -75,7 +75,9 @@ def _groups(request: SplitRequest, found: dict[str, Path], split: str) -> list[s
         key = f"tile{int(match['k'])}" if match else None
         if key not in found:
             known = ", ".join(found[k].name for k in found)
-            raise ValueError(f"dataset '{NAME}' has no tile '{part.strip()}' in split '{split}'; known: all, {known}")
+            raise ValueError(
+                f"dataset '{NAME}' has no tile '{part.strip()}' in split '{split}'; known: all, {known}"
+            )
         keys.append(key)
     return list(dict.fromkeys(keys))
 

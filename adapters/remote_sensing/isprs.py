@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-
 from wsss_adapters.remote_sensing.codes import ColorCode, IdCode, MaskCode
 from wsss_adapters.remote_sensing.loading import TILE, any_matching, finish, matching, request_split
 from wsss_adapters.remote_sensing.raster import Scaling
 from wsss_adapters.remote_sensing.scene import Scene
+
 from wsss_domains.data.io import DataError
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
 
@@ -64,7 +64,9 @@ VAIHINGEN_SPLITS = {
 }
 
 _POTSDAM_IMAGE = re.compile(r"^top_potsdam_(?P<id>\d+_\d+)_(?P<mod>RGB|IRRG|RGBIR)\.tif$", re.IGNORECASE)
-_POTSDAM_LABEL = re.compile(r"^top_potsdam_(?P<id>\d+_\d+)_label(?P<eroded>_noBoundary)?\.tif$", re.IGNORECASE)
+_POTSDAM_LABEL = re.compile(
+    r"^top_potsdam_(?P<id>\d+_\d+)_label(?P<eroded>_noBoundary)?\.tif$", re.IGNORECASE
+)
 _VAIHINGEN_FILE = re.compile(r"^top_mosaic_09cm_(?P<id>area\d+)(?P<eroded>_noBoundary)?\.tif$", re.IGNORECASE)
 _POTSDAM_TILE = re.compile(r"^\d+_\d+_\d+_\d+_\d+_\d+\.png$")
 _VAIHINGEN_TILE = re.compile(r"^area\d+_\d+_\d+_\d+_\d+\.png$", re.IGNORECASE)

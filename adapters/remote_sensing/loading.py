@@ -11,12 +11,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-
 from wsss_adapters.remote_sensing.codes import MaskCode
 from wsss_adapters.remote_sensing.datasets import build_dataset
 from wsss_adapters.remote_sensing.raster import Scaling
 from wsss_adapters.remote_sensing.scene import ReadOptions, Scene
 from wsss_adapters.remote_sensing.splits import SplitRequest, parse_split
+
 from wsss_domains.domains.contract import LabelSpace
 
 # Default tile side for --labels-from-masks: the common crop size of remote-sensing WSSS.

@@ -1,7 +1,11 @@
 """Windowed reading of image and mask rasters (GeoTIFF, PNG, JPEG) through rasterio.
 
 Aerial and satellite scenes are often larger than memory allows, so nothing here reads a raster
-whole unless asked for the whole window: a tile dataset over a 50k x 50k mosaic holds one tile.
+whole unless asked for the whole window: a tile dataset over a 50k x 50k GeoTIFF holds one tile.
+The one exception is PNG/JPEG, which GDAL can only decode from the top (a window near the bottom
+costs a decode of the whole file): such files up to :data:`WHOLE_DECODE_PIXELS` are decoded once
+into a small cache bounded by :data:`WHOLE_CACHE_BYTES`, and tiles are sliced from it; larger
+ones are still read window by window (bounded memory, slow).
 
 Image scaling to the ``[0, 1]`` range of the sample contract (``scaling`` option):
 
@@ -22,6 +26,7 @@ rather than "any band" because a real pixel may legitimately hold the nodata val
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,21 +37,25 @@ import numpy as np
 import rasterio
 import torch
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NodataShadowWarning, NotGeoreferencedWarning, RasterioIOError
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 from torch import Tensor
-
 from wsss_adapters.remote_sensing.codes import MaskCode, UnknownCode
+
 from wsss_domains.data.io import DataError
 from wsss_domains.data.patches import grid_starts
-from wsss_domains.domains.contract import IGNORE_INDEX
 
 Scaling = Literal["auto", "percentile", "dtype"]
 SCALINGS: tuple[str, ...] = ("auto", "percentile", "dtype")
 # Longest side of the decimated read that percentile statistics are taken from.
 STATS_SIZE = 1024
 PERCENTILES = (2.0, 98.0)
+# GDAL drivers that decode a file only from its top: no random access to a window.
+SEQUENTIAL_DRIVERS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP"})
+# Such files up to this many pixels are decoded whole once (a DeepGlobe 2448^2 scene is 6 M).
+WHOLE_DECODE_PIXELS = 4096 * 4096
+WHOLE_CACHE_BYTES = 256 * 2**20
 
 
 class TileWindow(NamedTuple):
@@ -89,6 +98,8 @@ def open_raster(path: Path | str) -> Iterator[DatasetReader]:
     with warnings.catch_warnings():
         # Plain PNG/JPEG files carry no georeference; that is normal here.
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        # A nodata value on a 4-band raster (RGBIR) takes precedence over GDAL's alpha guess: wanted.
+        warnings.simplefilter("ignore", NodataShadowWarning)
         try:
             src = rasterio.open(path)
         except RasterioIOError as exc:
@@ -109,22 +120,48 @@ class RasterInfo:
     width: int
     count: int
     dtype: str
+    driver: str
     # Some band is masked by a nodata value, an alpha band or an internal mask.
     has_nodata: bool
-    # A single band of palette indices with a colour table (e.g. palette PNG masks).
-    palette: bool
+    # The colour table of a single band of palette indices (palette PNG masks), else None.
+    colormap: tuple[tuple[int, int, int], ...] | None
+    # (modification time, size): tells a rewritten file from the one whose decode is cached.
+    stamp: tuple[int, int]
 
     @property
     def size(self) -> tuple[int, int]:
         return self.height, self.width
+
+    @property
+    def palette(self) -> bool:
+        return self.colormap is not None
+
+    @property
+    def decode_whole(self) -> bool:
+        """Read once and cache: a top-down-only format small enough to hold (see ``_WholeCache``)."""
+        return self.driver in SEQUENTIAL_DRIVERS and self.height * self.width <= WHOLE_DECODE_PIXELS
 
 
 def raster_info(path: Path | str) -> RasterInfo:
     with open_raster(path) as src:
         flags = src.mask_flag_enums
         has_nodata = any(MaskFlags.all_valid not in band for band in flags)
-        palette = src.count == 1 and src.colorinterp[0] is ColorInterp.palette
-        return RasterInfo(Path(path), src.height, src.width, src.count, src.dtypes[0], has_nodata, palette)
+        colormap = None
+        if src.count == 1 and src.colorinterp[0] is ColorInterp.palette:
+            table = src.colormap(1)
+            colormap = tuple(tuple(table.get(i, (0, 0, 0))[:3]) for i in range(max(256, max(table) + 1)))
+        stat = Path(path).stat()
+        return RasterInfo(
+            Path(path),
+            src.height,
+            src.width,
+            src.count,
+            src.dtypes[0],
+            src.driver,
+            has_nodata,
+            colormap,  # type: ignore[arg-type]
+            (stat.st_mtime_ns, stat.st_size),
+        )
 
 
 def _full(info: RasterInfo) -> TileWindow:
@@ -138,13 +175,59 @@ def _check_window(info: RasterInfo, window: TileWindow) -> None:
         raise ValueError(f"window {tuple(window)} extends past the {info.height}x{info.width} raster")
 
 
-def _palette_lut(src: DatasetReader) -> np.ndarray:
-    """The colour table of band 1 as a ``N x 3`` uint8 lookup (unlisted entries black)."""
-    table = src.colormap(1)
-    lut = np.zeros((max(256, max(table) + 1), 3), dtype=np.uint8)
-    for index, rgba in table.items():
-        lut[index] = rgba[:3]
-    return lut
+def _palette_lut(info: RasterInfo) -> np.ndarray:
+    """The colour table as an ``N x 3`` uint8 lookup (unlisted entries black)."""
+    return np.array(info.colormap, dtype=np.uint8)
+
+
+class _WholeCache:
+    """The last few whole decodes of sequential-format rasters, bounded in bytes (per process)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[object, ...], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[object, ...]) -> np.ndarray | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: tuple[object, ...], value: np.ndarray) -> None:
+        self._items[key] = value
+        while len(self._items) > 1 and sum(v.nbytes for v in self._items.values()) > self.max_bytes:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+_WHOLE = _WholeCache(WHOLE_CACHE_BYTES)
+
+
+def read_pixels(
+    info: RasterInfo, indexes: Sequence[int], window: TileWindow, masks: bool = False
+) -> np.ndarray:
+    """Band values (or GDAL validity masks, 0 = no-data) of a window, ``bands x h x w``.
+
+    GeoTIFFs (and every format with random access) are read from disk window by window.
+    PNG/JPEG can only be decoded from the top, so a window read costs a decode of everything
+    above it; those files, when at most :data:`WHOLE_DECODE_PIXELS`, are decoded once into a
+    small byte-bounded cache and windows are sliced from it. Larger ones are still read by window.
+    """
+    indexes = [int(i) for i in indexes]
+    if not info.decode_whole:
+        with open_raster(info.path) as src:
+            if masks:
+                return src.read_masks(indexes, window=window.to_rasterio())
+            return src.read(indexes, window=window.to_rasterio())
+    key = (str(info.path), info.stamp, masks, tuple(indexes))
+    whole = _WHOLE.get(key)
+    if whole is None:
+        with open_raster(info.path) as src:
+            whole = src.read_masks(indexes) if masks else src.read(indexes)
+        _WHOLE.put(key, whole)
+    return whole[:, window.row : window.row + window.height, window.col : window.col + window.width]
 
 
 def resolve_bands(info: RasterInfo, bands: Sequence[int] | None) -> tuple[int, int, int]:
@@ -237,20 +320,18 @@ class ImageRaster:
         _check_window(self.info, window)
         if not self.info.has_nodata or self._expand_palette:
             return None
-        with open_raster(self.path) as src:
-            masks = src.read_masks(self._unique_bands, window=window.to_rasterio())
+        masks = read_pixels(self.info, self._unique_bands, window, masks=True)
         return (masks == 0).all(axis=0)
 
     def read(self, window: TileWindow | None = None) -> tuple[Tensor, Tensor | None]:
         """Image ``3 x h x w`` float32 in [0, 1] and the no-data ``h x w`` bool (or None)."""
         window = window or _full(self.info)
         _check_window(self.info, window)
-        with open_raster(self.path) as src:
-            if self._expand_palette:
-                index = src.read(1, window=window.to_rasterio())
-                raw = np.moveaxis(_palette_lut(src)[index], -1, 0)
-            else:
-                raw = src.read(list(self.bands), window=window.to_rasterio())
+        if self._expand_palette:
+            index = read_pixels(self.info, [1], window)[0]
+            raw = np.moveaxis(_palette_lut(self.info)[index], -1, 0)
+        else:
+            raw = read_pixels(self.info, self.bands, window)
         nodata = self.nodata(window)
         if np.issubdtype(raw.dtype, np.floating):
             nan = np.isnan(raw).all(axis=0)
@@ -272,7 +353,9 @@ class MaskRaster:
         self.path = self.info.path
         self.code = code
         if code.wants_rgb and self.info.count < 3 and not self.info.palette:
-            raise DataError(self.path, f"expected an RGB or palette colour mask, found {self.info.count} band(s)")
+            raise DataError(
+                self.path, f"expected an RGB or palette colour mask, found {self.info.count} band(s)"
+            )
         if not code.wants_rgb and self.info.count >= 3:
             raise DataError(self.path, f"expected a single-channel id mask, found {self.info.count} bands")
 
@@ -280,19 +363,17 @@ class MaskRaster:
         """Class ids ``h x w`` int64, ``IGNORE_INDEX`` where unscored; DataError on unknown codes."""
         window = window or _full(self.info)
         _check_window(self.info, window)
-        rio_window = window.to_rasterio()
-        with open_raster(self.path) as src:
-            if self.info.count >= 3:
-                values = np.moveaxis(src.read((1, 2, 3), window=rio_window), 0, -1)
-            else:
-                values = src.read(1, window=rio_window)
-                if self.code.wants_rgb:
-                    values = _palette_lut(src)[values]
-            invalid = None
-            if self.info.has_nodata:
-                invalid = (src.read_masks(1, window=rio_window) == 0)
+        if self.info.count >= 3:
+            values = np.moveaxis(read_pixels(self.info, (1, 2, 3), window), 0, -1)
+        else:
+            values = read_pixels(self.info, [1], window)[0]
+            if self.code.wants_rgb:
+                values = _palette_lut(self.info)[values]
+        invalid = None
+        if self.info.has_nodata:
+            invalid = read_pixels(self.info, [1], window, masks=True)[0] == 0
         try:
-            ids = self.code.decode(values)
+            ids = self.code.decode(values, invalid)
         except UnknownCode as exc:
             y, x = exc.position
             raise DataError(
@@ -300,6 +381,4 @@ class MaskRaster:
                 f"{exc.what} {exc.value} at (row {window.row + y}, col {window.col + x}) "
                 f"is not a known class {exc.what}",
             ) from None
-        if invalid is not None:
-            ids[invalid] = IGNORE_INDEX
         return torch.from_numpy(ids)

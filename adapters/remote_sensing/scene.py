@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from wsss_adapters.remote_sensing.codes import MaskCode
 from wsss_adapters.remote_sensing.raster import ImageRaster, MaskRaster, Scaling, TileWindow
+
 from wsss_domains.data.io import DataError
 from wsss_domains.domains.contract import LabelSpace, Sample
 

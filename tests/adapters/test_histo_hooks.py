@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from wsss_adapters.histo import HistoDomain
 from wsss_adapters.histo.augment import histo_augment
 from wsss_adapters.histo.background import white_mask
+
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace, PromptKind
 
 PINK = (0.90, 0.55, 0.72)  # eosin-stained tissue

@@ -5,10 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from histo_fixtures import LUAD_PALETTE, WSSS4LUAD_PALETTE, make_glas, make_tissue, make_wsss4luad, save_palette
+from histo_fixtures import (
+    LUAD_PALETTE,
+    WSSS4LUAD_PALETTE,
+    make_glas,
+    make_tissue,
+    make_wsss4luad,
+    save_palette,
+)
 from PIL import Image
-
 from wsss_adapters.histo import HistoDomain
+
 from wsss_domains.data.io import DataError
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains import get_domain
@@ -165,7 +172,10 @@ def test_luad_histoseg(tmp_path, domain, train_folder):
     assert spec.label_space.classes == ("tumor_epithelium", "necrosis", "lymphocyte", "tumor_stroma")
     train = spec.build(root, "training")
     labels = {train[i]["id"]: train[i]["label"].tolist() for i in range(len(train))}
-    assert labels == {"1031280-2300-27920-[1 0 0 1]": [1, 0, 0, 1], "385277-44539-46781-[0 1 1 0]": [0, 1, 1, 0]}
+    assert labels == {
+        "1031280-2300-27920-[1 0 0 1]": [1, 0, 0, 1],
+        "385277-44539-46781-[0 1 1 0]": [0, 1, 1, 0],
+    }
     val = spec.build(root, "val")[0]
     assert set(val["mask"].unique().tolist()) == {0, 3, 255}  # id 4 (white / exclude) is ignored
     assert torch.equal(val["exclude"], val["mask"] == 255)

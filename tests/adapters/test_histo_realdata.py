@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
+from torch.utils.data import Subset
 from wsss_adapters.histo import HistoDomain
+
 from wsss_domains.data.patches import PatchDataset
 
 pytestmark = pytest.mark.realdata
@@ -52,7 +53,10 @@ def test_glas_real(shared_data, domain):
     s = train[0]
     assert s["id"] == "train_1" and s["image"].shape == (3, 522, 775)
     assert set(s["mask"].unique().tolist()) == {0, 1} and s["label"].tolist() == [1.0]
-    patches = spec.build(root, "train", labels_from_masks=True)
-    assert isinstance(patches, PatchDataset) and len(patches) == 85 * 12
-    negatives = sum(1 for _, _, _, label in patches.index if label.item() == 0.0)
-    assert 0 < negatives < len(patches)
+    # Patch labels say whether gland is present (a few images keep the test fast).
+    patches = PatchDataset(Subset(train, range(6)), spec.label_space, spec.patch_size)
+    labels = [label.item() for _, _, _, label in patches.index]
+    assert len(labels) >= 6 * 6 and 0.0 in labels and 1.0 in labels
+    p = patches[0]
+    assert p["image"].shape == (3, spec.patch_size, spec.patch_size)
+    assert p["label"].item() == float(bool((p["mask"] == 1).any()))

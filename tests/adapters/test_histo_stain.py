@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from histo_fixtures import make_wsss4luad
-
 from wsss_adapters.histo import HistoDomain
 from wsss_adapters.histo.demo import _render
 from wsss_adapters.histo.stain import normalize_stains

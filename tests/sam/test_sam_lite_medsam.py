@@ -11,7 +11,7 @@ from torch import nn
 
 from wsss_domains.data.io import read_rgb
 from wsss_domains.domains.contract import PromptKind, SamStrategy
-from wsss_domains.sam.lite_medsam import build_mobile_sam_sam, convert_tinyvit_sam_state_dict
+from wsss_domains.sam.lite_medsam import build_sam_heads, convert_tinyvit_sam_state_dict
 from wsss_domains.sam.registry import create_sam
 from wsss_domains.sam.segmenter import SamSegmenter
 
@@ -121,11 +121,12 @@ def test_mobile_sam_layout_loads_into_timm_tinyvit(tmp_path):
     gen = torch.Generator().manual_seed(0)
     _randomise(reference, gen)
     reference.eval()
-    heads = build_mobile_sam_sam()
+    prompt_encoder, mask_decoder = build_sam_heads(1024)
     state = {f"image_encoder.{k}": v for k, v in reference.state_dict().items()}
     state["image_encoder.norm_head.weight"] = torch.ones(320)
     state["image_encoder.head.weight"] = torch.zeros(1000, 320)
-    state.update({k: v for k, v in heads.state_dict().items() if not k.startswith("image_encoder.")})
+    state.update({f"prompt_encoder.{k}": v for k, v in prompt_encoder.state_dict().items()})
+    state.update({f"mask_decoder.{k}": v for k, v in mask_decoder.state_dict().items()})
     checkpoint = tmp_path / "mobile_sam.pt"
     torch.save(state, checkpoint)
     ours = create_sam("mobile_sam", checkpoint=checkpoint)

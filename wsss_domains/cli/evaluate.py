@@ -35,7 +35,7 @@ def evaluate_split(
 ) -> EvaluationReport:
     opened = open_dataset(domain, dataset, data, split)
     return evaluate_predictions(
-        opened.domain, opened.spec.label_space, opened.dataset, pred, progress=progress
+        opened.domain, opened.spec.label_space_for(Path(data)), opened.dataset, pred, progress=progress
     )
 
 

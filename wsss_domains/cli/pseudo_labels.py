@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 
 from wsss_domains.cam.extract import DEFAULT_SCALES
-from wsss_domains.cli.common import CliError, add_data_arguments, open_dataset, resolve_device
+from wsss_domains.cli.common import (
+    CliError,
+    add_data_arguments,
+    open_dataset,
+    resolve_device,
+    validate_dataset,
+)
 from wsss_domains.methods import create_method
 from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, PseudoLabelSummary, write_pseudo_labels
 from wsss_domains.training.run import load_run
@@ -60,12 +66,14 @@ def pseudo_label_split(
 ) -> PseudoLabelSummary:
     config, model = load_run(run, device)
     opened = open_dataset(domain_name or config.domain, dataset, data, split)
-    label_space = opened.spec.label_space
+    label_space = opened.spec.label_space_for(Path(data))
     if list(label_space.foreground_names) != config.foreground:
         raise CliError(
             f"the run was trained on classes {config.foreground}, but {opened.spec.name} has "
             f"{list(label_space.foreground_names)}"
         )
+    # Bad files fail here, before the first pseudo-label is written.
+    validate_dataset(opened.dataset, progress, label_space)
     method = create_method(method_name or config.method, **config.method_options)
     extractor = method.extractor(model, None, scales=scales, flip=flip, base_scale=config.base_scale)  # type: ignore[arg-type]
     options = PseudoLabelOptions(

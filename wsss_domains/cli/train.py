@@ -85,9 +85,9 @@ def run_train(args: argparse.Namespace) -> int:
         patch_size=args.patch_size,
     )
     progress = not args.no_progress
+    label_space = opened.spec.label_space_for(Path(args.data))
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        validate_dataset(opened.dataset, progress)
-    label_space = opened.spec.label_space
+        validate_dataset(opened.dataset, progress, label_space)
     mean, std = domain.normalization()
     patch = args.patch_size or opened.spec.patch_size
     config = RunConfig(

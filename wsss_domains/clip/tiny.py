@@ -25,8 +25,15 @@ def tiny_model_config(**vision: Any) -> dict[str, Any]:
     return config
 
 
-def tiny_clip(seed: int = 0, config: dict[str, Any] | None = None) -> tuple[torch.nn.Module, Any]:
-    """A random-weight open_clip ``CLIP`` in eval mode and its built-in (offline) tokenizer."""
+def tiny_clip(
+    seed: int = 0, config: dict[str, Any] | None = None, attention_sharpness: float = 4.0
+) -> tuple[torch.nn.Module, Any]:
+    """A random-weight open_clip ``CLIP`` in eval mode and its built-in (offline) tokenizer.
+
+    The image tower's query/key projections are scaled by ``attention_sharpness``: at random init
+    attention is almost uniform, which would make CLIP-ES's attention affinity a blur and its
+    normalised output mostly rounding noise; a trained ViT attends far more selectively.
+    """
     from open_clip import SimpleTokenizer
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
@@ -41,4 +48,8 @@ def tiny_clip(seed: int = 0, config: dict[str, Any] | None = None) -> tuple[torc
         )
     finally:
         torch.random.set_rng_state(state)
+    with torch.no_grad():
+        for block in model.visual.transformer.resblocks:
+            dim = block.attn.embed_dim
+            block.attn.in_proj_weight[: 2 * dim] *= attention_sharpness
     return model.eval(), SimpleTokenizer(context_length=config["text_cfg"]["context_length"])

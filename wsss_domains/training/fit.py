@@ -83,7 +83,8 @@ def train(
         logger=CSVLogger(out, name="logs", version=""),
         enable_progress_bar=options.progress,
         enable_model_summary=False,
-        log_every_n_steps=5,
+        # Every step: a short run (a few steps, a tiny time budget) must still leave logs/metrics.csv.
+        log_every_n_steps=1,
         default_root_dir=out,
         use_distributed_sampler=True,
     )

@@ -1,0 +1,61 @@
+"""The remote-sensing domain plugin: land cover and overhead objects from image-level labels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor
+from wsss_adapters.remote_sensing import deepglobe, dubai, isaid, isprs, loveda
+from wsss_adapters.remote_sensing.augment import flip_rotate
+from wsss_adapters.remote_sensing.metrics import agreement_metrics
+from wsss_adapters.remote_sensing.prompts import clip_prompts_for
+
+from wsss_domains.domains.contract import (
+    ClipPrompts,
+    DatasetSpec,
+    DomainPlugin,
+    LabelSpace,
+    MetricResult,
+    PromptKind,
+    Sample,
+    SamStrategy,
+)
+
+_SPECS = (deepglobe.SPEC, loveda.SPEC, isprs.POTSDAM, isprs.VAIHINGEN, isaid.SPEC, dubai.SPEC)
+
+
+class RemoteSensingDomain(DomainPlugin):
+    """DeepGlobe, LoveDA, ISPRS Potsdam/Vaihingen, iSAID and Dubai aerial; rasters read by window.
+
+    Every loader takes, besides ``labels_from_masks`` and ``patch_size``: ``bands`` (1-based
+    bands to use as R, G, B), ``scaling`` (``auto``, ``percentile`` or ``dtype``) and ``overlap``
+    (pixels shared by neighbouring tiles). Splits accept a hold-out slice, ``train[:80%]``.
+    """
+
+    name = "remote-sensing"
+    description = "Remote sensing: DeepGlobe, LoveDA, ISPRS Potsdam/Vaihingen, iSAID, Dubai aerial"
+
+    def datasets(self) -> Mapping[str, DatasetSpec]:
+        return {spec.name: spec for spec in _SPECS}
+
+    def train_augment(self, sample: Sample) -> Sample:
+        return flip_rotate(sample)
+
+    def metrics(self, confusion: Tensor, label_space: LabelSpace) -> list[MetricResult]:
+        return agreement_metrics(confusion, label_space)
+
+    def clip_prompts(self, label_space: LabelSpace) -> ClipPrompts:
+        return clip_prompts_for(self._dataset_name(label_space), label_space)
+
+    def sam_strategy(self) -> SamStrategy:
+        """Point prompts at CAM peaks: land-cover regions are large and ragged, poorly boxed.
+
+        A class shows up as many disjoint patches in one tile, hence more prompts per class.
+        """
+        return SamStrategy(prompt=PromptKind.POINTS, model="vit_b", max_prompts_per_class=8)
+
+    def _dataset_name(self, label_space: LabelSpace) -> str | None:
+        for spec in _SPECS:
+            if spec.label_space == label_space:
+                return spec.name
+        return None

@@ -1,0 +1,90 @@
+"""Fixtures for the CLIP tests: a tiny random open_clip model, prompts, an in-memory labelled set."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+
+import pytest
+import torch
+
+from wsss_domains.clip.tiny import tiny_clip, tiny_model_config
+from wsss_domains.domains.contract import ClipPrompts
+
+CLASSES = ("red thing", "green thing", "blue thing")
+
+
+@pytest.fixture(scope="session")
+def _tiny_once():
+    return tiny_clip(seed=0)
+
+
+@pytest.fixture
+def tiny(_tiny_once):
+    """A fresh copy of a tiny random CLIP (32 px, 8 px patches, 3 blocks) and its offline tokenizer."""
+    model, tokenizer = _tiny_once
+    return copy.deepcopy(model), tokenizer
+
+
+@pytest.fixture
+def tiny_prompts() -> ClipPrompts:
+    return ClipPrompts(
+        class_names={"red thing": ("red thing", "crimson"), "green thing": ("green thing",), "blue thing": ("blue",)},
+        templates=("a clean origami {}.", "a photo of {}."),
+        background=("ground", "sky", "wall"),
+    )
+
+
+class ColourSquares(torch.utils.data.Dataset):
+    """Images whose labelled classes paint a coloured square each: learnable from labels alone."""
+
+    def __init__(self, n: int = 16, size: int = 32, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            label = (torch.rand(3, generator=gen) < 0.5).float()
+            if label.sum() == 0:
+                label[i % 3] = 1.0
+            image = torch.rand(3, size, size, generator=gen) * 0.2
+            for c in torch.nonzero(label).flatten().tolist():
+                y, x = (c * 9) % (size - 12), (c * 13) % (size - 12)
+                image[c, y : y + 12, x : x + 12] = 1.0
+            self.items.append({"image": image, "label": label, "id": f"sq{i}"})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+@pytest.fixture
+def squares() -> ColourSquares:
+    return ColourSquares()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, monkeypatch):
+    """The tiny architecture registered with open_clip as 'wsss-tiny-test', and a saved random checkpoint."""
+    import open_clip
+
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    (config_dir / "wsss-tiny-test.json").write_text(json.dumps(tiny_model_config()))
+    open_clip.add_model_config(config_dir)
+    model, _ = tiny_clip(seed=3)
+    path = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return "wsss-tiny-test", path, model
