@@ -3,7 +3,8 @@
 * :class:`SceneDataset`: one sample per scene, labelled by the classes present in its mask.
 * :class:`TileDataset`: one sample per tile (window) of every scene, each labelled by the classes
   present in its own window of the mask, the usual tile-level protocol of remote-sensing WSSS.
-  Tiles are read straight from disk window by window; no scene is ever loaded whole.
+  Tiles are read from disk window by window (small PNG/JPEG scenes, which cannot be read by
+  window efficiently, are decoded once and cached: see :mod:`raster`).
 * :class:`RasterTiles`: every tile of one (possibly huge) raster, none dropped, with the window
   in ``meta`` so predictions can be stitched back into a full-size map.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_adapters.remote_sensing.codes import IdCode, MaskCode
 from wsss_adapters.remote_sensing.raster import Scaling, TileWindow, iter_windows
@@ -23,7 +25,7 @@ from wsss_adapters.remote_sensing.scene import ReadOptions, Scene, SceneReader
 from wsss_domains.data.io import DataError
 from wsss_domains.domains.contract import LabelSpace, Sample
 
-# Whole scenes above this many pixels are refused: read them as tiles (patch_size) instead.
+# Whole scenes above this many pixels are refused: read them as tiles instead.
 MAX_SCENE_PIXELS = 8192 * 8192
 
 
@@ -51,9 +53,14 @@ class SceneDataset(Dataset):
         if h * w > self.max_pixels:
             raise DataError(
                 self.scenes[index].image,
-                f"is {h}x{w} pixels, too large to load whole; pass patch_size to read it in tiles",
+                f"is {h}x{w} pixels, too large to load whole; read it in tiles"
+                " (--labels-from-masks, or RasterTiles for inference)",
             )
         return reader.read()
+
+    def load_mask(self, index: int) -> Tensor | None:
+        """The scored mask of a scene alone, so ``PatchDataset`` can index without the images."""
+        return SceneReader(self.scenes[index], self.label_space, self.options).scored_mask()
 
 
 class TileDataset(Dataset):
@@ -68,7 +75,7 @@ class TileDataset(Dataset):
         scenes: Sequence[Scene],
         label_space: LabelSpace,
         options: ReadOptions,
-        tile: int,
+        tile: int | tuple[int, int],
         overlap: int = 0,
         drop_empty: bool = True,
     ) -> None:
@@ -120,7 +127,7 @@ class RasterTiles(TileDataset):
         image: Path | str,
         mask: Path | str | None = None,
         *,
-        tile: int = 512,
+        tile: int | tuple[int, int] = 512,
         overlap: int = 0,
         label_space: LabelSpace | None = None,
         code: MaskCode | None = None,
@@ -144,28 +151,27 @@ def build_dataset(
     where: Path,
     split: str,
     labels_from_masks: bool,
-    patch_size: int | None,
-    default_patch_size: int,
+    patch_size: int | tuple[int, int] | None,
+    default_patch_size: int | tuple[int, int],
     overlap: int = 0,
 ) -> Dataset:
     """The dataset a loader returns, following the options every loader shares.
 
-    ``labels_from_masks``: tiles of ``patch_size`` (default ``default_patch_size``) labelled from
-    their masks; every scene must be annotated. ``patch_size`` alone: tiles as well (labelled where
-    a mask exists). Neither: whole scenes, labelled from their whole masks where they exist.
-    Tiles without any scored pixel are dropped.
+    ``labels_from_masks``: tiles of ``patch_size`` (default ``default_patch_size``; an int or a
+    (height, width) pair) cut window by window and labelled from their masks; every scene must be
+    annotated, and tiles without any scored pixel are dropped. Otherwise whole scenes, labelled
+    from their whole masks where they exist (``patch_size`` is then unused, as for every loader).
     """
     if not scenes:
         raise DataError(where, f"split '{split}' holds no images")
-    if labels_from_masks:
-        missing = [s for s in scenes if s.mask is None]
-        if missing:
-            raise DataError(
-                missing[0].image,
-                f"has no mask; split '{split}' is not fully annotated and --labels-from-masks needs masks",
-            )
-    if not labels_from_masks and patch_size is None:
+    if not labels_from_masks:
         return SceneDataset(scenes, label_space, options)
+    missing = [s for s in scenes if s.mask is None]
+    if missing:
+        raise DataError(
+            missing[0].image,
+            f"has no mask; split '{split}' is not fully annotated and --labels-from-masks needs masks",
+        )
     tile = patch_size or default_patch_size
     tiles = TileDataset(scenes, label_space, options, tile, overlap, drop_empty=True)
     if len(tiles) == 0:

@@ -8,7 +8,7 @@ matching, as the official scripts and torchgeo do.
 
 Splits: ``train`` (annotated), ``valid`` and ``test`` (images only, when their folders exist).
 Only ``train`` has masks, so scoring needs a hold-out slice of it: train on ``train[:80%]``,
-score ``train[80%:]`` (see :mod:`wsss_adapters.remote_sensing.splits`).
+score ``train[80%:]`` (see :mod:`wsss_domains.data.splits`).
 """
 
 from __future__ import annotations
@@ -60,10 +60,11 @@ def build(
     root: Path | str,
     split: str | None = None,
     labels_from_masks: bool = False,
-    patch_size: int | None = None,
+    patch_size: int | tuple[int, int] | None = None,
     bands: Sequence[int] | None = None,
     scaling: Scaling = "auto",
     overlap: int = 0,
+    min_fraction: float = 0.0,
     **_: object,
 ) -> Dataset:
     root = Path(root)
@@ -80,10 +81,12 @@ def build(
         bands=bands,
         scaling=scaling,
         overlap=overlap,
+        min_fraction=min_fraction,
     )
 
 
 SPEC = DatasetSpec(
+    native_slices=True,
     name=NAME,
     label_space=LABEL_SPACE,
     build=build,

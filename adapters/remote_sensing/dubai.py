@@ -24,9 +24,9 @@ from wsss_adapters.remote_sensing.codes import ColorCode
 from wsss_adapters.remote_sensing.loading import TILE, finish, matching
 from wsss_adapters.remote_sensing.raster import Scaling
 from wsss_adapters.remote_sensing.scene import Scene
-from wsss_adapters.remote_sensing.splits import SplitRequest, parse_split
 
 from wsss_domains.data.io import DataError
+from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
 
 NAME = "dubai-aerial"
@@ -98,10 +98,11 @@ def build(
     root: Path | str,
     split: str | None = None,
     labels_from_masks: bool = False,
-    patch_size: int | None = None,
+    patch_size: int | tuple[int, int] | None = None,
     bands: Sequence[int] | None = None,
     scaling: Scaling = "auto",
     overlap: int = 0,
+    min_fraction: float = 0.0,
     **_: object,
 ) -> Dataset:
     root = Path(root)
@@ -122,10 +123,12 @@ def build(
         bands=bands,
         scaling=scaling,
         overlap=overlap,
+        min_fraction=min_fraction,
     )
 
 
 SPEC = DatasetSpec(
+    native_slices=True,
     name=NAME,
     label_space=LABEL_SPACE,
     build=build,

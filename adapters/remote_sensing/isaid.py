@@ -121,10 +121,11 @@ def build(
     root: Path | str,
     split: str | None = None,
     labels_from_masks: bool = False,
-    patch_size: int | None = None,
+    patch_size: int | tuple[int, int] | None = None,
     bands: Sequence[int] | None = None,
     scaling: Scaling = "auto",
     overlap: int = 0,
+    min_fraction: float = 0.0,
     **_: object,
 ) -> Dataset:
     root = Path(root)
@@ -142,10 +143,12 @@ def build(
         bands=bands,
         scaling=scaling,
         overlap=overlap,
+        min_fraction=min_fraction,
     )
 
 
 SPEC = DatasetSpec(
+    native_slices=True,
     name=NAME,
     label_space=LABEL_SPACE,
     build=build,

@@ -166,10 +166,11 @@ def _builder(name: str, lister: Callable[..., tuple[list[Scene], MaskCode]]) -> 
         root: Path | str,
         split: str | None = None,
         labels_from_masks: bool = False,
-        patch_size: int | None = None,
+        patch_size: int | tuple[int, int] | None = None,
         bands: Sequence[int] | None = None,
         scaling: Scaling = "auto",
         overlap: int = 0,
+        min_fraction: float = 0.0,
         eroded: bool | None = None,
         **options: object,
     ) -> Dataset:
@@ -189,6 +190,7 @@ def _builder(name: str, lister: Callable[..., tuple[list[Scene], MaskCode]]) -> 
             bands=bands,
             scaling=scaling,
             overlap=overlap,
+            min_fraction=min_fraction,
         )
 
     build.__doc__ = f"The {name} dataset of a split (see the module docstring for the options)."
@@ -196,6 +198,7 @@ def _builder(name: str, lister: Callable[..., tuple[list[Scene], MaskCode]]) -> 
 
 
 POTSDAM = DatasetSpec(
+    native_slices=True,
     name="potsdam",
     label_space=LABEL_SPACE,
     build=_builder("potsdam", potsdam_scenes),
@@ -206,6 +209,7 @@ POTSDAM = DatasetSpec(
     patch_size=TILE,
 )
 VAIHINGEN = DatasetSpec(
+    native_slices=True,
     name="vaihingen",
     label_space=LABEL_SPACE,
     build=_builder("vaihingen", vaihingen_scenes),

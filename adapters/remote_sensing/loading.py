@@ -15,8 +15,8 @@ from wsss_adapters.remote_sensing.codes import MaskCode
 from wsss_adapters.remote_sensing.datasets import build_dataset
 from wsss_adapters.remote_sensing.raster import Scaling
 from wsss_adapters.remote_sensing.scene import ReadOptions, Scene
-from wsss_adapters.remote_sensing.splits import SplitRequest, parse_split
 
+from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains.contract import LabelSpace
 
 # Default tile side for --labels-from-masks: the common crop size of remote-sensing WSSS.
@@ -59,17 +59,18 @@ def finish(
     where: Path,
     split: str | None,
     labels_from_masks: bool,
-    patch_size: int | None,
+    patch_size: int | tuple[int, int] | None,
     bands: Sequence[int] | None,
     scaling: Scaling,
     overlap: int,
+    min_fraction: float,
 ) -> Dataset:
     """Slice the split, then build whole-scene or tile samples as the options ask."""
     ids = [s.id for s in scenes]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"{where}: two images share the sample id '{dup}'")
-    options = ReadOptions(code, None if bands is None else tuple(bands), scaling)
+    options = ReadOptions(code, None if bands is None else tuple(bands), scaling, min_fraction)
     return build_dataset(
         request.select(scenes),
         label_space,

@@ -95,10 +95,11 @@ def build(
     root: Path | str,
     split: str | None = None,
     labels_from_masks: bool = False,
-    patch_size: int | None = None,
+    patch_size: int | tuple[int, int] | None = None,
     bands: Sequence[int] | None = None,
     scaling: Scaling = "auto",
     overlap: int = 0,
+    min_fraction: float = 0.0,
     scene: str | None = None,
     **_: object,
 ) -> Dataset:
@@ -116,10 +117,12 @@ def build(
         bands=bands,
         scaling=scaling,
         overlap=overlap,
+        min_fraction=min_fraction,
     )
 
 
 SPEC = DatasetSpec(
+    native_slices=True,
     name=NAME,
     label_space=LABEL_SPACE,
     build=build,

@@ -27,9 +27,11 @@ _SPECS = (deepglobe.SPEC, loveda.SPEC, isprs.POTSDAM, isprs.VAIHINGEN, isaid.SPE
 class RemoteSensingDomain(DomainPlugin):
     """DeepGlobe, LoveDA, ISPRS Potsdam/Vaihingen, iSAID and Dubai aerial; rasters read by window.
 
-    Every loader takes, besides ``labels_from_masks`` and ``patch_size``: ``bands`` (1-based
-    bands to use as R, G, B), ``scaling`` (``auto``, ``percentile`` or ``dtype``) and ``overlap``
-    (pixels shared by neighbouring tiles). Splits accept a hold-out slice, ``train[:80%]``.
+    Every loader takes, besides ``labels_from_masks`` and ``patch_size`` (tile side, or height and
+    width, of the mask-labelled tiles): ``bands`` (1-based bands to use as R, G, B), ``scaling``
+    (``auto``, ``percentile`` or ``dtype``), ``overlap`` (pixels shared by neighbouring tiles) and
+    ``min_fraction`` (share of a tile's scored pixels a class needs to enter its label). Splits
+    accept a hold-out slice of their images sorted by id: ``train[0:6]``, ``train[80%:]``.
     """
 
     name = "remote-sensing"

@@ -44,7 +44,7 @@ from torch import Tensor
 from wsss_adapters.remote_sensing.codes import MaskCode, UnknownCode
 
 from wsss_domains.data.io import DataError
-from wsss_domains.data.patches import grid_starts
+from wsss_domains.data.patches import grid_starts, pair
 
 Scaling = Literal["auto", "percentile", "dtype"]
 SCALINGS: tuple[str, ...] = ("auto", "percentile", "dtype")
@@ -70,23 +70,23 @@ class TileWindow(NamedTuple):
         return Window(self.col, self.row, self.width, self.height)
 
 
-def iter_windows(height: int, width: int, tile: int, overlap: int = 0) -> Iterator[TileWindow]:
-    """Row-major windows of at most ``tile`` pixels covering a ``height x width`` raster.
+def iter_windows(
+    height: int, width: int, tile: int | tuple[int, int], overlap: int = 0
+) -> Iterator[TileWindow]:
+    """Row-major windows of at most ``tile`` pixels (side, or height and width) covering a raster.
 
     Neighbours share ``overlap`` pixels; the last row and column of windows are aligned to the
     raster's edge (so they may overlap more) and no window ever extends past it, which is what a
     stitcher needs to paste predictions back at ``(row, col)``.
     """
-    if tile < 1:
-        raise ValueError(f"tile must be positive, got {tile}")
-    if not 0 <= overlap < tile:
+    th, tw = pair(tile, "tile")
+    if not 0 <= overlap < min(th, tw):
         raise ValueError(f"overlap must lie in [0, tile), got {overlap} for tile {tile}")
     if height < 1 or width < 1:
         raise ValueError(f"raster size must be positive, got {height}x{width}")
-    stride = tile - overlap
-    for row in grid_starts(height, tile, stride):
-        for col in grid_starts(width, tile, stride):
-            yield TileWindow(row, col, min(tile, height), min(tile, width))
+    for row in grid_starts(height, th, th - overlap):
+        for col in grid_starts(width, tw, tw - overlap):
+            yield TileWindow(row, col, min(th, height), min(tw, width))
 
 
 @contextmanager

@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 from wsss_adapters.remote_sensing.codes import MaskCode
 from wsss_adapters.remote_sensing.raster import ImageRaster, MaskRaster, Scaling, TileWindow
 
 from wsss_domains.data.io import DataError
+from wsss_domains.data.patches import label_from_crop
 from wsss_domains.domains.contract import LabelSpace, Sample
 
 
@@ -37,6 +40,8 @@ class ReadOptions:
     code: MaskCode
     bands: tuple[int, ...] | None = None
     scaling: Scaling = "auto"
+    # A class enters a label only if it covers this share of the scored pixels (see patches.py).
+    min_fraction: float = 0.0
 
 
 class SceneReader:
@@ -45,6 +50,7 @@ class SceneReader:
     def __init__(self, scene: Scene, label_space: LabelSpace, options: ReadOptions) -> None:
         self.scene = scene
         self.label_space = label_space
+        self.min_fraction = options.min_fraction
         self.image = ImageRaster(scene.image, options.bands, options.scaling)
         self.mask = None if scene.mask is None else MaskRaster(scene.mask, options.code)
         if self.mask is not None and self.mask.info.size != self.image.info.size:
@@ -74,8 +80,18 @@ class SceneReader:
             if nodata is not None:
                 mask[nodata] = self.label_space.ignore_index
             sample["mask"] = mask
-            sample["label"] = self.label_space.label_from_mask(mask)
+            sample["label"] = label_from_crop(self.label_space, mask, min_fraction=self.min_fraction)
         return sample
+
+    def scored_mask(self) -> Tensor | None:
+        """The whole mask with no-data as ignore, without decoding the image (None if unannotated)."""
+        if self.mask is None:
+            return None
+        mask = self.mask.read()
+        nodata = self.image.nodata()
+        if nodata is not None:
+            mask[torch.from_numpy(nodata)] = self.label_space.ignore_index
+        return mask
 
     def labelled(self, windows: Sequence[TileWindow]) -> list[bool]:
         """Whether each window holds a scored pixel (mask not ignore, image not no-data).

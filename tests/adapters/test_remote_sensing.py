@@ -24,9 +24,11 @@ from wsss_adapters.remote_sensing import (
 from wsss_adapters.remote_sensing.augment import flip_rotate
 from wsss_adapters.remote_sensing.metrics import cohen_kappa, overall_accuracy
 from wsss_adapters.remote_sensing.prompts import clip_prompts_for
-from wsss_adapters.remote_sensing.splits import parse_split
+from wsss_domains.data.splits import parse_split
 
+from wsss_domains.clip import prompt_files
 from wsss_domains.data.io import DataError
+from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace, PromptKind
 from wsss_domains.domains.registry import get_domain
 
@@ -178,7 +180,7 @@ def test_small_png_and_jpeg_are_decoded_once_for_all_their_tiles(tmp_path, monke
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(rasterio.io.DatasetReader, "read", spy)
-    tiles = loveda.build(root, "train", patch_size=16)
+    tiles = loveda.build(root, "train", labels_from_masks=True, patch_size=16)
     samples = [tiles[i] for i in range(len(tiles))]
     assert len(samples) == 16 and reads == [None, None]  # one whole decode each of mask and image
     mosaic = torch.zeros(64, 64, dtype=torch.long)
@@ -187,7 +189,7 @@ def test_small_png_and_jpeg_are_decoded_once_for_all_their_tiles(tmp_path, monke
         mosaic[r : r + 16, c : c + 16] = s["mask"]
     assert torch.equal(mosaic, torch.from_numpy(quadrants(64, 64, (0, 1, 2, 3))))
     write_png(root / "ann_dir" / "train" / "3.png", quadrants(64, 64, (4, 4, 4, 4)))  # rewritten
-    assert set(loveda.build(root, "train", patch_size=16)[0]["mask"].unique().tolist()) == {3}
+    assert set(loveda.build(root, "train")[0]["mask"].unique().tolist()) == {3}
 
 
 def test_geotiff_band_selection_nodata_and_scaling(tmp_path):
@@ -312,6 +314,23 @@ def test_deepglobe_colours_threshold_unknown_ignored_and_holdout(tmp_path):
     assert len(valid) == 1 and "label" not in valid[0] and "mask" not in valid[0]
     with pytest.raises(DataError, match="needs masks"):
         deepglobe.build(root, "valid", labels_from_masks=True)
+
+
+def test_windowed_tiles_match_patches_cut_from_whole_images(tmp_path):
+    root = _deepglobe(tmp_path / "dg", n=2)
+    whole = deepglobe.build(root, "train", patch_size=8)  # patch_size alone cuts nothing
+    assert len(whole) == 2 and whole[0]["image"].shape == (3, 32, 32)
+    for size, min_fraction in ((16, 0.0), ((16, 8), 0.0), ((8, 16), 0.2)):
+        ours = deepglobe.build(
+            root, "train", labels_from_masks=True, patch_size=size, min_fraction=min_fraction
+        )
+        reference = PatchDataset(whole, deepglobe.LABEL_SPACE, size, min_fraction=min_fraction)
+        assert len(ours) == len(reference) > 0
+        for i in range(len(ours)):
+            a, b = ours[i], reference[i]
+            assert a["id"] == b["id"] and a["meta"]["offset"] == b["meta"]["offset"]
+            assert torch.equal(a["mask"], b["mask"]) and torch.equal(a["label"], b["label"])
+            assert torch.allclose(a["image"], b["image"])
 
 
 def test_deepglobe_errors_name_the_file(tmp_path):
@@ -448,7 +467,7 @@ def test_isaid_semantic_colour_masks_with_threshold_background(tmp_path):
     assert s["id"] == "P0003" and torch.equal(s["mask"], torch.from_numpy(ids))
     label = dict(zip(space.foreground_names, s["label"].tolist(), strict=True))
     assert len(label) == 15 and {k for k, v in label.items() if v} == {"plane", "ship"}
-    tiles = isaid.build(tmp_path, "val", patch_size=20)
+    tiles = isaid.build(tmp_path, "val", labels_from_masks=True, patch_size=20)
     assert [t["label"].sum().item() for t in (tiles[i] for i in range(len(tiles)))] == [1, 0, 0, 1]
 
 
@@ -546,20 +565,33 @@ def test_augment_is_a_shared_dihedral_transform():
     assert wide["image"].shape == (3, 4, 6)
 
 
-def test_clip_prompts_and_sam_strategy():
+def test_clip_prompts_and_sam_strategy(monkeypatch):
     data = {
         "templates": ["an aerial image of {}."],
-        "datasets": {"isaid": {"classes": {"plane": ["airplane", "aircraft"]}, "background": ["runway"]}},
+        "datasets": {
+            "isaid": {"classes": {"plane": ["airplane", "aircraft"]}, "background": ["runway"]},
+            "dubai": {"classes": {"Land": ["bare land"]}},
+        },
     }
-    prompts = clip_prompts_for("isaid", isaid.LABEL_SPACE, data)
+    monkeypatch.setattr(prompt_files, "load_prompt_file", lambda domain: data)
+    with pytest.warns(UserWarning, match="no prompt for"):
+        prompts = clip_prompts_for("isaid", isaid.LABEL_SPACE)
     assert "background" not in prompts.class_names and len(prompts.class_names) == 15
     assert prompts.class_names["plane"] == ("airplane", "aircraft")
-    assert prompts.class_names["storage_tank"] == ("storage tank",)
+    assert prompts.class_names["storage_tank"] == ("storage_tank",)
     assert tuple(prompts.templates) == ("an aerial image of {}.",) and tuple(prompts.background) == (
         "runway",
     )
-    plain = clip_prompts_for(None, deepglobe.LABEL_SPACE, {})
-    assert set(plain.class_names) == set(deepglobe.CLASSES) and plain.templates
+    with pytest.warns(UserWarning):
+        assert clip_prompts_for("dubai-aerial", dubai.LABEL_SPACE).class_names["land"] == ("bare land",)
+    plain = clip_prompts_for("deepglobe", deepglobe.LABEL_SPACE)  # no entry: class names
+    assert plain.class_names == {c: (c,) for c in deepglobe.CLASSES} and plain.templates
+
+    def missing(domain):
+        raise FileNotFoundError(domain)
+
+    monkeypatch.setattr(prompt_files, "load_prompt_file", missing)
+    assert clip_prompts_for("isprs", isprs.LABEL_SPACE).class_names["low_vegetation"] == ("low vegetation",)
     domain = RemoteSensingDomain()
     assert set(domain.clip_prompts(loveda.LABEL_SPACE).class_names) == set(loveda.CLASSES)
     sam = domain.sam_strategy()

@@ -8,11 +8,10 @@ import socket
 
 import pytest
 import torch
+from clip_testdata import ColourSquares
 
 from wsss_domains.clip.tiny import tiny_clip, tiny_model_config
 from wsss_domains.domains.contract import ClipPrompts
-
-CLASSES = ("red thing", "green thing", "blue thing")
 
 
 @pytest.fixture(scope="session")
@@ -30,33 +29,14 @@ def tiny(_tiny_once):
 @pytest.fixture
 def tiny_prompts() -> ClipPrompts:
     return ClipPrompts(
-        class_names={"red thing": ("red thing", "crimson"), "green thing": ("green thing",), "blue thing": ("blue",)},
+        class_names={
+            "red thing": ("red thing", "crimson"),
+            "green thing": ("green thing",),
+            "blue thing": ("blue",),
+        },
         templates=("a clean origami {}.", "a photo of {}."),
         background=("ground", "sky", "wall"),
     )
-
-
-class ColourSquares(torch.utils.data.Dataset):
-    """Images whose labelled classes paint a coloured square each: learnable from labels alone."""
-
-    def __init__(self, n: int = 16, size: int = 32, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.items = []
-        for i in range(n):
-            label = (torch.rand(3, generator=gen) < 0.5).float()
-            if label.sum() == 0:
-                label[i % 3] = 1.0
-            image = torch.rand(3, size, size, generator=gen) * 0.2
-            for c in torch.nonzero(label).flatten().tolist():
-                y, x = (c * 9) % (size - 12), (c * 13) % (size - 12)
-                image[c, y : y + 12, x : x + 12] = 1.0
-            self.items.append({"image": image, "label": label, "id": f"sq{i}"})
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
 
 
 @pytest.fixture

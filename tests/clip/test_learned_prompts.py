@@ -41,6 +41,10 @@ def test_initial_context_reproduces_the_text_prompt(tiny):
         picked = learner.foreground(["blue thing", "red thing"])
         assert torch.allclose(picked, learner.foreground()[[2, 0]], atol=1e-6)
     assert [tuple(e.shape) for e in learner.background_embeddings] == [(1, 32), (2, 32)]
+    random_init = PromptLearner(model, tokenizer, CLASSES, ["ground"], ctx_init=None, n_ctx=6)
+    assert random_init.ctx.shape == (6, 32) and random_init.ctx.std() < 0.05
+    with torch.no_grad():
+        assert torch.allclose(random_init.foreground().norm(dim=-1), torch.ones(3))
 
 
 def test_loss_is_bce_of_class_against_background():
@@ -75,14 +79,19 @@ def test_training_lowers_loss_and_changes_only_learned_parameters(tiny, tiny_pro
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(learner.ctx, untrained.ctx)
-    assert any(not torch.equal(a, b) for a, b in zip(learner.background_embeddings, untrained.background_embeddings))
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(learner.background_embeddings, untrained.background_embeddings, strict=True)
+    )
     lora_weights = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
     assert bool(lora_weights) == lora
     if lora:
         assert any(v.abs().sum() > 0 for v in lora_weights.values())  # B starts at zero, so it trained
         trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         assert trainable and all("lora_" in n for n in trainable)
-        assert any(n.startswith("visual.") for n in trainable) and any(n.startswith("transformer.") for n in trainable)
+        assert any(n.startswith("visual.") for n in trainable) and any(
+            n.startswith("transformer.") for n in trainable
+        )
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -109,7 +118,9 @@ def test_save_load_round_trip_reproduces_logits_exactly(tiny, tiny_prompts, squa
         assert torch.equal(loaded.similarity_logits(pixels), result.learner.similarity_logits(pixels))
     image = squares[0]["image"]
     cams = clip_es_cams(pristine, tokenizer, image, ["red thing", "blue thing"], tiny_prompts, text=loaded)
-    again = clip_es_cams(model, tokenizer, image, ["red thing", "blue thing"], tiny_prompts, text=result.learner)
+    again = clip_es_cams(
+        model, tokenizer, image, ["red thing", "blue thing"], tiny_prompts, text=result.learner
+    )
     assert torch.equal(cams, again)
     listed = list_learned_prompts(tmp_path)
     assert [m["name"] for m in listed] == ["ctx4"] and listed[0]["domain"] == "remote-sensing"

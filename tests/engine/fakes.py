@@ -152,9 +152,6 @@ class FakeDomain(DomainPlugin):
     def datasets(self) -> Mapping[str, DatasetSpec]:
         return {DATASET: SPEC, DECLARED: DECLARED_SPEC}
 
-    def train_augment(self, sample: Sample) -> Sample:
-        return sample  # deterministic batches: seed tests compare weights exactly
-
 
 def register() -> None:
     register_domain(FakeDomain)

@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from wsss_domains.cli.info import add_info_subcommands
     from wsss_domains.cli.pseudo_labels import add_pseudo_labels_subcommand
     from wsss_domains.cli.train import add_train_subcommand
+    from wsss_domains.scaffold.cli import add_new_domain_subcommand
 
     parser = argparse.ArgumentParser(
         prog="wsss-domains",
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_subcommand(sub)
     add_pseudo_labels_subcommand(sub)
     add_evaluate_subcommand(sub)
+    add_new_domain_subcommand(sub)
     return parser
 
 

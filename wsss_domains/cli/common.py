@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +11,8 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from wsss_domains.data.patches import PatchDataset
+from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, get_domain
-
-# "validation[0:20]": images 0..19 of the split (in the loader's sorted order), for hold-out scoring.
-_SLICED_SPLIT = re.compile(r"^(?P<split>.+)\[(?P<start>-?\d*):(?P<stop>-?\d*)(?::(?P<step>-?\d+))?\]$")
 
 
 class CliError(Exception):
@@ -28,6 +25,7 @@ class OpenedData:
     spec: DatasetSpec
     split: str
     dataset: Dataset
+    label_space: LabelSpace
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, data_required: bool = True) -> None:
@@ -58,30 +56,27 @@ def open_dataset(
         split = spec.default_split or (spec.splits[0] if len(spec.splits) == 1 else None)
         if split is None:
             raise CliError(f"--split is required for {spec.name}: one of {', '.join(spec.splits)}")
-    sliced = _SLICED_SPLIT.match(split)
-    if sliced:
-        dataset = _sliced_dataset(spec, Path(data), sliced, **options)
+    request = parse_split(split)
+    if request.sliced and not spec.native_slices:
+        dataset = _sliced_dataset(spec, Path(data), request, **options)
     else:
         dataset = spec.build(Path(data), split, **options)
     if len(dataset) == 0:  # type: ignore[arg-type]
         raise CliError(f"{data}: split '{split}' of {spec.name} holds no images")
-    return OpenedData(domain, spec, split, dataset)
+    return OpenedData(domain, spec, split, dataset, spec.label_space_for(Path(data)))
 
 
-def _sliced_dataset(spec: DatasetSpec, root: Path, sliced: re.Match[str], **options: object) -> Dataset:
-    """A slice of a split's whole images; patches for --labels-from-masks are cut after slicing."""
+def _sliced_dataset(spec: DatasetSpec, root: Path, request: SplitRequest, **options: object) -> Dataset:
+    """A slice of a split's whole images (sorted by id); patches for --labels-from-masks are cut after."""
     labels_from_masks = bool(options.pop("labels_from_masks", False))
     patch_size = options.pop("patch_size", None)
-    full = spec.build(root, sliced["split"], labels_from_masks=False, **options)
-
-    def bound(text: str | None) -> int | None:
-        return int(text) if text else None
-
-    window = slice(bound(sliced["start"]), bound(sliced["stop"]), bound(sliced["step"]))
-    subset = Subset(full, range(len(full))[window])  # type: ignore[arg-type]
+    full = spec.build(root, request.base, labels_from_masks=False, **options)
+    ids = [full[i]["id"] for i in range(len(full))]  # type: ignore[arg-type]
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    subset = Subset(full, order[request.window(len(order))])
     if not labels_from_masks:
         return subset
-    return PatchDataset(subset, spec.label_space, int(patch_size or spec.patch_size))  # type: ignore[arg-type]
+    return PatchDataset(subset, spec.label_space_for(root), patch_size or spec.patch_size)  # type: ignore[arg-type]
 
 
 def validate_dataset(dataset: Dataset, progress: bool = True, label_space: LabelSpace | None = None) -> None:
@@ -109,3 +104,44 @@ def resolve_device(name: str) -> str:
     if name not in ("cpu",) and not name.startswith("cuda"):
         raise CliError(f"unknown device '{name}' (cpu, cuda, cuda:N, auto)")
     return name
+
+
+def add_method_arguments(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """--method and the options methods take (stored in the run, overridable at pseudo-label time)."""
+    parser.add_argument(
+        "--method",
+        default=default,
+        help="WSSS method (see `wsss-domains methods`)" + ("" if default else "; default: the run's"),
+    )
+    parser.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method option, repeatable (values parsed as JSON when possible), e.g. num_iter=20",
+    )
+    parser.add_argument(
+        "--sam-checkpoint", type=Path, help="SAM checkpoint for SAM-based methods (sepl, s2c, sam-proto)"
+    )
+    parser.add_argument("--clip-model", help="open_clip architecture for CLIP-based methods, e.g. ViT-B-16")
+    parser.add_argument("--clip-weights", type=Path, help="local open_clip checkpoint for CLIP-based methods")
+
+
+def method_options(args: argparse.Namespace) -> dict[str, object]:
+    """Options from --method-option KEY=VALUE plus the dedicated SAM / CLIP flags."""
+    import json
+
+    options: dict[str, object] = {}
+    for item in args.method_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--method-option expects KEY=VALUE, got '{item}'")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    for flag in ("sam_checkpoint", "clip_model", "clip_weights"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            options[flag] = str(value)
+    return options

@@ -34,9 +34,7 @@ def evaluate_split(
     domain: str, dataset: str | None, data: Path, split: str | None, pred: Path, progress: bool = True
 ) -> EvaluationReport:
     opened = open_dataset(domain, dataset, data, split)
-    return evaluate_predictions(
-        opened.domain, opened.spec.label_space_for(Path(data)), opened.dataset, pred, progress=progress
-    )
+    return evaluate_predictions(opened.domain, opened.label_space, opened.dataset, pred, progress=progress)
 
 
 def write_report(report: EvaluationReport, json_path: Path | None, plot_path: Path | None) -> None:

@@ -9,6 +9,8 @@ from wsss_domains.cam.extract import DEFAULT_SCALES
 from wsss_domains.cli.common import (
     CliError,
     add_data_arguments,
+    add_method_arguments,
+    method_options,
     open_dataset,
     resolve_device,
     validate_dataset,
@@ -36,7 +38,7 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
         "--labels-from-masks", action="store_true", help="derive each image's labels from its mask"
     )
     p.add_argument("--out", type=Path, required=True, help="output folder for the PNGs")
-    p.add_argument("--method", help="method whose CAM extraction / refinement to use (default: the run's)")
+    add_method_arguments(p, default=None)
     p.add_argument("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), help="CAM scales")
     p.add_argument("--no-flip", action="store_true", help="no horizontal-flip averaging")
     p.add_argument("--bg-threshold", type=float, help="background threshold (threshold-background domains)")
@@ -56,6 +58,7 @@ def pseudo_label_split(
     out: Path,
     labels_from_masks: bool = False,
     method_name: str | None = None,
+    options: dict[str, object] | None = None,
     scales: tuple[float, ...] = DEFAULT_SCALES,
     flip: bool = True,
     bg_threshold: float | None = None,
@@ -64,9 +67,9 @@ def pseudo_label_split(
     device: str = "cpu",
     progress: bool = True,
 ) -> PseudoLabelSummary:
-    config, model = load_run(run, device)
+    config, model, modules = load_run(run, device)
     opened = open_dataset(domain_name or config.domain, dataset, data, split)
-    label_space = opened.spec.label_space_for(Path(data))
+    label_space = opened.label_space
     if list(label_space.foreground_names) != config.foreground:
         raise CliError(
             f"the run was trained on classes {config.foreground}, but {opened.spec.name} has "
@@ -74,8 +77,12 @@ def pseudo_label_split(
         )
     # Bad files fail here, before the first pseudo-label is written.
     validate_dataset(opened.dataset, progress, label_space)
-    method = create_method(method_name or config.method, **config.method_options)
-    extractor = method.extractor(model, None, scales=scales, flip=flip, base_scale=config.base_scale)  # type: ignore[arg-type]
+    name = method_name or config.method
+    merged = {**(config.method_options if name == config.method else {}), **(options or {})}
+    method = create_method(name, **merged)
+    if name != config.method:
+        modules = method.extra_modules(model.backbone.num_features, model.num_classes).to(device)
+    extractor = method.extractor(model, modules, scales=scales, flip=flip, base_scale=config.base_scale)
     options = PseudoLabelOptions(
         label_source="masks" if labels_from_masks else "auto",
         bg_threshold=bg_threshold,
@@ -103,6 +110,7 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         args.out,
         labels_from_masks=args.labels_from_masks,
         method_name=args.method,
+        options=method_options(args),
         scales=scales,
         flip=not args.no_flip,
         bg_threshold=args.bg_threshold,

@@ -6,7 +6,15 @@ import argparse
 import os
 from pathlib import Path
 
-from wsss_domains.cli.common import add_data_arguments, open_dataset, resolve_device, validate_dataset
+from wsss_domains.cli.common import (
+    add_data_arguments,
+    add_method_arguments,
+    method_options,
+    open_dataset,
+    resolve_device,
+    validate_dataset,
+)
+from wsss_domains.data.patches import pair
 from wsss_domains.domains import get_domain
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
 from wsss_domains.training.fit import TrainOptions, train
@@ -37,7 +45,7 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
         "--patch-size", type=int, help="patch size for --labels-from-masks (default: the loader's)"
     )
     p.add_argument("--out", type=Path, help="run folder (default: runs/<domain>[-demo])")
-    p.add_argument("--method", default="cam", help="WSSS method (see `wsss-domains methods`)")
+    add_method_arguments(p, default="cam")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm backbone name")
     p.add_argument(
         "--weights",
@@ -85,11 +93,17 @@ def run_train(args: argparse.Namespace) -> int:
         patch_size=args.patch_size,
     )
     progress = not args.no_progress
-    label_space = opened.spec.label_space_for(Path(args.data))
+    label_space = opened.label_space
     if os.environ.get("LOCAL_RANK", "0") == "0":
         validate_dataset(opened.dataset, progress, label_space)
     mean, std = domain.normalization()
-    patch = args.patch_size or opened.spec.patch_size
+    patch = pair(args.patch_size or opened.spec.patch_size) if args.labels_from_masks else None
+    # Patches keep their aspect ratio and are magnified to --image-size on their long side; CAMs later
+    # run at that same magnification (base_scale). Whole images are resized to a square.
+    scale = args.image_size / max(patch) if patch else 1.0
+    input_size = (
+        (round(patch[0] * scale), round(patch[1] * scale)) if patch else (args.image_size, args.image_size)
+    )
     config = RunConfig(
         domain=args.domain,
         dataset=opened.spec.name,
@@ -99,15 +113,16 @@ def run_train(args: argparse.Namespace) -> int:
         weights=args.weights,
         output_stride=args.output_stride,
         pooling=args.pooling,
-        image_size=args.image_size,
-        base_scale=args.image_size / patch if args.labels_from_masks else 1.0,
+        image_size=list(input_size),
+        base_scale=scale,
         mean=mean,
         std=std,
         method=args.method,
+        method_options=method_options(args),
         split=opened.split,
         data=str(Path(args.data).resolve()),
         labels_from_masks=args.labels_from_masks,
-        patch_size=patch if args.labels_from_masks else None,
+        patch_size=list(patch) if patch else None,
         seed=args.seed,
         demo=demo,
     )

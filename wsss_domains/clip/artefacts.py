@@ -150,13 +150,20 @@ def load_learned_prompts(
         model, tokenizer, manifest["classes"], manifest["background"], ctx_init=None, n_ctx=manifest["n_ctx"]
     )
     tensors = load_file(str(directory / CONTEXT_FILE))
-    expected = {"ctx": learner.ctx, **{f"background.{i}": e for i, e in enumerate(learner.background_embeddings)}}
+    expected = {
+        "ctx": learner.ctx,
+        **{f"background.{i}": e for i, e in enumerate(learner.background_embeddings)},
+    }
     if set(tensors) != set(expected):
-        raise LearnedPromptsError(f"{directory / CONTEXT_FILE}: tensors {sorted(tensors)} do not match the manifest")
+        raise LearnedPromptsError(
+            f"{directory / CONTEXT_FILE}: tensors {sorted(tensors)} do not match the manifest"
+        )
     with torch.no_grad():
         for key, param in expected.items():
             if tensors[key].shape != param.shape:
-                raise LearnedPromptsError(f"{key}: saved shape {tuple(tensors[key].shape)} != {tuple(param.shape)}")
+                raise LearnedPromptsError(
+                    f"{key}: saved shape {tuple(tensors[key].shape)} != {tuple(param.shape)}"
+                )
             param.copy_(tensors[key])
     if manifest.get("lora"):
         if getattr(model, "peft_config", None):

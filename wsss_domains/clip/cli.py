@@ -18,7 +18,10 @@ DEFAULT_CLIP = "ViT-B-16"
 def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
     """``--clip MODEL`` and ``--clip-weights PATH``, shared by every CLIP command."""
     parser.add_argument(
-        "--clip", default=DEFAULT_CLIP, metavar="MODEL", help=f"open_clip architecture (default {DEFAULT_CLIP})"
+        "--clip",
+        default=DEFAULT_CLIP,
+        metavar="MODEL",
+        help=f"open_clip architecture (default {DEFAULT_CLIP})",
     )
     parser.add_argument(
         "--clip-weights",
@@ -34,13 +37,19 @@ def add_prompts_subcommand(subparsers: argparse._SubParsersAction) -> argparse.A
     prompts = subparsers.add_parser("prompts", help="CLIP prompts: learn per-domain prompts, list them")
     commands = prompts.add_subparsers(dest="prompts_command", required=True)
 
-    learn = commands.add_parser("learn", help="learn context + background prompts (and LoRA) from image labels")
+    learn = commands.add_parser(
+        "learn", help="learn context + background prompts (and LoRA) from image labels"
+    )
     learn.add_argument("--domain", required=True, help="domain plugin name (e.g. remote-sensing)")
     add_clip_arguments(learn)
-    learn.add_argument("--dataset", default=None, help="dataset loader name (detected from --data if omitted)")
+    learn.add_argument(
+        "--dataset", default=None, help="dataset loader name (detected from --data if omitted)"
+    )
     learn.add_argument("--data", type=Path, default=None, metavar="DIR", help="dataset folder")
     learn.add_argument("--split", default=None, help="split to learn from (default: the dataset's default)")
-    learn.add_argument("--name", default="learned", help="artefact name under prompts/<domain>/ (default learned)")
+    learn.add_argument(
+        "--name", default="learned", help="artefact name under prompts/<domain>/ (default learned)"
+    )
     learn.add_argument("--lora", action="store_true", help="also train LoRA adapters on both CLIP towers")
     learn.add_argument("--epochs", type=int, default=10)
     learn.add_argument("--batch-size", type=int, default=16)

@@ -132,10 +132,11 @@ def clip_es_cams(
         text = ZeroShotText(model, tokenizer, prompts, synonyms=synonyms)
     if attn_layers < 1:
         raise ValueError("attn_layers must be at least 1")
-    features = text.foreground(names).float()
-    background = text.background()
-    if background.numel():
-        features = torch.cat([features, background.float()])
+    with torch.no_grad():  # learned prompts are parameters; CAMs need no graph through them
+        features = text.foreground(names).float()
+        background = text.background()
+        if background.numel():
+            features = torch.cat([features, background.float()])
     if features.shape[0] == 1:
         raise ValueError("CLIP-ES with one present class needs a background vocabulary to compete with")
 

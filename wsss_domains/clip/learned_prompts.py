@@ -92,9 +92,11 @@ class PromptLearner(nn.Module):
         self.n_ctx = n_ctx
         self.ctx = nn.Parameter(ctx.clone())
         placeholder = " ".join(["X"] * n_ctx)
-        self.register_buffer(
-            "class_tokens", tokenizer([f"{placeholder} {t}." for t in classes.values()]).to(device), False
-        )
+        class_tokens = tokenizer([f"{placeholder} {t}." for t in classes.values()]).to(device)
+        x_token = int(tokenizer(["X"])[0, 1])
+        if not bool((class_tokens[:, 1 : 1 + n_ctx] == x_token).all()):
+            raise ValueError("the tokenizer does not encode each context placeholder as one token")
+        self.register_buffer("class_tokens", class_tokens, False)
         bg_tokens = tokenizer([f"{placeholder} {w}." for w in self.background_words]).to(device)
         self.register_buffer("background_tokens", bg_tokens, False)
         dot = int(tokenizer(["."])[0, 1])
@@ -121,7 +123,9 @@ class PromptLearner(nn.Module):
         names = list(self.class_texts) if class_names is None else list(class_names)
         missing = [n for n in names if n not in self._class_index]
         if missing:
-            raise KeyError(f"learned prompts have no class {', '.join(missing)}; known: {', '.join(self.class_texts)}")
+            raise KeyError(
+                f"learned prompts have no class {', '.join(missing)}; known: {', '.join(self.class_texts)}"
+            )
         tokens = self.class_tokens[[self._class_index[n] for n in names]]
         return F.normalize(self.tower.encode(self._with_context(tokens), tokens).float(), dim=-1)
 
@@ -161,7 +165,9 @@ def freeze(model: nn.Module) -> None:
         param.requires_grad_("lora_" in name)
 
 
-def add_lora(model: nn.Module, rank: int = 4, alpha: float = 8.0, towers: Sequence[str] = ("text", "image")) -> Any:
+def add_lora(
+    model: nn.Module, rank: int = 4, alpha: float = 8.0, towers: Sequence[str] = ("text", "image")
+) -> Any:
     """Inject peft LoRA adapters into the MLP linears of ``towers``, in place; returns the LoraConfig."""
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -184,7 +190,11 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: float = 8.0, towers: Sequen
 
 @dataclass
 class PromptTrainConfig:
-    """How prompts are learned. ``image_size`` None uses the CLIP model's own input size."""
+    """How prompts are learned.
+
+    ``ctx_init`` words initialise the context (their token count sets n_ctx); with ``ctx_init=None``
+    ``n_ctx`` random vectors are used, as in CoOp. ``image_size`` None uses the model's input size.
+    """
 
     epochs: int = 10
     batch_size: int = 16
@@ -245,7 +255,9 @@ def dataset_loss(
     transform: Callable[[Tensor], Tensor] | None = None,
 ) -> float:
     """Mean class-vs-background loss of ``learner`` over ``dataset``."""
-    loader = _loader(learner.clip, dataset, len(learner.class_texts), batch_size, image_size, transform, False, 0)
+    loader = _loader(
+        learner.clip, dataset, len(learner.class_texts), batch_size, image_size, transform, False, 0
+    )
     total, count = 0.0, 0
     for pixels, labels in loader:
         total += float(class_vs_background_loss(learner.similarity_logits(pixels), labels)) * len(labels)
@@ -276,11 +288,15 @@ def train_prompts(
     vision_transformer(model)
     model.eval()
     freeze(model)
-    lora_config = add_lora(model, config.lora_rank, config.lora_alpha, config.lora_towers) if config.lora else None
+    lora_config = (
+        add_lora(model, config.lora_rank, config.lora_alpha, config.lora_towers) if config.lora else None
+    )
     learner = PromptLearner(model, tokenizer, classes, prompts.background, config.ctx_init, config.n_ctx)
     params = list(learner.parameters()) + [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    loader = _loader(model, dataset, len(classes), config.batch_size, config.image_size, transform, True, config.seed)
+    loader = _loader(
+        model, dataset, len(classes), config.batch_size, config.image_size, transform, True, config.seed
+    )
     result = TrainResult(learner=learner, lora_config=lora_config)
     for epoch in range(config.epochs):
         total, count = 0.0, 0

@@ -169,7 +169,7 @@ def load_clip(
     device: str | torch.device = "cpu",
     precision: str = "fp32",
 ) -> LoadedClip:
-    """Build ``model_name`` with local ``weights`` (see :func:`resolve_clip_weights`), in eval mode."""
+    """Build ``model_name`` with local ``weights`` (see :func:`resolve_clip_weights`), frozen, in eval mode."""
     import open_clip
 
     path, quick_gelu = _resolve(model_name, weights)
@@ -185,7 +185,8 @@ def load_clip(
             pretrained_text=False,
             force_quick_gelu=quick_gelu,
         )
-    model.eval()
+    # CLIP itself is never fine-tuned here (adapters are added and trained through peft).
+    model.eval().requires_grad_(False)
     context_length = getattr(model, "context_length", None)
     tokenizer = open_clip.get_tokenizer(model_name, context_length=context_length)
     return LoadedClip(model=model, tokenizer=tokenizer, weights=path, model_name=model_name)

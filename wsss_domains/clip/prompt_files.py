@@ -69,7 +69,9 @@ def load_prompt_file(domain: str) -> dict[str, Any]:
     path = resources.files(PACKAGE) / domain / FILE_NAME
     if not path.is_file():
         known = ", ".join(prompt_file_domains()) or "none"
-        raise FileNotFoundError(f"no prompt file for domain '{domain}' ({PACKAGE}/{domain}/{FILE_NAME}); have: {known}")
+        raise FileNotFoundError(
+            f"no prompt file for domain '{domain}' ({PACKAGE}/{domain}/{FILE_NAME}); have: {known}"
+        )
     return _validate(domain, json.loads(path.read_text(encoding="utf-8")))
 
 
@@ -97,7 +99,9 @@ def clip_prompts_from_file(
             names = [name]
         mapping[name] = tuple(names)
     if unknown:
-        warnings.warn(f"{domain}/{dataset}: no prompt for {', '.join(unknown)}; using the class names", stacklevel=2)
+        warnings.warn(
+            f"{domain}/{dataset}: no prompt for {', '.join(unknown)}; using the class names", stacklevel=2
+        )
     return ClipPrompts(
         class_names=mapping,
         templates=tuple(_resolved(data, entry, "templates")),

@@ -74,7 +74,9 @@ class ZeroShotText:
             if name not in self.prompts.class_names:
                 known = ", ".join(self.prompts.class_names)
                 raise KeyError(f"class '{name}' has no CLIP prompt; prompted classes: {known}")
-            texts = class_prompt_texts(list(self.prompts.class_names[name]), self.prompts.templates, self.synonyms)
+            texts = class_prompt_texts(
+                list(self.prompts.class_names[name]), self.prompts.templates, self.synonyms
+            )
             self._cache[name] = ensemble_features(self.model, self.tokenizer, texts)
         return self._cache[name]
 
@@ -87,7 +89,9 @@ class ZeroShotText:
         """One embedding per background word (CLIP-ES keeps them as separate softmax entries)."""
         if self._background is None:
             rows = [
-                ensemble_features(self.model, self.tokenizer, [t.format(word) for t in self.prompts.templates])
+                ensemble_features(
+                    self.model, self.tokenizer, [t.format(word) for t in self.prompts.templates]
+                )
                 for word in self.prompts.background
             ]
             self._background = torch.stack(rows) if rows else torch.zeros(0, 0, device=_device(self.model))
@@ -115,17 +119,33 @@ class TextTower:
         if isinstance(getattr(model, "text", None), TextTransformer):
             text = model.text
             if text.cls_emb is not None or getattr(text, "use_pad_mask", False):
-                raise ClipUnsupported("learned prompts do not support text towers with a class token or pad mask")
+                raise ClipUnsupported(
+                    "learned prompts do not support text towers with a class token or pad mask"
+                )
             return cls(
-                text.token_embedding, text.positional_embedding, text.transformer, text.attn_mask,
-                text.ln_final, text.text_projection, text.pool_type, getattr(text, "eos_id", None),
-            )  # fmt: skip
+                text.token_embedding,
+                text.positional_embedding,
+                text.transformer,
+                text.attn_mask,
+                text.ln_final,
+                text.text_projection,
+                text.pool_type,
+                getattr(text, "eos_id", None),
+            )
         if hasattr(model, "token_embedding") and hasattr(model, "transformer"):
             return cls(
-                model.token_embedding, model.positional_embedding, model.transformer, model.attn_mask,
-                model.ln_final, model.text_projection, model.text_pool_type, getattr(model, "text_eos_id", None),
-            )  # fmt: skip
-        raise ClipUnsupported(f"learned prompts need an open_clip native text tower, got {type(model).__name__}")
+                model.token_embedding,
+                model.positional_embedding,
+                model.transformer,
+                model.attn_mask,
+                model.ln_final,
+                model.text_projection,
+                model.text_pool_type,
+                getattr(model, "text_eos_id", None),
+            )
+        raise ClipUnsupported(
+            f"learned prompts need an open_clip native text tower, got {type(model).__name__}"
+        )
 
     def embed_tokens(self, tokens: Tensor) -> Tensor:
         return self.token_embedding(tokens)
@@ -143,7 +163,11 @@ class TextTower:
         x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
         if self.text_projection is None:
             return x
-        return self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return (
+            self.text_projection(x)
+            if isinstance(self.text_projection, nn.Linear)
+            else x @ self.text_projection
+        )
 
 
 def class_texts(prompts: ClipPrompts, names: Sequence[str] | None = None) -> Mapping[str, str]:

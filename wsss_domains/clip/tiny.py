@@ -28,7 +28,8 @@ def tiny_model_config(**vision: Any) -> dict[str, Any]:
 def tiny_clip(
     seed: int = 0, config: dict[str, Any] | None = None, attention_sharpness: float = 4.0
 ) -> tuple[torch.nn.Module, Any]:
-    """A random-weight open_clip ``CLIP`` in eval mode and its built-in (offline) tokenizer.
+    """A random-weight open_clip ``CLIP``, frozen and in eval mode like :func:`load_clip`'s, and its
+    built-in (offline) tokenizer.
 
     The image tower's query/key projections are scaled by ``attention_sharpness``: at random init
     attention is almost uniform, which would make CLIP-ES's attention affinity a blur and its
@@ -52,4 +53,6 @@ def tiny_clip(
         for block in model.visual.transformer.resblocks:
             dim = block.attn.embed_dim
             block.attn.in_proj_weight[: 2 * dim] *= attention_sharpness
-    return model.eval(), SimpleTokenizer(context_length=config["text_cfg"]["context_length"])
+    return model.eval().requires_grad_(False), SimpleTokenizer(
+        context_length=config["text_cfg"]["context_length"]
+    )

@@ -63,7 +63,8 @@ def read_color_mask(
     if missing.any():
         if unknown is None:
             y, x = np.argwhere(missing)[0]
-            raise DataError(path, f"colour {tuple(rgb[y, x])} at ({y}, {x}) is not a known class colour")
+            colour = tuple(int(v) for v in rgb[y, x])
+            raise DataError(path, f"colour {colour} at ({int(y)}, {int(x)}) is not a known class colour")
         out[missing] = unknown
     return torch.from_numpy(out)
 

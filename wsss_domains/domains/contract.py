@@ -129,6 +129,9 @@ class DatasetSpec:
     # Default patch size when cutting fully annotated images for ``--labels-from-masks``;
     # a (height, width) pair for rectangular crops (wide street scenes).
     patch_size: int | tuple[int, int] = 224
+    # The loader understands ``split[start:stop]`` itself (e.g. windowed tiling after slicing);
+    # otherwise the engine slices the split's whole images and cuts patches itself.
+    native_slices: bool = False
     # Reads the label space of the dataset at ``root``; ``label_space`` is then a placeholder.
     label_space_from: Callable[[Path], LabelSpace] | None = None
 

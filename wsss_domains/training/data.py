@@ -22,7 +22,7 @@ class TrainingView(Dataset):
         self,
         base: Dataset,
         domain: DomainPlugin,
-        image_size: int,
+        image_size: tuple[int, int],
         mean: tuple[float, ...],
         std: tuple[float, ...],
         augment: bool = True,
@@ -41,8 +41,8 @@ class TrainingView(Dataset):
         if self.augment:
             sample = self.domain.train_augment(sample)
         image = self.domain.preprocess(sample["image"])
-        if tuple(image.shape[-2:]) != (self.image_size, self.image_size):
+        if tuple(image.shape[-2:]) != tuple(self.image_size):
             image = F.interpolate(
-                image[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False
+                image[None], size=tuple(self.image_size), mode="bilinear", align_corners=False
             )[0]
         return {"image": normalize(image, self.mean, self.std), "label": sample["label"].float()}

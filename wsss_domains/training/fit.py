@@ -56,7 +56,7 @@ def train(
     model = build_model(config)
     method = create_method(config.method, **config.method_options)
     task = ClassifierTask(model, method, lr=options.lr)
-    view = TrainingView(dataset, domain, config.image_size, config.mean, config.std, augment=True)
+    view = TrainingView(dataset, domain, tuple(config.image_size), config.mean, config.std, augment=True)
     loader = DataLoader(
         view,
         batch_size=min(options.batch_size, len(view)),
@@ -91,6 +91,6 @@ def train(
     last = out / "checkpoints" / "last.ckpt"
     trainer.fit(task, loader, ckpt_path=str(last) if last.is_file() else None)
     if trainer.is_global_zero:
-        save_model(task.model.cpu(), out)
+        save_model(task.model.cpu(), task.method_modules.cpu(), out)
         config.save(out)
     return trainer

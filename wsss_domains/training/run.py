@@ -11,12 +11,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from wsss_domains.data.io import atomic_write
 from wsss_domains.models.classifier import DEFAULT_BACKBONE, CamClassifier
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.pt"
+METHOD_FILE = "method-modules.pt"
 
 
 @dataclass
@@ -29,7 +31,7 @@ class RunConfig:
     weights: str = "imagenet"
     output_stride: int = 16
     pooling: str = "gap"
-    image_size: int = 224
+    image_size: list[int] = field(default_factory=lambda: [224, 224])  # training input (height, width)
     # Magnification the classifier saw in training (image_size / patch size); CAMs use it too.
     base_scale: float = 1.0
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -39,7 +41,7 @@ class RunConfig:
     split: str | None = None
     data: str | None = None
     labels_from_masks: bool = False
-    patch_size: int | None = None
+    patch_size: list[int] | None = None
     seed: int = 0
     demo: bool = False
 
@@ -69,17 +71,30 @@ def build_model(config: RunConfig, weights: str | None = None) -> CamClassifier:
     )
 
 
-def save_model(model: CamClassifier, run_dir: Path) -> None:
+def save_model(model: CamClassifier, modules: nn.ModuleDict, run_dir: Path) -> None:
+    """The classifier's weights, and the method's extra trained modules when it has any."""
     state = model.state_dict()
     atomic_write(Path(run_dir) / MODEL_FILE, lambda tmp: torch.save(state, tmp))
+    if len(modules):
+        extra = modules.state_dict()
+        atomic_write(Path(run_dir) / METHOD_FILE, lambda tmp: torch.save(extra, tmp))
 
 
-def load_run(run_dir: Path, device: str | torch.device = "cpu") -> tuple[RunConfig, CamClassifier]:
-    """The run's config and its trained classifier in eval mode."""
+def load_run(
+    run_dir: Path, device: str | torch.device = "cpu"
+) -> tuple[RunConfig, CamClassifier, nn.ModuleDict]:
+    """The run's config, its trained classifier in eval mode, and the method's extra modules."""
+    from wsss_domains.methods.registry import create_method
+
     config = RunConfig.load(run_dir)
     path = Path(run_dir) / MODEL_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run has no finished model (did training complete?)")
     model = build_model(config, weights="random")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    return config, model.to(device).eval()
+    method = create_method(config.method, **config.method_options)
+    modules = method.extra_modules(model.backbone.num_features, model.num_classes)
+    extra = Path(run_dir) / METHOD_FILE
+    if len(modules) and extra.is_file():
+        modules.load_state_dict(torch.load(extra, map_location="cpu", weights_only=True))
+    return config, model.to(device).eval(), modules.to(device).eval()

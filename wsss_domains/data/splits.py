@@ -18,11 +18,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from wsss_adapters.remote_sensing.scene import Scene
-
-T = TypeVar("T", bound=Scene)
+T = TypeVar("T")
 
 _SLICED = re.compile(r"^(?P<base>.*?)\s*\[(?P<start>[^\[\]:]*):(?P<stop>[^\[\]:]*)\]\s*$")
 _BOUND = re.compile(r"^\s*(?P<value>-?\d+(?:\.\d+)?)\s*(?P<percent>%?)\s*$")
@@ -40,11 +38,14 @@ class SplitRequest:
     def sliced(self) -> bool:
         return bool(self.start.strip() or self.stop.strip())
 
-    def select(self, scenes: Sequence[T]) -> list[T]:
-        """The scenes of this request: all of them sorted by id, then sliced."""
-        ordered = sorted(scenes, key=lambda s: s.id)
-        n = len(ordered)
-        return ordered[_index(self.start, n) : _index(self.stop, n)]
+    def window(self, n: int) -> slice:
+        """The slice of ``n`` images sorted by id that this request selects."""
+        return slice(_index(self.start, n), _index(self.stop, n))
+
+    def select(self, items: Sequence[T], key: Any = lambda s: s.id) -> list[T]:
+        """The items of this request: all of them sorted by ``key`` (their id), then sliced."""
+        ordered = sorted(items, key=key)
+        return ordered[self.window(len(ordered))]
 
 
 def _index(text: str, n: int) -> int | None:

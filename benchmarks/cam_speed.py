@@ -1,0 +1,198 @@
+"""CAM extraction speed: the engine's one-pass CamExtractor against pytorch-grad-cam's GradCAM.
+
+Both run the same classifier (``CamClassifier``: EfficientNet-Lite0 with the packaged ImageNet
+weights and a seeded random 3-class head), on the same images (8 WSSS4LUAD validation images from
+``../shared/data/histo`` when present, else seeded random 300x400 images), at the same scales
+(1, 0.5, 1.5, 2) with horizontal-flip averaging, for all three classes of every image.
+
+* The engine runs one forward pass per scale on a batch of the image and its mirror and reads every
+  class's map off the bias-free 1x1 head: ``relu(head(features))``.
+* GradCAM (``pytorch_grad_cam.GradCAM``) sees a model that returns logits and targets the
+  backbone's last feature layer (``backbone.bn2``, whose output is the feature map). It needs a
+  forward and a backward pass per class and scale; it is given its best case here, the image and
+  its mirror in one batch, so it makes 3 classes x 4 scales = 12 forward+backward passes per image
+  against the engine's 4 forward passes. Its library API re-runs the forward pass on every call.
+
+Why the maps must agree, and how they are compared. With global average pooling over an
+``h x w`` feature map ``A`` and a bias-free linear head ``W``, the logit of class ``k`` is
+``sum_c W_kc mean(A_c)``, so its gradient with respect to ``A_c`` is ``W_kc / (h w)`` at every
+position, and GradCAM's channel weight (the spatial mean of that gradient) is ``W_kc / (h w)``.
+GradCAM's raw map ``relu(sum_c weight_c A_c)`` is therefore ``relu(head(A))_k / (h w)``: the CAM,
+divided by the number of feature cells. Two things then differ from what GradCAM returns:
+
+1. GradCAM min-max normalises each map per call (per class, scale and image: ``(m - min) / max``)
+   before resizing it with OpenCV. Summing such maps over scales weights the scales differently
+   from summing raw CAMs, and subtracting the minimum shifts every map.
+2. The ``1 / (h w)`` factor differs between scales, so even raw GradCAM maps are not summed with
+   the weights the engine uses.
+
+So the comparison takes GradCAM's *raw* maps (captured before its normalisation), multiplies each
+by its ``h w`` to undo the pooling factor, and aggregates them exactly as the engine does
+(bilinear upsampling, flip averaging, sum over scales, per-class max normalisation); the maximum
+absolute difference from the engine's maps is reported and should be float round-off. For
+information, the mean absolute difference between the engine's maps and maps aggregated from
+GradCAM's returned (min-max normalised) outputs is reported too.
+
+Run: ``.venv/bin/python benchmarks/cam_speed.py`` (``--images N``, ``--device cuda`` optional).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from wsss_domains.cam.extract import DEFAULT_SCALES, CamExtractor, normalize_per_class
+from wsss_domains.data.io import read_rgb
+from wsss_domains.domains.contract import IMAGENET_MEAN, IMAGENET_STD
+from wsss_domains.models.classifier import CamClassifier
+from wsss_domains.training.data import normalize
+
+ROOT = Path(__file__).resolve().parents[1]
+WSSS4LUAD_VAL = ROOT.parent / "shared" / "data" / "histo" / "WSSS4LUAD" / "2.validation" / "img"
+NUM_CLASSES = 3
+
+
+def load_images(n: int) -> tuple[list[Tensor], str]:
+    """Real WSSS4LUAD validation images when available, else seeded random ones."""
+    if WSSS4LUAD_VAL.is_dir():
+        paths = sorted(WSSS4LUAD_VAL.glob("*.png"))[:n]
+        if paths:
+            return [read_rgb(p) for p in paths], f"{len(paths)} WSSS4LUAD validation images ({WSSS4LUAD_VAL})"
+    g = torch.Generator().manual_seed(0)
+    return [torch.rand(3, 300, 400, generator=g) for _ in range(n)], f"{n} seeded random 300x400 images"
+
+
+class LogitsOnly(nn.Module):
+    """What GradCAM expects: a model whose forward returns the class scores."""
+
+    def __init__(self, model: CamClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)["logits"]
+
+
+class RawGradCAM(GradCAM):
+    """GradCAM that also keeps its raw (rectified, not yet normalised or resized) maps."""
+
+    raw: np.ndarray
+
+    def get_cam_image(self, *args, **kwargs) -> np.ndarray:  # noqa: ANN002, ANN003
+        cam = super().get_cam_image(*args, **kwargs)
+        self.raw = np.maximum(cam, 0)
+        return cam
+
+
+def gradcam_maps(gradcam: RawGradCAM, image: Tensor, scales: tuple[float, ...]) -> tuple[Tensor, Tensor]:
+    """Full-size maps of all classes from GradCAM: (from its returned outputs, from its raw maps x h w)."""
+    h, w = image.shape[-2:]
+    returned = torch.zeros(NUM_CLASSES, h, w)
+    raw = torch.zeros(NUM_CLASSES, h, w)
+    for s in scales:
+        size = (max(1, round(h * s)), max(1, round(w * s)))
+        scaled = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+        batch = torch.cat([scaled, scaled.flip(-1)])
+        for k in range(NUM_CLASSES):
+            out = torch.from_numpy(gradcam(input_tensor=batch, targets=[ClassifierOutputTarget(k)] * 2))
+            returned[k] += F.interpolate(
+                (out[0] + out[1].flip(-1))[None, None], size=(h, w), mode="bilinear", align_corners=False
+            )[0, 0]
+            cells = gradcam.raw.shape[-2] * gradcam.raw.shape[-1]
+            cam = torch.from_numpy(gradcam.raw).float()[:, None] * cells  # undo GAP's 1 / (h w)
+            cam = F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
+            cam = cam[0, 0] + cam[1, 0].flip(-1)
+            raw[k] += F.interpolate(cam[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    return normalize_per_class(returned), normalize_per_class(raw)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = CamClassifier(NUM_CLASSES, backbone="tf_efficientnet_lite0", weights="imagenet").eval()
+    model = model.to(args.device)
+    images, source = load_images(args.images)
+    images = [normalize(im, IMAGENET_MEAN, IMAGENET_STD).to(args.device) for im in images]
+    scales = DEFAULT_SCALES
+    extractor = CamExtractor(model, scales=scales, flip=True)
+    gradcam = RawGradCAM(model=LogitsOnly(model), target_layers=[model.backbone.bn2])
+
+    print(
+        f"machine: {os.cpu_count()} CPUs ({cpu_model()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print(f"device: {args.device}; load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(f"images: {source}; sizes {[tuple(im.shape[-2:]) for im in images]}")
+    print(f"scales {scales} + flip, {NUM_CLASSES} classes; model {model.weights_source}")
+
+    warm = images[0][:, :64, :64]  # first-call overheads out of the timings
+    extractor(warm)
+    gradcam_maps(gradcam, warm, (1.0,))
+
+    def sync() -> None:
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    engine_maps, engine_s = [], 0.0
+    for image in images:
+        sync()
+        start = time.perf_counter()
+        engine_maps.append(extractor(image).cpu())
+        sync()
+        engine_s += time.perf_counter() - start
+
+    returned_maps, raw_maps, gradcam_s = [], [], 0.0
+    for image in images:
+        sync()
+        start = time.perf_counter()
+        returned, raw = gradcam_maps(gradcam, image, scales)
+        sync()
+        gradcam_s += time.perf_counter() - start
+        returned_maps.append(returned)
+        raw_maps.append(raw)
+
+    n = len(images)
+    raw_diff = max(float((e - r).abs().max()) for e, r in zip(engine_maps, raw_maps, strict=True))
+    returned_diff = float(
+        np.mean([float((e - r).abs().mean()) for e, r in zip(engine_maps, returned_maps, strict=True)])
+    )
+    print(
+        f"engine CamExtractor: {1000 * engine_s / n:8.1f} ms/image  ({len(scales)} forward passes of 2 images)"
+    )
+    print(
+        f"GradCAM:             {1000 * gradcam_s / n:8.1f} ms/image  "
+        f"({len(scales) * NUM_CLASSES} forward+backward passes of 2 images)"
+    )
+    print(f"speed-up: {gradcam_s / engine_s:.1f}x (target >= 5x)")
+    print(
+        f"agreement, GradCAM raw maps x (h w) vs engine, per-class max-normalised: max |diff| = {raw_diff:.2e}"
+    )
+    print(f"for information, GradCAM's returned min-max maps vs engine: mean |diff| = {returned_diff:.3f}")
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""The `wsss-domains` command line, in process, on the fake domain's on-disk data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import fakes
+import numpy as np
+import pytest
+from PIL import Image
+
+# Imported here, not first inside a capsys test: Lightning's log handler keeps the stderr it sees first.
+import wsss_domains.training.fit  # noqa: F401
+from wsss_domains.cli import EXIT_USAGE, main
+from wsss_domains.data.io import read_index_mask
+
+FAST = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32", "--batch-size", "2"]
+FAST += ["--max-steps", "2", "--device", "cpu", "--no-progress"]
+ERROR = "wsss-domains: error: "
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fake_domain() -> Iterator[None]:
+    fakes.register()
+    yield
+    fakes.unregister()
+
+
+@pytest.fixture
+def shapes(tmp_path: Path) -> Path:
+    return fakes.write_shapes(tmp_path / "data", n_train=4, n_val=3, n_unlabelled=2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """One short training run on pristine data, shared by the pseudo-label and evaluate tests."""
+    root = fakes.write_shapes(tmp_path_factory.mktemp("pristine") / "data")
+    run = root.parent / "run"
+    assert main(["train", "--domain", fakes.FAKE_DOMAIN, "--data", str(root), "--out", str(run), *FAST]) == 0
+    return root, run
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_error(code: int, err: str, *fragments: str) -> str:
+    """Exit code 2, one error line holding every fragment, no traceback."""
+    assert code == EXIT_USAGE
+    lines = [line for line in err.splitlines() if line.startswith(ERROR)]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# -- listing ---------------------------------------------------------------------------------
+
+
+def test_domains_lists_histo_with_its_loaders_and_the_runtime_plugin(capsys):
+    code, out, _ = cli(capsys, "domains")
+    assert code == 0
+    assert "histo  (wsss_adapters.histo:HistoDomain)" in out
+    histo = out[out.index("histo  (") :].split("\n\n")[0]
+    for loader in ("wsss4luad", "luad-histoseg", "bcss-wsss", "glas"):
+        assert f"--dataset {loader}" in histo
+    assert "fake  (registered at run time)" in out
+    assert "--dataset shapes " in out and "3 classes (background, red, blue); background: threshold" in out
+
+
+def test_methods_lists_cam(capsys):
+    code, out, _ = cli(capsys, "methods")
+    assert code == 0
+    assert any(line.split()[0] == "cam" and "Zhou" in line for line in out.splitlines())
+
+
+# -- bad input: one clear error, exit code 2, nothing written ---------------------------------
+
+
+def unreadable_image(root: Path) -> None:
+    (root / "train" / "images" / "train_01.png").write_bytes(b"this is not a PNG")
+
+
+def mask_of_another_size(root: Path) -> None:
+    fakes.save_mask(root / "train" / "masks" / "train_01.png", np.zeros((16, 16), dtype=np.uint8))
+
+
+def label_vector_too_long(root: Path) -> None:
+    (root / "train" / "labels.json").write_text(json.dumps({"train_01": [1, 0, 1]}))
+
+
+def unknown_class_id(root: Path) -> None:
+    mask = fakes.shapes_mask(1)
+    mask[0, 0] = 7
+    fakes.save_mask(root / "train" / "masks" / "train_01.png", mask)
+
+
+def empty_split(root: Path) -> None:
+    for path in (root / "train" / "images").iterdir():
+        path.unlink()
+
+
+BAD_DATA: dict[str, tuple[Callable[[Path], None], tuple[str, ...]]] = {
+    "unreadable image": (unreadable_image, ("train_01.png: unreadable image",)),
+    "mask size": (
+        mask_of_another_size,
+        ("train_01.png: mask size (16, 16) does not match image size (32, 32)",),
+    ),
+    "label length": (
+        label_vector_too_long,
+        ("sample train_01: label vector has 3 entries, expected 2 (red, blue)",),
+    ),
+    "unknown class id": (unknown_class_id, ("masks/train_01.png: mask holds class id 7, outside 0..2",)),
+    "empty split": (empty_split, ("split 'train' of shapes holds no images",)),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_train_on_bad_data_fails_cleanly_before_writing(capsys, shapes: Path, tmp_path: Path, case: str):
+    breaker, fragments = BAD_DATA[case]
+    breaker(shapes)
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, "train", "--domain", "fake", "--data", shapes, "--out", out, *FAST)
+    assert_one_error(code, err, *fragments)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["unreadable image", "label length"])
+def test_pseudo_labels_on_bad_data_fail_before_the_first_file(
+    capsys, shapes: Path, tmp_path: Path, trained: tuple[Path, Path], case: str
+):
+    breaker, fragments = BAD_DATA[case]
+    breaker(shapes)  # breaks train_01, the second image: the first would be written by a lazy check
+    out = tmp_path / "pl"
+    code, _, err = cli(
+        capsys, "pseudo-labels", "--run", trained[1], "--data", shapes, "--split", "train", "--out", out
+    )
+    assert_one_error(code, err, *fragments)
+    assert not out.exists() or not any(out.rglob("*"))
+
+
+def train_args(shapes: Path, out: Path, **changes: str | None) -> list[str | Path]:
+    """Train arguments with some replaced (value) or removed (None); later flags win in argparse."""
+    options: dict[str, str | Path | None] = {"--domain": "fake", "--data": shapes, "--out": out, **changes}
+    args: list[str | Path] = ["train", *FAST]
+    for flag, value in options.items():
+        if value is not None:
+            args += [flag, value]
+    return args
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragments"),
+    [
+        ({"--weights": "/nope.pth"}, ("weights file /nope.pth does not exist (--weights)",)),
+        ({"--domain": "nope"}, ("unknown domain 'nope'; installed domains:", "histo")),
+        ({"--dataset": "nope"}, ("domain 'fake' has no dataset 'nope'; known: shapes, shapes-declared",)),
+        ({"--split": "nope"}, ("split 'nope' not found",)),
+    ],
+)
+def test_train_with_bad_arguments_fails_cleanly(capsys, shapes: Path, tmp_path: Path, changes, fragments):
+    out = tmp_path / "run"
+    code, _, err = cli(capsys, *train_args(shapes, out, **changes))
+    assert_one_error(code, err, *fragments)
+    assert not out.exists()
+
+
+def test_unrecognised_layout_without_dataset_asks_for_dataset(capsys, tmp_path: Path):
+    plain = tmp_path / "plain"
+    (plain / "images").mkdir(parents=True)
+    code, _, err = cli(capsys, *train_args(plain, tmp_path / "run"))
+    assert_one_error(
+        code, err, "no 'fake' dataset layout recognised (known: shapes, shapes-declared)", "--dataset"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_data_folder(capsys, tmp_path: Path):
+    code, _, err = cli(capsys, *train_args(tmp_path / "absent", tmp_path / "run"))
+    assert_one_error(code, err, "absent: data folder does not exist")
+
+
+def test_pseudo_labels_on_a_folder_without_run_json(capsys, shapes: Path, tmp_path: Path):
+    not_a_run = tmp_path / "not-a-run"
+    not_a_run.mkdir()
+    out = tmp_path / "pl"
+    code, _, err = cli(capsys, "pseudo-labels", "--run", not_a_run, "--data", shapes, "--out", out)
+    assert_one_error(code, err, "run.json not found", "train --out")
+    assert not out.exists()
+
+
+def test_evaluate_with_a_missing_prediction_names_it(capsys, shapes: Path, tmp_path: Path):
+    preds = tmp_path / "pred"
+    preds.mkdir()
+    code, _, err = cli(
+        capsys, "evaluate", "--domain", "fake", "--data", shapes, "--split", "val", "--pred", preds
+    )
+    assert_one_error(code, err, "val_00.png: prediction not found")
+
+
+# -- evaluate --------------------------------------------------------------------------------
+
+
+def test_evaluate_writes_json_with_miou_and_per_class_iou(capsys, shapes: Path, tmp_path: Path):
+    perfect = tmp_path / "perfect"
+    shutil.copytree(shapes / "val" / "masks", perfect)
+    report = tmp_path / "perfect.json"
+    code, out, _ = cli(
+        capsys, "evaluate", "--domain", "fake", "--data", shapes, "--split", "val", "--pred", perfect,
+        "--json", report, "--no-progress",
+    )  # fmt: skip
+    assert code == 0 and "mIoU" in out
+    scores = json.loads(report.read_text())
+    assert scores["miou"] == 1.0
+    assert scores["per_class_iou"] == {"background": 1.0, "red": 1.0, "blue": 1.0}
+
+    # Everything predicted background: IoU(bg) = bg pixels / all pixels, red and blue 0.
+    masks = [read_index_mask(p).numpy() for p in sorted((shapes / "val" / "masks").iterdir())]
+    allbg = tmp_path / "allbg"
+    for path in perfect.iterdir():
+        fakes.save_mask(allbg / path.name, np.zeros((32, 32), dtype=np.uint8))
+    bg_share = sum(int((m == 0).sum()) for m in masks) / sum(m.size for m in masks)
+    report = tmp_path / "allbg.json"
+    code, _, _ = cli(
+        capsys, "evaluate", "--domain", "fake", "--data", shapes, "--split", "val", "--pred", allbg,
+        "--json", report, "--no-progress",
+    )  # fmt: skip
+    assert code == 0
+    scores = json.loads(report.read_text())
+    assert scores["per_class_iou"] == pytest.approx({"background": bg_share, "red": 0.0, "blue": 0.0})
+    assert scores["miou"] == pytest.approx(bg_share / 3)
+
+
+# -- the pipeline ----------------------------------------------------------------------------
+
+
+def test_train_pseudo_labels_evaluate_end_to_end(capsys, trained: tuple[Path, Path], tmp_path: Path):
+    root, run = trained
+    for name in ("model.pt", "run.json", "checkpoints/last.ckpt", "logs/metrics.csv"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "run.json").read_text())
+    assert (config["domain"], config["dataset"], config["split"]) == ("fake", "shapes", "train")
+    assert config["foreground"] == ["red", "blue"]
+
+    pl = tmp_path / "pl"
+    args = ["pseudo-labels", "--run", run, "--data", root, "--split", "val", "--out", pl]
+    code, out, err = cli(
+        capsys, *args, "--save-cams", "--scales", "1,0.5", "--device", "cpu", "--no-progress"
+    )
+    assert code == 0, err
+    assert f"pseudo-labels: 3 written, 0 already done -> {pl}" in out
+    assert "note:" not in out  # the val split carries labels
+    for k in range(3):
+        with Image.open(pl / f"val_{k:02d}.png") as png:
+            assert png.mode == "P" and png.size == (32, 32)
+        assert (pl / "overlays" / f"val_{k:02d}.png").is_file()
+        with np.load(pl / "cams" / f"val_{k:02d}.npz") as npz:
+            assert npz["cams"].dtype == np.float16
+    code, out, _ = cli(capsys, *args, "--save-cams", "--device", "cpu", "--no-progress")
+    assert code == 0 and "pseudo-labels: 0 written, 3 already done" in out
+
+    report = tmp_path / "metrics.json"
+    code, out, _ = cli(
+        capsys, "evaluate", "--domain", "fake", "--data", root, "--split", "val", "--pred", pl,
+        "--json", report, "--no-progress",
+    )  # fmt: skip
+    assert code == 0
+    scores = json.loads(report.read_text())
+    assert 0.0 <= scores["miou"] <= 1.0
+    assert set(scores["per_class_iou"]) == {"background", "red", "blue"}
+    assert scores["n_images"] == 3
+
+
+def test_pseudo_labels_of_a_split_without_labels_say_predictions_were_used(
+    capsys, trained: tuple[Path, Path], tmp_path: Path
+):
+    root, run = trained
+    pl = tmp_path / "pl"
+    code, out, _ = cli(
+        capsys, "pseudo-labels", "--run", run, "--data", root, "--split", "unlabelled", "--out", pl,
+        "--device", "cpu", "--no-progress", "--no-overlays",
+    )  # fmt: skip
+    assert code == 0
+    assert (
+        "note: 2 image(s) carry no image-level labels in this split; the classifier's predicted labels" in out
+    )
+    summary = json.loads((pl / "pseudo-labels.json").read_text())
+    assert summary["predicted_label_images"] == 2 and summary["written"] == 2
+    assert not (pl / "overlays").exists()
+
+
+def test_a_dataset_declaring_its_classes_in_the_folder_trains_on_those_classes(capsys, tmp_path: Path):
+    root = fakes.write_shapes(tmp_path / "declared", n_train=4, n_val=1, n_unlabelled=0, declared=True)
+    run = tmp_path / "run"
+    code, out, err = cli(capsys, "train", "--domain", "fake", "--data", root, "--out", run, *FAST)
+    assert code == 0, err
+    assert "on shapes-declared/train" in out  # recognised from the folder
+    config = json.loads((run / "run.json").read_text())
+    assert config["classes"] == ["background", "red", "blue"] and config["foreground"] == ["red", "blue"]

@@ -1,0 +1,192 @@
+"""Classifier training on the fake data: run folder, resume, seeds, time budget, DDP on CPU."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fakes
+import pytest
+import torch
+from lightning.pytorch.callbacks import Timer
+
+from wsss_domains.training.fit import TrainOptions, train
+from wsss_domains.training.run import MODEL_FILE, RUN_FILE, RunConfig, load_run
+
+STEPS_PER_EPOCH = 3  # 6 training images, batches of 2
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fakes.write_shapes(tmp_path_factory.mktemp("shapes"), n_train=6, n_val=1, n_unlabelled=0)
+
+
+def run_config(seed: int = 0) -> RunConfig:
+    return RunConfig(
+        domain=fakes.FAKE_DOMAIN,
+        dataset=fakes.DATASET,
+        classes=list(fakes.LABEL_SPACE.classes),
+        foreground=list(fakes.LABEL_SPACE.foreground_names),
+        backbone=fakes.FAST_BACKBONE,
+        weights="random",
+        image_size=[32, 32],
+        seed=seed,
+    )
+
+
+def fit(shapes: Path, out: Path, seed: int = 0, **options):
+    settings = {"batch_size": 2, "device": "cpu", "progress": False, "max_epochs": 1, **options}
+    return train(
+        run_config(seed), fakes.FakeDomain(), fakes.build(shapes, "train"), out, TrainOptions(**settings)
+    )
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / MODEL_FILE, map_location="cpu", weights_only=True)
+
+
+def logged_steps(out: Path) -> list[int]:
+    with open(out / "logs" / "metrics.csv", newline="") as fh:
+        return [int(row["step"]) for row in csv.DictReader(fh) if row.get("train/loss")]
+
+
+def test_training_writes_the_run_folder(shapes: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    trainer = fit(shapes, out)
+    assert trainer.global_step == STEPS_PER_EPOCH
+    for name in (MODEL_FILE, RUN_FILE, "checkpoints/last.ckpt", "logs/metrics.csv"):
+        assert (out / name).is_file(), name
+    assert logged_steps(out) == [0, 1, 2]  # every step is logged, so even a short run leaves a log
+    saved = json.loads((out / RUN_FILE).read_text())
+    assert saved["backbone"] == fakes.FAST_BACKBONE and saved["foreground"] == ["red", "blue"]
+    config, model, _ = load_run(out)
+    assert config == run_config()
+    assert not model.training
+    for key, value in trainer.lightning_module.model.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value.cpu(), rtol=0, atol=0)
+
+
+def test_rerun_with_more_epochs_resumes_from_last_checkpoint(shapes: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    first = fit(shapes, out, max_epochs=1)
+    assert first.global_step == STEPS_PER_EPOCH and first.ckpt_path is None
+    after_one = weights(out)
+    second = fit(shapes, out, max_epochs=2)
+    assert second.ckpt_path == str(out / "checkpoints" / "last.ckpt")
+    assert second.global_step == 2 * STEPS_PER_EPOCH  # continued, not restarted
+    assert second.current_epoch == 2
+    changed = [
+        k for k, v in weights(out).items() if v.is_floating_point() and not torch.equal(v, after_one[k])
+    ]
+    assert changed  # the second epoch trained further
+    done = fit(shapes, out, max_epochs=2)  # nothing left to do: no further step
+    assert done.global_step == 2 * STEPS_PER_EPOCH
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(shapes: Path, tmp_path: Path):
+    a = weights_after(shapes, tmp_path / "a", seed=7)
+    b = weights_after(shapes, tmp_path / "b", seed=7)
+    c = weights_after(shapes, tmp_path / "c", seed=8)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+
+
+def weights_after(shapes: Path, out: Path, seed: int) -> dict[str, torch.Tensor]:
+    fit(shapes, out, seed=seed, max_epochs=1)
+    return weights(out)
+
+
+def test_max_minutes_stops_an_unbounded_run(shapes: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    trainer = fit(shapes, out, max_minutes=0.02, max_epochs=None)  # 1.2 s, no epoch limit
+    elapsed = time.perf_counter() - start
+    assert trainer.max_epochs == -1  # only the clock could stop it
+    timer = next(c for c in trainer.callbacks if isinstance(c, Timer))
+    assert timer.time_remaining("train") <= 0
+    assert trainer.global_step >= 1 and elapsed < 60
+    assert (out / MODEL_FILE).is_file() and (out / RUN_FILE).is_file()
+
+
+def test_empty_training_set_is_refused(tmp_path: Path):
+    with pytest.raises(ValueError, match="training set is empty"):
+        train(run_config(), fakes.FakeDomain(), [], tmp_path / "run", TrainOptions(device="cpu"))
+    assert not (tmp_path / "run").exists()
+
+
+DDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {fakes_dir!r})
+import fakes
+import wsss_domains.cli.train as cli_train
+from wsss_domains.cli import main
+
+fakes.register()
+real_train = cli_train.train
+
+
+def recording_train(*args, **kwargs):
+    trainer = real_train(*args, **kwargs)
+    model = trainer.lightning_module.model
+    checksum = sum(float(p.double().abs().sum()) for p in model.parameters())
+    record = {{"world_size": trainer.world_size, "global_rank": trainer.global_rank,
+              "global_step": trainer.global_step, "checksum": checksum, "pid": os.getpid()}}
+    with open(os.path.join({record_dir!r}, f"rank{{trainer.global_rank}}.json"), "w") as fh:
+        json.dump(record, fh)
+    return trainer
+
+
+cli_train.train = recording_train
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(shapes: Path, tmp_path: Path):
+    """Lightning's ddp launcher re-executes sys.argv, so the CLI runs from a script file."""
+    script = tmp_path / "train_ddp.py"
+    script.write_text(DDP_SCRIPT.format(fakes_dir=str(Path(fakes.__file__).parent), record_dir=str(tmp_path)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(script), "train", "--domain", fakes.FAKE_DOMAIN, "--data", str(shapes)]
+    cmd += [
+        "--backbone",
+        fakes.FAST_BACKBONE,
+        "--weights",
+        "random",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "2",
+    ]
+    cmd += ["--device", "cpu", "--devices", "2", "--strategy", "ddp", "--max-steps", "2", "--no-progress"]
+    cmd += ["--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("MASTER_PORT", None)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in log and "GLOBAL_RANK: 1, MEMBER: 2/2" in log
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["global_rank"] for r in ranks] == [0, 1]
+    assert {r["world_size"] for r in ranks} == {2}
+    assert ranks[0]["pid"] != ranks[1]["pid"]  # two processes, not one
+    assert {r["global_step"] for r in ranks} == {2}
+    # Gradients are all-reduced: both replicas end with the same weights.
+    assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)
+    assert (out / MODEL_FILE).is_file() and (out / RUN_FILE).is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert logged_steps(out) == [0, 1]
+    final = weights(out)
+    total = sum(
+        float(v.double().abs().sum())
+        for k, v in final.items()
+        if "num_batches" not in k and "running" not in k
+    )
+    assert total == pytest.approx(ranks[0]["checksum"], rel=1e-9)  # rank 0 saved what it trained
