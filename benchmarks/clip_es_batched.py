@@ -52,9 +52,9 @@ Medians over interleaved repeats. The CPU (2 cores) is shared with other work, s
 Why the ratio depends so much on the machine: batching removes the per-class passes' fixed costs
 (op dispatch, thread synchronisation, graph set-up), not their arithmetic. Each class still needs
 its own vector-Jacobian product through the last block, so where the arithmetic dominates (one
-CPU thread) the gain is small; where per-pass latency dominates (several threads on a busy CPU, or
-presumably a GPU running the copies in parallel, not measured here) it approaches the number of
-classes.
+CPU thread) the gain is small; where per-pass latency dominates it is larger (two threads on this
+busy CPU: 1.9x to 5.4x across runs during development; a GPU, which runs the copies in parallel,
+was not available to measure).
 
 | date | command | grad per-class (ms) | grad batched (ms) | grad speed-up | full per-class (ms) \
 | full batched (ms) | full speed-up | max abs diff | machine |

@@ -7,7 +7,14 @@ import os
 import pytest
 import torch
 
-from wsss_domains.clip.loading import ClipUnsupported, ClipWeightsMissing, load_clip, resolve_clip_weights
+from wsss_domains.clip.loading import (
+    ClipCheckpointMismatch,
+    ClipUnsupported,
+    ClipWeightsMissing,
+    load_clip,
+    resolve_clip_weights,
+)
+from wsss_domains.clip.tiny import tiny_model_config
 
 
 @pytest.fixture
@@ -62,3 +69,16 @@ def test_local_checkpoint_loads_exactly(tiny_checkpoint, no_network):
     folder.mkdir()
     path.rename(folder / "open_clip_pytorch_model.bin")
     assert resolve_clip_weights(name, folder) == folder / "open_clip_pytorch_model.bin"
+
+
+def test_checkpoint_of_another_architecture_is_a_clear_error(tiny_checkpoint, tmp_path, no_network):
+    import json
+
+    import open_clip
+
+    _, path, _ = tiny_checkpoint
+    wider = tiny_model_config(width=96)
+    (tmp_path / "configs" / "wsss-tiny-wide.json").write_text(json.dumps(wider))
+    open_clip.add_model_config(tmp_path / "configs")
+    with pytest.raises(ClipCheckpointMismatch, match="does not fit open_clip architecture 'wsss-tiny-wide'"):
+        load_clip("wsss-tiny-wide", path)

@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     from wsss_domains.cli.info import add_info_subcommands
     from wsss_domains.cli.pseudo_labels import add_pseudo_labels_subcommand
     from wsss_domains.cli.train import add_train_subcommand
+    from wsss_domains.clip.cli import add_prompts_subcommand
     from wsss_domains.scaffold.cli import add_new_domain_subcommand
 
     parser = argparse.ArgumentParser(
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pseudo_labels_subcommand(sub)
     add_evaluate_subcommand(sub)
     add_new_domain_subcommand(sub)
+    add_prompts_subcommand(sub)
     return parser
 
 

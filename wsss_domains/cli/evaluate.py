@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 
 from wsss_domains.cli.common import add_data_arguments, open_dataset
@@ -31,9 +32,16 @@ def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
 
 
 def evaluate_split(
-    domain: str, dataset: str | None, data: Path, split: str | None, pred: Path, progress: bool = True
+    domain: str,
+    dataset: str | None,
+    data: Path,
+    split: str | None,
+    pred: Path,
+    progress: bool = True,
+    dataset_options: Mapping[str, object] | None = None,
 ) -> EvaluationReport:
-    opened = open_dataset(domain, dataset, data, split)
+    """``dataset_options`` must match the ones the predictions were written with (same sample ids)."""
+    opened = open_dataset(domain, dataset, data, split, **(dataset_options or {}))
     return evaluate_predictions(opened.domain, opened.label_space, opened.dataset, pred, progress=progress)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
 
 from wsss_domains.cam.extract import DEFAULT_SCALES
@@ -66,9 +67,11 @@ def pseudo_label_split(
     overlays: bool = True,
     device: str = "cpu",
     progress: bool = True,
+    dataset_options: Mapping[str, object] | None = None,
 ) -> PseudoLabelSummary:
+    """``dataset_options`` go to the loader, e.g. ``labels_from_masks``/``patch_size`` to score tiles."""
     config, model, modules = load_run(run, device)
-    opened = open_dataset(domain_name or config.domain, dataset, data, split)
+    opened = open_dataset(domain_name or config.domain, dataset, data, split, **(dataset_options or {}))
     label_space = opened.label_space
     if list(label_space.foreground_names) != config.foreground:
         raise CliError(

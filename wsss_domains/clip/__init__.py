@@ -12,6 +12,7 @@ from wsss_domains.clip.caa import box_mask, caa_refine, sinkhorn_affinity
 from wsss_domains.clip.clip_es import clip_es_cams, gradcam_maps
 from wsss_domains.clip.learned_prompts import PromptLearner, PromptTrainConfig, TrainResult, train_prompts
 from wsss_domains.clip.loading import (
+    ClipCheckpointMismatch,
     ClipUnsupported,
     ClipWeightsMissing,
     LoadedClip,
@@ -22,6 +23,7 @@ from wsss_domains.clip.prompt_files import clip_prompts_from_file, load_prompt_f
 from wsss_domains.clip.text import TextFeatureSource, ZeroShotText
 
 __all__ = [
+    "ClipCheckpointMismatch",
     "ClipUnsupported",
     "ClipWeightsMissing",
     "LearnedPromptsError",

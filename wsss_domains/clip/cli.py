@@ -91,7 +91,10 @@ def run_learn(args: argparse.Namespace) -> int:
     dataset = spec.build(args.data, split)
     prompts = domain.clip_prompts(spec.label_space)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, _, _ = load_clip(args.clip, weights, device)
+    try:
+        model, tokenizer, _, _ = load_clip(args.clip, weights, device)
+    except ClipUnsupported as err:
+        return _fail(str(err))
     config = PromptTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lora=args.lora)
     print(f"learning prompts for {domain.name}/{spec.name} ({split}, {len(dataset)} images) on {args.clip}")
     result = train_prompts(

@@ -38,6 +38,10 @@ class ClipUnsupported(ValueError):
     exit_code = 2
 
 
+class ClipCheckpointMismatch(ClipUnsupported):
+    """The checkpoint exists but does not fit the named architecture."""
+
+
 class LoadedClip(NamedTuple):
     """A ready model, its tokenizer and where its weights came from (unpacks like a tuple)."""
 
@@ -173,18 +177,24 @@ def load_clip(
     import open_clip
 
     path, quick_gelu = _resolve(model_name, weights)
-    if _is_torchscript_archive(path):
-        model = open_clip.load_openai_model(str(path), precision=precision, device=device)
-    else:
-        model = open_clip.create_model(
-            model_name,
-            pretrained=str(path),
-            precision=precision,
-            device=device,
-            pretrained_image=False,
-            pretrained_text=False,
-            force_quick_gelu=quick_gelu,
-        )
+    try:
+        if _is_torchscript_archive(path):
+            model = open_clip.load_openai_model(str(path), precision=precision, device=device)
+        else:
+            model = open_clip.create_model(
+                model_name,
+                pretrained=str(path),
+                precision=precision,
+                device=device,
+                pretrained_image=False,
+                pretrained_text=False,
+                force_quick_gelu=quick_gelu,
+            )
+    except (RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ClipCheckpointMismatch(
+            f"{path} does not fit open_clip architecture '{model_name}': {first}"
+        ) from err
     # CLIP itself is never fine-tuned here (adapters are added and trained through peft).
     model.eval().requires_grad_(False)
     context_length = getattr(model, "context_length", None)
