@@ -94,7 +94,7 @@ class RawGradCAM(GradCAM):
 
     raw: np.ndarray
 
-    def get_cam_image(self, *args, **kwargs) -> np.ndarray:  # noqa: ANN002, ANN003
+    def get_cam_image(self, *args, **kwargs) -> np.ndarray:
         cam = super().get_cam_image(*args, **kwargs)
         self.raw = np.maximum(cam, 0)
         return cam
@@ -173,7 +173,7 @@ def main() -> None:
     gradcam_maps(gradcam, warm, (1.0,))
     gradcam_maps(gradcam_frozen, warm, (1.0,))
 
-    def timed(fn, *fn_args):  # noqa: ANN001, ANN002, ANN202
+    def timed(fn, *fn_args):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()

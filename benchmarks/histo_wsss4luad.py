@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-histo")
     p.add_argument("--train-extra", default="", help="extra arguments for `train`")
+    p.add_argument("--pl-extra", default="", help="extra arguments for `pseudo-labels`, e.g. '--cam-norm sigmoid'")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
 
@@ -65,6 +66,7 @@ def main() -> None:
         pl_cmd = [
             *exe, "pseudo-labels", "--run", str(run_dir), "--dataset", "wsss4luad", "--data", str(eval_data),
             "--split", args.eval_split, "--labels-from-masks", "--method", method, "--out", str(pl), "--no-progress",
+            *shlex.split(args.pl_extra),
         ]  # fmt: skip
         pl_s = run(pl_cmd)
         metrics = args.out / f"metrics-{method}.json"

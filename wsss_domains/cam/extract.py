@@ -25,8 +25,17 @@ def normalize_per_class(cams: Tensor, eps: float = 1e-5) -> Tensor:
     return cams / peak[..., None, None]
 
 
+CAM_NORMALIZATIONS = ("max", "sigmoid")
+
+
 class CamExtractor:
-    """Multi-scale, flip-augmented CAMs for all classes, tiled when an image is large."""
+    """Multi-scale, flip-augmented CAMs for all classes, tiled when an image is large.
+
+    ``normalization``: ``"max"`` (the classic CAM: rectify, divide each class map by its maximum)
+    or ``"sigmoid"`` (average the un-rectified per-pixel class logits and squash them with the
+    sigmoid the classifier was trained with — classes stay comparable to each other, which suits
+    texture-like domains where every pixel belongs to some class).
+    """
 
     def __init__(
         self,
@@ -36,7 +45,11 @@ class CamExtractor:
         base_scale: float = 1.0,
         tile_size: int = 1024,
         tile_overlap: int = 64,
+        normalization: str = "max",
     ) -> None:
+        if normalization not in CAM_NORMALIZATIONS:
+            raise ValueError(f"unknown CAM normalization '{normalization}' ({', '.join(CAM_NORMALIZATIONS)})")
+        self.normalization = normalization
         self.model = model
         self.scales = tuple(scales)
         self.flip = flip
@@ -45,8 +58,11 @@ class CamExtractor:
         self.tile_overlap = tile_overlap
 
     def raw_maps(self, batch: Tensor) -> Tensor:
-        """Rectified class maps ``B x K x h x w`` for a normalised batch (the override point)."""
-        return self.model.cams(batch)
+        """Class maps ``B x K x h x w`` for a normalised batch (the override point).
+
+        Rectified for ``"max"`` normalisation, raw logits for ``"sigmoid"``.
+        """
+        return self.model.cams(batch, rectify=self.normalization == "max")
 
     def _maps_at_size(self, image: Tensor) -> Tensor:
         """Maps of one (already scaled) image, upsampled to its size, flips averaged in."""
@@ -82,6 +98,15 @@ class CamExtractor:
     @torch.no_grad()
     def __call__(self, image: Tensor) -> Tensor:
         """Per-class CAMs ``K x H x W`` in [0, 1] for a normalised ``3 x H x W`` image."""
+        return normalize_per_class(self.maps(image))
+
+    @torch.no_grad()
+    def maps(self, image: Tensor) -> Tensor:
+        """The maps before normalisation (summed over scales and flips), ``K x H x W``.
+
+        Separate so that a caller seeing an image window by window can normalise by maxima taken
+        over more than one window (see :mod:`wsss_domains.pseudo_labels.raster`).
+        """
         h, w = image.shape[-2:]
         total: Tensor | None = None
         for scale in self.scales:
@@ -97,4 +122,4 @@ class CamExtractor:
                 maps = F.interpolate(maps[None], size=(h, w), mode="bilinear", align_corners=False)[0]
             total = maps if total is None else total + maps
         assert total is not None
-        return normalize_per_class(total)
+        return total

@@ -12,6 +12,7 @@ EXIT_USAGE = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from wsss_domains.bench.cli import add_bench_subcommand
     from wsss_domains.cli.evaluate import add_evaluate_subcommand
     from wsss_domains.cli.info import add_info_subcommands
     from wsss_domains.cli.pseudo_labels import add_pseudo_labels_subcommand
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pseudo_labels_subcommand(sub)
     add_evaluate_subcommand(sub)
     add_new_domain_subcommand(sub)
+    add_bench_subcommand(sub)
     add_prompts_subcommand(sub)
     return parser
 

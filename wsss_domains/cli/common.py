@@ -28,13 +28,24 @@ class OpenedData:
     label_space: LabelSpace
 
 
-def add_data_arguments(parser: argparse.ArgumentParser, data_required: bool = True) -> None:
+def add_data_arguments(
+    parser: argparse.ArgumentParser,
+    data_required: bool = True,
+    data_group: argparse._MutuallyExclusiveGroup | None = None,
+) -> None:
+    """--dataset, --data, --split; ``data_group`` holds --data when another input may replace it."""
     parser.add_argument(
         "--dataset",
         metavar="NAME",
         help="loader name (see `wsss-domains domains`); recognised from --data if omitted",
     )
-    parser.add_argument("--data", metavar="DIR", type=Path, required=data_required, help="dataset folder")
+    (data_group or parser).add_argument(
+        "--data",
+        metavar="DIR",
+        type=Path,
+        required=data_required and data_group is None,
+        help="dataset folder",
+    )
     parser.add_argument(
         "--split", metavar="S", help="split name as the dataset spells it (default: the loader's)"
     )

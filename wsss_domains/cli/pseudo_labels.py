@@ -1,4 +1,9 @@
-"""`wsss-domains pseudo-labels`: CAMs of a trained run turned into pseudo-label PNGs."""
+"""`wsss-domains pseudo-labels`: CAMs of a trained run turned into pseudo-label PNGs, or one GeoTIFF.
+
+Two inputs, one of them: a split of a dataset (``--data DIR --split S``: one palette PNG per image)
+or one raster of any size (``--raster PATH``: one palette GeoTIFF written window by window, see
+:mod:`wsss_domains.pseudo_labels.raster`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
-from wsss_domains.cam.extract import DEFAULT_SCALES
+from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES
 from wsss_domains.cli.common import (
     CliError,
     add_data_arguments,
@@ -16,7 +21,16 @@ from wsss_domains.cli.common import (
     resolve_device,
     validate_dataset,
 )
+from wsss_domains.data.io import DataError
 from wsss_domains.methods import create_method
+from wsss_domains.pseudo_labels.raster import (
+    DEFAULT_MARGIN,
+    DEFAULT_WINDOW,
+    NORMALIZATIONS,
+    RasterOptions,
+    RasterSummary,
+    pseudo_label_raster,
+)
 from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, PseudoLabelSummary, write_pseudo_labels
 from wsss_domains.training.run import load_run
 
@@ -29,25 +43,111 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
             "Compute multi-scale + flip CAMs of every image with the run's classifier and write palette PNG "
             "pseudo-labels (plus overlays, optionally raw CAMs). Each image's image-level labels are used, as "
             "WSSS pseudo-labelling does; where a split carries none, the classifier's predictions are used "
-            "and this is reported. Finished images are skipped, so a killed run resumes."
+            "and this is reported. Finished images are skipped, so a killed run resumes. "
+            "With --raster instead of --data, one raster of any size (GeoTIFF, anything rasterio reads) is "
+            "pseudo-labelled window by window into a single-band palette GeoTIFF --out OUT.tif; its labels "
+            "come from --labels, from --raster-mask, or else from the classifier (reported)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--run", type=Path, required=True, help="training run folder (train --out)")
-    add_data_arguments(p)
+    inputs = p.add_mutually_exclusive_group(required=True)
+    add_data_arguments(p, data_group=inputs)
+    inputs.add_argument(
+        "--raster",
+        type=Path,
+        metavar="PATH",
+        help="one raster to pseudo-label window by window into --out OUT.tif (instead of --data)",
+    )
     p.add_argument(
         "--labels-from-masks", action="store_true", help="derive each image's labels from its mask"
     )
-    p.add_argument("--out", type=Path, required=True, help="output folder for the PNGs")
+    p.add_argument(
+        "--out", type=Path, required=True, help="output folder for the PNGs (with --raster: the .tif file)"
+    )
     add_method_arguments(p, default=None)
     p.add_argument("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), help="CAM scales")
     p.add_argument("--no-flip", action="store_true", help="no horizontal-flip averaging")
+    p.add_argument(
+        "--cam-norm",
+        choices=CAM_NORMALIZATIONS,
+        default="max",
+        help="per-class max normalisation (classic CAM) or sigmoid of the averaged pixel logits",
+    )
     p.add_argument("--bg-threshold", type=float, help="background threshold (threshold-background domains)")
     p.add_argument("--save-cams", action="store_true", help="also save raw CAMs (float16 .npz)")
     p.add_argument("--no-overlays", action="store_true", help="skip CAM overlay pictures")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--no-progress", action="store_true")
+    add_raster_arguments(p)
     p.set_defaults(func=run_pseudo_labels)
+
+
+# Options of --raster only; absent from the namespace unless given, so that --data refuses them.
+RASTER_FLAGS = (
+    "--raster-mask",
+    "--labels",
+    "--bands",
+    "--scaling",
+    "--window",
+    "--margin",
+    "--normalization",
+    "--labels-per-window",
+    "--overview",
+    "--no-resume",
+)
+
+
+def add_raster_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("raster input (--raster)")
+    quiet = argparse.SUPPRESS
+    g.add_argument(
+        "--raster-mask",
+        type=Path,
+        metavar="PATH",
+        default=quiet,
+        help="mask raster of the same size (class ids, or the label space's colours): the raster's labels "
+        "are the classes it holds",
+    )
+    g.add_argument(
+        "--labels", metavar="NAME,NAME", default=quiet, help="the raster's image-level labels, by class name"
+    )
+    g.add_argument("--bands", metavar="1,2,3", default=quiet, help="1-based bands used as R,G,B (one: grey)")
+    g.add_argument(
+        "--scaling",
+        choices=("auto", "percentile", "dtype"),
+        default=quiet,
+        help="pixel scaling (default auto: uint8 / 255, other types a 2-98 percentile stretch)",
+    )
+    g.add_argument(
+        "--window",
+        type=int,
+        default=quiet,
+        help=f"side of the windows written, a multiple of 16 (default {DEFAULT_WINDOW})",
+    )
+    g.add_argument(
+        "--margin",
+        type=int,
+        default=quiet,
+        help=f"context pixels read around each window (default {DEFAULT_MARGIN})",
+    )
+    g.add_argument(
+        "--normalization",
+        choices=NORMALIZATIONS,
+        default=quiet,
+        help="per-class CAM maxima over the whole raster (global: two passes, labels consistent across "
+        "window seams; the default) or over each window (window: one pass)",
+    )
+    g.add_argument(
+        "--labels-per-window",
+        action="store_true",
+        default=quiet,
+        help="each window takes its own labels, from its mask window or its own prediction",
+    )
+    g.add_argument(
+        "--overview", type=Path, metavar="PNG", default=quiet, help="also write a downsampled palette PNG"
+    )
+    g.add_argument("--no-resume", action="store_true", default=quiet, help="start afresh, do not resume")
 
 
 def pseudo_label_split(
@@ -62,6 +162,7 @@ def pseudo_label_split(
     options: dict[str, object] | None = None,
     scales: tuple[float, ...] = DEFAULT_SCALES,
     flip: bool = True,
+    cam_norm: str = "max",
     bg_threshold: float | None = None,
     save_cams: bool = False,
     overlays: bool = True,
@@ -84,8 +185,10 @@ def pseudo_label_split(
     merged = {**(config.method_options if name == config.method else {}), **(options or {})}
     method = create_method(name, **merged)
     if name != config.method:
-        modules = method.extra_modules(model.backbone.num_features, model.num_classes).to(device)
-    extractor = method.extractor(model, modules, scales=scales, flip=flip, base_scale=config.base_scale)
+        modules = method.build_modules(model).to(device)
+    extractor = method.extractor(
+        model, modules, scales=scales, flip=flip, base_scale=config.base_scale, normalization=cam_norm
+    )
     options = PseudoLabelOptions(
         label_source="masks" if labels_from_masks else "auto",
         bg_threshold=bg_threshold,
@@ -99,11 +202,122 @@ def pseudo_label_split(
     )
 
 
+def pseudo_label_raster_file(
+    run: Path,
+    raster: Path,
+    out: Path,
+    *,
+    mask: Path | None = None,
+    labels: list[str] | None = None,
+    method_name: str | None = None,
+    options: dict[str, object] | None = None,
+    raster_options: RasterOptions | None = None,
+) -> RasterSummary:
+    """Load a run and pseudo-label one raster with it (see :func:`pseudo_label_raster`)."""
+    raster_options = raster_options or RasterOptions()
+    for path in (raster, mask):
+        if path is not None and not Path(path).is_file():
+            raise DataError(path, "file not found")
+    device = raster_options.device
+    config, model, modules = load_run(run, device)
+    # The method as pseudo_label_split builds it.
+    name = method_name or config.method
+    merged = {**(config.method_options if name == config.method else {}), **(options or {})}
+    method = create_method(name, **merged)
+    if name != config.method:
+        modules = method.build_modules(model).to(device)
+    return pseudo_label_raster(
+        config, model, method, raster, out, modules=modules, labels=labels, mask=mask, options=raster_options
+    )
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise CliError(f"{flag} must be comma-separated integers, got '{text}'") from exc
+
+
+def run_raster(args: argparse.Namespace, scales: tuple[float, ...]) -> int:
+    """`pseudo-labels --raster PATH --out OUT.tif`: refuses the options of --data, prints what was used."""
+    for flag, value in (
+        ("--dataset", args.dataset),
+        ("--split", args.split),
+        ("--labels-from-masks", args.labels_from_masks),
+        ("--save-cams", args.save_cams),
+    ):
+        if value:
+            raise CliError(f"{flag} applies to --data, not to --raster")
+    if args.out.suffix.lower() not in (".tif", ".tiff"):
+        raise CliError(f"with --raster, --out names the GeoTIFF to write (OUT.tif), got '{args.out}'")
+    labels = getattr(args, "labels", None)
+    mask = getattr(args, "raster_mask", None)
+    if labels is not None and mask is not None:
+        raise CliError(
+            "give the raster's labels (--labels) or a mask to derive them from (--raster-mask), not both"
+        )
+    bands = getattr(args, "bands", None)
+    options = RasterOptions(
+        window=getattr(args, "window", DEFAULT_WINDOW),
+        margin=getattr(args, "margin", DEFAULT_MARGIN),
+        bands=None if bands is None else _ints(bands, "--bands"),
+        scaling=getattr(args, "scaling", "auto"),
+        normalization=getattr(args, "normalization", "global"),
+        scales=scales,
+        flip=not args.no_flip,
+        cam_norm=args.cam_norm,
+        bg_threshold=args.bg_threshold,
+        labels_per_window=getattr(args, "labels_per_window", False),
+        overview=getattr(args, "overview", None),
+        resume=not getattr(args, "no_resume", False),
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+    )
+    summary = pseudo_label_raster_file(
+        args.run,
+        args.raster,
+        args.out,
+        mask=mask,
+        labels=None if labels is None else labels.split(","),
+        method_name=args.method,
+        options=method_options(args),
+        raster_options=options,
+    )
+    if summary.already_done:
+        print(f"pseudo-label raster: already written from the same run, raster and options -> {args.out}")
+    else:
+        print(
+            f"pseudo-label raster: {summary.height}x{summary.width} pixels, {summary.windows} windows of "
+            f"{summary.window} (+{summary.margin} context), {summary.normalization} normalisation, "
+            f"{summary.seconds:.1f} s -> {args.out}"
+        )
+        if summary.resumed_windows:
+            print(f"resumed: {summary.resumed_windows} window(s) were already written")
+    scope = "per window" if summary.labels_per_window else "for the raster"
+    used = ", ".join(summary.labels) or "none"
+    if summary.label_source == "predicted":
+        print(
+            "note: no image-level labels were given (--labels, --raster-mask); the classifier's predictions "
+            f"{scope} were used: {used}"
+        )
+    else:
+        source = "--labels" if summary.label_source == "given" else summary.mask
+        print(f"labels ({scope}, from {source}): {used}")
+    if summary.overview:
+        print(f"overview: {summary.overview}")
+    return 0
+
+
 def run_pseudo_labels(args: argparse.Namespace) -> int:
     try:
         scales = tuple(float(s) for s in args.scales.split(","))
     except ValueError as exc:
         raise CliError(f"--scales must be comma-separated numbers, got '{args.scales}'") from exc
+    if args.raster is not None:
+        return run_raster(args, scales)
+    for flag in RASTER_FLAGS:
+        if hasattr(args, flag[2:].replace("-", "_")):
+            raise CliError(f"{flag} applies to --raster, not to --data")
     summary = pseudo_label_split(
         args.run,
         None,
@@ -116,6 +330,7 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         options=method_options(args),
         scales=scales,
         flip=not args.no_flip,
+        cam_norm=args.cam_norm,
         bg_threshold=args.bg_threshold,
         save_cams=args.save_cams,
         overlays=not args.no_overlays,

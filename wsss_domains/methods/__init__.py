@@ -1,6 +1,13 @@
 """WSSS methods behind one registry."""
 
+from wsss_domains.methods import dupl as _dupl  # noqa: F401  (training-time methods register on import)
+from wsss_domains.methods import ppc as _ppc  # noqa: F401
 from wsss_domains.methods import refinement as _refinement  # noqa: F401  (registers refined-CAM methods)
+from wsss_domains.methods import s2c as _s2c  # noqa: F401  (registers s2c)
+from wsss_domains.methods import sam_proto as _sam_proto  # noqa: F401  (registers sam-proto)
+from wsss_domains.methods import seam as _seam  # noqa: F401
+from wsss_domains.methods import sepl as _sepl  # noqa: F401  (registers sepl)
+from wsss_domains.methods import sipe as _sipe  # noqa: F401
 from wsss_domains.methods.base import Method
 from wsss_domains.methods.registry import create_method, list_methods, method_class, register_method
 

@@ -6,6 +6,7 @@ nothing. Methods are looked up by name in :mod:`wsss_domains.methods.registry`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -21,18 +22,54 @@ class Method:
 
     name: ClassVar[str] = "cam"
     description: ClassVar[str] = "Class activation maps of a GAP multi-label classifier (Zhou et al., 2016)."
+    # Weight of the engine's classification loss on the forward pass's logits (SEAM averages it with
+    # the classification loss of its rescaled view, so it uses 0.5).
+    classification_weight: ClassVar[float] = 1.0
+    # Extra modules (keys of ``build_modules``) trained at the backbone's learning rate rather than the
+    # head's: a second pretrained backbone must not get the 10x rate of freshly initialised heads.
+    backbone_modules: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = options
+        # Set by :meth:`setup`; None until the engine has called it.
+        self.domain: DomainPlugin | None = None
+        self.mean: tuple[float, ...] | None = None
+        self.std: tuple[float, ...] | None = None
+
+    def setup(self, domain: DomainPlugin, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Told by the engine, before training and before pseudo-labelling, the run's domain and input
+        normalisation: a method feeding another model (SAM) needs the un-normalised image of a batch and
+        the domain's strategy for it. Overrides may also fail fast here (a missing checkpoint)."""
+        self.domain = domain
+        self.mean, self.std = tuple(mean), tuple(std)
 
     def extra_modules(self, feature_dim: int, num_classes: int) -> nn.ModuleDict:
         """Trainable parts the method adds beside the classifier (projection heads, ...)."""
         return nn.ModuleDict()
 
+    def build_modules(self, model: nn.Module) -> nn.ModuleDict:
+        """The extra modules for ``model``; override when they depend on it (stage widths, a backbone copy)."""
+        return self.extra_modules(model.backbone.num_features, model.num_classes)
+
+    def forward(
+        self, model: nn.Module, modules: nn.ModuleDict, batch: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """The training forward pass; the classification loss and ``training_losses`` see its outputs.
+
+        Overridden by methods that need more of the pass than logits, CAMs and features (e.g. the
+        backbone's intermediate stages) without running the backbone twice.
+        """
+        return model(batch["image"])
+
     def training_losses(
         self, model: nn.Module, modules: nn.ModuleDict, batch: dict[str, Tensor], outputs: dict[str, Tensor]
     ) -> dict[str, Tensor]:
-        """Losses added to the classification loss, by name (logged separately)."""
+        """Losses added to the classification loss, by name (logged separately).
+
+        ``batch`` holds ``image`` (normalised ``B x 3 x H x W``), ``label`` (``B x K`` multi-hot),
+        ``step`` (the optimiser step) and ``progress`` (share of the training budget spent, in [0, 1]),
+        the last two as 0-dim tensors, for methods whose losses change over training.
+        """
         return {}
 
     def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: Any) -> CamExtractor:
@@ -49,3 +86,19 @@ class Method:
     ) -> Tensor:
         """Post-process normalised CAMs ``K x H x W`` (all foreground classes); default: unchanged."""
         return cams
+
+    def refine_labels(
+        self,
+        image: Tensor,
+        labels: Tensor,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+    ) -> Tensor:
+        """Post-process the assembled pseudo-label ``H x W`` (class ids, ``ignore_index``); default: unchanged.
+
+        Called right after the CAMs became labels, for methods that work on labels rather than maps
+        (SEPL relabels whole SAM masks). ``image`` is the un-normalised ``3 x H x W`` image in [0, 1].
+        """
+        return labels

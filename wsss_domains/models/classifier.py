@@ -59,6 +59,7 @@ class CamClassifier(nn.Module):
         return {"logits": self.pool(cams), "cams": cams, "features": feats}
 
     @torch.no_grad()
-    def cams(self, x: Tensor) -> Tensor:
-        """Rectified CAMs at feature resolution, ``B x K x h x w``."""
-        return F.relu(self.head(self.features(x)))
+    def cams(self, x: Tensor, rectify: bool = True) -> Tensor:
+        """CAMs at feature resolution, ``B x K x h x w``: rectified, or raw per-pixel class logits."""
+        maps = self.head(self.features(x))
+        return F.relu(maps) if rectify else maps

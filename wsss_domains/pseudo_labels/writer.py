@@ -77,6 +77,7 @@ def write_pseudo_labels(
 ) -> PseudoLabelSummary:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    method.setup(domain, mean, std)
     bg = options.bg_threshold
     if label_space.background_mode is BackgroundMode.THRESHOLD and bg is None:
         bg = domain.background_threshold(label_space)
@@ -113,7 +114,9 @@ def write_pseudo_labels(
         exclude = sample.get("exclude")
         if exclude is None:
             exclude = domain.exclude_mask(raw, label_space)
-        labels = cams_to_labels(cams, present, label_space, bg, exclude).cpu().numpy()
+        labels_map = cams_to_labels(cams, present, label_space, bg, exclude)
+        labels_map = method.refine_labels(raw.to(cams.device), labels_map, cams, present, domain, label_space)
+        labels = labels_map.cpu().numpy()
         if options.save_cams:
             keep = present.bool().cpu()
             data = cams.cpu()[keep].numpy().astype(np.float16)

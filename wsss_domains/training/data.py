@@ -15,6 +15,13 @@ def normalize(image: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) ->
     return (image - m) / s
 
 
+def denormalize(image: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """The inverse of :func:`normalize` (``... x 3 x H x W``), for models that read raw pixels (SAM)."""
+    m = image.new_tensor(mean)[:, None, None]
+    s = image.new_tensor(std)[:, None, None]
+    return image * s + m
+
+
 class TrainingView(Dataset):
     """Augments with the domain's hook, applies its colour handling, resizes and normalises."""
 

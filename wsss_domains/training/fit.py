@@ -55,6 +55,7 @@ def train(
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = build_model(config)
     method = create_method(config.method, **config.method_options)
+    method.setup(domain, config.mean, config.std)
     task = ClassifierTask(model, method, lr=options.lr)
     view = TrainingView(dataset, domain, tuple(config.image_size), config.mean, config.std, augment=True)
     loader = DataLoader(

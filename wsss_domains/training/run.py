@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from wsss_domains.data.io import atomic_write
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.models.classifier import DEFAULT_BACKBONE, CamClassifier
 
 RUN_FILE = "run.json"
@@ -61,6 +62,34 @@ class RunConfig:
         return cls(**data)
 
 
+def run_label_space(config: RunConfig) -> tuple[DomainPlugin, LabelSpace]:
+    """The domain and label space a run was trained in, without opening its data set.
+
+    Pseudo-labelling a raster has no data folder to recognise, so the classes come from the run's
+    ``domain`` and ``dataset``; a dataset that declares its classes in its data folder still needs
+    that folder (``config.data``). The run's foreground classes must match, or ids would be wrong.
+    """
+    from wsss_domains.domains import get_domain
+
+    domain = get_domain(config.domain)
+    spec = domain.dataset(config.dataset)
+    if spec.label_space_from is not None:
+        if config.data is None or not Path(config.data).exists():
+            raise FileNotFoundError(
+                f"dataset '{spec.name}' declares its classes in its data folder, and the run's data folder "
+                f"{config.data} is not there"
+            )
+        label_space = spec.label_space_for(Path(config.data))
+    else:
+        label_space = spec.label_space
+    if list(label_space.foreground_names) != list(config.foreground):
+        raise ValueError(
+            f"the run was trained on classes {config.foreground}, but {spec.name} has "
+            f"{list(label_space.foreground_names)}"
+        )
+    return domain, label_space
+
+
 def build_model(config: RunConfig, weights: str | None = None) -> CamClassifier:
     return CamClassifier(
         num_classes=len(config.foreground),
@@ -93,7 +122,7 @@ def load_run(
     model = build_model(config, weights="random")
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     method = create_method(config.method, **config.method_options)
-    modules = method.extra_modules(model.backbone.num_features, model.num_classes)
+    modules = method.build_modules(model)
     extra = Path(run_dir) / METHOD_FILE
     if len(modules) and extra.is_file():
         modules.load_state_dict(torch.load(extra, map_location="cpu", weights_only=True))

@@ -28,15 +28,25 @@ class ClassifierTask(L.LightningModule):
         super().__init__()
         self.model = model
         self.method = method
-        self.method_modules = method.extra_modules(model.backbone.num_features, model.num_classes)
+        self.method_modules = method.build_modules(model)
         self.lr = lr
         self.weight_decay = weight_decay
         self.backbone_lr_mult = backbone_lr_mult
+        # Share of the training budget spent, kept current by BudgetCosineSchedule; methods read it
+        # from ``batch["progress"]`` to switch phases (e.g. DuPL's warm-up) whatever bounds the run.
+        self.training_progress = 0.0
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        outputs = self.model(batch["image"])
-        loss = F.binary_cross_entropy_with_logits(outputs["logits"], batch["label"])
-        self.log("train/cls_loss", loss, prog_bar=False, batch_size=batch["label"].shape[0])
+        device = batch["image"].device
+        batch = {
+            **batch,
+            "step": torch.tensor(self.global_step, device=device),
+            "progress": torch.tensor(self.training_progress, device=device),
+        }
+        outputs = self.method.forward(self.model, self.method_modules, batch)
+        cls_loss = F.binary_cross_entropy_with_logits(outputs["logits"], batch["label"])
+        self.log("train/cls_loss", cls_loss, prog_bar=False, batch_size=batch["label"].shape[0])
+        loss = self.method.classification_weight * cls_loss  # x1.0 is exact: plain CAM unchanged
         for name, extra in self.method.training_losses(
             self.model, self.method_modules, batch, outputs
         ).items():
@@ -47,7 +57,9 @@ class ClassifierTask(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         backbone = list(self.model.backbone.parameters())
-        others = list(self.model.head.parameters()) + list(self.method_modules.parameters())
+        others = list(self.model.head.parameters())
+        for name, module in self.method_modules.items():
+            (backbone if name in self.method.backbone_modules else others).extend(module.parameters())
         return torch.optim.AdamW(
             [
                 {
@@ -93,9 +105,10 @@ class BudgetCosineSchedule(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int
     ) -> None:
-        factor = self.min_factor + (1 - self.min_factor) * 0.5 * (
-            1 + math.cos(math.pi * self._progress(trainer))
-        )
+        progress = self._progress(trainer)
+        if hasattr(pl_module, "training_progress"):
+            pl_module.training_progress = progress
+        factor = self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
         if trainer.global_step < self.warmup_steps:
             factor *= (trainer.global_step + 1) / self.warmup_steps
         for group in trainer.optimizers[0].param_groups:

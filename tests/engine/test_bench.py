@@ -1,0 +1,393 @@
+"""`wsss-domains bench`: the domain-transfer matrix on the fake domain, resumable, failures recorded."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import fakes
+import pytest
+import torch
+from PIL import Image
+
+# Imported here, not first inside a capsys test: Lightning's log handler keeps the stderr it sees first.
+import wsss_domains.training.fit  # noqa: F401
+from wsss_domains.bench import matrix as bench_matrix
+from wsss_domains.bench.cli import run_bench, scoped_method_options
+from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset
+from wsss_domains.bench.report import (
+    build_matrix,
+    compute_gains,
+    per_class_gain,
+    plot_heatmap,
+    render_markdown,
+    where_methods_hurt,
+)
+from wsss_domains.cli import EXIT_USAGE, build_parser, main
+from wsss_domains.cli.common import CliError
+from wsss_domains.methods import Method
+from wsss_domains.methods.registry import _METHODS, register_method
+from wsss_domains.models.weights import WeightsNotFound
+
+DOMAIN = "fake"
+
+
+class NeedsWeights(Method):
+    """Stands for a CLIP / SAM method run without its weights: it fails when pseudo-labelling starts."""
+
+    name = "test-needs-weights"
+
+    def __init__(self, **options: Any) -> None:  # free options, as SAM / CLIP methods take them
+        super().__init__(**options)
+
+    def extractor(self, model, modules, **kwargs):
+        path = self.options.get("clip_weights")
+        if path is None or not Path(str(path)).is_file():
+            raise WeightsNotFound(f"CLIP weights not available ({path}): pass --clip-weights")
+        return super().extractor(model, modules, **kwargs)
+
+
+class ExtraLoss(Method):
+    """A training-time method: it adds a loss, so it must get its own training run."""
+
+    name = "test-extra-loss"
+
+    def training_losses(self, model, modules, batch, outputs):
+        return {"zero": 0.0 * outputs["logits"].sum()}
+
+
+class FixedSignature(Method):
+    """A method whose constructor takes named options only: model flags must not reach it."""
+
+    name = "test-fixed-signature"
+
+    def __init__(self, alpha: float = 1.0) -> None:
+        super().__init__(alpha=alpha)
+
+
+TEST_METHODS = (NeedsWeights, ExtraLoss, FixedSignature)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered() -> Iterator[None]:
+    fakes.register()
+    for cls in TEST_METHODS:
+        register_method(cls)
+    yield
+    for cls in TEST_METHODS:
+        _METHODS.pop(cls.name, None)
+    fakes.unregister()
+
+
+@pytest.fixture
+def data_root(tmp_path: Path) -> Path:
+    fakes.write_shapes(tmp_path / "data" / "shapes", n_train=4, n_val=3, n_unlabelled=0)
+    return tmp_path / "data"
+
+
+PRESETS = {
+    DOMAIN: CellPreset(
+        domain=fakes.FAKE_DOMAIN,
+        dataset=fakes.DATASET,
+        path="shapes",
+        train_split="train",
+        score_split="val",
+        backbone=fakes.FAST_BACKBONE,
+        weights="random",
+        image_size=32,
+        batch_size=2,
+        max_steps=2,
+        scales=(1.0,),
+    )
+}
+
+
+def bench(out: Path, data_root: Path, methods: str, *extra: str, presets: dict = PRESETS) -> int:
+    argv = ["bench", "--methods", methods, "--domains", ",".join(presets), "--budget-minutes", "1"]
+    argv += ["--out", str(out), "--data-root", str(data_root), "--device", "cpu", *extra]
+    return run_bench(build_parser().parse_args(argv), presets=presets)
+
+
+def cell(out: Path, method: str) -> dict[str, Any]:
+    return json.loads((out / "cells" / f"{DOMAIN}__{method}.json").read_text())
+
+
+# -- end to end on the fake domain ------------------------------------------------------------
+
+
+def test_one_domain_two_methods_writes_table_json_and_heatmap(tmp_path, data_root):
+    out = tmp_path / "matrix"
+    assert bench(out, data_root, "cam,par") == 0
+
+    cam, par = cell(out, "cam"), cell(out, "par")
+    for c in (cam, par):
+        assert c["status"] == "ok" and c["error"] is None
+        assert 0.0 <= c["miou"] <= 1.0
+        assert set(c["per_class_iou"]) == {"background", "red", "blue"}
+        assert c["n_images"] == 3 and c["pseudo_labels"]["written"] == 3
+        assert c["wall_seconds"] == pytest.approx(c["train_seconds"] + c["pseudo_label_seconds"])
+    # par is post-hoc: it reuses the cam run (same training time) and only one run was trained.
+    assert par["trained_with"] == "cam" and par["train_run"] == cam["train_run"] == "runs/fake__cam"
+    assert par["train_seconds"] == cam["train_seconds"]
+    assert [p.name for p in (out / "runs").iterdir()] == ["fake__cam"]
+    assert par["gain_vs_cam"] == pytest.approx(par["miou"] - cam["miou"])
+    assert "--max-minutes 1" in cam["train_command"] and "--max-steps 2" in cam["train_command"]
+
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert matrix["domains"] == [DOMAIN] and matrix["methods"] == ["cam", "par"]
+    assert matrix["gains_vs_cam"][DOMAIN] == {"cam": 0.0, "par": pytest.approx(par["miou"] - cam["miou"])}
+    assert matrix["machine"]["nproc"] >= 1 and matrix["machine"]["cpu_model"]
+
+    md = (out / "matrix.md").read_text()
+    assert f"Command: `wsss-domains bench --methods cam,par --domains {DOMAIN} --budget-minutes 1" in md
+    assert f"{matrix['machine']['nproc']} usable CPUs" in md and matrix["machine"]["cpu_model"] in md
+    assert f"| `cam` | {100 * cam['miou']:.1f} (base) |" in md
+    assert f"| `par` | {100 * par['miou']:.1f} ({100 * (par['miou'] - cam['miou']):+.1f}) |" in md
+    assert "## Where methods hurt" in md and "## Wall time" in md
+    if par["miou"] < cam["miou"]:
+        assert f"`par` on `{DOMAIN}`" in md
+
+    with Image.open(out / "heatmap.png") as png:
+        assert png.format == "PNG" and png.width > 100 and png.height > 100
+
+    # Different settings in the same folder are refused rather than mixed into the table.
+    with pytest.raises(CliError, match="other settings.*budget_minutes"):
+        bench(out, data_root, "cam,par", "--budget-minutes", "2")
+
+
+def test_killed_matrix_resumes_skipping_finished_cells(tmp_path, data_root, monkeypatch):
+    out = tmp_path / "matrix"
+    real = bench_matrix.pseudo_label_split
+
+    def killed_in_par(*args, **kwargs):
+        if kwargs.get("method_name") == "par":
+            raise KeyboardInterrupt  # a kill, not a cell failure: nothing is recorded for par
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench_matrix, "pseudo_label_split", killed_in_par)
+    with pytest.raises(KeyboardInterrupt):
+        bench(out, data_root, "cam,par")
+    done = out / "cells" / f"{DOMAIN}__cam.json"
+    model = out / "runs" / "fake__cam" / "model.pt"
+    assert done.is_file() and not (out / "cells" / f"{DOMAIN}__par.json").exists()
+    # The report was already written after the first cell, with the unfinished one marked.
+    assert "not run" in (out / "matrix.md").read_text()
+    stamps = done.stat().st_mtime_ns, model.stat().st_mtime_ns
+
+    monkeypatch.setattr(bench_matrix, "pseudo_label_split", real)
+    assert bench(out, data_root, "cam,par") == 0
+    assert (done.stat().st_mtime_ns, model.stat().st_mtime_ns) == stamps  # neither recomputed nor retrained
+    assert cell(out, "par")["status"] == "ok"
+    assert json.loads((out / "runs" / "fake__cam" / "bench-train.json").read_text())["attempts"] == 1
+    assert "| `par` | failed" not in (out / "matrix.md").read_text()
+
+
+def test_training_killed_after_its_checkpoint_is_resumed_not_restarted(
+    tmp_path, data_root, monkeypatch, capsys
+):
+    out = tmp_path / "matrix"
+    real = bench_matrix.run_train
+
+    def killed_after_training(args):
+        real(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_matrix, "run_train", killed_after_training)
+    with pytest.raises(KeyboardInterrupt):
+        bench(out, data_root, "cam")
+    run = out / "runs" / "fake__cam"
+    state = json.loads((run / "bench-train.json").read_text())
+    assert (run / "checkpoints" / "last.ckpt").is_file() and not state["done"] and state["attempts"] == 1
+    assert not (out / "cells").exists()
+
+    monkeypatch.setattr(bench_matrix, "run_train", real)
+    before = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    capsys.readouterr()
+    assert bench(out, data_root, "cam") == 0
+    assert "resuming fake__cam" in capsys.readouterr().out
+    state = json.loads((run / "bench-train.json").read_text())
+    assert state["done"] and state["attempts"] == 2
+    assert cell(out, "cam")["train_seconds"] == pytest.approx(state["seconds"])
+    # Resumed at the step cap from last.ckpt: a restart would have trained and rewritten it.
+    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
+
+
+def test_failing_cell_is_recorded_and_training_methods_get_their_own_run(tmp_path, data_root, capsys):
+    out = tmp_path / "matrix"
+    methods = f"par,{NeedsWeights.name},{ExtraLoss.name}"
+    missing = tmp_path / "no-such-weights.pt"
+    assert bench(out, data_root, methods, "--clip-weights", str(missing)) == 0
+
+    failed = cell(out, NeedsWeights.name)
+    assert failed["status"] == "failed" and "miou" not in failed
+    assert failed["error"].startswith("WeightsNotFound: CLIP weights not available")
+    # Model flags reach the methods that take them, not plain CAM or the refiners.
+    assert failed["config"]["method_options"] == {"clip_weights": str(missing)}
+    assert cell(out, "par")["config"]["method_options"] == {}
+    assert cell(out, "par")["status"] == "ok" and cell(out, ExtraLoss.name)["status"] == "ok"
+    assert cell(out, ExtraLoss.name)["trained_with"] == ExtraLoss.name
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["fake__cam", f"fake__{ExtraLoss.name}"]
+
+    md = (out / "matrix.md").read_text()
+    assert f"| `{NeedsWeights.name}` | failed |" in md
+    assert f"- `{NeedsWeights.name}` on `{DOMAIN}`: WeightsNotFound: CLIP weights not available" in md
+    assert "1 of 4 cells failed" in capsys.readouterr().out
+
+    # A re-run keeps the recorded failure; --retry-failed computes it again.
+    path = out / "cells" / f"{DOMAIN}__{NeedsWeights.name}.json"
+    stamp = path.stat().st_mtime_ns
+    assert bench(out, data_root, methods, "--clip-weights", str(missing)) == 0
+    assert path.stat().st_mtime_ns == stamp
+    assert bench(out, data_root, methods, "--clip-weights", str(missing), "--retry-failed") == 0
+    assert path.stat().st_mtime_ns != stamp and cell(out, NeedsWeights.name)["status"] == "failed"
+
+
+def test_failed_training_fails_the_cells_sharing_it_and_the_matrix_goes_on(tmp_path, data_root):
+    out = tmp_path / "matrix"
+    broken = replace(PRESETS[DOMAIN], train_split="no-such-split")
+    presets = {"broken": broken, DOMAIN: PRESETS[DOMAIN]}
+    assert bench(out, data_root, "cam,par", presets=presets) == 0
+    for method in ("cam", "par"):
+        failed = json.loads((out / "cells" / f"broken__{method}.json").read_text())
+        assert failed["status"] == "failed"
+        assert (
+            failed["error"].startswith("training the cam run failed: ") and "no-such-split" in failed["error"]
+        )
+    assert cell(out, "par")["status"] == "ok"  # the next domain still ran
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert matrix["gains_vs_cam"]["broken"] == {"cam": None, "par": None}
+
+
+# -- gains and report, against hand values ----------------------------------------------------
+
+
+def ok(method: str, miou: float, **per_class: float) -> dict[str, Any]:
+    return {
+        "method": method,
+        "status": "ok",
+        "miou": miou,
+        "per_class_iou": per_class,
+        "train_seconds": 60.0,
+        "pseudo_label_seconds": 5.0,
+        "wall_seconds": 65.0,
+    }
+
+
+HAND_CELLS = {
+    "d1": {
+        "cam": ok("cam", 0.40, a=0.50, b=0.30),
+        "par": ok("par", 0.45, a=0.60, b=0.30),
+        "crf": ok("crf", 0.30, a=0.45, b=0.15),
+        "sepl": {"method": "sepl", "status": "failed", "error": "FileNotFoundError: no SAM checkpoint"},
+    },
+    "d2": {
+        "cam": {"method": "cam", "status": "failed", "error": "ValueError: boom"},
+        "par": ok("par", 0.20, a=0.20),
+    },
+}
+
+
+def test_gains_against_hand_values():
+    gains = compute_gains(HAND_CELLS)
+    assert gains["d1"]["cam"] == 0.0
+    assert gains["d1"]["par"] == pytest.approx(0.05)
+    assert gains["d1"]["crf"] == pytest.approx(-0.10)
+    assert gains["d1"]["sepl"] is None  # failed cell
+    assert gains["d2"] == {"cam": None, "par": None}  # no baseline to compare with
+    assert per_class_gain(HAND_CELLS["d1"]["crf"], HAND_CELLS["d1"]["cam"]) == {
+        "a": pytest.approx(-0.05),
+        "b": pytest.approx(-0.15),
+    }
+    undefined = ok("par", math.nan)
+    assert compute_gains({"d": {"cam": ok("cam", 0.4), "par": undefined}})["d"]["par"] is None
+
+    hurt = where_methods_hurt(HAND_CELLS, ["cam", "par", "crf", "sepl"], ["d1", "d2"])
+    assert hurt == [
+        "`crf` on `d1`: -10.0 mIoU points (30.0 vs 40.0 for cam); classes hurt most: b -15.0, a -5.0"
+    ]
+
+
+def test_report_tables_and_heatmap_from_hand_values(tmp_path):
+    presets = {d: DEFAULT_PRESETS["histo"].to_dict() for d in HAND_CELLS}
+    machine = {"nproc": 2, "cpu_count": 64, "cpu_model": "Test CPU", "device": "cpu"}
+    machine |= {"torch": torch.__version__, "torch_threads": 2, "platform": "test"}
+    methods, domains = ["cam", "par", "crf", "sepl"], ["d1", "d2"]
+    matrix = build_matrix(HAND_CELLS, domains, methods, "wsss-domains bench ...", machine, presets, 3.0)
+    md = render_markdown(matrix)
+    assert "| `cam` | 40.0 (base) | failed |" in md
+    assert "| `par` | 45.0 (+5.0) | 20.0 (no cam) |" in md
+    assert "| `crf` | 30.0 (-10.0) | not run |" in md
+    assert "| `sepl` | failed | not run |" in md
+    assert "- `crf` on `d1`: -10.0 mIoU points" in md
+    assert "- `sepl` on `d1`: FileNotFoundError: no SAM checkpoint" in md
+    assert "- `cam` on `d2`: ValueError: boom" in md
+    assert "| `par` | 60.0 + 5.0 = 65.0 | 60.0 + 5.0 = 65.0 |" in md
+    assert "2 usable CPUs (nproc; 64 on the host), Test CPU" in md
+    json.dumps(matrix, allow_nan=False)  # matrix.json never holds NaN
+
+    png = plot_heatmap(matrix, tmp_path / "heatmap.png")
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+
+    no_hurt = {"d1": {"cam": ok("cam", 0.4), "par": ok("par", 0.4)}}
+    matrix = build_matrix(no_hurt, ["d1"], ["cam", "par"], "cmd", machine, presets, 3.0)
+    assert "No method scored below plain CAM" in render_markdown(matrix)
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_unknown_method_or_domain_is_a_usage_error_listing_the_known_ones(capsys, tmp_path):
+    assert (
+        main(["bench", "--methods", "cam,nope", "--domains", "histo", "--out", str(tmp_path)]) == EXIT_USAGE
+    )
+    err = capsys.readouterr().err
+    assert "unknown method(s) 'nope'; known: cam," in err and "par" in err
+    assert (
+        main(["bench", "--methods", "par", "--domains", "histo,mars", "--out", str(tmp_path)]) == EXIT_USAGE
+    )
+    assert (
+        "unknown domain(s) 'mars'; known: histo, driving, remote-sensing, dubai, coco"
+        in capsys.readouterr().err
+    )
+    code = main(["bench", "--methods", "par", "--domains", "histo", "--data-root", str(tmp_path / "none")])
+    assert code == EXIT_USAGE and "data of domain 'histo' not found" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_method_options_are_scoped():
+    options = scoped_method_options(["cam", "par"], ["par:num_iter=3", "seed=1"], {"clip_weights": None})
+    assert options == {"cam": {"seed": 1}, "par": {"num_iter": 3, "seed": 1}}
+    methods = ["cam", "par", NeedsWeights.name, FixedSignature.name]
+    options = scoped_method_options(
+        methods, [f"{FixedSignature.name}:alpha=0.5"], {"sam_checkpoint": Path("s.pt")}
+    )
+    assert options == {NeedsWeights.name: {"sam_checkpoint": "s.pt"}, FixedSignature.name: {"alpha": 0.5}}
+    with pytest.raises(CliError, match="'crf' is not in this matrix"):
+        scoped_method_options(["cam", "par"], ["crf:num_iter=3"], {})
+    with pytest.raises(CliError, match="expects"):
+        scoped_method_options(["cam"], ["num_iter"], {})
+
+
+def test_presets_score_tiles_only_where_asked():
+    assert {"histo", "driving", "remote-sensing", "dubai", "coco"} <= set(DEFAULT_PRESETS)
+    assert DEFAULT_PRESETS["remote-sensing"].score_options() == {"labels_from_masks": True, "patch_size": 256}
+    assert DEFAULT_PRESETS["histo"].score_options() == {}
+    assert DEFAULT_PRESETS["histo"].train_options() == {"labels_from_masks": True, "patch_size": 112}
+
+
+@pytest.mark.realdata
+def test_remote_sensing_presets_hold_out_whole_scenes(shared_data):
+    from wsss_domains.cli.common import open_dataset
+
+    for key in ("remote-sensing", "dubai"):
+        p = DEFAULT_PRESETS[key]
+        root = p.data(shared_data)
+        train = open_dataset(p.domain, p.dataset, root, p.train_split, **p.train_options()).dataset
+        score = open_dataset(p.domain, p.dataset, root, p.score_split, **p.score_options()).dataset
+        scenes = [{s["id"].split("@")[0] for s in (d[i] for i in range(len(d)))} for d in (train, score)]
+        assert scenes[0] and scenes[1] and not scenes[0] & scenes[1], key

@@ -1,0 +1,68 @@
+"""A few real training steps of a method through the engine's ClassifierTask (shared by the method tests)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from wsss_domains.methods.base import Method
+from wsss_domains.models.classifier import CamClassifier
+from wsss_domains.training.task import ClassifierTask
+
+IMAGE_SIZE = 32
+
+
+class _Squares(Dataset):
+    """Normalised 32x32 images with a bright square of class 0 and/or 1 (labels as the engine gives)."""
+
+    def __init__(self, n: int = 4) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.items = []
+        for i in range(n):
+            image = torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=gen) * 0.1
+            label = torch.tensor([1.0, float(i % 2)])
+            image[0, 4:16, 4:16] += 2.0
+            if label[1]:
+                image[2, 16:28, 16:28] += 2.0
+            self.items.append({"image": image, "label": label})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.items[index]
+
+
+# timm's ~100k-parameter EfficientNet test model: same stage layout as EfficientNet-Lite0, much faster.
+FAST_BACKBONE = "test_efficientnet"
+
+
+def train_steps(
+    method: Method, steps: int = 2, backbone: str = FAST_BACKBONE
+) -> tuple[ClassifierTask, dict[str, float], dict[str, torch.Tensor]]:
+    """Run ``steps`` optimiser steps of ``method`` on a random-weight classifier; return the task (in
+    eval mode), the values logged at the last step and the method modules' initial weights."""
+    model = CamClassifier(num_classes=2, backbone=backbone, weights="random")
+    task = ClassifierTask(model, method)
+    initial = {k: v.clone() for k, v in task.method_modules.state_dict().items()}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(task, DataLoader(_Squares(), batch_size=2))
+    assert trainer.global_step == steps
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return task.eval(), logged, initial
+
+
+def changed(task: ClassifierTask, initial: dict[str, torch.Tensor], prefix: str) -> bool:
+    """Whether training moved any weight of the method module ``prefix``."""
+    now = task.method_modules.state_dict()
+    keys = [k for k in initial if k.startswith(prefix + ".")]
+    assert keys, prefix
+    return any(not torch.equal(now[k], initial[k]) for k in keys)

@@ -1,0 +1,615 @@
+"""SAM methods (sepl, sam-proto, s2c) and the label-level hook, on a tiny random SAM in seconds."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+# The tiny SAM (tests/sam) and the fake domain (tests/engine) are shared with those suites.
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("sam", "engine")]
+import fakes  # noqa: E402
+from sam_fixtures import build_tiny_sam  # noqa: E402
+
+from wsss_domains.cam.extract import CamExtractor  # noqa: E402
+from wsss_domains.cli.pseudo_labels import pseudo_label_split  # noqa: E402
+from wsss_domains.data.io import read_index_mask  # noqa: E402
+from wsss_domains.domains.contract import BackgroundMode, LabelSpace, PromptKind, SamStrategy  # noqa: E402
+from wsss_domains.methods import create_method, list_methods  # noqa: E402
+from wsss_domains.methods.base import Method  # noqa: E402
+from wsss_domains.methods.s2c import S2C  # noqa: E402
+from wsss_domains.methods.sam_base import SAM_CACHE_ENV, sam_cache_dir  # noqa: E402
+from wsss_domains.methods.sam_proto import fuse_prototype_cams  # noqa: E402
+from wsss_domains.models.classifier import CamClassifier  # noqa: E402
+from wsss_domains.pseudo_labels.assemble import cams_to_labels  # noqa: E402
+from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, write_pseudo_labels  # noqa: E402
+from wsss_domains.sam import registry as sam_registry  # noqa: E402
+from wsss_domains.sam.registry import CACHE_ENV, CHECKPOINT_FLAG, LoadedSam  # noqa: E402
+from wsss_domains.sam.s2c import cpm_loss, cpm_target, multiscale_cams, segment_index_map, ssc_loss  # noqa: E402
+from wsss_domains.sam.segmenter import SamMasks  # noqa: E402
+from wsss_domains.training.data import TrainingView  # noqa: E402
+from wsss_domains.training.run import RunConfig, save_model  # noqa: E402
+from wsss_domains.training.task import ClassifierTask  # noqa: E402
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+U = 255
+TWO_CLASSES = LabelSpace(classes=("a", "b"), palette=((255, 0, 0), (0, 0, 255)))
+EVERYTHING_FAST = {
+    "everything_points_per_side": 4,
+    "everything_pred_iou_thresh": 0.0,
+    "everything_stability_thresh": 0.0,
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fake_domain() -> Iterator[None]:
+    fakes.register()
+    yield
+    fakes.unregister()
+
+
+@pytest.fixture
+def tiny_sam() -> LoadedSam:
+    return LoadedSam(model=build_tiny_sam(), name="tiny_test", checkpoint_id="random-init-seed0")
+
+
+class BoxDomain(fakes.FakeDomain):
+    """The fake domain asking for LiteMedSAM with box prompts, as histology does."""
+
+    def sam_strategy(self) -> SamStrategy:
+        return SamStrategy(
+            prompt=PromptKind.BOXES, model="lite_medsam", cam_threshold=0.4, max_prompts_per_class=3
+        )
+
+
+class StubSegmenter:
+    """Stands in for SamSegmenter: returns hand-made masks and records the strategies asked for."""
+
+    def __init__(self, sam: LoadedSam, masks: torch.Tensor) -> None:
+        self.sam = sam
+        self.masks = masks
+        self.strategies: list[SamStrategy] = []
+
+    def segment(self, image, cams, strategy, labels=None, return_logits=False) -> SamMasks:
+        self.strategies.append(strategy)
+        n = self.masks.shape[0]
+        return SamMasks(self.masks, torch.ones(n), torch.full((n,), -1), strategy.prompt, 0)
+
+
+def with_masks(method, sam: LoadedSam, masks: torch.Tensor) -> StubSegmenter:
+    stub = StubSegmenter(sam, masks)
+    method._sam, method._segmenter = sam, stub
+    return stub
+
+
+def box(shape: tuple[int, int], y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+    m = torch.zeros(shape, dtype=torch.bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+# -- the engine hook -------------------------------------------------------------------------
+
+
+def test_default_refine_labels_returns_the_labels_untouched():
+    labels = torch.randint(0, 3, (8, 8))
+    out = Method().refine_labels(torch.rand(3, 8, 8), labels, torch.rand(2, 8, 8), torch.ones(2), None, None)
+    assert out is labels
+
+
+class Shifted(Method):
+    """Records what the writer passes to the hook and changes the labels."""
+
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def refine_labels(self, image, labels, cams, present, domain, label_space):
+        Shifted.seen.append((labels.clone(), cams.clone(), image.clone()))
+        return torch.where(labels == 1, torch.full_like(labels, 2), labels)
+
+
+def test_writer_assembles_labels_then_calls_refine_labels_and_writes_its_result(tmp_path):
+    root = fakes.write_shapes(tmp_path / "data", n_train=1, n_val=2, n_unlabelled=0)
+    val = fakes.build(root, "val")
+    model = CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random").eval()
+    extractor = CamExtractor(model, scales=(1.0,))
+    domain, options = fakes.FakeDomain(), PseudoLabelOptions(progress=False, overlays=False)
+    write_pseudo_labels(
+        val, extractor, Method(), domain, fakes.LABEL_SPACE, MEAN, STD, tmp_path / "plain", options
+    )
+    Shifted.seen.clear()
+    write_pseudo_labels(
+        val, extractor, Shifted(), domain, fakes.LABEL_SPACE, MEAN, STD, tmp_path / "hook", options
+    )
+    assert len(Shifted.seen) == 2
+    for k, (labels, cams, image) in enumerate(Shifted.seen):
+        sample = val[k]
+        assert torch.equal(image, sample["image"])  # the raw image, as refine gets it
+        plain = read_index_mask(tmp_path / "plain" / f"val_{k:02d}.png").long()
+        expected = cams_to_labels(cams, sample["label"], fakes.LABEL_SPACE, 0.3)
+        assert torch.equal(labels, expected) and torch.equal(plain, expected)  # plain CAM: unchanged
+        hooked = read_index_mask(tmp_path / "hook" / f"val_{k:02d}.png").long()
+        assert torch.equal(hooked, torch.where(expected == 1, 2, expected))
+
+
+def test_sam_methods_are_registered():
+    assert {"sepl", "s2c", "sam-proto"} <= set(list_methods())
+
+
+# -- sepl --------------------------------------------------------------------------------------
+
+
+def test_sepl_relabels_hand_made_masks_against_the_cam_pseudo_label(tiny_sam):
+    labels = torch.zeros(8, 8, dtype=torch.int64)
+    labels[2:5, 2:5] = 1  # red blob (9 px)
+    labels[6:8, 6:8] = 2  # blue blob (4 px)
+    labels[1, 1] = U
+    big = box((8, 8), 1, 7, 1, 7)  # 36 px, mostly background, but all of red: red (coverage beats bg)
+    corner = box((8, 8), 5, 8, 5, 8)  # 9 px, mostly background, all of blue: blue; smaller, so wins
+    method = create_method("sepl", sam_cache="none")
+    stub = with_masks(method, tiny_sam, torch.stack([big, corner]))
+    out = method.refine_labels(
+        torch.rand(3, 8, 8), labels, torch.rand(2, 8, 8), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE
+    )
+    expected = labels.clone()
+    expected[big] = 1
+    expected[corner] = 2
+    expected[1, 1] = U  # ignored pixels stay ignored
+    assert torch.equal(out, expected)
+    assert out[0, 7] == 0  # no mask there: the CAM label stays
+    assert stub.strategies[0].prompt is PromptKind.EVERYTHING  # the tiny SAM takes point grids
+
+
+def test_sepl_without_masks_keeps_the_labels(tiny_sam):
+    method = create_method("sepl", sam_cache="none")
+    with_masks(method, tiny_sam, torch.zeros(0, 8, 8, dtype=torch.bool))
+    labels = torch.randint(0, 3, (8, 8))
+    out = method.refine_labels(
+        torch.rand(3, 8, 8), labels, torch.rand(2, 8, 8), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE
+    )
+    assert torch.equal(out, labels)
+
+
+def test_box_only_sam_is_prompted_with_the_domains_boxes(tiny_sam):
+    tiny_sam.supports_points = False
+    method = create_method("sepl", sam_cache="none")
+    stub = with_masks(method, tiny_sam, torch.zeros(0, 8, 8, dtype=torch.bool))
+    method.refine_labels(
+        torch.rand(3, 8, 8),
+        torch.zeros(8, 8, dtype=torch.int64),
+        torch.rand(2, 8, 8),
+        torch.ones(2),
+        BoxDomain(),
+        fakes.LABEL_SPACE,
+    )
+    assert stub.strategies[0] == BoxDomain().sam_strategy()  # boxes, with the domain's thresholds
+
+
+def test_sepl_with_the_tiny_sam_matches_sepl_on_the_same_masks(tiny_sam, tmp_path):
+    from wsss_domains.sam.sepl import sepl_refine
+
+    method = create_method("sepl", sam=tiny_sam, sam_cache=str(tmp_path / "cache"), **EVERYTHING_FAST)
+    image = torch.rand(3, 24, 24)
+    masks = method.segmenter().segment(image, None, SamStrategy(prompt=PromptKind.EVERYTHING)).masks
+    assert len(masks) > 0
+    labels = torch.zeros(24 * 24, dtype=torch.int64)
+    inside = torch.nonzero(masks[0].flatten()).flatten()
+    labels[inside[: int(0.7 * len(inside))]] = 1  # 70 % of the largest mask is class 1: all of it becomes 1
+    labels = labels.view(24, 24)
+    out = method.refine_labels(
+        image, labels, torch.rand(2, 24, 24), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE
+    )
+    assert torch.equal(out, sepl_refine(labels, masks, 3, background_index=0))
+    assert not torch.equal(out, labels)
+    assert list((tmp_path / "cache" / "tiny_test").rglob("*.pt"))  # the embedding was cached on disk
+
+
+def test_sam_is_created_once_lazily_from_the_domains_model_and_the_checkpoint_option(tiny_sam, monkeypatch):
+    calls = []
+
+    def fake_create(name, checkpoint=None, device="cpu"):
+        calls.append((name, checkpoint))
+        return tiny_sam
+
+    monkeypatch.setattr(sam_registry, "create_sam", fake_create)
+    method = create_method("sepl", sam_checkpoint="/weights/lite.pth", sam_cache="none", prompt="boxes")
+    assert not calls  # nothing is loaded when the method is created
+    cams = torch.zeros(2, 16, 16)
+    cams[0, 2:8, 2:8] = 1.0
+    for _ in range(2):
+        method.refine_labels(
+            torch.rand(3, 16, 16),
+            torch.zeros(16, 16, dtype=torch.int64),
+            cams,
+            torch.tensor([1.0, 0.0]),
+            BoxDomain(),
+            fakes.LABEL_SPACE,
+        )
+    assert calls == [("lite_medsam", "/weights/lite.pth")]
+    other = create_method("sepl", sam_model="vit_l", sam_cache="none")
+    other.refine_labels(
+        torch.rand(3, 16, 16),
+        torch.zeros(16, 16, dtype=torch.int64),
+        cams,
+        torch.tensor([1.0, 0.0]),
+        BoxDomain(),
+        fakes.LABEL_SPACE,
+    )
+    assert calls[-1] == ("vit_l", None)
+
+
+def test_missing_vit_b_checkpoint_is_a_clear_error_before_any_label_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty"))
+    root = fakes.write_shapes(tmp_path / "data", n_train=1, n_val=1, n_unlabelled=0)
+    model = CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random").eval()
+    for name in ("sepl", "s2c", "sam-proto"):
+        method = create_method(name)  # the fake domain's SamStrategy asks for vit_b
+        out = tmp_path / f"pl-{name}"
+        with pytest.raises(FileNotFoundError) as err:
+            write_pseudo_labels(
+                fakes.build(root, "val"), CamExtractor(model), method, fakes.FakeDomain(), fakes.LABEL_SPACE,
+                MEAN, STD, out, PseudoLabelOptions(progress=False),
+            )  # fmt: skip
+        assert CHECKPOINT_FLAG in str(err.value) and "sam_vit_b_01ec64.pth" in str(err.value)
+        assert not list(out.glob("*.png"))
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'no.pth'}.*{CHECKPOINT_FLAG}"):
+        create_method("sepl", sam_checkpoint=str(tmp_path / "no.pth")).setup(fakes.FakeDomain(), MEAN, STD)
+
+
+def test_cache_folder_option_environment_and_off(monkeypatch, tmp_path):
+    monkeypatch.delenv(SAM_CACHE_ENV, raising=False)
+    assert sam_cache_dir() == Path("~/.cache/wsss-domains/sam-embeddings").expanduser()
+    monkeypatch.setenv(SAM_CACHE_ENV, str(tmp_path / "env"))
+    assert sam_cache_dir() == tmp_path / "env"
+    assert sam_cache_dir(str(tmp_path / "opt")) == tmp_path / "opt"
+    assert sam_cache_dir("none") is None and sam_cache_dir(False) is None
+
+
+# -- sam-proto -----------------------------------------------------------------------------------
+
+
+class FixedFeatures(nn.Module):
+    """A 'classifier' whose backbone features are hand-made (``1 x D x H x W``)."""
+
+    def __init__(self, feats: torch.Tensor) -> None:
+        super().__init__()
+        self.feats = feats
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.feats.expand(x.shape[0], -1, -1, -1)
+
+
+def proto_method(tiny_sam, masks, feats, **options):
+    method = create_method("sam-proto", sam=tiny_sam, sam_cache="none", **options)
+    method.setup(fakes.FakeDomain(), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    method.extractor(FixedFeatures(feats), nn.ModuleDict(), flip=False, base_scale=1.0)
+    with_masks(method, tiny_sam, masks)
+    return method
+
+
+def halves() -> tuple[torch.Tensor, torch.Tensor]:
+    """Left / right half segments of a 4 x 8 image and features [1, 0] left, [1, 1] right."""
+    masks = torch.stack([box((4, 8), 0, 4, 0, 4), box((4, 8), 0, 4, 4, 8)])
+    feats = torch.zeros(1, 2, 4, 8)
+    feats[0, 0] = 1.0
+    feats[0, 1, :, 4:] = 1.0
+    return masks, feats
+
+
+def test_sam_proto_fuses_prototype_cams_by_the_documented_formula(tiny_sam):
+    masks, feats = halves()
+    cams = torch.zeros(2, 4, 8)
+    cams[0, :, :4] = torch.tensor([1.0, 0.8, 0.6, 0.4])
+    cams[0, :, 4:] = 0.1
+    cams[1, :, 4:] = torch.tensor([0.2, 0.4, 0.6, 1.0])  # left half: class a, right half: class b
+    method = proto_method(tiny_sam, masks, feats)
+    out = method.refine(torch.rand(3, 4, 8), cams, torch.ones(2), fakes.FakeDomain(), TWO_CLASSES)
+    r = 1 / math.sqrt(2)  # cosine of [1, 1] to [1, 0]
+    # a: prototype [1, 0] -> proto CAM 1 left, r right; b: prototype [1, 1] -> r left, 1 right.
+    expected_a = torch.tensor([1.0, 0.9, 0.8, 0.7, *([0.5 * 0.1 + 0.5 * r] * 4)])
+    expected_b = torch.tensor([*([0.5 * r] * 4), 0.6, 0.7, 0.8, 1.0])
+    assert torch.allclose(out[0], expected_a.expand(4, 8), atol=1e-5)
+    assert torch.allclose(out[1], expected_b.expand(4, 8), atol=1e-5)
+    # fuse_weight w: (1 - w) * cam + w * proto, then divided by its maximum.
+    quarter = proto_method(tiny_sam, masks, feats, fuse_weight=0.25)
+    out = quarter.refine(torch.rand(3, 4, 8), cams, torch.ones(2), fakes.FakeDomain(), TWO_CLASSES)
+    raw_b = torch.tensor([*([0.25 * r] * 4), 0.4, 0.55, 0.7, 1.0])
+    assert torch.allclose(out[1], (raw_b / raw_b.max()).expand(4, 8), atol=1e-5)
+
+
+def test_sam_proto_uses_only_confident_segments_and_respects_the_domain_hook(tiny_sam):
+    masks, feats = halves()
+    cams = torch.zeros(2, 4, 8)
+    cams[0] = 0.3
+    cams[0, :, 0] = 1.0
+    cams[1, :, 4:] = torch.tensor([0.2, 0.25, 0.9, 1.0])  # right half: half a, half b -> no prototype for b
+    method = proto_method(tiny_sam, masks, feats)
+    out = method.refine(torch.rand(3, 4, 8), cams, torch.ones(2), fakes.FakeDomain(), TWO_CLASSES)
+    assert torch.equal(out[1], cams[1])
+    assert not torch.allclose(out[0], cams[0])
+    # fuse_prototype_cams keeps classes without a prototype; the formula for the others.
+    proto = torch.rand(2, 2, 4)  # at half resolution: resized bilinearly to the CAMs
+    fused = fuse_prototype_cams(cams, proto, torch.tensor([True, False]), 0.5)
+    assert torch.equal(fused[1], cams[1]) and torch.isclose(fused[0].max(), torch.tensor(1.0))
+
+    # SamStrategy.use_prototypes = False (or the option) leaves the CAMs alone.
+    class NoPrototypes(fakes.FakeDomain):
+        def sam_strategy(self) -> SamStrategy:
+            return replace(super().sam_strategy(), use_prototypes=False)
+
+    assert torch.equal(
+        method.refine(torch.rand(3, 4, 8), cams, torch.ones(2), NoPrototypes(), TWO_CLASSES), cams
+    )
+    forced = proto_method(tiny_sam, masks, feats, use_prototypes=True)
+    assert not torch.equal(
+        forced.refine(torch.rand(3, 4, 8), cams, torch.ones(2), NoPrototypes(), TWO_CLASSES), cams
+    )
+
+
+# -- s2c: the losses ---------------------------------------------------------------------------------
+
+
+def test_segment_index_map_lets_smaller_segments_win():
+    big, small = box((4, 4), 0, 4, 0, 4), box((4, 4), 1, 2, 1, 3)
+    seg = segment_index_map(torch.stack([small, big]))
+    expected = torch.full((4, 4), 2)
+    expected[1, 1:3] = 1
+    assert torch.equal(seg, expected)
+    assert torch.equal(
+        segment_index_map(torch.zeros(0, 4, 4, dtype=torch.bool)), torch.zeros(4, 4, dtype=torch.int64)
+    )
+
+
+def test_ssc_loss_reaches_its_minimum_on_orthogonal_segments_and_is_differentiable():
+    segments = torch.zeros(1, 6, 6, dtype=torch.int64)
+    segments[0, :, :2], segments[0, :, 2:4], segments[0, :4, 4:] = 1, 2, 3  # two pixels unsegmented
+    feats = torch.nn.functional.one_hot((segments[0] - 1).clamp_min(0), 3).permute(2, 0, 1)[None].float()
+    for t in (1.0, 10.0):
+        assert torch.isclose(
+            ssc_loss(feats, segments, t), torch.tensor(math.log(1 + 2 * math.exp(-t))), atol=1e-6
+        )
+    assert ssc_loss(feats, segments, 10.0) < 1e-3
+    noisy = torch.randn(1, 3, 6, 6, requires_grad=True)
+    loss = ssc_loss(noisy, segments, 10.0)
+    assert loss > ssc_loss(feats, segments, 10.0) + 0.1
+    loss.backward()
+    assert torch.isfinite(noisy.grad).all() and noisy.grad.abs().sum() > 0
+    empty = torch.randn(1, 3, 2, 2, requires_grad=True)
+    zero = ssc_loss(empty, torch.zeros(1, 6, 6, dtype=torch.int64))
+    zero.backward()
+    assert zero == 0 and empty.grad is not None
+
+
+def test_cpm_target_takes_the_more_confident_class_and_background_elsewhere():
+    logits = torch.full((3, 4, 4), float("-inf"))
+    logits[0] = -1.0
+    logits[0, :, :3] = 2.0  # class 0: columns 0-2, logit 2
+    logits[1] = -1.0
+    logits[1, :, 2:] = 1.0  # class 1: columns 2-3, logit 1; class 2 not prompted
+    cams = torch.zeros(3, 4, 4)
+    cams[0, :, :3] = 0.1  # mean CAM 0.1 -> confidence 0.2
+    cams[1, :, 2:] = 0.5  # mean CAM 0.5 -> confidence 0.5: wins the overlap (column 2)
+    target = cpm_target(logits, cams, background=3)
+    assert target[0].tolist() == [0, 0, 1, 1]
+    logits[:, :, 3] = -5.0
+    assert cpm_target(logits, cams, background=3)[0].tolist() == [0, 0, 1, 3]
+
+
+def test_cpm_loss_is_lowest_when_the_cams_match_the_sam_targets():
+    targets = torch.full((1, 4, 4), 2)  # K = 2 classes, 2 = background
+    targets[0, :, :2] = 0
+    targets[0, :2, 2:] = 1
+    cams = torch.nn.functional.one_hot(targets[0], 3)[..., :2].permute(2, 0, 1)[None].float()
+    labels = torch.ones(1, 2)
+    best = cpm_loss(cams, labels, targets)
+    assert torch.isclose(best, torch.tensor(math.log(1 + 2 / math.e)), atol=1e-4)
+    swapped = cpm_loss(cams.flip(1), labels, targets)
+    assert swapped > best + 0.3
+    raw = torch.randn(1, 2, 2, 2, requires_grad=True)  # CAMs at feature resolution are resized
+    cpm_loss(raw, labels, targets).backward()
+    assert torch.isfinite(raw.grad).all() and raw.grad.abs().sum() > 0
+
+
+def test_multiscale_cams_zero_absent_classes_peak_at_one_and_restore_the_mode():
+    model = CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random").train()
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    images = torch.randn(2, 3, 32, 32)
+    cams = multiscale_cams(model, images, labels, (1.0, 0.5))
+    assert model.training and cams.shape == (2, 2, 32, 32)
+    model.eval()
+    up = [
+        torch.nn.functional.interpolate(model.cams(x), size=(32, 32), mode="bilinear").relu()
+        for x in (images, torch.nn.functional.interpolate(images, size=(16, 16), mode="bilinear"))
+    ]
+    total = (up[0] + up[1]) * labels[..., None, None]
+    assert torch.allclose(cams, total / (total.flatten(2).amax(dim=2)[..., None, None] + 1e-5), atol=1e-6)
+    assert cams[0, 1].abs().sum() == 0
+
+
+# -- s2c: the method in training -------------------------------------------------------------------
+
+
+def s2c_method(sam: LoadedSam, domain=None, **options) -> S2C:
+    settings = {
+        "sam": sam,
+        "cpm_start": 0.0,
+        "cpm_scales": [1.0, 0.5],
+        "min_peak_distance": 2,
+        **EVERYTHING_FAST,
+    }
+    method = create_method("s2c", **{**settings, **options})
+    method.setup(domain or fakes.FakeDomain(), MEAN, STD)
+    return method
+
+
+def test_s2c_point_prompts_hold_all_peaks_of_a_class_and_take_the_third_mask(tiny_sam, monkeypatch):
+    method = s2c_method(tiny_sam)
+    segmenter = method.training_segmenter(torch.device("cpu"))
+    calls = []
+    original = segmenter.predictor.predict_torch
+
+    def spy(coords, labels, *args, **kwargs):
+        out = original(coords, labels, *args, **kwargs)
+        calls.append((coords.clone(), out[0].clone()))
+        return out
+
+    monkeypatch.setattr(segmenter.predictor, "predict_torch", spy)
+    cams = torch.zeros(2, 32, 32)
+    cams[1, 5, 5], cams[1, 20, 24] = 1.0, 0.9  # two peaks of class 1; class 0 absent
+    segments, target = method._point_targets(
+        segmenter, torch.rand(3, 32, 32), cams, torch.tensor([0.0, 1.0]), method.strategy(), True
+    )
+    prompt_calls = [c for c in calls if c[0].shape[0] == 1]
+    assert len(prompt_calls) == 1 and prompt_calls[0][0].shape == (1, 2, 2)  # one prompt, both peaks
+    third = prompt_calls[0][1][0, 2]
+    expected = torch.where(
+        third > 0, torch.ones_like(third, dtype=torch.int64), torch.full_like(third, 2, dtype=torch.int64)
+    )
+    assert torch.equal(target, expected)  # class 1 where its third mask is, background elsewhere
+    assert segments.dtype == torch.bool and segments.shape[1:] == (32, 32) and len(segments) > 0
+
+
+def test_s2c_box_only_sam_uses_its_box_masks_as_segments_and_targets(tiny_sam):
+    tiny_sam.supports_points = False
+    method = s2c_method(tiny_sam, BoxDomain())
+    segmenter = method.training_segmenter(torch.device("cpu"))
+    cams = torch.zeros(2, 32, 32)
+    cams[0, 2:10, 2:10] = 1.0
+    cams[0, 20:30, 20:30] = 0.8
+    image = torch.rand(3, 32, 32)
+    segments, target = method._box_targets(
+        segmenter, image, cams, torch.tensor([1.0, 0.0]), method.strategy(), True
+    )
+    out = segmenter.segment(
+        image, cams, BoxDomain().sam_strategy(), labels=torch.tensor([1.0, 0.0]), return_logits=True
+    )
+    assert out.classes.tolist() == [0, 0] and torch.equal(segments, out.masks)
+    union = out.logits.amax(dim=0) > 0
+    assert torch.equal(target, torch.where(union, 0, 2))
+
+
+def quadrants(monkeypatch, method: S2C) -> None:
+    """The tiny random SAM finds one segment at most; give SSC four (the quadrants) instead.
+
+    Everything mode and box prompts return the quadrants (box logits +1 inside, -1 outside, the
+    top two for class 0, the bottom two for class 1); point prompts still go to the tiny SAM.
+    """
+    segmenter = method.training_segmenter(torch.device("cpu"))
+    original = segmenter.segment
+    masks = torch.stack([box((32, 32), y, y + 16, x, x + 16) for y in (0, 16) for x in (0, 16)])
+
+    def segment(image, cams, strategy, labels=None, return_logits=False):
+        if strategy.prompt is PromptKind.POINTS:
+            return original(image, cams, strategy, labels, return_logits)
+        boxes = strategy.prompt is PromptKind.BOXES
+        classes = torch.tensor([0, 0, 1, 1]) if boxes else torch.full((4,), -1)
+        logits = torch.where(masks, 1.0, -1.0) if return_logits else None
+        return SamMasks(masks, torch.ones(4), classes, strategy.prompt, 2 if boxes else 0, logits)
+
+    monkeypatch.setattr(segmenter, "segment", segment)
+
+
+@pytest.mark.parametrize("points", [True, False], ids=["everything+points", "boxes"])
+def test_s2c_losses_are_finite_and_reach_the_backbone_and_head(tiny_sam, points, monkeypatch):
+    tiny_sam.supports_points = points
+    method = s2c_method(tiny_sam, None if points else BoxDomain())
+    quadrants(monkeypatch, method)
+    model = CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random").train()
+    with torch.no_grad():  # CAMs with some positive evidence, so that there is something to prompt
+        model.head.weight.abs_()
+    images = (torch.rand(2, 3, 32, 32) - 0.5) / 0.25
+    batch = {"image": images, "label": torch.tensor([[1.0, 0.0], [1.0, 1.0]])}
+    losses = method.training_losses(model, nn.ModuleDict(), batch, model(images))
+    assert set(losses) == {"ssc", "cpm"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    losses["ssc"].backward(retain_graph=True)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.backbone.parameters())
+    assert (
+        model.head.weight.grad is None or model.head.weight.grad.abs().sum() == 0
+    )  # SSC shapes features only
+    losses["cpm"].backward()
+    assert model.head.weight.grad.abs().sum() > 0
+    late = s2c_method(tiny_sam, None if points else BoxDomain(), cpm_start=0.5)
+    quadrants(monkeypatch, late)
+    warm = late.training_losses(
+        model, nn.ModuleDict(), {**batch, "progress": torch.tensor(0.1)}, model(images)
+    )
+    assert warm["cpm"] == 0 and warm["ssc"] > 0  # CPM waits for its share of the budget
+
+
+def test_two_s2c_training_steps_through_the_classifier_task(tiny_sam, tmp_path):
+    tiny_sam.supports_points = False  # LiteMedSAM-like
+    root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=1, n_unlabelled=0)
+    method = s2c_method(tiny_sam, BoxDomain())
+    model = CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    task = ClassifierTask(model, method, lr=1e-2)
+    view = TrainingView(fakes.build(root, "train"), BoxDomain(), (32, 32), MEAN, STD, augment=True)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(task, DataLoader(view, batch_size=2, shuffle=True))
+    assert trainer.global_step == 2
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/ssc"]) and torch.isfinite(metrics["train/cpm"])
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- end to end through the pseudo-label entry point -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sepl", "sam-proto", "s2c"])
+def test_pseudo_label_split_with_each_sam_method(tiny_sam, tmp_path, name):
+    root = fakes.write_shapes(tmp_path / "data", n_train=1, n_val=2, n_unlabelled=0)
+    run = tmp_path / "run"
+    RunConfig(
+        domain=fakes.FAKE_DOMAIN, dataset=fakes.DATASET, classes=list(fakes.LABEL_SPACE.classes),
+        foreground=list(fakes.LABEL_SPACE.foreground_names), backbone=fakes.FAST_BACKBONE,
+        weights="random", image_size=[32, 32], mean=MEAN, std=STD, method=name,
+    ).save(run)  # fmt: skip
+    torch.manual_seed(0)
+    save_model(CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random"), nn.ModuleDict(), run)
+    options = {"sam": tiny_sam, "sam_cache": str(tmp_path / "cache"), **EVERYTHING_FAST}
+    summary = pseudo_label_split(
+        run,
+        None,
+        None,
+        root,
+        "val",
+        tmp_path / "pl",
+        options=options,
+        scales=(1.0,),
+        overlays=False,
+        progress=False,
+    )
+    assert summary.written == 2
+    for k in range(2):
+        labels = read_index_mask(tmp_path / "pl" / f"val_{k:02d}.png")
+        assert labels.shape == (32, 32) and set(labels.flatten().tolist()) <= {0, 1, 2}
+    assert list((tmp_path / "cache").rglob("*.pt"))
+
+
+def test_threshold_background_label_space_is_passed_to_sepl(tiny_sam):
+    # A label space with background decided by threshold: SEPL must know its background class.
+    space = LabelSpace(
+        classes=("x", "bg", "y"),
+        palette=((1, 1, 1),) * 3,
+        background_mode=BackgroundMode.THRESHOLD,
+        background_index=1,
+    )
+    labels = torch.full((8, 8), 1)
+    labels[3:5, 3:5] = 2
+    method = create_method("sepl", sam_cache="none")
+    with_masks(method, tiny_sam, box((8, 8), 2, 6, 2, 6)[None])  # 16 px, 12 of them background
+    out = method.refine_labels(
+        torch.rand(3, 8, 8), labels, torch.rand(2, 8, 8), torch.ones(2), fakes.FakeDomain(), space
+    )
+    assert torch.equal(out[2:6, 2:6], torch.full((4, 4), 2))

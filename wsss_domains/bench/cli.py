@@ -1,0 +1,180 @@
+"""`wsss-domains bench`: the domain-transfer matrix (methods x domains) from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from wsss_domains.bench.matrix import MatrixSettings, ordered_methods, run_matrix
+from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset
+from wsss_domains.bench.report import build_matrix, machine_info, write_outputs
+from wsss_domains.cli.common import CliError, resolve_device
+from wsss_domains.methods import Method, list_methods, method_class
+
+DEFAULT_OUT = Path("runs") / "bench"
+MODEL_FLAGS = ("sam_checkpoint", "clip_model", "clip_weights")
+
+
+def default_data_root() -> Path:
+    """``../shared/data`` beside the checkout (an editable install), else beside the working folder."""
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file():
+        return repo.parent / "shared" / "data"
+    return Path("..") / "shared" / "data"
+
+
+def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "bench",
+        help="run the domain-transfer matrix: methods x domains, mIoU and gain over plain CAM",
+        description=(
+            "For every (domain, method) cell: train within the budget (post-hoc methods reuse the domain's "
+            "plain-CAM run), pseudo-label the domain's scoring split (a hold-out of its development data), "
+            "evaluate. Writes cells/<domain>__<method>.json as each cell finishes, then matrix.md, "
+            "matrix.json and heatmap.png. Re-running with the same --out skips finished cells and resumes "
+            "unfinished training from its checkpoint. A failing cell is recorded and the matrix goes on. "
+            f"Domains: {', '.join(DEFAULT_PRESETS)}."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--methods", required=True, help="comma-separated methods; cam is always run as the baseline"
+    )
+    p.add_argument(
+        "--domains", required=True, help=f"comma-separated domain presets ({', '.join(DEFAULT_PRESETS)})"
+    )
+    p.add_argument("--budget-minutes", type=float, default=3.0, help="training budget per training run")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="matrix folder (resumable)")
+    p.add_argument("--data-root", type=Path, default=default_data_root(), help="development data root")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="[METHOD:]KEY=VALUE",
+        help="a method option, repeatable (JSON values when possible); METHOD: scopes it to one method",
+    )
+    p.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint for SAM-based methods")
+    p.add_argument("--clip-model", help="open_clip architecture for CLIP-based methods")
+    p.add_argument("--clip-weights", type=Path, help="local open_clip checkpoint for CLIP-based methods")
+    p.add_argument("--retry-failed", action="store_true", help="recompute cells that failed before")
+    p.add_argument("--progress", action="store_true", help="progress bars for each step")
+    p.set_defaults(func=run_bench)
+    return p
+
+
+def parse_names(text: str, known: Sequence[str], what: str) -> list[str]:
+    """Comma-separated names, in order, once each; unknown ones are a usage error listing the known."""
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise CliError(f"no {what} given; known: {', '.join(known)}")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CliError(f"unknown {what}(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    return names
+
+
+def takes_model_flag(method: str, flag: str, value: object) -> bool:
+    """Whether --sam-checkpoint / --clip-* (option ``flag``) reach ``method``.
+
+    Not for methods on the base constructor (plain CAM and the refiners, which would hand the option
+    to the refiner), nor for methods whose constructor refuses it (fixed signatures); yes otherwise.
+    Constructing a method is cheap: models are loaded on first use.
+    """
+    cls = method_class(method)
+    if cls.__init__ is Method.__init__:
+        return False
+    try:
+        cls(**{flag: value})
+    except TypeError:
+        return False
+    except Exception:  # it took the option and objected to something: the cell will say what
+        return True
+    return True
+
+
+def _value(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def scoped_method_options(
+    methods: Sequence[str], items: Sequence[str], flags: Mapping[str, object | None]
+) -> dict[str, dict[str, object]]:
+    """Options per method: unscoped KEY=VALUE to all, METHOD:KEY=VALUE to one, model flags where taken."""
+    options: dict[str, dict[str, object]] = {m: {} for m in methods}
+    for item in items:
+        key, sep, value = item.partition("=")
+        scope, colon, name = key.rpartition(":")
+        if not sep or not name:
+            raise CliError(f"--method-option expects [METHOD:]KEY=VALUE, got '{item}'")
+        if colon and scope not in options:
+            raise CliError(
+                f"--method-option '{item}': '{scope}' is not in this matrix ({', '.join(methods)})"
+            )
+        for method in [scope] if colon else methods:
+            options[method][name] = _value(value)
+    for flag, value in flags.items():
+        if value is not None:
+            for method in methods:
+                if takes_model_flag(method, flag, str(value)):
+                    options[method][flag] = str(value)
+    return {m: o for m, o in options.items() if o}
+
+
+def bench_command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this matrix, every default spelt out."""
+    argv = ["wsss-domains", "bench", "--methods", args.methods, "--domains", args.domains]
+    argv += ["--budget-minutes", f"{args.budget_minutes:g}", "--out", str(args.out)]
+    argv += ["--data-root", str(args.data_root), "--device", args.device]
+    for item in args.method_option:
+        argv += ["--method-option", item]
+    for flag in MODEL_FLAGS:
+        if getattr(args, flag) is not None:
+            argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+    if args.retry_failed:
+        argv.append("--retry-failed")
+    return shlex.join(argv)
+
+
+def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFAULT_PRESETS) -> int:
+    """Validate, run every cell (resuming), rewrite the report after each; presets are injectable."""
+    methods = ordered_methods(parse_names(args.methods, list_methods(), "method"))
+    domains = parse_names(args.domains, list(presets), "domain")
+    if not args.budget_minutes > 0:
+        raise CliError(f"--budget-minutes must be positive, got {args.budget_minutes:g}")
+    device = resolve_device(args.device)
+    for domain in domains:
+        folder = presets[domain].data(args.data_root)
+        if not folder.is_dir():
+            raise CliError(f"{folder}: data of domain '{domain}' not found (--data-root {args.data_root})")
+    flags = {flag: getattr(args, flag) for flag in MODEL_FLAGS}
+    settings = MatrixSettings(
+        out=args.out,
+        data_root=args.data_root,
+        budget_minutes=args.budget_minutes,
+        device=device,
+        method_options=scoped_method_options(methods, args.method_option, flags),
+        retry_failed=args.retry_failed,
+        progress=args.progress,
+    )
+    command, machine = bench_command(args), machine_info(device)
+    preset_dicts = {d: presets[d].to_dict() for d in domains}
+
+    def report(cells: Mapping[str, Mapping[str, Any]]) -> dict[str, Path]:
+        matrix = build_matrix(cells, domains, methods, command, machine, preset_dicts, args.budget_minutes)
+        return write_outputs(args.out, matrix)
+
+    cells = run_matrix(domains, methods, settings, presets, on_cell=report)
+    paths = report(cells)
+    failed = sum(c["status"] != "ok" for row in cells.values() for c in row.values())
+    print(f"matrix: {paths['markdown']}  ({paths['json'].name}, {paths['heatmap'].name})")
+    if failed:
+        print(f"{failed} of {len(domains) * len(methods)} cells failed; see {paths['markdown']}")
+    return 0

@@ -1,0 +1,389 @@
+"""Running the domain-transfer matrix cell by cell: train, pseudo-label, evaluate; resumable.
+
+A cell is one (domain, method) pair. Methods that change training (extra losses or modules) train
+their own run; post-hoc methods (refiners, SAM / CLIP extractors) reuse the domain's plain-CAM
+run, so a matrix of N post-hoc methods costs one training per domain, and their gains over CAM
+compare the same classifier.
+
+Layout under ``out``::
+
+    cells/<domain>__<method>.json   one finished cell (atomic; its presence means "done")
+    runs/<domain>__<train method>/  training runs (resume from checkpoints/last.ckpt)
+    pseudo/<domain>__<method>/      pseudo-label PNGs (resume image by image)
+
+A killed matrix re-run skips finished cells, resumes unfinished training from its checkpoint and
+unfinished pseudo-labelling from the PNGs already written. A cell that raises records the error
+as its result and the matrix goes on; only an interrupt (KeyboardInterrupt, a kill) stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset
+from wsss_domains.bench.report import BASELINE, gain, per_class_gain
+from wsss_domains.cli.common import CliError
+from wsss_domains.cli.evaluate import evaluate_split
+from wsss_domains.cli.pseudo_labels import pseudo_label_split
+from wsss_domains.cli.train import add_train_subcommand, run_train
+from wsss_domains.data.io import atomic_write
+from wsss_domains.methods import Method, method_class
+
+CELLS_DIR = "cells"
+RUNS_DIR = "runs"
+PSEUDO_DIR = "pseudo"
+TRAIN_STATE = "bench-train.json"
+CELL_STATE = "bench-cell.json"
+
+Cell = dict[str, Any]
+Log = Callable[[str], None]
+
+
+class BenchError(CliError):
+    """The output folder holds results made with other settings (or another fatal bench problem)."""
+
+
+@dataclass
+class MatrixSettings:
+    """What every cell of one matrix invocation shares."""
+
+    out: Path
+    data_root: Path
+    budget_minutes: float
+    device: str = "cpu"
+    # Method options by method name (the CLI scopes them: see ``cli.scoped_method_options``).
+    method_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+    retry_failed: bool = False
+    progress: bool = False
+
+
+# Hooks and settings of :class:`Method` that act during training; overriding any makes a method
+# training-time. The others (extractor, refine, ...) act only at pseudo-label time.
+TRAINING_HOOKS = ("training_losses", "extra_modules", "build_modules", "forward")
+TRAINING_SETTINGS = ("classification_weight", "backbone_modules")
+
+
+def trains_own_model(method: str) -> bool:
+    """Whether ``method`` changes training, so it cannot reuse the domain's plain-CAM run."""
+    cls = method_class(method)
+    names = [n for n in (*TRAINING_HOOKS, *TRAINING_SETTINGS) if hasattr(Method, n)]
+    return any(getattr(cls, n) is not getattr(Method, n) for n in names)
+
+
+def training_method(method: str) -> str:
+    return method if trains_own_model(method) else BASELINE
+
+
+def cell_name(domain: str, method: str) -> str:
+    return f"{domain}__{method}"
+
+
+def cell_path(out: Path, domain: str, method: str) -> Path:
+    return Path(out) / CELLS_DIR / f"{cell_name(domain, method)}.json"
+
+
+def read_cell(out: Path, domain: str, method: str) -> Cell | None:
+    path = cell_path(out, domain, method)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def ordered_methods(methods: Sequence[str]) -> list[str]:
+    """The baseline first (every gain is measured against it), then the others once each, in order."""
+    return [BASELINE, *dict.fromkeys(m for m in methods if m != BASELINE)]
+
+
+# -- settings fingerprints ---------------------------------------------------------------------
+
+
+def train_config(preset: CellPreset, method: str, settings: MatrixSettings) -> dict[str, Any]:
+    """Everything a training run depends on; a run folder made with another one is never reused."""
+    keys = ("domain", "dataset", "path", "train_split", "labels_from_masks", "patch_size")
+    keys += ("backbone", "weights", "image_size", "batch_size", "max_steps")
+    data = preset.to_dict()
+    return {
+        **{k: data[k] for k in keys},
+        "method": method,
+        "method_options": dict(settings.method_options.get(method, {})),
+        "budget_minutes": settings.budget_minutes,
+    }
+
+
+def cell_config(preset: CellPreset, method: str, settings: MatrixSettings) -> dict[str, Any]:
+    """Everything a cell's result depends on (its training run's config included)."""
+    return {
+        "train": train_config(preset, training_method(method), settings),
+        "method": method,
+        "method_options": dict(settings.method_options.get(method, {})),
+        "score_split": preset.score_split,
+        "score_tiles": preset.score_tiles,
+        "score_labels_from_masks": preset.score_labels_from_masks,
+        "scales": list(preset.scales),
+    }
+
+
+def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
+
+
+def _check_same(path: Path, recorded: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    diff = _differences(recorded, current)
+    if diff:
+        raise BenchError(
+            f"{path} was made with other settings ({'; '.join(diff[:3])}); "
+            "use another --out, or delete it to recompute"
+        )
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def train_argv(preset: CellPreset, method: str, run: Path, settings: MatrixSettings) -> list[str]:
+    """The `wsss-domains train` arguments of a cell's training run (recorded, and run in process)."""
+    argv = ["train", "--domain", preset.domain, "--dataset", preset.dataset]
+    argv += ["--data", str(preset.data(settings.data_root)), "--split", preset.train_split]
+    if preset.labels_from_masks:
+        argv.append("--labels-from-masks")
+        if preset.patch_size is not None:
+            argv += ["--patch-size", str(preset.patch_size)]
+    argv += ["--out", str(run), "--method", method]
+    for key, value in settings.method_options.get(method, {}).items():
+        argv += ["--method-option", f"{key}={json.dumps(value)}"]
+    argv += ["--backbone", preset.backbone, "--weights", preset.weights]
+    argv += ["--image-size", str(preset.image_size), "--batch-size", str(preset.batch_size)]
+    argv += ["--max-minutes", str(settings.budget_minutes), "--max-steps", str(preset.max_steps)]
+    argv += ["--device", settings.device]
+    if not settings.progress:
+        argv.append("--no-progress")
+    return argv
+
+
+@dataclass
+class TrainedRun:
+    run: Path
+    method: str
+    seconds: float
+    command: str
+
+
+def ensure_trained(
+    domain: str, preset: CellPreset, method: str, settings: MatrixSettings, log: Log
+) -> TrainedRun:
+    """The finished run of (domain, method), training or resuming it first when needed.
+
+    ``bench-train.json`` is written before each attempt (so even a hard kill leaves the run's
+    settings to check on resume) and after it; training time accumulates over attempts, and only
+    a hard kill loses the time of the attempt it ended.
+    """
+    run = Path(settings.out) / RUNS_DIR / cell_name(domain, method)
+    argv = train_argv(preset, method, run, settings)
+    command = "wsss-domains " + shlex.join(argv)
+    config = train_config(preset, method, settings)
+    state_path = run / TRAIN_STATE
+    state: dict[str, Any] = {"config": config, "seconds": 0.0, "attempts": 0, "done": False}
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        _check_same(run, state["config"], config)
+        if state["done"] and (run / "model.pt").is_file():
+            return TrainedRun(run, method, float(state["seconds"]), command)
+    log(("resuming" if state["attempts"] else "training") + f" {run.name}: {command}")
+    parser = argparse.ArgumentParser(prog="wsss-domains")
+    add_train_subcommand(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    state["attempts"] += 1
+    _write_json(state_path, state)
+    start = time.perf_counter()
+    try:
+        run_train(args)
+        state["done"] = True
+    finally:
+        state["seconds"] = float(state["seconds"]) + time.perf_counter() - start
+        _write_json(state_path, state)
+    return TrainedRun(run, method, float(state["seconds"]), command)
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    text = json.dumps(data, indent=2, allow_nan=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+# -- one cell ----------------------------------------------------------------------------------
+
+
+def _error_message(exc: BaseException) -> str:
+    message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return f"{type(exc).__name__}: {message}"
+
+
+def run_cell(
+    domain: str,
+    preset: CellPreset,
+    method: str,
+    settings: MatrixSettings,
+    baseline: Cell | None,
+    runs: dict[str, TrainedRun | Exception],
+    log: Log,
+) -> Cell:
+    """Train (or reuse), pseudo-label and evaluate one cell; an exception becomes a failed cell."""
+    config = cell_config(preset, method, settings)
+    cell: Cell = {"domain": domain, "method": method, "status": "failed", "error": None, "config": config}
+    trainer = training_method(method)
+    cell["trained_with"] = trainer
+    pseudo = Path(settings.out) / PSEUDO_DIR / cell_name(domain, method)
+    try:
+        if trainer not in runs:
+            try:
+                runs[trainer] = ensure_trained(domain, preset, trainer, settings, log)
+            except BenchError:
+                raise
+            except Exception as exc:  # every cell sharing this run fails with the same message
+                runs[trainer] = exc
+        trained = runs[trainer]
+        if isinstance(trained, Exception):
+            cell["error"] = f"training the {trainer} run failed: {_error_message(trained)}"
+            return cell
+        cell.update(
+            train_run=str(trained.run.relative_to(settings.out)),
+            train_seconds=trained.seconds,
+            train_command=trained.command,
+        )
+        state = pseudo / CELL_STATE
+        # PNGs left by an interrupted attempt are reused only if made alike; others are stale.
+        if state.is_file() and _differences(json.loads(state.read_text()), config):
+            log(f"{pseudo}: left by a run with other settings, cleared")
+            shutil.rmtree(pseudo)
+        _write_json(state, config)
+        data = preset.data(settings.data_root)
+        start = time.perf_counter()
+        summary = pseudo_label_split(
+            trained.run,
+            preset.domain,
+            preset.dataset,
+            data,
+            preset.score_split,
+            pseudo,
+            labels_from_masks=preset.score_labels_from_masks,
+            method_name=method,
+            options=dict(settings.method_options.get(method, {})),
+            scales=preset.scales,
+            overlays=False,
+            device=settings.device,
+            progress=settings.progress,
+            dataset_options=preset.score_options(),
+        )
+        pl_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        report = evaluate_split(
+            preset.domain,
+            preset.dataset,
+            data,
+            preset.score_split,
+            pseudo,
+            progress=settings.progress,
+            dataset_options=preset.score_options(),
+        )
+        evaluation = report.to_dict()
+    except BenchError:
+        raise
+    except Exception as exc:
+        cell["error"] = _error_message(exc)
+        cell["traceback"] = traceback.format_exc(limit=8)
+        return cell
+    cell.update(
+        status="ok",
+        miou=evaluation["miou"],
+        per_class_iou=evaluation["per_class_iou"],
+        pseudo_label_seconds=pl_seconds,
+        evaluate_seconds=time.perf_counter() - start,
+        # Wall time of the cell as a user would pay it alone: its training plus its pseudo-labels.
+        wall_seconds=float(cell["train_seconds"]) + pl_seconds,
+        pseudo_labels={
+            "written": summary.written,
+            # Images written by an interrupted earlier attempt: their time is not in the figure.
+            "skipped": summary.skipped,
+            "predicted_label_images": summary.predicted_label_images,
+        },
+        n_images=evaluation["n_images"],
+        evaluation=evaluation,
+    )
+    ok_baseline = baseline if baseline is not None and baseline.get("status") == "ok" else None
+    cell["gain_vs_cam"] = gain(cell["miou"], ok_baseline["miou"] if ok_baseline else None)
+    cell["per_class_gain_vs_cam"] = per_class_gain(cell, ok_baseline)
+    return cell
+
+
+# -- the matrix --------------------------------------------------------------------------------
+
+
+def run_matrix(
+    domains: Sequence[str],
+    methods: Sequence[str],
+    settings: MatrixSettings,
+    presets: Mapping[str, CellPreset] = DEFAULT_PRESETS,
+    log: Log = print,
+    on_cell: Callable[[dict[str, dict[str, Cell]]], None] | None = None,
+) -> dict[str, dict[str, Cell]]:
+    """Every cell of ``domains`` x ``methods`` (plus the ``cam`` baseline), finished ones read back.
+
+    ``on_cell`` sees the cells so far after each new one (the CLI rewrites the report there, so a
+    killed matrix still leaves a report of what it finished).
+    """
+    methods = ordered_methods(methods)
+    out = Path(settings.out)
+    cells: dict[str, dict[str, Cell]] = {d: {} for d in domains}
+    total = len(domains) * len(methods)
+    done = 0
+    for domain in domains:
+        preset = presets[domain]
+        runs: dict[str, TrainedRun | Exception] = {}
+        for method in methods:
+            done += 1
+            tag = f"[{done}/{total}] {domain} x {method}"
+            path = cell_path(out, domain, method)
+            existing = read_cell(out, domain, method)
+            config = cell_config(preset, method, settings)
+            if existing is not None and existing["status"] == "ok":
+                _check_same(path, existing["config"], config)
+            # A failed cell is recomputed when asked to, or when its settings changed (e.g. weights given).
+            if existing is not None and (
+                existing["status"] == "ok"
+                or not (settings.retry_failed or _differences(existing["config"], config))
+            ):
+                cells[domain][method] = existing
+                log(f"{tag}: finished earlier ({_summary(existing)}), skipped")
+                continue
+            log(f"{tag}: running")
+            cell = run_cell(domain, preset, method, settings, cells[domain].get(BASELINE), runs, log)
+            cell["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            _write_json(path, cell)
+            cells[domain][method] = cell
+            log(f"{tag}: {_summary(cell)}")
+            if on_cell is not None:
+                on_cell(cells)
+    return cells
+
+
+def _summary(cell: Cell) -> str:
+    if cell["status"] != "ok":
+        return f"FAILED: {cell['error']}"
+    miou = cell["miou"]
+    text = "mIoU n/a" if miou is None else f"mIoU {miou:.4f}"
+    if cell.get("gain_vs_cam") is not None and cell["method"] != BASELINE:
+        text += f" ({cell['gain_vs_cam']:+.4f} vs cam)"
+    return text + f", {cell['wall_seconds']:.0f} s"

@@ -1,0 +1,740 @@
+"""Pseudo-labelling one raster larger than memory, window by window, into a palette GeoTIFF.
+
+The in-memory path (:mod:`writer`) holds an image and its ``K x H x W`` CAMs whole; a city-sized
+GeoTIFF does not fit. Here the raster is cut into *core* windows of ``window`` pixels, a grid from
+the top-left corner whose steps are multiples of the output's GeoTIFF blocks, so every block is
+written once and whole. Each core is labelled from the CAMs of its *context*: the core grown by
+``margin`` pixels a side (at a raster edge the context is shifted inward rather than cut, so every
+context has the same size and the network always sees real surroundings). Only the core is
+written, so a pixel next to a seam is labelled from maps that saw ``margin`` pixels of its
+neighbourhood, not the zero padding of a window border.
+
+Memory. At any time one context is alive: its pixels, the network's activations over it, its K
+maps. The raster, its CAMs and its label map are never held whole, and GDAL's block cache (which
+counts in the resident memory, by default 5 % of RAM) is capped at :data:`GDAL_CACHE_MB`. Peak
+memory thus grows with ``window + 2 margin``, the CAM scales and flip, not with the raster size
+(``benchmarks/raster_windowed.py`` measures it).
+
+Per-class normalisation. The in-memory path divides each class map by its maximum over the whole
+image. Over a raster seen window by window that maximum is known only once every window was
+seen, hence two modes:
+
+* ``"global"`` (default): a first pass computes the same maps on the same windows and keeps only
+  the per-class maxima over the cores (K numbers); the second pass recomputes the maps and divides
+  by them. Every window has the same divisor, and the margin makes the raw maps on both sides of a
+  seam nearly equal, so a class map, and the labels, run continuously across seams. Wherever the
+  raw maps do not depend on the windowing, the result equals the whole-image pseudo-label computed
+  in memory (the tests check this exactly on a pixel-wise model). Cost: the CAMs are computed twice.
+* ``"window"``: each window's maps are divided by their own maximum over its context; one pass.
+  The divisor then jumps at every seam: a class barely present in one window is stretched to 1
+  there and wins pixels it loses in the next window, which shows as straight seams in the label
+  map (and, with a threshold background, foreground in windows that hold none).
+
+``"global"`` is the default because it keeps labels consistent across seams, as the whole-image
+path does; ``"window"`` halves the time where that matters more. Both concern the classic max
+normalisation; with ``cam_norm="sigmoid"`` (a sigmoid of the averaged pixel logits) nothing depends
+on other windows and one pass suffices in either mode.
+
+Image-level labels, once for the whole raster by default: given by name, or the classes present in
+a mask raster (read window by window, no-data left out), or, when neither is given, predicted by
+the classifier on every core and united (at least its top class per window); the summary says
+which (``label_source``). With ``labels_per_window`` each window takes its own labels from its mask
+window or its own prediction instead (the tile-level protocol of remote-sensing WSSS).
+
+Writing is atomic: the GeoTIFF grows in a temporary file beside the output, renamed at the end.
+Finished windows (and the first pass's results) are recorded in a sidecar JSON at every row of
+windows, so a killed run resumes where it stopped; a finished output whose summary (``OUT.tif.json``
+beside it) records the same inputs is not recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.io import DatasetWriter
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+from wsss_adapters.remote_sensing.codes import ColorCode, IdCode, MaskCode
+from wsss_adapters.remote_sensing.raster import (
+    ImageRaster,
+    MaskRaster,
+    RasterInfo,
+    Scaling,
+    TileWindow,
+    raster_info,
+)
+
+from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES, CamExtractor
+from wsss_domains.data.io import DataError, atomic_write, save_palette_png
+from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
+from wsss_domains.methods.base import Method
+from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits
+from wsss_domains.training.data import normalize
+from wsss_domains.training.run import RunConfig, run_label_space
+
+Normalization = Literal["global", "window"]
+NORMALIZATIONS: tuple[str, ...] = ("global", "window")
+DEFAULT_WINDOW = 1024
+DEFAULT_MARGIN = 64
+# GDAL's block cache counts in resident memory; its default (5 % of RAM) would dwarf one window.
+GDAL_CACHE_MB = 64
+OVERVIEW_SIZE = 2048
+# GeoTIFF blocks must be multiples of 16; windows are cut on whole blocks.
+BLOCK_SIZES = (512, 256, 128, 64, 32, 16)
+EPS = 1e-5
+
+
+@dataclass
+class RasterOptions:
+    """How a raster is cut, read, normalised and written (see the module docstring)."""
+
+    window: int = DEFAULT_WINDOW
+    margin: int = DEFAULT_MARGIN
+    bands: tuple[int, ...] | None = None
+    scaling: Scaling = "auto"
+    normalization: Normalization = "global"
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    flip: bool = True
+    # The extractor's own normalisation (``CAM_NORMALIZATIONS``); ``normalization`` above applies to "max".
+    cam_norm: str = "max"
+    bg_threshold: float | None = None
+    labels_per_window: bool = False
+    overview: Path | None = None
+    overview_size: int = OVERVIEW_SIZE
+    compress: str = "deflate"
+    resume: bool = True
+    device: str = "cpu"
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.window < 16 or self.window % 16:
+            raise ValueError(f"window must be a multiple of 16 (GeoTIFF blocks are), got {self.window}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"
+            )
+        if self.cam_norm not in CAM_NORMALIZATIONS:
+            raise ValueError(
+                f"cam_norm must be one of {', '.join(CAM_NORMALIZATIONS)}, got {self.cam_norm!r}"
+            )
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive numbers, got {self.scales}")
+        if self.overview_size < 1:
+            raise ValueError(f"overview_size must be positive, got {self.overview_size}")
+
+
+@dataclass
+class RasterSummary:
+    """What was written and how; saved as JSON beside the output."""
+
+    out: str
+    raster: str
+    height: int
+    width: int
+    window: int
+    margin: int
+    windows: int
+    normalization: str
+    label_source: str  # given | mask | predicted
+    labels: list[str]  # the raster's labels (per-window labels: their union)
+    labels_per_window: bool
+    bg_threshold: float | None
+    scales: list[float]
+    flip: bool
+    cam_norm: str
+    class_maxima: dict[str, float] | None = None
+    overview: str | None = None
+    resumed_windows: int = 0
+    already_done: bool = False
+    seconds: float = 0.0
+    fingerprint: str = ""
+    mask: str | None = None
+    crs: str | None = None
+
+
+@dataclass(frozen=True)
+class WindowPair:
+    """A core window (written) and its context window (read and fed to the network)."""
+
+    core: TileWindow
+    context: TileWindow
+
+    @property
+    def crop(self) -> tuple[slice, slice]:
+        """The core's rows and columns inside the context."""
+        r, c = self.core.row - self.context.row, self.core.col - self.context.col
+        return slice(r, r + self.core.height), slice(c, c + self.core.width)
+
+
+def _place(start: int, length: int, span: int, total: int) -> int:
+    """Start of a ``span``-long range holding ``[start, start + length)``, centred, inside ``[0, total)``."""
+    return min(max(start - (span - length) // 2, 0), total - span)
+
+
+def plan_windows(height: int, width: int, window: int, margin: int) -> list[WindowPair]:
+    """Row-major cores of ``window`` pixels tiling the raster, each with its fixed-size context."""
+    span_h, span_w = min(height, window + 2 * margin), min(width, window + 2 * margin)
+    plan = []
+    for row in range(0, height, window):
+        h = min(window, height - row)
+        crow = _place(row, h, span_h, height)
+        for col in range(0, width, window):
+            w = min(window, width - col)
+            ccol = _place(col, w, span_w, width)
+            plan.append(WindowPair(TileWindow(row, col, h, w), TileWindow(crow, ccol, span_h, span_w)))
+    return plan
+
+
+def labels_from_names(names: Sequence[str], label_space: LabelSpace) -> Tensor:
+    """Multi-hot foreground vector of class names; a ValueError naming the classes otherwise."""
+    names = [n.strip() for n in names if n.strip()]
+    known = label_space.foreground_names
+    if not names:
+        raise ValueError(f"no label names given; the run's classes are {', '.join(known)}")
+    for name in names:
+        if name not in known:
+            why = (
+                " (the background class is decided by the domain's background rule, not given as a label)"
+                if label_space.background_index is not None
+                and name == label_space.classes[label_space.background_index]
+                else ""
+            )
+            raise ValueError(
+                f"label '{name}' is not a class of the run's label space{why}; known: {', '.join(known)}"
+            )
+    return torch.tensor([float(n in names) for n in known])
+
+
+def mask_code(info: RasterInfo, label_space: LabelSpace) -> MaskCode:
+    """How a mask raster stores classes: class ids in one band, or the label space's colours in RGB.
+
+    One band (ids or palette indices) holds class ids as pseudo-labels and engine masks do; three
+    bands hold the label space's palette colours, its ignore colour meaning ignore.
+    """
+    if info.count >= 3:
+        colors = {tuple(rgb): i for i, rgb in enumerate(label_space.palette)}
+        colors.setdefault(tuple(label_space.ignore_color), label_space.ignore_index)
+        return ColorCode(colors)  # type: ignore[arg-type]
+    return IdCode.identity(label_space.num_classes, label_space.ignore_index)
+
+
+def block_size(window: int) -> int:
+    return next(b for b in BLOCK_SIZES if window % b == 0)
+
+
+def _sidecars(out: Path) -> tuple[Path, Path, Path]:
+    """Temporary GeoTIFF, progress record and summary of an output."""
+    return (
+        out.with_name(f".{out.name}.part"),
+        out.with_name(f".{out.name}.progress.json"),
+        out.with_name(f"{out.name}.json"),
+    )
+
+
+def _digest(*modules: nn.Module) -> str:
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _LabelFile:
+    """The temporary label GeoTIFF, reopened at checkpoints so its directory reaches the disk."""
+
+    def __init__(
+        self,
+        path: Path,
+        profile: dict[str, Any],
+        colormap: dict[int, tuple[int, ...]],
+        tags: dict[str, str],
+    ) -> None:
+        self.path = path
+        self.profile = profile
+        self.colormap = colormap
+        self.tags = tags
+        self._dst: DatasetWriter | None = None
+
+    def create(self) -> None:
+        self._dst = rasterio.open(self.path, "w", **self.profile)
+        self._dst.write_colormap(1, self.colormap)
+        self._dst.update_tags(**self.tags)
+        self._dst.set_band_description(1, "pseudo-label class id")
+
+    def reopen(self) -> bool:
+        """Open an existing temporary file for update; False when it is missing or not ours."""
+        try:
+            dst = rasterio.open(self.path, "r+")
+        except (RasterioIOError, OSError):
+            return False
+        if (dst.height, dst.width, dst.count, dst.dtypes[0]) != (
+            self.profile["height"],
+            self.profile["width"],
+            1,
+            "uint8",
+        ):
+            dst.close()
+            return False
+        self._dst = dst
+        return True
+
+    def write(self, labels: np.ndarray, core: TileWindow) -> None:
+        assert self._dst is not None
+        self._dst.write(labels, 1, window=core.to_rasterio())
+
+    def checkpoint(self) -> None:
+        self.close()
+        self._dst = rasterio.open(self.path, "r+")
+
+    def close(self) -> None:
+        if self._dst is not None:
+            self._dst.close()
+            self._dst = None
+
+
+class _Job:
+    """One raster, one run: reads a window, computes its maps, labels its core."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        extractor: CamExtractor,
+        method: Method,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        image: ImageRaster,
+        mask: MaskRaster | None,
+        options: RasterOptions,
+        bg_threshold: float | None,
+    ) -> None:
+        self.config = config
+        self.extractor = extractor
+        self.method = method
+        self.domain = domain
+        self.label_space = label_space
+        self.image = image
+        self.mask = mask
+        self.options = options
+        self.bg = bg_threshold
+        self.k = len(label_space.foreground)
+
+    def read(self, window: TileWindow) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Raw ``3 x h x w`` in [0, 1], normalised network input, no-data (or None)."""
+        raw, nodata = self.image.read(window)
+        x = normalize(self.domain.preprocess(raw), self.config.mean, self.config.std)
+        return raw, x.to(self.options.device), nodata
+
+    def raw_maps(self, x: Tensor, pair: WindowPair | None = None) -> Tensor:
+        maps = self.extractor.maps(x)
+        if maps.shape[0] != self.k:
+            raise ValueError(
+                f"the model gives {maps.shape[0]} class maps, the run's label space has {self.k} "
+                f"foreground classes ({', '.join(self.label_space.foreground_names)})"
+            )
+        return maps if pair is None else maps[:, pair.crop[0], pair.crop[1]]
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, pair: WindowPair) -> Tensor:
+        """Multi-hot labels the classifier predicts for a core, at the run's magnification."""
+        core = x[:, pair.crop[0], pair.crop[1]]
+        scale = self.config.base_scale
+        if scale != 1.0:
+            size = (max(1, round(core.shape[1] * scale)), max(1, round(core.shape[2] * scale)))
+            core = F.interpolate(core[None], size=size, mode="bilinear", align_corners=False)[0]
+        logits = self.extractor.model(core[None])["logits"][0]
+        return labels_from_logits(logits).cpu()
+
+    def mask_counts(self, core: TileWindow) -> np.ndarray:
+        """Pixels of each class in a core of the mask raster, the image's no-data left out."""
+        assert self.mask is not None
+        ids = self.mask.read(core).numpy()
+        scored = ids != self.label_space.ignore_index
+        nodata = self.image.nodata(core)
+        if nodata is not None:
+            scored &= ~nodata
+        return np.bincount(ids[scored].ravel(), minlength=self.label_space.num_classes)
+
+    def present_from_counts(self, counts: np.ndarray) -> Tensor:
+        return torch.from_numpy((counts[list(self.label_space.foreground)] >= 1).astype(np.float32))
+
+    def labels(
+        self, pair: WindowPair, present: Tensor | None, maxima: Tensor | None
+    ) -> tuple[np.ndarray, Tensor]:
+        """Class ids of a core (uint8) and the labels used for it."""
+        raw, x, nodata = self.read(pair.context)
+        if maxima is None:  # the extractor's own normalisation, over this context
+            cams = self.extractor(x)
+        else:
+            cams = self.raw_maps(x) / maxima.to(x.device).clamp_min(EPS)[:, None, None]
+            # Only the margin can pass 1: its maps came from another context than its own core's.
+            cams = cams.clamp_max(1.0)
+        if present is None:
+            if self.mask is not None:
+                present = self.present_from_counts(self.mask_counts(pair.core))
+            else:
+                present = self.predict(x, pair)
+        present = present.to(cams.device)
+        cams = self.method.refine(raw.to(cams.device), cams, present, self.domain, self.label_space)
+        exclude = nodata if nodata is not None else self.domain.exclude_mask(raw, self.label_space)
+        ids = cams_to_labels(cams, present, self.label_space, self.bg, exclude)
+        ids = self.method.refine_labels(
+            raw.to(cams.device), ids, cams, present, self.domain, self.label_space
+        )
+        rows, cols = pair.crop
+        return ids[rows, cols].cpu().numpy().astype(np.uint8), present.cpu()
+
+
+def _rows(plan: Sequence[WindowPair], todo: set[int]) -> Iterator[list[int]]:
+    """Indices of the windows still to do, one row of windows at a time (a checkpoint after each)."""
+    row: list[int] = []
+    for i, pair in enumerate(plan):
+        if row and plan[row[-1]].core.row != pair.core.row:
+            yield row
+            row = []
+        if i in todo:
+            row.append(i)
+    if row:
+        yield row
+
+
+def pseudo_label_raster(
+    config: RunConfig,
+    model: nn.Module,
+    method: Method,
+    raster: Path | str,
+    out: Path | str,
+    *,
+    modules: nn.ModuleDict | None = None,
+    labels: Sequence[str] | None = None,
+    mask: Path | str | None = None,
+    options: RasterOptions | None = None,
+) -> RasterSummary:
+    """Pseudo-label ``raster`` with a trained run into a single-band uint8 palette GeoTIFF ``out``.
+
+    ``labels``: the raster's class names; else ``mask``, a mask raster of the same size; else the
+    classifier's predictions (see the module docstring). No-data pixels get the ignore index.
+    """
+    started = time.monotonic()
+    options = options or RasterOptions()
+    options.check()
+    out = Path(out)
+    if labels is not None and mask is not None:
+        raise ValueError("give the raster's labels or a mask raster to derive them from, not both")
+    if labels is not None and options.labels_per_window:
+        raise ValueError("labels_per_window needs a mask raster or predicted labels, not given labels")
+    domain, label_space = run_label_space(config)
+    with warnings.catch_warnings(), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        image = ImageRaster(raster, options.bands, options.scaling)
+        mask_raster = None
+        if mask is not None:
+            mask_raster = MaskRaster(mask, mask_code(raster_info(mask), label_space))
+            if mask_raster.info.size != image.info.size:
+                raise DataError(
+                    mask, f"mask size {mask_raster.info.size} does not match raster size {image.info.size}"
+                )
+        given = None if labels is None else labels_from_names(labels, label_space)
+        bg = options.bg_threshold
+        if label_space.background_mode is BackgroundMode.THRESHOLD and bg is None:
+            bg = domain.background_threshold(label_space)
+        plan = plan_windows(*image.info.size, options.window, options.margin)
+        span = max(plan[0].context.height, plan[0].context.width)
+        extractor = method.extractor(
+            model,
+            modules if modules is not None else nn.ModuleDict(),
+            scales=options.scales,
+            flip=options.flip,
+            base_scale=config.base_scale,
+            normalization=options.cam_norm,
+            tile_size=max(span, 1024),  # no tiling inside a context at scale 1
+        )
+        method.setup(domain, config.mean, config.std)
+        job = _Job(config, extractor, method, domain, label_space, image, mask_raster, options, bg)
+        summary = RasterSummary(
+            out=str(out),
+            raster=str(image.path),
+            height=image.info.height,
+            width=image.info.width,
+            window=options.window,
+            margin=options.margin,
+            windows=len(plan),
+            normalization=options.normalization,
+            label_source="given" if given is not None else "mask" if mask_raster is not None else "predicted",
+            labels=[],
+            labels_per_window=options.labels_per_window,
+            bg_threshold=bg,
+            scales=list(options.scales),
+            flip=options.flip,
+            cam_norm=options.cam_norm,
+            fingerprint=_fingerprint(config, model, modules, method, image, mask_raster, given, options),
+            mask=None if mask_raster is None else str(mask_raster.path),
+        )
+        tmp, progress_path, summary_path = _sidecars(out)
+        finished = _finished(out, summary_path, summary.fingerprint)
+        if finished is not None:
+            if options.overview is not None:
+                write_overview(out, plan, Path(options.overview), label_space, options.overview_size)
+                finished.overview = str(options.overview)
+            return finished
+        out.parent.mkdir(parents=True, exist_ok=True)
+        progress = _load_progress(progress_path, summary.fingerprint) if options.resume else None
+        state = _first_pass(job, plan, given, progress_path, summary.fingerprint, progress)
+        labelfile, crs = _label_file(tmp, image, label_space, options, summary.label_source)
+        resumed = progress.get("second") if progress is not None else None
+        done = set(resumed or [])
+        if not (done and labelfile.reopen()):
+            done = set()
+            labelfile.create()
+        summary.resumed_windows = len(done)
+        union = _second_pass(job, plan, state, labelfile, done, progress_path, summary.fingerprint)
+        names = label_space.foreground_names
+        summary.labels = [n for n, v in zip(names, union.tolist(), strict=True) if v]
+        if state["maxima"] is not None:
+            summary.class_maxima = dict(zip(names, state["maxima"], strict=True))
+        summary.crs = crs
+        if options.overview is not None:
+            write_overview(tmp, plan, Path(options.overview), label_space, options.overview_size)
+            summary.overview = str(options.overview)
+        summary.seconds = round(time.monotonic() - started, 2)
+        text = json.dumps(asdict(summary), indent=2)
+        # Summary first: a run killed before the rename finds its progress and only renames.
+        atomic_write(summary_path, lambda p: p.write_text(text))
+        os.replace(tmp, out)
+        progress_path.unlink(missing_ok=True)
+        return summary
+
+
+def _finished(out: Path, summary_path: Path, fingerprint: str) -> RasterSummary | None:
+    """The summary of an output already written from the same inputs, else None."""
+    if not (out.is_file() and summary_path.is_file()):
+        return None
+    try:
+        done = json.loads(summary_path.read_text())
+    except json.JSONDecodeError:
+        return None
+    if done.get("fingerprint") != fingerprint:
+        return None
+    return RasterSummary(**{**done, "already_done": True})
+
+
+def _label_file(
+    tmp: Path, image: ImageRaster, label_space: LabelSpace, options: RasterOptions, source: str
+) -> tuple[_LabelFile, str | None]:
+    """The output's GeoTIFF settings: georeferencing of the raster, palette, tiles on window steps."""
+    with rasterio.open(image.path) as src:
+        crs, transform, gcps = src.crs, src.transform, src.gcps
+    block = block_size(options.window)
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "height": image.info.height,
+        "width": image.info.width,
+        "count": 1,
+        "dtype": "uint8",
+        "nodata": label_space.ignore_index,
+        "tiled": True,
+        "blockxsize": block,
+        "blockysize": block,
+        "compress": options.compress,
+        "BIGTIFF": "IF_SAFER",
+    }
+    if crs is not None or not transform.is_identity:
+        profile.update(crs=crs, transform=transform)
+    elif gcps[0]:
+        profile.update(gcps=gcps[0], crs=gcps[1])
+        crs = gcps[1]
+    colormap = {i: tuple(rgb) for i, rgb in enumerate(label_space.palette)}
+    colormap[label_space.ignore_index] = tuple(label_space.ignore_color)
+    tags = {
+        "classes": json.dumps(list(label_space.classes)),
+        "ignore_index": str(label_space.ignore_index),
+        "normalization": options.normalization,
+        "label_source": source,
+    }
+    return _LabelFile(tmp, profile, colormap, tags), None if crs is None else crs.to_string()
+
+
+def _second_pass(
+    job: _Job,
+    plan: Sequence[WindowPair],
+    state: dict[str, Any],
+    labelfile: _LabelFile,
+    done: set[int],
+    progress_path: Path,
+    fingerprint: str,
+) -> Tensor:
+    """Label and write every window not yet done; returns the union of the labels used."""
+    maxima = None if state["maxima"] is None else torch.tensor(state["maxima"])
+    present = None if state["present"] is None else torch.tensor(state["present"])
+    union = torch.tensor(state.get("union") or [0.0] * job.k)
+    todo = set(range(len(plan))) - done
+    bar = tqdm(total=len(todo), desc="pseudo-labels", unit="win", disable=not job.options.progress)
+    try:
+        for row in _rows(plan, todo):
+            for i in row:
+                ids, used = job.labels(plan[i], present, maxima)
+                labelfile.write(ids, plan[i].core)
+                union = torch.maximum(union, used)
+                done.add(i)
+                bar.update(1)
+            labelfile.checkpoint()
+            state["union"] = union.tolist()
+            _save_progress(progress_path, fingerprint, state, second=sorted(done))
+    finally:
+        bar.close()
+        labelfile.close()
+    return union
+
+
+def _fingerprint(
+    config: RunConfig,
+    model: nn.Module,
+    modules: nn.ModuleDict | None,
+    method: Method,
+    image: ImageRaster,
+    mask: MaskRaster | None,
+    given: Tensor | None,
+    options: RasterOptions,
+) -> str:
+    """What the output depends on: inputs (by path and stamp), run, weights, method and options."""
+    record = {
+        "raster": [str(image.path.resolve()), list(image.info.stamp)],
+        "mask": None if mask is None else [str(mask.path.resolve()), list(mask.info.stamp)],
+        "labels": None if given is None else given.tolist(),
+        "config": asdict(config),
+        "weights": _digest(model, *([modules] if modules is not None else [])),
+        "method": [type(method).__name__, method.options],
+        # What cannot change the labels stays out: a finished output serves any of these.
+        "options": {
+            k: v
+            for k, v in asdict(options).items()
+            if k not in ("progress", "resume", "device", "overview", "overview_size")
+        },
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_progress(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        progress = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return progress if progress.get("fingerprint") == fingerprint else None
+
+
+def _save_progress(
+    path: Path,
+    fingerprint: str,
+    state: dict[str, Any],
+    first: list[int] | None = None,
+    second: list[int] | None = None,
+) -> None:
+    """Pass-1 state and finished windows; ``second`` not None means the first pass is complete."""
+    text = json.dumps({"fingerprint": fingerprint, "state": state, "first": first, "second": second})
+    atomic_write(path, lambda p: p.write_text(text))
+
+
+def _first_pass(
+    job: _Job,
+    plan: Sequence[WindowPair],
+    given: Tensor | None,
+    progress_path: Path,
+    fingerprint: str,
+    progress: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Per-class maxima (global normalisation) and the raster's labels where they are derived.
+
+    Returns the state the second pass needs: ``maxima`` (K floats, or None for per-window
+    normalisation) and ``present`` (the raster's K-vector, or None for per-window labels).
+    """
+    if progress is not None and progress.get("second") is not None:
+        return progress["state"]
+    options = job.options
+    # Only max normalisation depends on the whole raster; a sigmoid of the logits is per pixel.
+    need_maxima = options.normalization == "global" and options.cam_norm == "max"
+    derive = given is None and not options.labels_per_window
+    need_counts = derive and job.mask is not None
+    need_predictions = derive and job.mask is None
+    state: dict[str, Any] = {
+        "maxima": [0.0] * job.k if need_maxima else None,
+        "counts": [0] * job.label_space.num_classes if need_counts else None,
+        "predicted": [0.0] * job.k if need_predictions else None,
+    }
+    done: set[int] = set()
+    if progress is not None:
+        state, done = progress["state"], set(progress.get("first") or [])
+    todo = set(range(len(plan))) - done if need_maxima or need_counts or need_predictions else set()
+    bar = tqdm(
+        total=len(todo), desc="pass 1: maxima, labels", unit="win", disable=not options.progress or not todo
+    )
+    try:
+        for row in _rows(plan, todo):
+            for i in row:
+                pair = plan[i]
+                if need_counts:
+                    counts = job.mask_counts(pair.core)
+                    state["counts"] = [a + int(b) for a, b in zip(state["counts"], counts, strict=True)]
+                if need_maxima or need_predictions:
+                    _, x, _ = job.read(pair.context)
+                    if need_maxima:
+                        peak = job.raw_maps(x, pair).flatten(1).amax(dim=1).cpu()
+                        state["maxima"] = torch.maximum(torch.tensor(state["maxima"]), peak).tolist()
+                    if need_predictions:
+                        union = torch.maximum(torch.tensor(state["predicted"]), job.predict(x, pair))
+                        state["predicted"] = union.tolist()
+                done.add(i)
+                bar.update(1)
+            _save_progress(progress_path, fingerprint, state, first=sorted(done))
+    finally:
+        bar.close()
+    if given is not None:
+        present: Tensor | None = given
+    elif need_counts:
+        present = job.present_from_counts(np.array(state["counts"]))
+    elif need_predictions:
+        present = torch.tensor(state["predicted"])
+    else:
+        present = None
+    state["present"] = None if present is None else present.tolist()
+    _save_progress(progress_path, fingerprint, state, second=[])
+    return state
+
+
+def write_overview(
+    labels_tif: Path, plan: Sequence[WindowPair], out: Path, label_space: LabelSpace, size: int
+) -> None:
+    """A palette PNG of the label GeoTIFF, every ``f``-th pixel (nearest), longest side <= ``size``.
+
+    Read core by core so only one window and the small overview are held.
+    """
+    with rasterio.open(labels_tif) as src:
+        height, width = src.height, src.width
+        f = max(1, math.ceil(max(height, width) / size))
+        overview = np.full((math.ceil(height / f), math.ceil(width / f)), label_space.ignore_index, np.uint8)
+        for pair in plan:
+            core = pair.core
+            r0, c0 = -(-core.row // f), -(-core.col // f)
+            r1, c1 = -(-(core.row + core.height) // f), -(-(core.col + core.width) // f)
+            if r1 <= r0 or c1 <= c0:
+                continue
+            ids = src.read(1, window=core.to_rasterio())
+            overview[r0:r1, c0:c1] = ids[r0 * f - core.row :: f, c0 * f - core.col :: f][: r1 - r0, : c1 - c0]
+    save_palette_png(out, overview, label_space.flat_palette())
