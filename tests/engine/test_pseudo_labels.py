@@ -244,8 +244,8 @@ class SureOfBlue(torch.nn.Module):
         super().__init__()
         self.inner = inner
 
-    def cams(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner.cams(x)
+    def cams(self, x: torch.Tensor, rectify: bool = True) -> torch.Tensor:
+        return self.inner.cams(x, rectify=rectify)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.inner(x)

@@ -84,8 +84,10 @@ def test_rerun_with_more_epochs_resumes_from_last_checkpoint(shapes: Path, tmp_p
         k for k, v in weights(out).items() if v.is_floating_point() and not torch.equal(v, after_one[k])
     ]
     assert changed  # the second epoch trained further
+    assert logged_steps(out) == list(range(2 * STEPS_PER_EPOCH))  # the first epoch's log survives
     done = fit(shapes, out, max_epochs=2)  # nothing left to do: no further step
     assert done.global_step == 2 * STEPS_PER_EPOCH
+    assert logged_steps(out) == list(range(2 * STEPS_PER_EPOCH))
 
 
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(shapes: Path, tmp_path: Path):
@@ -113,6 +115,7 @@ def test_max_minutes_stops_an_unbounded_run(shapes: Path, tmp_path: Path):
     assert timer.time_remaining("train") <= 0
     assert trainer.global_step >= 1 and elapsed < 60
     assert (out / MODEL_FILE).is_file() and (out / RUN_FILE).is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()  # a stopped run can be resumed
 
 
 def test_empty_training_set_is_refused(tmp_path: Path):

@@ -39,11 +39,13 @@ FAST_BACKBONE = "test_efficientnet"
 
 
 def train_steps(
-    method: Method, steps: int = 2, backbone: str = FAST_BACKBONE
+    method: Method, steps: int = 2, model: CamClassifier | None = None
 ) -> tuple[ClassifierTask, dict[str, float], dict[str, torch.Tensor]]:
-    """Run ``steps`` optimiser steps of ``method`` on a random-weight classifier; return the task (in
-    eval mode), the values logged at the last step and the method modules' initial weights."""
-    model = CamClassifier(num_classes=2, backbone=backbone, weights="random")
+    """Run ``steps`` optimiser steps of ``method`` on a random-weight classifier (by default the fast
+    EfficientNet); return the task (in eval mode), the values logged at the last step and the method
+    modules' initial weights."""
+    if model is None:
+        model = CamClassifier(num_classes=2, backbone=FAST_BACKBONE, weights="random")
     task = ClassifierTask(model, method)
     initial = {k: v.clone() for k, v in task.method_modules.state_dict().items()}
     trainer = L.Trainer(

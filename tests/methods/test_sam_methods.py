@@ -461,6 +461,9 @@ def test_s2c_point_prompts_hold_all_peaks_of_a_class_and_take_the_third_mask(tin
         return out
 
     monkeypatch.setattr(segmenter.predictor, "predict_torch", spy)
+    encoder = tiny_sam.model.image_encoder
+    encodes = []
+    monkeypatch.setattr(encoder, "forward", lambda x, f=encoder.forward: encodes.append(1) or f(x))
     cams = torch.zeros(2, 32, 32)
     cams[1, 5, 5], cams[1, 20, 24] = 1.0, 0.9  # two peaks of class 1; class 0 absent
     segments, target = method._point_targets(
@@ -474,6 +477,36 @@ def test_s2c_point_prompts_hold_all_peaks_of_a_class_and_take_the_third_mask(tin
     )
     assert torch.equal(target, expected)  # class 1 where its third mask is, background elsewhere
     assert segments.dtype == torch.bool and segments.shape[1:] == (32, 32) and len(segments) > 0
+    assert len(encodes) == 1  # prompts and everything mode share one encoder pass
+
+
+def test_embedding_memo_disk_cache_defaults_and_a_broken_disk(tiny_sam, tmp_path, caplog):
+    from wsss_domains.methods.sam_base import LastEmbedding
+    from wsss_domains.sam.cache import EmbeddingCache
+
+    assert s2c_method(tiny_sam).training_segmenter(torch.device("cpu")).predictor.cache.disk is None
+    cached = s2c_method(tiny_sam, train_cache=True, sam_cache=str(tmp_path / "c"))
+    assert cached.training_segmenter(torch.device("cpu")).predictor.cache.disk.root == tmp_path / "c"
+    (tmp_path / "file").write_text("not a folder")
+    memo = LastEmbedding(EmbeddingCache(tmp_path / "file"))
+    calls = []
+
+    def encode(x):
+        calls.append(1)
+        return x * 2
+
+    x = torch.rand(1, 3, 4, 4)
+    assert torch.equal(memo.get_or_compute("m", "c", x, encode), x * 2)  # the disk fails: computed anyway
+    assert memo.disk is None and "unusable" in caplog.text
+    memo.get_or_compute("m", "c", x.clone(), encode)
+    assert len(calls) == 1  # the same input again: remembered
+    memo.get_or_compute("m", "c", x + 1, encode)
+    assert len(calls) == 2
+    disk = EmbeddingCache(tmp_path / "disk")
+    LastEmbedding(disk).get_or_compute("m", "c", x, encode)
+    fresh = LastEmbedding(disk)  # a new run: the embedding comes from disk
+    assert torch.equal(fresh.get_or_compute("m", "c", x, encode), x * 2)
+    assert len(calls) == 3 and (disk.hits, disk.misses) == (1, 1)
 
 
 def test_s2c_box_only_sam_uses_its_box_masks_as_segments_and_targets(tiny_sam):

@@ -8,6 +8,7 @@ from wsss_domains.methods import sam_proto as _sam_proto  # noqa: F401  (registe
 from wsss_domains.methods import seam as _seam  # noqa: F401
 from wsss_domains.methods import sepl as _sepl  # noqa: F401  (registers sepl)
 from wsss_domains.methods import sipe as _sipe  # noqa: F401
+from wsss_domains.methods import toco as _toco  # noqa: F401
 from wsss_domains.methods.base import Method
 from wsss_domains.methods.registry import create_method, list_methods, method_class, register_method
 

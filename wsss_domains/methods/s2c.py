@@ -4,7 +4,8 @@ Training adds two losses to the classification loss (:mod:`wsss_domains.sam.s2c`
 
 * ``ssc`` (weight ``ssc_weight``, 1): SAM-segment contrast of the classifier's features (the map
   its CAM head reads). Segments come from SAM's everything mode, or -- for a box-only SAM such as
-  LiteMedSAM -- from the masks of the CAM-box prompts below;
+  LiteMedSAM -- from the masks of the CAM-box prompts below; computed at ``1/ssc_stride`` (4) of
+  the input with temperature ``temperature`` (1, the reference's);
 * ``cpm`` (weight ``cpm_weight``, 1): the CAMs are supervised with SAM masks prompted from the
   multi-scale CAMs (scales ``cpm_scales``, 0.5/1/1.5/2): for a point-capable SAM one prompt per
   class holding all its CAM peaks (the domain's ``peak_threshold`` and ``max_prompts_per_class``,
@@ -15,13 +16,14 @@ Training adds two losses to the classification loss (:mod:`wsss_domains.sam.s2c`
 
 The image SAM sees is the batch de-normalised with the run's mean and std (after augmentation, so
 masks and features stay aligned). At pseudo-label time S2C is plain multi-scale CAM followed by
-SEPL, as the reference hands its CAMs to SEPL (SAM_WSSS) for refinement.
+SEPL: the reference's README sends its CAMs to SEPL's code (SAM_WSSS) for refinement.
 
 Cost: per training image one SAM image-encoder pass, the prompt decoder for each prompted class
 (plus SAM's automatic mask generator, 32 x 32 point grid, for point-capable SAMs) and four extra
-classifier forward passes at up to 2x resolution for the prompting CAMs. On CPU, LiteMedSAM's
-encoder takes about 3-10 s per 224 px image (2 cores), so a step of 32 images takes minutes:
-train s2c on a GPU, or with small batches. Training views are not cached on disk by default
+classifier forward passes at up to 2x resolution for the prompting CAMs. Measured on 2 shared CPU
+cores with LiteMedSAM: about 4 s per 224 px training image (10 s while the first embeddings and
+kernels warm up), so a step of 32 images takes about 2 minutes: train s2c on a GPU, or on CPU only
+with small batches and a long budget. Training views are not cached on disk by default
 (``train_cache``): histology's colour jitter makes every view new, and each LiteMedSAM or ViT-B
 embedding is 4 MiB. Turn it on for domains whose augmentation has few distinct views (flips), where
 embeddings are then reused from the second epoch.
@@ -68,12 +70,9 @@ class S2C(SeplRefinement):
         options.setdefault("min_peak_distance", MIN_PEAK_DISTANCE)
         super().__init__(**options)
 
-    def _option(self, key: str, default: Any) -> Any:
-        return self.options.get(key, default)
-
     def training_segmenter(self, device: torch.device) -> SamSegmenter:
         """The method's segmenter; its disk cache only with ``train_cache`` (views rarely repeat)."""
-        if self._cache is None and not bool(self._option("train_cache", False)):
+        if self._cache is None and not bool(self.options.get("train_cache", False)):
             self._cache = LastEmbedding(None)
         return self.segmenter(device)
 
@@ -86,13 +85,13 @@ class S2C(SeplRefinement):
             raise RuntimeError("s2c: call setup(domain, mean, std) before training (the engine does)")
         images, labels = batch["image"], batch["label"]
         progress = float(batch["progress"]) if "progress" in batch else 1.0
-        with_cpm = progress >= float(self._option("cpm_start", CPM_START))
+        with_cpm = progress >= float(self.options.get("cpm_start", CPM_START))
         segmenter = self.training_segmenter(images.device)
         strategy = self.strategy()
         box_only = not segmenter.sam.supports_points
         cams = None
         if with_cpm or box_only:
-            scales = tuple(float(s) for s in self._option("cpm_scales", CPM_SCALES))
+            scales = tuple(float(s) for s in self.options.get("cpm_scales", CPM_SCALES))
             cams = multiscale_cams(model, images, labels, scales)
         raw = denormalize(images.detach(), self.mean, self.std).clamp(0.0, 1.0)
         segments, targets = [], []
@@ -104,17 +103,17 @@ class S2C(SeplRefinement):
                 seg, target = self._point_targets(segmenter, raw[i], cam_i, labels[i], strategy, with_cpm)
             segments.append(seg)
             targets.append(target)
-        stride = int(self._option("ssc_stride", SSC_STRIDE))
+        stride = int(self.options.get("ssc_stride", SSC_STRIDE))
         seg_maps = torch.stack([segment_index_map(s) for s in segments]).to(images.device)
         seg_maps = seg_maps[:, stride // 2 :: stride, stride // 2 :: stride]
-        temperature = float(self._option("temperature", 1.0))
+        temperature = float(self.options.get("temperature", 1.0))
         losses = {
-            "ssc": float(self._option("ssc_weight", 1.0))
+            "ssc": float(self.options.get("ssc_weight", 1.0))
             * ssc_loss(outputs["features"], seg_maps, temperature)
         }
         if with_cpm:
             target_maps = torch.stack(targets).to(images.device)  # type: ignore[arg-type]
-            losses["cpm"] = float(self._option("cpm_weight", 1.0)) * cpm_loss(
+            losses["cpm"] = float(self.options.get("cpm_weight", 1.0)) * cpm_loss(
                 outputs["cams"], labels, target_maps
             )
         else:
@@ -170,8 +169,8 @@ class S2C(SeplRefinement):
             k = cams.shape[0]
             h, w = image.shape[-2:]
             logits = torch.full((k, h, w), float("-inf"))
-            index = int(self._option("cpm_mask_index", CPM_MASK_INDEX))
-            distance = int(self._option("min_peak_distance", MIN_PEAK_DISTANCE))
+            index = int(self.options.get("cpm_mask_index", CPM_MASK_INDEX))
+            distance = int(self.options.get("min_peak_distance", MIN_PEAK_DISTANCE))
             for c in torch.nonzero(labels > 0).flatten().tolist():
                 peaks = cam_peaks(
                     cams[c].cpu(), strategy.peak_threshold, distance, strategy.max_prompts_per_class

@@ -65,20 +65,25 @@ class LastEmbedding:
         from wsss_domains.sam.cache import embedding_key
 
         key = embedding_key(model_name, checkpoint_id, model_input)
-        if key != self.key or self.value is None:
-            self.value = None
+        if key == self.key and self.value is not None:
+            return self.value.to(model_input.device)
+        disk = self.disk
+        if disk is not None and (stored := disk.load(model_name, key)) is not None:
+            disk.hits += 1
+            value = stored.to(model_input.device, torch.float32)
+        else:
+            value = encode(model_input)
             if self.disk is not None:
+                self.disk.misses += 1
                 try:
-                    self.value = self.disk.get_or_compute(model_name, checkpoint_id, model_input, encode)
+                    self.disk.store(model_name, key, value)
                 except OSError as exc:  # a full or read-only disk costs speed, not the run
                     log.warning(
-                        "SAM embedding cache %s unusable (%s); continuing without it", self.disk.root, exc
+                        "SAM embedding cache %s unusable (%s); going on without it", self.disk.root, exc
                     )
                     self.disk = None
-            if self.value is None:
-                self.value = encode(model_input)
-            self.key = key
-        return self.value.to(model_input.device)
+        self.key, self.value = key, value
+        return value
 
 
 class SamMethod(Method):

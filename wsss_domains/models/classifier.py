@@ -29,14 +29,19 @@ class CamClassifier(nn.Module):
         pooling: str = "gap",
     ) -> None:
         super().__init__()
-        kwargs = {"output_stride": output_stride} if output_stride != 32 else {}
-        self.backbone = timm.create_model(backbone, pretrained=False, num_classes=0, global_pool="", **kwargs)
+        self.backbone = self.create_backbone(backbone, output_stride)
         self.weights_source = load_backbone_weights(self.backbone, backbone, weights)
         self.head = nn.Conv2d(self.backbone.num_features, num_classes, kernel_size=1, bias=False)
         if pooling not in ("gap", "gmp", "lse"):
             raise ValueError(f"unknown pooling '{pooling}' (gap, gmp, lse)")
         self.pooling = pooling
         self.num_classes = num_classes
+
+    @staticmethod
+    def create_backbone(name: str, output_stride: int) -> nn.Module:
+        """The timm feature extractor (no classifier, no pooling); subclasses build other families."""
+        kwargs = {"output_stride": output_stride} if output_stride != 32 else {}
+        return timm.create_model(name, pretrained=False, num_classes=0, global_pool="", **kwargs)
 
     def features(self, x: Tensor) -> Tensor:
         return self.backbone.forward_features(x)

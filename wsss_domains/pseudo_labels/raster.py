@@ -45,6 +45,10 @@ Writing is atomic: the GeoTIFF grows in a temporary file beside the output, rena
 Finished windows (and the first pass's results) are recorded in a sidecar JSON at every row of
 windows, so a killed run resumes where it stopped; a finished output whose summary (``OUT.tif.json``
 beside it) records the same inputs is not recomputed.
+
+Pixels are read through the remote-sensing plugin's windowed readers (``ImageRaster``,
+``MaskRaster``: band choice, scaling of 12/16-bit data, the no-data rule), which ship in the same
+distribution, rather than through a second copy of those rules; no-data pixels get the ignore index.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
+from wsss_domains.data.io import atomic_write
 from wsss_domains.domains.contract import DomainPlugin
 from wsss_domains.methods.registry import create_method
 from wsss_domains.training.data import TrainingView
@@ -90,8 +92,39 @@ def train(
         use_distributed_sampler=True,
     )
     last = out / "checkpoints" / "last.ckpt"
+    metrics = out / "logs" / "metrics.csv"
+    earlier = _read_metrics(metrics) if last.is_file() else []
     trainer.fit(task, loader, ckpt_path=str(last) if last.is_file() else None)
     if trainer.is_global_zero:
+        _restore_earlier_metrics(metrics, earlier)
         save_model(task.model.cpu(), task.method_modules.cpu(), out)
         config.save(out)
     return trainer
+
+
+def _read_metrics(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _restore_earlier_metrics(path: Path, earlier: list[dict[str, str]]) -> None:
+    """Put back the log rows from before a resume: Lightning's CSV logger deletes metrics.csv on start.
+
+    Rows logged after the checkpoint the run resumed from are dropped: those steps were re-run.
+    """
+    if not earlier:
+        return
+    new = _read_metrics(path)
+    first = min((int(row["step"]) for row in new if row.get("step")), default=None)
+    rows = [row for row in earlier if first is None or not row.get("step") or int(row["step"]) < first] + new
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)

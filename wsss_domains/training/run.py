@@ -16,6 +16,7 @@ from torch import nn
 from wsss_domains.data.io import atomic_write
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.models.classifier import DEFAULT_BACKBONE, CamClassifier
+from wsss_domains.models.vit import VitCamClassifier, is_vit_backbone
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.pt"
@@ -91,7 +92,9 @@ def run_label_space(config: RunConfig) -> tuple[DomainPlugin, LabelSpace]:
 
 
 def build_model(config: RunConfig, weights: str | None = None) -> CamClassifier:
-    return CamClassifier(
+    """The run's classifier: a CNN's last feature map, or a ViT's patch tokens laid out as one."""
+    classifier = VitCamClassifier if is_vit_backbone(config.backbone) else CamClassifier
+    return classifier(
         num_classes=len(config.foreground),
         backbone=config.backbone,
         weights=config.weights if weights is None else weights,
