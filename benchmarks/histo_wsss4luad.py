@@ -46,7 +46,9 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-histo")
     p.add_argument("--train-extra", default="", help="extra arguments for `train`")
-    p.add_argument("--pl-extra", default="", help="extra arguments for `pseudo-labels`, e.g. '--cam-norm sigmoid'")
+    p.add_argument(
+        "--pl-extra", default="", help="extra arguments for `pseudo-labels`, e.g. '--cam-norm sigmoid'"
+    )
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
 

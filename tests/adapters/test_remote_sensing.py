@@ -24,11 +24,11 @@ from wsss_adapters.remote_sensing import (
 from wsss_adapters.remote_sensing.augment import flip_rotate
 from wsss_adapters.remote_sensing.metrics import cohen_kappa, overall_accuracy
 from wsss_adapters.remote_sensing.prompts import clip_prompts_for
-from wsss_domains.data.splits import parse_split
 
 from wsss_domains.clip import prompt_files
 from wsss_domains.data.io import DataError
 from wsss_domains.data.patches import PatchDataset
+from wsss_domains.data.splits import parse_split
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace, PromptKind
 from wsss_domains.domains.registry import get_domain
 

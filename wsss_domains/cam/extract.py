@@ -98,7 +98,16 @@ class CamExtractor:
     @torch.no_grad()
     def __call__(self, image: Tensor) -> Tensor:
         """Per-class CAMs ``K x H x W`` in [0, 1] for a normalised ``3 x H x W`` image."""
-        return normalize_per_class(self.maps(image))
+        return self.normalize(self.maps(image))
+
+    def normalize(self, total: Tensor) -> Tensor:
+        """Summed maps (see :meth:`maps`) to [0, 1]: per-class maximum, or sigmoid of the mean logit.
+
+        The sigmoid needs no image-wide statistic, so windows of a large raster normalise exactly.
+        """
+        if self.normalization == "sigmoid":
+            return torch.sigmoid(total / (len(self.scales) * (2 if self.flip else 1)))
+        return normalize_per_class(total)
 
     @torch.no_grad()
     def maps(self, image: Tensor) -> Tensor:

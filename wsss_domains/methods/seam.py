@@ -23,7 +23,8 @@ Checked against YudeWang/SEAM (``train_SEAM.py``, ``network/resnet38_SEAM.py``, 
 * classification: the mean of both views' losses (so the engine's loss has weight 0.5), plus the
   mean of both views' ``adaptive_min_pooling_loss`` on the PCM maps (the lowest quarter of each
   image's max-over-classes PCM score pushed to 0);
-* inference: the PCM maps' foreground channels, multi-scale and flipped (the engine's extractor).
+* inference: the PCM maps' foreground channels, multi-scale and flipped (the engine's extractor,
+  which divides the summed maps by their maximum; ``infer_SEAM.py`` subtracts the minimum first).
 
 Adaptation to timm CNNs: the official ResNet-38 stages ``conv4``/``conv5`` (the two before the
 classifier's) become the backbone's third- and second-last ``feature_info`` stages; they are

@@ -35,12 +35,14 @@ Checked against rulixiang/ToCo (``scripts/dist_train_voc_seg_neg.py``, ``model/m
 Not reproduced: the dense-CRF energy loss on the segmentation head (weight 0.05; it needs ToCo's
 compiled bilateral filter) and the colour jitter, blur and solarisation of the crops (the engine
 hands methods normalised images, so crops are geometric only). ToCo pools with global max pooling:
-train with ``--pooling gmp`` to match it.
+train with ``--pooling gmp`` to come close (the engine max-pools the CAMs; ToCo max-pools the tokens
+and then applies its classifier, the same for average pooling but not for max pooling).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import Tensor, nn
@@ -180,15 +182,15 @@ def class_token_contrast(student: Tensor, teacher: Tensor, flags: Tensor, temper
     s = student.reshape(ncrops, b, -1).transpose(0, 1)
     t = teacher.reshape(2, b, -1).transpose(0, 1)
     logits = t @ s.transpose(1, 2) / temperature  # b x 2 x ncrops
-    eps = torch.full_like(logits[:, :, :1], torch.log(torch.tensor(1e-4)).item())
+    log_eps = torch.full_like(logits[:, :, :1], math.log(1e-4))  # the official + 1e-4 in the denominators
     total = logits.new_zeros(())
     for i in range(b):
         negatives = logits[i][:, flags[i] == 0]
         positives = (flags[i] != 0).nonzero().flatten()
-        loss = torch.logsumexp(torch.cat([torch.zeros_like(eps[i]), negatives, eps[i]], dim=1), dim=1)
+        loss = torch.logsumexp(torch.cat([torch.zeros_like(log_eps[i]), negatives, log_eps[i]], dim=1), dim=1)
         for j in positives.tolist():
             pos = logits[i][:, j : j + 1]
-            loss = loss + torch.logsumexp(torch.cat([pos, negatives, eps[i]], dim=1), dim=1) - pos[:, 0]
+            loss = loss + torch.logsumexp(torch.cat([pos, negatives, log_eps[i]], dim=1), dim=1) - pos[:, 0]
         total = total + loss.sum() / 2 / (positives.numel() + 1e-4)
     return total / b
 
