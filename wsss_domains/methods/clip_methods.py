@@ -1,0 +1,107 @@
+"""CLIP-based pseudo-labels: CLIP-ES CAMs with zero-shot or learned (PEFT) prompts.
+
+No CLIP weights ship with the project: these methods need ``--clip-model`` and ``--clip-weights``
+(a local open_clip checkpoint) and fail at set-up, before any image is processed, when there are
+none. The classifier of the run still decides which classes an image holds when its split carries
+no labels; the maps of the present classes come from CLIP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.methods.base import Method
+from wsss_domains.methods.registry import register_method
+
+DEFAULT_CLIP_MODEL = "ViT-B-16"
+
+
+@register_method
+class ClipEs(Method):
+    name = "clip-es"
+    description = (
+        "CLIP-ES CAMs (GradCAM at CLIP's last block, softmax over present classes + background words, "
+        "class-aware attention affinity); needs --clip-model and --clip-weights."
+    )
+
+    def __init__(
+        self, clip_model: str = DEFAULT_CLIP_MODEL, clip_weights: str | None = None, **options: Any
+    ) -> None:
+        super().__init__(clip_model=clip_model, clip_weights=clip_weights, **options)
+        self.clip_model = clip_model
+        self.clip_weights = clip_weights
+        self._loaded: Any = None
+        self._text: dict[tuple[str, ...], Any] = {}
+
+    def setup(self, domain: DomainPlugin, mean: Sequence[float], std: Sequence[float]) -> None:
+        from wsss_domains.clip.loading import resolve_clip_weights
+
+        super().setup(domain, mean, std)
+        resolve_clip_weights(self.clip_model, self.clip_weights)  # fail fast, no network
+
+    def _clip(self, device: torch.device) -> Any:
+        if self._loaded is None:
+            from wsss_domains.clip.loading import load_clip
+
+            self._loaded = load_clip(self.clip_model, self.clip_weights, device=device)
+        return self._loaded
+
+    def text_source(self, loaded: Any, domain: DomainPlugin, label_space: LabelSpace) -> Any:
+        """Text embeddings of the label space's classes, built once and kept across images."""
+        from wsss_domains.clip.text import ZeroShotText
+
+        key = label_space.classes
+        if key not in self._text:
+            self._text[key] = ZeroShotText(loaded.model, loaded.tokenizer, domain.clip_prompts(label_space))
+        return self._text[key]
+
+    def refine(
+        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+    ) -> Tensor:
+        from wsss_domains.clip.clip_es import clip_es_cams
+
+        keep = present.bool()
+        if not keep.any():
+            return cams
+        loaded = self._clip(cams.device)
+        names = [label_space.foreground_names[i] for i in torch.nonzero(keep).flatten().tolist()]
+        prompts = domain.clip_prompts(label_space)
+        maps = clip_es_cams(
+            loaded.model,
+            loaded.tokenizer,
+            image,
+            names,
+            prompts,
+            text=self.text_source(loaded, domain, label_space),
+        )
+        out = cams.clone()
+        out[keep] = maps.to(out.dtype).to(out.device)
+        return out
+
+
+@register_method
+class ClipEsLearned(ClipEs):
+    name = "clip-es-learned"
+    description = (
+        "CLIP-ES CAMs with learned per-domain prompts (`wsss-domains prompts learn`); "
+        "--method-option prompts=NAME picks the artefact (default: the domain's configured one)."
+    )
+
+    def text_source(self, loaded: Any, domain: DomainPlugin, label_space: LabelSpace) -> Any:
+        from wsss_domains.clip.artefacts import load_learned_prompts
+
+        key = label_space.classes
+        if key not in self._text:
+            name = self.options.get("prompts") or domain.clip_prompts(label_space).learned
+            if not name:
+                raise ValueError(
+                    f"no learned prompts for domain '{domain.name}': run `wsss-domains prompts learn` and pass "
+                    "--method-option prompts=NAME"
+                )
+            self._text[key] = load_learned_prompts(name, loaded.model, loaded.tokenizer, domain=domain.name)
+        return self._text[key]
