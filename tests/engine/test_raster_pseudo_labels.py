@@ -20,6 +20,7 @@ from PIL import Image
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import from_origin
 from torch import Tensor, nn
+from wsss_adapters.remote_sensing.raster import ImageRaster
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.cli import EXIT_USAGE, main
@@ -151,13 +152,13 @@ def read_labels(path: Path) -> np.ndarray:
         return src.read(1)
 
 
-def in_memory(tif: Path, model: nn.Module, config: RunConfig, labels: Tensor, tmp: Path) -> np.ndarray:
+def in_memory(
+    tif: Path, model: nn.Module, config: RunConfig, labels: Tensor, tmp: Path, cam_norm: str = "max"
+) -> np.ndarray:
     """The whole-image pseudo-label of the in-memory writer, the raster read whole."""
-    from wsss_adapters.remote_sensing.raster import ImageRaster
-
     image, nodata = ImageRaster(tif).read()
     sample = {"image": image, "label": labels, "exclude": nodata, "id": "scene"}
-    extractor = CamExtractor(model, scales=(1.0,), flip=True)
+    extractor = CamExtractor(model, scales=(1.0,), flip=True, normalization=cam_norm)
     write_pseudo_labels(
         [sample],  # type: ignore[arg-type]
         extractor,
@@ -255,6 +256,16 @@ def test_global_normalisation_equals_the_whole_image_pseudo_label(
     assert (read_labels(out) == expected).all()
 
 
+def test_sigmoid_cam_norm_needs_no_first_pass_and_is_exact(tif: Path, config: RunConfig, tmp_path: Path):
+    out = tmp_path / "pl.tif"
+    summary = pseudo_label_raster(
+        config, Pixelwise(), Method(), tif, out, labels=["red", "blue"], options=options(cam_norm="sigmoid")
+    )
+    assert summary.class_maxima is None  # a sigmoid of the logits depends on no other window
+    expected = in_memory(tif, Pixelwise(), config, torch.tensor([1.0, 1.0]), tmp_path / "memory", "sigmoid")
+    assert (read_labels(out) == expected).all()
+
+
 def test_window_normalisation_differs_and_stretches_weak_classes(
     tif: Path, config: RunConfig, tmp_path: Path
 ):
@@ -279,8 +290,6 @@ def test_window_normalisation_divides_each_window_by_its_context_maxima(
     tif: Path, config: RunConfig, tmp_path: Path
 ):
     """Checked against a hand computation per window: maps of the context, its maxima, the core cut."""
-    from wsss_adapters.remote_sensing.raster import ImageRaster
-
     model = Pixelwise()
     out = tmp_path / "pl.tif"
     pseudo_label_raster(
@@ -349,10 +358,10 @@ def test_labels_per_window_come_from_each_mask_window(tif: Path, config: RunConf
         config, Pixelwise(), Method(), tif, out, mask=mask, options=options(labels_per_window=True)
     )
     ids = read_labels(out)
-    windowed = pseudo_label_raster(
+    whole = pseudo_label_raster(
         config, Pixelwise(), Method(), tif, tmp_path / "raster.tif", mask=mask, options=options()
     )
-    assert summary.labels == windowed.labels == ["red", "blue"]
+    assert summary.labels == whole.labels == ["red", "blue"]  # the union over windows, reported
     # The window at rows 128-255, cols 128-255 holds no class in the mask: all ground there.
     assert (ids[128:256, 128:256] == 0).all()
 
