@@ -18,11 +18,11 @@ from pathlib import Path
 
 from torch import Tensor
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.codes import IdCode, MaskCode
-from wsss_adapters.remote_sensing.raster import Scaling, TileWindow, iter_windows
 from wsss_adapters.remote_sensing.scene import ReadOptions, Scene, SceneReader
 
 from wsss_domains.data.io import DataError
+from wsss_domains.data.mask_codes import IdCode, MaskCode
+from wsss_domains.data.raster import Scaling, TileWindow, iter_windows
 from wsss_domains.domains.contract import LabelSpace, Sample
 
 # Whole scenes above this many pixels are refused: read them as tiles instead.

@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.codes import ColorCode
 from wsss_adapters.remote_sensing.loading import TILE, finish, matching
-from wsss_adapters.remote_sensing.raster import Scaling
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
+from wsss_domains.data.mask_codes import ColorCode
+from wsss_domains.data.raster import Scaling
 from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
 

@@ -24,12 +24,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.codes import ColorCode, IdCode, MaskCode
 from wsss_adapters.remote_sensing.loading import TILE, any_matching, finish, matching, request_split
-from wsss_adapters.remote_sensing.raster import Scaling
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
+from wsss_domains.data.mask_codes import ColorCode, IdCode, MaskCode
+from wsss_domains.data.raster import Scaling
 from wsss_domains.domains.contract import BackgroundMode, DatasetSpec, LabelSpace
 
 NAME = "isaid"

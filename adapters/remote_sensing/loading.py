@@ -11,11 +11,11 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.codes import MaskCode
 from wsss_adapters.remote_sensing.datasets import build_dataset
-from wsss_adapters.remote_sensing.raster import Scaling
 from wsss_adapters.remote_sensing.scene import ReadOptions, Scene
 
+from wsss_domains.data.mask_codes import MaskCode
+from wsss_domains.data.raster import Scaling
 from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains.contract import LabelSpace
 

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from wsss_adapters.remote_sensing.codes import MaskCode
-from wsss_adapters.remote_sensing.raster import ImageRaster, MaskRaster, Scaling, TileWindow
 
 from wsss_domains.data.io import DataError
+from wsss_domains.data.mask_codes import MaskCode
 from wsss_domains.data.patches import label_from_crop
+from wsss_domains.data.raster import ImageRaster, MaskRaster, Scaling, TileWindow
 from wsss_domains.domains.contract import LabelSpace, Sample
 
 

@@ -19,13 +19,13 @@ from wsss_adapters.remote_sensing import (
     isprs,
     iter_windows,
     loveda,
-    raster,
 )
 from wsss_adapters.remote_sensing.augment import flip_rotate
 from wsss_adapters.remote_sensing.metrics import cohen_kappa, overall_accuracy
 from wsss_adapters.remote_sensing.prompts import clip_prompts_for
 
 from wsss_domains.clip import prompt_files
+from wsss_domains.data import raster
 from wsss_domains.data.io import DataError
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.data.splits import parse_split

@@ -20,11 +20,11 @@ from PIL import Image
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import from_origin
 from torch import Tensor, nn
-from wsss_adapters.remote_sensing.raster import ImageRaster
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.cli import EXIT_USAGE, main
 from wsss_domains.data.io import DataError, read_index_mask
+from wsss_domains.data.raster import ImageRaster
 from wsss_domains.domains.contract import IMAGENET_MEAN, IMAGENET_STD
 from wsss_domains.methods.base import Method
 from wsss_domains.models.classifier import CamClassifier

@@ -62,9 +62,9 @@ Finished windows (and the first pass's results) are recorded in a sidecar JSON a
 windows, so a killed run resumes where it stopped; a finished output whose summary (``OUT.tif.json``
 beside it) records the same inputs is not recomputed.
 
-Pixels are read through the remote-sensing plugin's windowed readers (``ImageRaster``,
-``MaskRaster``: band choice, scaling of 12/16-bit data, the no-data rule), which ship in the same
-distribution, rather than through a second copy of those rules; no-data pixels get the ignore index.
+Pixels are read through the engine's windowed readers in :mod:`wsss_domains.data.raster`
+(``ImageRaster``, ``MaskRaster``: band choice, scaling of 12/16-bit data, the no-data rule), the same
+ones the remote-sensing loaders use; no-data pixels get the ignore index.
 """
 
 from __future__ import annotations
@@ -88,8 +88,11 @@ from rasterio.io import DatasetWriter
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
-from wsss_adapters.remote_sensing.codes import ColorCode, IdCode, MaskCode
-from wsss_adapters.remote_sensing.raster import (
+
+from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES, CamExtractor
+from wsss_domains.data.io import DataError, atomic_write, save_palette_png
+from wsss_domains.data.mask_codes import ColorCode, IdCode, MaskCode
+from wsss_domains.data.raster import (
     ImageRaster,
     MaskRaster,
     RasterInfo,
@@ -97,9 +100,6 @@ from wsss_adapters.remote_sensing.raster import (
     TileWindow,
     raster_info,
 )
-
-from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES, CamExtractor
-from wsss_domains.data.io import DataError, atomic_write, save_palette_png
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
 from wsss_domains.methods.base import Method
 from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits

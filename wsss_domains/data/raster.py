@@ -41,9 +41,9 @@ from rasterio.errors import NodataShadowWarning, NotGeoreferencedWarning, Raster
 from rasterio.io import DatasetReader
 from rasterio.windows import Window
 from torch import Tensor
-from wsss_adapters.remote_sensing.codes import MaskCode, UnknownCode
 
 from wsss_domains.data.io import DataError
+from wsss_domains.data.mask_codes import MaskCode, UnknownCode
 from wsss_domains.data.patches import grid_starts, pair
 
 Scaling = Literal["auto", "percentile", "dtype"]
