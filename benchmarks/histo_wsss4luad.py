@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--eval-split", default="validation")
     p.add_argument("--methods", default="cam,par", help="comma-separated methods to pseudo-label with")
     p.add_argument("--max-minutes", type=float, default=15.0)
-    p.add_argument("--patch-size", type=int, default=112)
+    p.add_argument("--patch-size", type=int, default=224)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-histo")
     p.add_argument("--train-extra", default="", help="extra arguments for `train`")
@@ -88,9 +88,13 @@ def main() -> None:
     ]
     for method, report, pl_s, _, _ in rows:
         pc = report["per_class_iou"]
+
+        def cell(name: str, pc: dict = pc) -> str:
+            value = pc.get(name)
+            return "n/a (absent)" if value is None else f"{value:.4f}"
+
         lines.append(
-            f"| {method} | {report['miou']:.4f} | {pc.get('tumor') or 0:.4f} | {pc.get('stroma') or 0:.4f} "
-            f"| {pc.get('normal') or 0:.4f} | {pl_s:.0f} |"
+            f"| {method} | {report['miou']:.4f} | {cell('tumor')} | {cell('stroma')} | {cell('normal')} | {pl_s:.0f} |"
         )
     lines.append("\nCommands:\n\n```")
     lines.append(shlex.join(train_cmd))

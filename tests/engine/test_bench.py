@@ -377,7 +377,7 @@ def test_presets_score_tiles_only_where_asked():
     assert {"histo", "driving", "remote-sensing", "dubai", "coco"} <= set(DEFAULT_PRESETS)
     assert DEFAULT_PRESETS["remote-sensing"].score_options() == {"labels_from_masks": True, "patch_size": 256}
     assert DEFAULT_PRESETS["histo"].score_options() == {}
-    assert DEFAULT_PRESETS["histo"].train_options() == {"labels_from_masks": True, "patch_size": 112}
+    assert DEFAULT_PRESETS["histo"].train_options() == {"labels_from_masks": True, "patch_size": 224}
 
 
 @pytest.mark.realdata

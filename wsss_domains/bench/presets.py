@@ -74,10 +74,10 @@ DEFAULT_PRESETS: Mapping[str, CellPreset] = {
         domain="histo",
         dataset="wsss4luad",
         path="histo/WSSS4LUAD",
-        train_split="validation[0:20]",  # 20 annotated ROIs cut into 112 px patches
+        train_split="validation[0:20]",  # 20 annotated ROIs cut into 224 px patches (native magnification)
         score_split="validation[20:]",  # the other 11 ROIs, scored whole
         labels_from_masks=True,
-        patch_size=112,
+        patch_size=224,
         note="WSSS4LUAD 2.validation (31 ROIs): tumour, stroma, normal; glass excluded",
     ),
     "driving": CellPreset(
