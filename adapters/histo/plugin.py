@@ -50,7 +50,11 @@ class HistoDomain(DomainPlugin):
     def demo(self, root: Path) -> DemoData:
         """Synthetic WSSS4LUAD-layout set: train on labelled patches, score the annotated split."""
         return DemoData(
-            wsss4luad.NAME, write_demo(Path(root)), train_split="training", eval_split="validation"
+            wsss4luad.NAME,
+            write_demo(Path(root)),
+            train_split="training",
+            eval_split="validation",
+            image_size=128,  # the synthetic patches' own size: no upscaling, a few times faster
         )
 
     def preprocess(self, image: Tensor) -> Tensor:

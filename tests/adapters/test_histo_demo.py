@@ -15,7 +15,7 @@ from wsss_adapters.histo.demo import N_TRAIN, N_VAL
 def demo(tmp_path_factory) -> tuple[str, Path, float]:
     start = time.process_time()  # CPU time: the wall clock depends on who else shares the machine
     demo = HistoDomain().demo(tmp_path_factory.mktemp("demo"))
-    assert (demo.train_split, demo.eval_split) == ("training", "validation")
+    assert (demo.train_split, demo.eval_split, demo.image_size) == ("training", "validation", 128)
     return demo.dataset, demo.root, time.process_time() - start
 
 

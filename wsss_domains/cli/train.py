@@ -52,7 +52,9 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
         default="imagenet",
         help="'imagenet' (packaged or locally cached pretrained weights), 'random', or a state-dict path",
     )
-    p.add_argument("--image-size", type=int, default=224, help="training input size in pixels")
+    p.add_argument(
+        "--image-size", type=int, help="training input size in pixels (default 224; the demo's own size)"
+    )
     p.add_argument(
         "--output-stride", type=int, default=16, choices=(8, 16, 32), help="backbone output stride"
     )
@@ -83,6 +85,8 @@ def run_train(args: argparse.Namespace) -> int:
         args.data, args.dataset, args.split = demo_data.root, demo_data.dataset, demo_data.train_split
         args.labels_from_masks = args.labels_from_masks or demo_data.labels_from_masks
         max_minutes = DEMO_MINUTES if max_minutes is None else max_minutes
+        args.image_size = args.image_size or demo_data.image_size
+    args.image_size = args.image_size or 224
     device = resolve_device(args.device)
     opened = open_dataset(
         args.domain,

@@ -151,6 +151,8 @@ class DemoData:
     train_split: str
     eval_split: str
     labels_from_masks: bool = False
+    # Training input size suited to the demo images (small synthetic patches need no upscaling).
+    image_size: int | None = None
 
 
 class PromptKind(str, enum.Enum):
