@@ -8,7 +8,7 @@ from pathlib import Path
 from wsss_adapters.custom import folder
 from wsss_adapters.custom.demo import write_demo
 
-from wsss_domains.domains.contract import DatasetSpec, DomainPlugin
+from wsss_domains.domains.contract import DatasetSpec, DemoData, DomainPlugin
 
 
 class CustomDomain(DomainPlugin):
@@ -24,5 +24,11 @@ class CustomDomain(DomainPlugin):
     def datasets(self) -> Mapping[str, DatasetSpec]:
         return {folder.NAME: folder.SPEC}
 
-    def demo(self, root: Path) -> tuple[str, Path] | None:
-        return folder.NAME, write_demo(Path(root) / "custom-demo")
+    def demo(self, root: Path) -> DemoData:
+        return DemoData(
+            folder.NAME,
+            write_demo(Path(root) / "custom-demo"),
+            train_split="train",
+            eval_split="val",
+            image_size=64,
+        )

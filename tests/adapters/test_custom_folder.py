@@ -158,7 +158,9 @@ def test_patches_and_detection(tmp_path):
 
 def test_demo_round_trip(tmp_path):
     domain = get_domain("custom")
-    name, root = domain.demo(tmp_path)
+    demo = domain.demo(tmp_path)
+    name, root = demo.dataset, demo.root
+    assert (demo.train_split, demo.eval_split) == ("train", "val")
     spec = domain.detect_dataset(root)
     assert spec.name == name == "folder"
     space = spec.label_space_for(root)

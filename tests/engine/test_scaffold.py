@@ -82,7 +82,8 @@ def test_generated_plugin_works_from_source(tmp_path, monkeypatch, forget_module
     module = importlib.import_module(names.package)
     domain = getattr(module, names.class_name)()
     assert domain.name == name
-    dataset_name, root = domain.demo(tmp_path / "data")
+    demo = domain.demo(tmp_path / "data")
+    dataset_name, root = demo.dataset, demo.root
     spec = domain.detect_dataset(root)
     assert spec.name == dataset_name
     sample = spec.build(root, "train")[0]
@@ -122,19 +123,42 @@ def test_editable_install_registers_the_entry_point(tmp_path, monkeypatch, forge
         monkeypatch.syspath_prepend(str(project))
         domain = get_domain(name)
         assert type(domain).__name__ == names.class_name
-        dataset_name, root = domain.demo(tmp_path / "data")
+        demo = domain.demo(tmp_path / "data")
+        dataset_name, root = demo.dataset, demo.root
         loader = domain.dataset(dataset_name).build(root, "val")
         assert len(loader) == 4 and loader[0]["label"].sum() >= 1
         # a fresh interpreter finds and loads it purely through the installation
         probe = (
             "from wsss_domains.domains import get_domain, list_domains; import sys;"
-            f"d = get_domain({name!r}); n, r = d.demo(__import__('pathlib').Path(sys.argv[1]));"
-            "ds = d.dataset(n).build(r, 'train'); print(len(ds), sorted(ds[0]))"
+            f"d = get_domain({name!r}); m = d.demo(__import__('pathlib').Path(sys.argv[1]));"
+            "ds = d.dataset(m.dataset).build(m.root, 'train'); print(len(ds), sorted(ds[0]))"
         )
         out = subprocess.run(
             [sys.executable, "-c", probe, str(tmp_path / "fresh")], check=True, capture_output=True, text=True
         )
         assert out.stdout.split()[0] == "8"
+        # the command line sees it and trains, pseudo-labels and evaluates with it (its demo set)
+        cli = [sys.executable, "-m", "wsss_domains.cli"]
+        listed = subprocess.run([*cli, "domains"], check=True, capture_output=True, text=True)
+        assert name in listed.stdout
+        run = tmp_path / "run"
+        fast = [
+            "--backbone",
+            "test_efficientnet",
+            "--weights",
+            "random",
+            "--image-size",
+            "32",
+            "--max-steps",
+            "2",
+        ]
+        trained = subprocess.run(
+            [*cli, "train", "--domain", name, "--out", str(run), *fast, "--no-progress"],
+            capture_output=True,
+            text=True,
+        )
+        assert trained.returncode == 0, trained.stderr[-2000:]
+        assert (run / "model.pt").is_file() and (run / "metrics.json").is_file()
         # and the package's own tests pass
         tests = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],

@@ -224,7 +224,14 @@ from importlib import resources
 from pathlib import Path
 
 from torch import Tensor
-from wsss_domains.domains.contract import ClipPrompts, DatasetSpec, DomainPlugin, LabelSpace, MetricResult
+from wsss_domains.domains.contract import (
+    ClipPrompts,
+    DatasetSpec,
+    DemoData,
+    DomainPlugin,
+    LabelSpace,
+    MetricResult,
+)
 
 from $package import loader
 from $package.demo import write_demo
@@ -251,8 +258,11 @@ class $class_name(DomainPlugin):
     def datasets(self) -> Mapping[str, DatasetSpec]:
         return {SPEC.name: SPEC}
 
-    def demo(self, root: Path) -> tuple[str, Path] | None:
-        return SPEC.name, write_demo(Path(root) / "$name-demo")
+    def demo(self, root: Path) -> DemoData:
+        """`wsss-domains train --domain $name` with no --data runs on this synthetic set."""
+        return DemoData(
+            SPEC.name, write_demo(Path(root) / "$name-demo"), train_split="train", eval_split="val", image_size=64
+        )
 
     def metrics(self, confusion: Tensor, label_space: LabelSpace) -> list[MetricResult]:
         return [mean_class_accuracy(confusion, label_space)]
