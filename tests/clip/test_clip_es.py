@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_domains.clip.clip_es import clip_es_cams, gradcam_maps
+from wsss_domains.clip.clip_es import clip_es_cams, gradcam_maps, gradcam_maps_independent
 from wsss_domains.clip.text import ZeroShotText
 from wsss_domains.clip.vit import embed, image_embedding, prepare_pixels, run_prefix
 
@@ -51,6 +51,25 @@ def test_batched_gradcam_equals_per_class_autograd(tiny, tiny_prompts):
     assert batched.shape == (3, 4, 4)
     assert reference.amax(dim=(1, 2)).min() > 0.99  # non-degenerate maps
     assert (batched - reference).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("size", [(32, 32), (48, 64)])
+def test_batched_gradcam_equals_independent_full_forward_per_class(tiny, tiny_prompts, size):
+    """Per class, the whole tower forward from the pixels and its own autograd.grad (nothing shared)."""
+    model, tokenizer = tiny
+    visual = model.visual
+    image = torch.rand(3, *size, generator=torch.Generator().manual_seed(1))
+    text = _text(model, tokenizer, tiny_prompts, NAMES)
+    pixels = prepare_pixels(model, image, size)
+    scale = model.logit_scale.exp().detach()
+    batched, _ = gradcam_maps(visual, run_prefix(visual, pixels, attn_layers=8), text, scale, len(NAMES))
+    independent = gradcam_maps_independent(visual, pixels, text, scale, len(NAMES))
+    assert independent.shape == batched.shape == (3, size[0] // 8, size[1] // 8)
+    assert not visual.transformer.resblocks[-1].ln_1._forward_hooks  # the capture hook is removed
+    assert independent.amax(dim=(1, 2)).min() > 0.99  # non-degenerate maps
+    # The maps differ between classes, so a batched path that mixed classes up would not match.
+    assert (independent - independent.roll(1, dims=0)).abs().amax(dim=(1, 2)).min() > 1e-2
+    assert (batched - independent).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("size", [(32, 32), (45, 61)])

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
-from wsss_domains.data.patches import PatchDataset
+from wsss_domains.data.patches import PatchDataset, RandomPatchDataset
 from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, get_domain
 
@@ -58,7 +58,23 @@ def open_dataset(
     split: str | None,
     **options: object,
 ) -> OpenedData:
-    """Resolve domain, loader (by name or by recognising the folder) and split; build the dataset."""
+    """Resolve domain, loader (by name or by recognising the folder) and split; build the dataset.
+
+    ``random_patches=K`` with ``labels_from_masks`` draws K random windows per image instead of the
+    loader's fixed grid (see :class:`RandomPatchDataset`); meant for training.
+    """
+    random_patches = options.pop("random_patches", None)
+    if random_patches and options.get("labels_from_masks"):
+        options.pop("labels_from_masks")
+        patch_size = options.pop("patch_size", None)
+        opened = open_dataset(domain_name, dataset_name, data, split, **options)
+        opened.dataset = RandomPatchDataset(
+            opened.dataset,
+            opened.label_space,
+            patch_size or opened.spec.patch_size,  # type: ignore[arg-type]
+            per_image=int(random_patches),  # type: ignore[call-overload]
+        )
+        return opened
     domain = get_domain(domain_name)
     if not Path(data).exists():
         raise CliError(f"{data}: data folder does not exist")

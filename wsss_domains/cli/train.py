@@ -44,6 +44,13 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--patch-size", type=int, help="patch size for --labels-from-masks (default: the loader's)"
     )
+    p.add_argument(
+        "--random-patches",
+        type=int,
+        metavar="K",
+        help="with --labels-from-masks: draw K windows per image at random positions every epoch "
+        "(each labelled from its own mask) instead of cutting a fixed grid",
+    )
     p.add_argument("--out", type=Path, help="run folder (default: runs/<domain>[-demo])")
     add_method_arguments(p, default="cam")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm backbone name")
@@ -95,6 +102,7 @@ def run_train(args: argparse.Namespace) -> int:
         args.split,
         labels_from_masks=args.labels_from_masks,
         patch_size=args.patch_size,
+        random_patches=args.random_patches if args.labels_from_masks else None,
     )
     progress = not args.no_progress
     label_space = opened.label_space
@@ -127,6 +135,7 @@ def run_train(args: argparse.Namespace) -> int:
         data=str(Path(args.data).resolve()),
         labels_from_masks=args.labels_from_masks,
         patch_size=list(patch) if patch else None,
+        random_patches=args.random_patches if args.labels_from_masks else None,
         seed=args.seed,
         demo=demo,
     )

@@ -17,12 +17,15 @@ All present classes share one backward pass: the last block is run on a batch ho
 its input per class, and the sum of each copy's own class score is differentiated once. Copies do
 not interact, so each copy's gradient is exactly that class's gradient (``batched=False`` runs the
 per-class loop of the official code instead, for checking and timing).
+:func:`gradcam_maps_independent` is the slowest, fully explicit reference: per class, the whole
+encoder forward from the pixels and its own backward, with no shared computation.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,7 @@ from wsss_domains.clip.text import SynonymMode, TextFeatureSource, ZeroShotText
 from wsss_domains.clip.vit import (
     PrefixPass,
     block_forward,
+    image_embedding,
     patch_size,
     pool_patch_mean,
     prepare_pixels,
@@ -91,12 +95,57 @@ def gradcam_maps(
                 score, attn = _last_block_scores(visual, x, ln1, text, logit_scale, target)
                 rows.append(torch.autograd.grad(score.sum(), ln1)[0])
             grads = torch.cat(rows)
+    return _gradcam(act, grads, prefix.grid), attn[0].detach().float()
+
+
+def _gradcam(act: Tensor, grads: Tensor, grid: tuple[int, int]) -> Tensor:
+    """GradCAM maps ``K x h x w`` from one image's ``ln_1`` output ``act`` (``1 x (1+N) x D``) and
+    the gradients of the K class scores with respect to it (``K x (1+N) x D``)."""
     patches, grad_patches = act[:, 1:].float(), grads[:, 1:].float()
     weights = grad_patches.mean(dim=1)  # K x D, the patch-averaged gradient per channel
     cams = torch.relu(torch.einsum("nd,kd->kn", patches[0], weights))
-    cams = cams.view(num_targets, *prefix.grid)
+    cams = cams.view(len(weights), *grid)
     # The official CAM is normalised once per layer and once after layer aggregation.
-    return _minmax(torch.relu(_minmax(cams))), attn[0].detach().float()
+    return _minmax(torch.relu(_minmax(cams)))
+
+
+@contextmanager
+def _captured_outputs(module: nn.Module) -> Iterator[list[Tensor]]:
+    """The outputs of ``module``'s forward calls while the context is open (a forward hook)."""
+    outputs: list[Tensor] = []
+    handle = module.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def gradcam_maps_independent(
+    visual: nn.Module, pixels: Tensor, text: Tensor, logit_scale: Tensor, num_targets: int
+) -> Tensor:
+    """The maps of :func:`gradcam_maps` computed class by class with nothing shared: ``K x h x w``.
+
+    For each class, the whole image tower runs forward from ``pixels`` (``1x3xhxw``, as from
+    :func:`~wsss_domains.clip.vit.prepare_pixels`) with autograd recording every block (the pixels
+    require gradients, as a trainable model's parameters would), the last block's ``ln_1`` output is
+    captured with a forward hook, and ``torch.autograd.grad`` differentiates that class's softmax
+    probability over the ``text`` rows with respect to it. A reference for checking and timing the
+    batched path; far slower.
+    """
+    ph, pw = patch_size(visual)
+    grid = (int(pixels.shape[-2]) // ph, int(pixels.shape[-1]) // pw)
+    ln_1 = visual.transformer.resblocks[-1].ln_1
+    maps = []
+    for k in range(num_targets):
+        with torch.enable_grad(), _captured_outputs(ln_1) as outputs:
+            image = image_embedding(visual, pixels.detach().requires_grad_(True))
+            probs = (logit_scale * F.normalize(image.float(), dim=-1) @ text.T).softmax(dim=-1)
+            if len(outputs) != 1:
+                raise RuntimeError(f"the last block's ln_1 ran {len(outputs)} times in one forward")
+            (act,) = outputs
+            (grad,) = torch.autograd.grad(probs[0, k], act)
+        maps.append(_gradcam(act.detach(), grad, grid))
+    return torch.cat(maps)
 
 
 def clip_es_cams(

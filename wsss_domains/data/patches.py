@@ -150,3 +150,80 @@ class PatchDataset(Dataset):
         if "exclude" in sample:
             out["exclude"] = sample["exclude"][y : y + ph, x : x + pw]
         return out
+
+
+class RandomPatchDataset(Dataset):
+    """``per_image`` windows drawn at random positions from each image, labelled from their masks.
+
+    A grid cuts a 300 px region into a handful of near-identical 224 px patches; drawing fresh
+    windows on every access shows the classifier many more distinct class mixtures (and more
+    single-class windows) from the same annotated images, at their native magnification. Each
+    window's label is derived from its own mask exactly as in :class:`PatchDataset`; images smaller
+    than the window give their whole extent. Windows holding no scored pixel are redrawn.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        label_space: LabelSpace,
+        patch_size: int | tuple[int, int],
+        per_image: int = 16,
+        min_pixels: int = 1,
+        min_fraction: float = 0.0,
+        cache_size: int = 64,
+        max_draws: int = 20,
+    ) -> None:
+        if per_image < 1:
+            raise ValueError(f"per_image must be at least 1, got {per_image}")
+        self.base = base
+        self.label_space = label_space
+        self.patch_hw = pair(patch_size)
+        self.per_image = per_image
+        self.min_pixels = min_pixels
+        self.min_fraction = min_fraction
+        self.max_draws = max_draws
+        self._cache: OrderedDict[int, tuple[Sample, torch.Tensor]] = OrderedDict()
+        self._cache_size = cache_size
+
+    def __len__(self) -> int:
+        return len(self.base) * self.per_image  # type: ignore[arg-type]
+
+    def _load(self, i: int) -> tuple[Sample, torch.Tensor]:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        sample = self.base[i]
+        if "mask" not in sample:
+            raise ValueError(f"sample {sample['id']} has no mask; --labels-from-masks needs masks")
+        scored = sample["mask"]
+        if "exclude" in sample:
+            scored = scored.masked_fill(sample["exclude"], self.label_space.ignore_index)
+        self._cache[i] = (sample, scored)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return sample, scored
+
+    def __getitem__(self, k: int) -> Sample:
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        sample, scored = self._load(k // self.per_image)
+        h, w = scored.shape
+        ph, pw = min(self.patch_hw[0], h), min(self.patch_hw[1], w)
+        for _ in range(self.max_draws):
+            y = int(torch.randint(0, h - ph + 1, ()))
+            x = int(torch.randint(0, w - pw + 1, ()))
+            crop = scored[y : y + ph, x : x + pw]
+            if (crop != self.label_space.ignore_index).any():
+                break
+        else:
+            raise ValueError(f"sample {sample['id']}: no window of {ph}x{pw} holds a scored pixel")
+        out: Sample = {
+            "image": sample["image"][:, y : y + ph, x : x + pw],
+            "label": label_from_crop(self.label_space, crop, self.min_pixels, self.min_fraction),
+            "mask": sample["mask"][y : y + ph, x : x + pw],
+            "id": f"{sample['id']}@{y},{x}",
+            "meta": {**sample.get("meta", {}), "parent": sample["id"], "offset": (y, x)},
+        }
+        if "exclude" in sample:
+            out["exclude"] = sample["exclude"][y : y + ph, x : x + pw]
+        return out

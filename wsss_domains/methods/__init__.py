@@ -1,5 +1,6 @@
 """WSSS methods behind one registry."""
 
+from wsss_domains.methods import cam_proto as _cam_proto  # noqa: F401  (registers cam-proto)
 from wsss_domains.methods import clip_methods as _clip_methods  # noqa: F401  (registers clip-es, clip-es-learned)
 from wsss_domains.methods import dupl as _dupl  # noqa: F401  (training-time methods register on import)
 from wsss_domains.methods import ppc as _ppc  # noqa: F401

@@ -44,6 +44,7 @@ class RunConfig:
     data: str | None = None
     labels_from_masks: bool = False
     patch_size: list[int] | None = None
+    random_patches: int | None = None  # windows drawn per image per epoch (None: a fixed grid)
     seed: int = 0
     demo: bool = False
 
