@@ -67,12 +67,21 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     return p
 
 
-def parse_names(text: str, known: Sequence[str], what: str) -> list[str]:
-    """Comma-separated names, in order, once each; unknown ones are a usage error listing the known."""
+def parse_names(text: str, known: Sequence[str], what: str, chains: bool = False) -> list[str]:
+    """Comma-separated names, in order, once each; unknown ones are a usage error listing the known.
+
+    With ``chains``, ``a+b`` names whose parts are all known are accepted too (method chains).
+    """
     names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     if not names:
         raise CliError(f"no {what} given; known: {', '.join(known)}")
-    unknown = [n for n in names if n not in known]
+
+    def is_known(name: str) -> bool:
+        if chains and "+" in name:
+            return all(part.strip() in known for part in name.split("+"))
+        return name in known
+
+    unknown = [n for n in names if not is_known(n)]
     if unknown:
         raise CliError(f"unknown {what}(s) {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
     return names
@@ -145,7 +154,7 @@ def bench_command(args: argparse.Namespace) -> str:
 
 def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFAULT_PRESETS) -> int:
     """Validate, run every cell (resuming), rewrite the report after each; presets are injectable."""
-    methods = ordered_methods(parse_names(args.methods, list_methods(), "method"))
+    methods = ordered_methods(parse_names(args.methods, list_methods(), "method", chains=True))
     domains = parse_names(args.domains, list(presets), "domain")
     if not args.budget_minutes > 0:
         raise CliError(f"--budget-minutes must be positive, got {args.budget_minutes:g}")

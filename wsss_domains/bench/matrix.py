@@ -37,7 +37,8 @@ from wsss_domains.cli.evaluate import evaluate_split
 from wsss_domains.cli.pseudo_labels import pseudo_label_split
 from wsss_domains.cli.train import add_train_subcommand, run_train
 from wsss_domains.data.io import atomic_write
-from wsss_domains.methods import Method, method_class
+from wsss_domains.methods import method_class
+from wsss_domains.methods.chain import trains
 
 CELLS_DIR = "cells"
 RUNS_DIR = "runs"
@@ -67,17 +68,13 @@ class MatrixSettings:
     progress: bool = False
 
 
-# Hooks and settings of :class:`Method` that act during training; overriding any makes a method
-# training-time. The others (extractor, refine, ...) act only at pseudo-label time.
-TRAINING_HOOKS = ("training_losses", "extra_modules", "build_modules", "forward")
-TRAINING_SETTINGS = ("classification_weight", "backbone_modules")
-
-
 def trains_own_model(method: str) -> bool:
-    """Whether ``method`` changes training, so it cannot reuse the domain's plain-CAM run."""
-    cls = method_class(method)
-    names = [n for n in (*TRAINING_HOOKS, *TRAINING_SETTINGS) if hasattr(Method, n)]
-    return any(getattr(cls, n) is not getattr(Method, n) for n in names)
+    """Whether ``method`` changes training, so it cannot reuse the domain's plain-CAM run.
+
+    A method overriding any training hook or setting of :class:`Method` trains; the others
+    (extractor, refine, ...) act only at pseudo-label time.
+    """
+    return trains(method_class(method))
 
 
 def training_method(method: str) -> str:

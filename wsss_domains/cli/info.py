@@ -32,6 +32,9 @@ def run_domains(args: argparse.Namespace) -> int:
 def run_methods(args: argparse.Namespace) -> int:
     for name in list_methods():
         print(f"{name:<18} {method_class(name).description}")
+    print(
+        "\nChain post-hoc refinements with '+', e.g. --method cam-proto+random-walk (options: PART.KEY=VALUE)."
+    )
     return 0
 
 

@@ -22,6 +22,12 @@ def list_methods() -> list[str]:
 
 
 def method_class(name: str) -> type[Method]:
+    """The registered class of ``name``; ``a+b`` names a chain of registered methods (see chain.py)."""
+    from wsss_domains.methods.chain import SEPARATOR, chain_class
+
+    if SEPARATOR in name and name not in _METHODS:
+        parts = [method_class(part.strip()) for part in name.split(SEPARATOR)]
+        return chain_class(name, parts)
     if name not in _METHODS:
         raise KeyError(f"unknown method '{name}'; available: {', '.join(list_methods())}")
     return _METHODS[name]

@@ -1,0 +1,138 @@
+"""Methods joined with ``+``: ``cam-proto+random-walk`` runs both refinements, in that order.
+
+Why: post-hoc refinements address different faults (prototypes fix which class a region gets,
+colour affinity fixes where its boundary lies), so users want to stack them without a new class
+per combination. The first part may be any method, training-time ones included (its training,
+CAMs and modules are the chain's); every later part must be post-hoc (it adds no training hook)
+and may not compute CAMs of its own: it only refines what the parts before it produced.
+
+Options are scoped by part, ``PART.KEY`` (``--method-option cam-proto.fuse_weight=0.7``): an
+unscoped option would be ambiguous, so it is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from wsss_domains.cam.extract import CamExtractor
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.methods.base import Method
+
+SEPARATOR = "+"
+# Hooks and settings of Method that act during training (a part overriding one trains a model).
+TRAINING_HOOKS = ("training_losses", "extra_modules", "build_modules", "forward")
+TRAINING_SETTINGS = ("classification_weight", "backbone_modules")
+
+
+def trains(cls: type[Method]) -> bool:
+    """Whether ``cls`` changes training (overrides a training hook or setting of :class:`Method`)."""
+    return any(getattr(cls, n) is not getattr(Method, n) for n in (*TRAINING_HOOKS, *TRAINING_SETTINGS))
+
+
+class ChainedMethod(Method):
+    """The parts of a ``+``-joined name, applied in order (see the module docstring)."""
+
+    parts: ClassVar[tuple[type[Method], ...]] = ()
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        names = [part.name for part in self.parts]
+        scoped: dict[str, dict[str, Any]] = {name: {} for name in names}
+        for key, value in options.items():
+            part, dot, option = key.partition(".")
+            if not dot or part not in scoped:
+                raise ValueError(
+                    f"method '{self.name}': option '{key}' must name its part, e.g. "
+                    f"'{names[-1]}.{key.partition('.')[2] or key}' (parts: {', '.join(names)})"
+                )
+            scoped[part][option] = value
+        self.methods = [part(**scoped[part.name]) for part in self.parts]
+
+    @property
+    def first(self) -> Method:
+        return self.methods[0]
+
+    def setup(self, domain: DomainPlugin, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().setup(domain, mean, std)
+        for method in self.methods:
+            method.setup(domain, mean, std)
+
+    def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: Any) -> CamExtractor:
+        """The first part's extractor; later parts are told too (some keep it to read the model)."""
+        chosen = self.first.extractor(model, modules, **kwargs)
+        for method in self.methods[1:]:
+            own = method.extractor(model, modules, **kwargs)
+            if type(own) is not CamExtractor:
+                raise ValueError(
+                    f"method '{self.name}': '{method.name}' computes CAMs of its own, so it can only "
+                    "come first in a chain"
+                )
+        return chosen
+
+    def refine(
+        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+    ) -> Tensor:
+        for method in self.methods:
+            cams = method.refine(image, cams, present, domain, label_space)
+        return cams
+
+    def refine_labels(
+        self,
+        image: Tensor,
+        labels: Tensor,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+    ) -> Tensor:
+        for method in self.methods:
+            labels = method.refine_labels(image, labels, cams, present, domain, label_space)
+        return labels
+
+
+class TrainedChain(ChainedMethod):
+    """A chain whose first part trains: training goes through that part unchanged."""
+
+    def build_modules(self, model: nn.Module) -> nn.ModuleDict:
+        return self.first.build_modules(model)
+
+    def extra_modules(self, feature_dim: int, num_classes: int) -> nn.ModuleDict:
+        return self.first.extra_modules(feature_dim, num_classes)
+
+    def forward(
+        self, model: nn.Module, modules: nn.ModuleDict, batch: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return self.first.forward(model, modules, batch)
+
+    def training_losses(
+        self, model: nn.Module, modules: nn.ModuleDict, batch: dict[str, Tensor], outputs: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return self.first.training_losses(model, modules, batch, outputs)
+
+
+def chain_class(name: str, parts: Sequence[type[Method]]) -> type[ChainedMethod]:
+    """The class of the chain ``name`` over ``parts``; ValueError when a later part trains."""
+    if len(parts) < 2:
+        raise ValueError(f"a chain joins at least two methods with '{SEPARATOR}', got '{name}'")
+    for part in parts[1:]:
+        if trains(part):
+            raise ValueError(
+                f"method '{name}': '{part.name}' trains its own model, so it can only come first in a chain"
+            )
+    if any(issubclass(part, ChainedMethod) for part in parts):
+        raise ValueError(f"method '{name}': chains do not nest")
+    first = parts[0]
+    base = TrainedChain if trains(first) else ChainedMethod
+    attrs: dict[str, Any] = {
+        "name": name,
+        "description": " then ".join(f"[{part.description}]" for part in parts),
+        "parts": tuple(parts),
+        "classification_weight": first.classification_weight,
+        "backbone_modules": first.backbone_modules,
+    }
+    if base is ChainedMethod:  # keep Method's own settings so the chain counts as post-hoc
+        del attrs["classification_weight"], attrs["backbone_modules"]
+    return type(f"Chain[{name}]", (base,), attrs)
