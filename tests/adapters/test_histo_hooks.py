@@ -114,3 +114,16 @@ def test_sam_strategy_and_defaults(domain):
     assert sam.prompt is PromptKind.BOXES and sam.model == "lite_medsam"
     img = torch.rand(3, 8, 8)
     assert domain.preprocess(img) is img  # stain normalisation is opt-in
+
+
+def test_hed_jitter_scales_each_stain_concentration():
+    from wsss_adapters.histo.augment import _RGB_FROM_HED, hed_jitter
+
+    rgb = torch.rand(3, 4, 5) * 0.9 + 0.05
+    assert torch.allclose(hed_jitter(rgb, torch.ones(3), torch.zeros(3)), rgb, atol=1e-5)
+    # A pixel of pure haematoxylin at concentration 0.5 (Beer-Lambert: rgb = exp(-c * h)) becomes
+    # concentration 0.5 * 1.2 + 0.1 = 0.7 when H is scaled by 1.2 and shifted by 0.1; eosin untouched.
+    h = _RGB_FROM_HED[0]
+    pixel = torch.exp(-0.5 * h)[:, None, None].expand(3, 2, 2)
+    out = hed_jitter(pixel, torch.tensor([1.2, 0.7, 1.0]), torch.tensor([0.1, 0.0, 0.0]))
+    assert torch.allclose(out, torch.exp(-0.7 * h)[:, None, None].expand(3, 2, 2), atol=1e-5)
