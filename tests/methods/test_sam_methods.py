@@ -264,10 +264,14 @@ def test_missing_vit_b_checkpoint_is_a_clear_error_before_any_label_is_written(t
 
 
 def test_cache_folder_option_environment_and_off(monkeypatch, tmp_path):
+    from wsss_domains.sam.cache import default_cache_dir
+
     monkeypatch.delenv(SAM_CACHE_ENV, raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     assert sam_cache_dir() == Path("~/.cache/wsss-domains/sam-embeddings").expanduser()
     monkeypatch.setenv(SAM_CACHE_ENV, str(tmp_path / "env"))
     assert sam_cache_dir() == tmp_path / "env"
+    assert default_cache_dir() == tmp_path / "env"  # one variable for the methods and the library
     assert sam_cache_dir(str(tmp_path / "opt")) == tmp_path / "opt"
     assert sam_cache_dir("none") is None and sam_cache_dir(False) is None
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from wsss_domains.domains.contract import DomainPlugin, PromptKind, SamStrategy
 from wsss_domains.methods.base import Method
+from wsss_domains.sam.cache import CACHE_ENV, default_cache_dir
 
 if TYPE_CHECKING:
     from wsss_domains.sam.cache import EmbeddingCache
@@ -29,8 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SAM_CACHE_ENV = "WSSS_SAM_CACHE"
-DEFAULT_SAM_CACHE = "~/.cache/wsss-domains/sam-embeddings"
+SAM_CACHE_ENV = CACHE_ENV
 NO_CACHE = ("", "none", "off", "false", "0")
 AUTO = "auto"
 
@@ -40,7 +40,7 @@ def sam_cache_dir(option: object = None) -> Path | None:
 
     ``none`` / ``off`` (or an empty value) turns the cache off.
     """
-    value = option if option is not None else os.environ.get(SAM_CACHE_ENV, DEFAULT_SAM_CACHE)
+    value = option if option is not None else os.environ.get(SAM_CACHE_ENV, str(default_cache_dir()))
     if value is False or str(value).strip().lower() in NO_CACHE:
         return None
     return Path(str(value)).expanduser()

@@ -25,12 +25,16 @@ log = logging.getLogger(__name__)
 KEY_VERSION = b"wsss-sam-embedding/1"
 
 
+# The one environment variable naming the embedding cache folder (methods and library alike).
+CACHE_ENV = "WSSS_SAM_CACHE"
+
+
 def default_cache_dir() -> Path:
-    """``$WSSS_SAM_EMBEDDINGS``, else ``$XDG_CACHE_HOME/wsss_domains/sam_embeddings``."""
-    if env := os.environ.get("WSSS_SAM_EMBEDDINGS"):
+    """``$WSSS_SAM_CACHE``, else ``$XDG_CACHE_HOME/wsss-domains/sam-embeddings`` (``~/.cache`` by default)."""
+    if env := os.environ.get(CACHE_ENV):
         return Path(env).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
-    return base / "wsss_domains" / "sam_embeddings"
+    return base / "wsss-domains" / "sam-embeddings"
 
 
 def embedding_key(model_name: str, checkpoint_id: str, model_input: Tensor) -> str:
