@@ -46,6 +46,11 @@ from wsss_domains.clip.vit import (
 from wsss_domains.domains.contract import ClipPrompts
 
 
+def _upcast(t: Tensor) -> Tensor:
+    """Half-precision towers (CLIP checkpoints are often fp16) computed on in float32; wider kept."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def _minmax(cam: Tensor) -> Tensor:
     """pytorch-grad-cam's ``scale_cam_image`` (per map), which the official code applies."""
     flat = cam.flatten(1)
@@ -59,7 +64,7 @@ def _last_block_scores(
 ) -> tuple[Tensor, Tensor]:
     """Softmax probability of ``targets[b]`` for each batch row, and the block's attention."""
     y, attn = block_forward(visual.transformer.resblocks[-1], x, ln1=ln1, need_weights=True)
-    image = F.normalize(pool_patch_mean(visual, y).float(), dim=-1)
+    image = F.normalize(_upcast(pool_patch_mean(visual, y)), dim=-1)
     probs = (logit_scale * image @ text.T).softmax(dim=-1)
     return probs[torch.arange(len(targets), device=probs.device), targets], attn
 
@@ -101,7 +106,7 @@ def gradcam_maps(
 def _gradcam(act: Tensor, grads: Tensor, grid: tuple[int, int]) -> Tensor:
     """GradCAM maps ``K x h x w`` from one image's ``ln_1`` output ``act`` (``1 x (1+N) x D``) and
     the gradients of the K class scores with respect to it (``K x (1+N) x D``)."""
-    patches, grad_patches = act[:, 1:].float(), grads[:, 1:].float()
+    patches, grad_patches = _upcast(act[:, 1:]), _upcast(grads[:, 1:])
     weights = grad_patches.mean(dim=1)  # K x D, the patch-averaged gradient per channel
     cams = torch.relu(torch.einsum("nd,kd->kn", patches[0], weights))
     cams = cams.view(len(weights), *grid)
@@ -139,7 +144,7 @@ def gradcam_maps_independent(
     for k in range(num_targets):
         with torch.enable_grad(), _captured_outputs(ln_1) as outputs:
             image = image_embedding(visual, pixels.detach().requires_grad_(True))
-            probs = (logit_scale * F.normalize(image.float(), dim=-1) @ text.T).softmax(dim=-1)
+            probs = (logit_scale * F.normalize(_upcast(image), dim=-1) @ text.T).softmax(dim=-1)
             if len(outputs) != 1:
                 raise RuntimeError(f"the last block's ln_1 ran {len(outputs)} times in one forward")
             (act,) = outputs
