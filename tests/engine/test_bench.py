@@ -380,6 +380,18 @@ def test_presets_score_tiles_only_where_asked():
     assert DEFAULT_PRESETS["histo"].train_options() == {"labels_from_masks": True, "patch_size": 224}
 
 
+def test_random_patches_reach_training_and_its_fingerprint_only_when_set(tmp_path):
+    settings = bench_matrix.MatrixSettings(out=tmp_path, data_root=tmp_path, budget_minutes=1.0)
+    grid = DEFAULT_PRESETS["dubai"]
+    drawn = replace(grid, random_patches=16)
+    assert "--random-patches" not in bench_matrix.train_argv(grid, "cam", tmp_path, settings)
+    argv = bench_matrix.train_argv(drawn, "cam", tmp_path, settings)
+    assert argv[argv.index("--random-patches") + 1] == "16"
+    assert "random_patches" not in bench_matrix.train_config(grid, "cam", settings)  # old runs stay valid
+    assert bench_matrix.train_config(drawn, "cam", settings)["random_patches"] == 16
+    assert drawn.train_options()["random_patches"] == 16
+
+
 @pytest.mark.realdata
 def test_remote_sensing_presets_hold_out_whole_scenes(shared_data):
     from wsss_domains.cli.common import open_dataset

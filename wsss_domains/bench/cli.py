@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,12 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         "--domains", required=True, help=f"comma-separated domain presets ({', '.join(DEFAULT_PRESETS)})"
     )
     p.add_argument("--budget-minutes", type=float, default=3.0, help="training budget per training run")
+    p.add_argument(
+        "--random-patches",
+        type=int,
+        metavar="K",
+        help="train every mask-labelled domain on K random windows per image and epoch instead of its grid",
+    )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="matrix folder (resumable)")
     p.add_argument("--data-root", type=Path, default=default_data_root(), help="development data root")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -142,6 +149,8 @@ def bench_command(args: argparse.Namespace) -> str:
     argv = ["wsss-domains", "bench", "--methods", args.methods, "--domains", args.domains]
     argv += ["--budget-minutes", f"{args.budget_minutes:g}", "--out", str(args.out)]
     argv += ["--data-root", str(args.data_root), "--device", args.device]
+    if getattr(args, "random_patches", None):
+        argv += ["--random-patches", str(args.random_patches)]
     for item in args.method_option:
         argv += ["--method-option", item]
     for flag in MODEL_FLAGS:
@@ -159,6 +168,13 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
     if not args.budget_minutes > 0:
         raise CliError(f"--budget-minutes must be positive, got {args.budget_minutes:g}")
     device = resolve_device(args.device)
+    if getattr(args, "random_patches", None):
+        if args.random_patches < 1:
+            raise CliError(f"--random-patches must be at least 1, got {args.random_patches}")
+        presets = {
+            name: replace(p, random_patches=args.random_patches) if p.labels_from_masks else p
+            for name, p in presets.items()
+        }
     for domain in domains:
         folder = presets[domain].data(args.data_root)
         if not folder.is_dir():

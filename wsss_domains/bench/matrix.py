@@ -107,8 +107,11 @@ def train_config(preset: CellPreset, method: str, settings: MatrixSettings) -> d
     keys = ("domain", "dataset", "path", "train_split", "labels_from_masks", "patch_size")
     keys += ("backbone", "weights", "image_size", "batch_size", "max_steps")
     data = preset.to_dict()
+    # Set only when used, so runs recorded before the option existed keep their fingerprint.
+    extra = {"random_patches": preset.random_patches} if preset.random_patches else {}
     return {
         **{k: data[k] for k in keys},
+        **extra,
         "method": method,
         "method_options": dict(settings.method_options.get(method, {})),
         "budget_minutes": settings.budget_minutes,
@@ -159,6 +162,8 @@ def train_argv(preset: CellPreset, method: str, run: Path, settings: MatrixSetti
         argv.append("--labels-from-masks")
         if preset.patch_size is not None:
             argv += ["--patch-size", str(preset.patch_size)]
+        if preset.random_patches:
+            argv += ["--random-patches", str(preset.random_patches)]
     argv += ["--out", str(run), "--method", method]
     for key, value in settings.method_options.get(method, {}).items():
         argv += ["--method-option", f"{key}={json.dumps(value)}"]

@@ -31,6 +31,8 @@ class CellPreset:
     labels_from_masks: bool = False
     # Patch size for labels_from_masks; None: the loader's default (e.g. CamVid's 120x160 crops).
     patch_size: int | None = None
+    # Train on this many randomly placed windows per image and epoch instead of the fixed grid.
+    random_patches: int | None = None
     # Score tiles of the same size (each with its own image-level labels) instead of whole images:
     # remote-sensing scenes are too large to pseudo-label whole and are labelled tile by tile.
     score_tiles: bool = False
@@ -53,7 +55,10 @@ class CellPreset:
         """Loader options of the training split."""
         if not self.labels_from_masks:
             return {}
-        return {"labels_from_masks": True, "patch_size": self.patch_size}
+        options: dict[str, object] = {"labels_from_masks": True, "patch_size": self.patch_size}
+        if self.random_patches:
+            options["random_patches"] = self.random_patches
+        return options
 
     def score_options(self) -> dict[str, object]:
         """Loader options of the scoring split (identical for pseudo-labelling and evaluation)."""
