@@ -20,12 +20,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.loading import TILE, finish, matching
+from wsss_adapters.remote_sensing.loading import TILE, TileOptions, finish, matching
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import ColorCode
-from wsss_domains.data.raster import Scaling
 from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
 
@@ -97,14 +96,9 @@ def scenes(root: Path, keys: Sequence[str], found: dict[str, Path]) -> list[Scen
 def build(
     root: Path | str,
     split: str | None = None,
-    labels_from_masks: bool = False,
-    patch_size: int | tuple[int, int] | None = None,
-    bands: Sequence[int] | None = None,
-    scaling: Scaling = "auto",
-    overlap: int = 0,
-    min_fraction: float = 0.0,
-    **_: object,
+    **options: object,
 ) -> Dataset:
+    """One split's samples; ``options``: :class:`TileOptions` (the rest are ignored)."""
     root = Path(root)
     found = tiles(root)
     if not found:
@@ -118,12 +112,7 @@ def build(
         CODE,
         where=dataset_dir(root),
         split=text,
-        labels_from_masks=labels_from_masks,
-        patch_size=patch_size,
-        bands=bands,
-        scaling=scaling,
-        overlap=overlap,
-        min_fraction=min_fraction,
+        options=TileOptions.pick(options),
     )
 
 

@@ -20,16 +20,21 @@ VOC, rather than predicted by the classifier.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.loading import TILE, any_matching, finish, matching, request_split
+from wsss_adapters.remote_sensing.loading import (
+    TILE,
+    TileOptions,
+    any_matching,
+    finish,
+    matching,
+    request_split,
+)
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import ColorCode, IdCode, MaskCode
-from wsss_domains.data.raster import Scaling
 from wsss_domains.domains.contract import BackgroundMode, DatasetSpec, LabelSpace
 
 NAME = "isaid"
@@ -120,14 +125,9 @@ def scenes(root: Path, split: str) -> tuple[list[Scene], MaskCode]:
 def build(
     root: Path | str,
     split: str | None = None,
-    labels_from_masks: bool = False,
-    patch_size: int | tuple[int, int] | None = None,
-    bands: Sequence[int] | None = None,
-    scaling: Scaling = "auto",
-    overlap: int = 0,
-    min_fraction: float = 0.0,
-    **_: object,
+    **options: object,
 ) -> Dataset:
+    """One split's samples; ``options``: :class:`TileOptions` (the rest are ignored)."""
     root = Path(root)
     request = request_split(split, "train", SPLITS, NAME)
     found, code = scenes(root, request.base)
@@ -138,12 +138,7 @@ def build(
         code,
         where=root,
         split=split,
-        labels_from_masks=labels_from_masks,
-        patch_size=patch_size,
-        bands=bands,
-        scaling=scaling,
-        overlap=overlap,
-        min_fraction=min_fraction,
+        options=TileOptions.pick(options),
     )
 
 

@@ -27,16 +27,22 @@ are ``<i>_<j>_<x0>_<y0>_<x1>_<y1>.png``, Vaihingen ``area<k>_<x0>_<y0>_<x1>_<y1>
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.loading import TILE, any_matching, finish, matching, request_split
+from wsss_adapters.remote_sensing.loading import (
+    TILE,
+    TileOptions,
+    any_matching,
+    finish,
+    matching,
+    request_split,
+)
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import ColorCode, IdCode, MaskCode
-from wsss_domains.data.raster import Scaling
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
 
 SPLITS = ("train", "val")
@@ -165,12 +171,6 @@ def _builder(name: str, lister: Callable[..., tuple[list[Scene], MaskCode]]) -> 
     def build(
         root: Path | str,
         split: str | None = None,
-        labels_from_masks: bool = False,
-        patch_size: int | tuple[int, int] | None = None,
-        bands: Sequence[int] | None = None,
-        scaling: Scaling = "auto",
-        overlap: int = 0,
-        min_fraction: float = 0.0,
         eroded: bool | None = None,
         **options: object,
     ) -> Dataset:
@@ -185,12 +185,7 @@ def _builder(name: str, lister: Callable[..., tuple[list[Scene], MaskCode]]) -> 
             code,
             where=root,
             split=split,
-            labels_from_masks=labels_from_masks,
-            patch_size=patch_size,
-            bands=bands,
-            scaling=scaling,
-            overlap=overlap,
-            min_fraction=min_fraction,
+            options=TileOptions.pick(options),
         )
 
     build.__doc__ = f"The {name} dataset of a split (see the module docstring for the options)."

@@ -7,7 +7,8 @@ A loader lists the :class:`Scene` records of a split; :func:`finish` applies the
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -50,6 +51,30 @@ def any_matching(folders: Iterable[Path], pattern: re.Pattern[str]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class TileOptions:
+    """The keyword options every remote-sensing loader's ``build`` understands.
+
+    ``labels_from_masks``: tiles of ``patch_size`` (default 256) labelled from their masks, with
+    ``overlap`` pixels between neighbours; a class counts in a tile from ``min_fraction`` of its
+    scored pixels. ``bands``: 1-based raster bands to read (default: the first three).
+    ``scaling``: how raster values become [0, 1] (see :mod:`wsss_domains.data.raster`).
+    """
+
+    labels_from_masks: bool = False
+    patch_size: int | tuple[int, int] | None = None
+    bands: Sequence[int] | None = None
+    scaling: Scaling = "auto"
+    overlap: int = 0
+    min_fraction: float = 0.0
+
+    @classmethod
+    def pick(cls, options: Mapping[str, object]) -> TileOptions:
+        """The shared options among a loader's keyword options (the rest are its own, or unused)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in known})  # type: ignore[arg-type]
+
+
 def finish(
     scenes: Sequence[Scene],
     request: SplitRequest,
@@ -58,27 +83,23 @@ def finish(
     *,
     where: Path,
     split: str | None,
-    labels_from_masks: bool,
-    patch_size: int | tuple[int, int] | None,
-    bands: Sequence[int] | None,
-    scaling: Scaling,
-    overlap: int,
-    min_fraction: float,
+    options: TileOptions,
 ) -> Dataset:
     """Slice the split, then build whole-scene or tile samples as the options ask."""
     ids = [s.id for s in scenes]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"{where}: two images share the sample id '{dup}'")
-    options = ReadOptions(code, None if bands is None else tuple(bands), scaling, min_fraction)
+    bands = None if options.bands is None else tuple(options.bands)
+    read = ReadOptions(code, bands, options.scaling, options.min_fraction)
     return build_dataset(
         request.select(scenes),
         label_space,
-        options,
+        read,
         where=where,
         split=split if split is not None else request.base,
-        labels_from_masks=labels_from_masks,
-        patch_size=patch_size,
+        labels_from_masks=options.labels_from_masks,
+        patch_size=options.patch_size,
         default_patch_size=TILE,
-        overlap=overlap,
+        overlap=options.overlap,
     )

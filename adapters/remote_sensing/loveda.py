@@ -16,16 +16,21 @@ domain (official layout only, where the folder says which).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.loading import TILE, any_matching, finish, matching, request_split
+from wsss_adapters.remote_sensing.loading import (
+    TILE,
+    TileOptions,
+    any_matching,
+    finish,
+    matching,
+    request_split,
+)
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import IdCode
-from wsss_domains.data.raster import Scaling
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
 
 NAME = "loveda"
@@ -94,15 +99,10 @@ def scenes(root: Path, split: str, scene: str | None = None) -> list[Scene]:
 def build(
     root: Path | str,
     split: str | None = None,
-    labels_from_masks: bool = False,
-    patch_size: int | tuple[int, int] | None = None,
-    bands: Sequence[int] | None = None,
-    scaling: Scaling = "auto",
-    overlap: int = 0,
-    min_fraction: float = 0.0,
     scene: str | None = None,
-    **_: object,
+    **options: object,
 ) -> Dataset:
+    """One split's samples; ``options``: :class:`TileOptions` (the rest are ignored)."""
     root = Path(root)
     request = request_split(split, "train", SPLITS, NAME)
     return finish(
@@ -112,12 +112,7 @@ def build(
         CODE,
         where=root,
         split=split,
-        labels_from_masks=labels_from_masks,
-        patch_size=patch_size,
-        bands=bands,
-        scaling=scaling,
-        overlap=overlap,
-        min_fraction=min_fraction,
+        options=TileOptions.pick(options),
     )
 
 
