@@ -63,6 +63,21 @@ def label_from_crop(
     return torch.from_numpy((counts[list(label_space.foreground)] >= need).astype(np.float32))
 
 
+def window_sample(sample: Sample, y: int, x: int, size: tuple[int, int], label: torch.Tensor) -> Sample:
+    """The ``size`` window of ``sample`` at ``(y, x)`` as a sample of its own, id ``parent@y,x``."""
+    ph, pw = size
+    out: Sample = {
+        "image": sample["image"][:, y : y + ph, x : x + pw],
+        "label": label,
+        "mask": sample["mask"][y : y + ph, x : x + pw],
+        "id": f"{sample['id']}@{y},{x}",
+        "meta": {**sample.get("meta", {}), "parent": sample["id"], "offset": (y, x)},
+    }
+    if "exclude" in sample:
+        out["exclude"] = sample["exclude"][y : y + ph, x : x + pw]
+    return out
+
+
 class PatchDataset(Dataset):
     """Patches of the samples of ``base``, each labelled by the classes present in its mask.
 
@@ -138,18 +153,7 @@ class PatchDataset(Dataset):
 
     def __getitem__(self, k: int) -> Sample:
         i, y, x, label = self.index[k]
-        sample = self._base(i)
-        ph, pw = self.patch_hw
-        out: Sample = {
-            "image": sample["image"][:, y : y + ph, x : x + pw],
-            "label": label,
-            "mask": sample["mask"][y : y + ph, x : x + pw],
-            "id": f"{sample['id']}@{y},{x}",
-            "meta": {**sample.get("meta", {}), "parent": sample["id"], "offset": (y, x)},
-        }
-        if "exclude" in sample:
-            out["exclude"] = sample["exclude"][y : y + ph, x : x + pw]
-        return out
+        return window_sample(self._base(i), y, x, self.patch_hw, label)
 
 
 class RandomPatchDataset(Dataset):
@@ -217,13 +221,5 @@ class RandomPatchDataset(Dataset):
                 break
         else:
             raise ValueError(f"sample {sample['id']}: no window of {ph}x{pw} holds a scored pixel")
-        out: Sample = {
-            "image": sample["image"][:, y : y + ph, x : x + pw],
-            "label": label_from_crop(self.label_space, crop, self.min_pixels, self.min_fraction),
-            "mask": sample["mask"][y : y + ph, x : x + pw],
-            "id": f"{sample['id']}@{y},{x}",
-            "meta": {**sample.get("meta", {}), "parent": sample["id"], "offset": (y, x)},
-        }
-        if "exclude" in sample:
-            out["exclude"] = sample["exclude"][y : y + ph, x : x + pw]
-        return out
+        label = label_from_crop(self.label_space, crop, self.min_pixels, self.min_fraction)
+        return window_sample(sample, y, x, (ph, pw), label)
