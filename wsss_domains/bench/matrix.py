@@ -38,7 +38,7 @@ from wsss_domains.cli.pseudo_labels import pseudo_label_split
 from wsss_domains.cli.train import add_train_subcommand, run_train
 from wsss_domains.data.io import atomic_write
 from wsss_domains.methods import method_class
-from wsss_domains.methods.chain import trains
+from wsss_domains.methods.base import trains
 
 CELLS_DIR = "cells"
 RUNS_DIR = "runs"

@@ -95,6 +95,18 @@ class CamExtractor:
         assert out is not None
         return out / weight
 
+    def training_view(self, image: Tensor) -> Tensor:
+        """``1 x 3 x h x w``: a normalised image at the magnification the classifier trained at.
+
+        For methods that read the classifier's features beside its CAMs (prototype methods).
+        """
+        x = image[None]
+        if self.base_scale != 1.0:
+            h, w = image.shape[-2:]
+            size = (max(1, round(h * self.base_scale)), max(1, round(w * self.base_scale)))
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return x
+
     @torch.no_grad()
     def __call__(self, image: Tensor) -> Tensor:
         """Per-class CAMs ``K x H x W`` in [0, 1] for a normalised ``3 x H x W`` image."""

@@ -102,3 +102,14 @@ class Method:
         (SEPL relabels whole SAM masks). ``image`` is the un-normalised ``3 x H x W`` image in [0, 1].
         """
         return labels
+
+
+# Hooks and settings of Method that act during training: a method overriding one trains a model of
+# its own; the others (extractor, refine, ...) act only at pseudo-label time.
+TRAINING_HOOKS = ("training_losses", "extra_modules", "build_modules", "forward")
+TRAINING_SETTINGS = ("classification_weight", "backbone_modules")
+
+
+def trains(cls: type[Method]) -> bool:
+    """Whether ``cls`` changes training (overrides a training hook or setting of :class:`Method`)."""
+    return any(getattr(cls, n) is not getattr(Method, n) for n in (*TRAINING_HOOKS, *TRAINING_SETTINGS))

@@ -100,11 +100,7 @@ class CamProto(Method):
             raise RuntimeError("cam-proto: call setup() and extractor() before refine (the engine does)")
         extractor = self._extractor
         device = next(extractor.model.parameters()).device
-        x = normalize(domain.preprocess(image), self.mean, self.std)[None].to(device)
-        if extractor.base_scale != 1.0:
-            h, w = image.shape[-2:]
-            size = (max(1, round(h * extractor.base_scale)), max(1, round(w * extractor.base_scale)))
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = extractor.training_view(normalize(domain.preprocess(image), self.mean, self.std).to(device))
         batch = torch.cat([x, x.flip(-1)]) if extractor.flip else x
         with capture_stages(extractor.model.backbone, [self.stage]) as stages:
             extractor.model.features(batch)

@@ -19,17 +19,9 @@ from torch import Tensor, nn
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method
+from wsss_domains.methods.base import Method, trains
 
 SEPARATOR = "+"
-# Hooks and settings of Method that act during training (a part overriding one trains a model).
-TRAINING_HOOKS = ("training_losses", "extra_modules", "build_modules", "forward")
-TRAINING_SETTINGS = ("classification_weight", "backbone_modules")
-
-
-def trains(cls: type[Method]) -> bool:
-    """Whether ``cls`` changes training (overrides a training hook or setting of :class:`Method`)."""
-    return any(getattr(cls, n) is not getattr(Method, n) for n in (*TRAINING_HOOKS, *TRAINING_SETTINGS))
 
 
 class ChainedMethod(Method):

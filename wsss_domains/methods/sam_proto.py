@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from wsss_domains.cam.extract import CamExtractor, normalize_per_class
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
@@ -102,11 +101,7 @@ class SamProto(SamMethod):
         if self._extractor is None or self.mean is None or self.std is None:
             raise RuntimeError("sam-proto: call setup() and extractor() before refine (the engine does)")
         extractor = self._extractor
-        x = normalize(domain.preprocess(image), self.mean, self.std)[None]
-        if extractor.base_scale != 1.0:
-            h, w = image.shape[-2:]
-            size = (max(1, round(h * extractor.base_scale)), max(1, round(w * extractor.base_scale)))
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = extractor.training_view(normalize(domain.preprocess(image), self.mean, self.std))
         feats = extractor.model.features(x)
         if extractor.flip:
             feats = (feats + extractor.model.features(x.flip(-1)).flip(-1)) / 2
