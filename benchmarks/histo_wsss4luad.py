@@ -40,7 +40,11 @@ def main() -> None:
     p.add_argument("--train-split", default="validation")
     p.add_argument("--eval-data", type=Path, help="WSSS4LUAD folder to score (default: --data)")
     p.add_argument("--eval-split", default="validation")
-    p.add_argument("--methods", default="cam,par", help="comma-separated methods to pseudo-label with")
+    p.add_argument(
+        "--methods",
+        default="cam,seed-probe,cam-proto+seed-probe,seed-probe+random-walk",
+        help="comma-separated methods to pseudo-label with",
+    )
     p.add_argument("--max-minutes", type=float, default=15.0)
     p.add_argument("--patch-size", type=int, default=224)
     p.add_argument("--image-size", type=int, default=224)

@@ -10,6 +10,7 @@ from pathlib import Path
 import fakes
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # Imported here, not first inside a capsys test: Lightning's log handler keeps the stderr it sees first.
@@ -275,6 +276,64 @@ def test_train_pseudo_labels_evaluate_end_to_end(capsys, trained: tuple[Path, Pa
     assert 0.0 <= scores["miou"] <= 1.0
     assert set(scores["per_class_iou"]) == {"background", "red", "blue"}
     assert scores["n_images"] == 3
+
+
+def test_pseudo_labels_and_evaluate_score_tiles(capsys, trained: tuple[Path, Path], tmp_path: Path):
+    root, run = trained
+    pl = tmp_path / "pl"
+    code, out, err = cli(
+        capsys, "pseudo-labels", "--run", run, "--data", root, "--split", "val", "--tiles", "16", "--out", pl,
+        "--device", "cpu", "--no-progress", "--no-overlays",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "pseudo-labels: 12 written" in out  # 3 images of 32x32, 4 tiles each
+    for png in pl.glob("*.png"):
+        with Image.open(png) as image:
+            assert image.size == (16, 16)
+    report = tmp_path / "tiles.json"
+    code, _, err = cli(
+        capsys, "evaluate", "--domain", "fake", "--data", root, "--split", "val", "--tiles", "16",
+        "--pred", pl, "--json", report, "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(report.read_text())["n_images"] == 12
+    # Whole-image scoring of tile predictions finds no prediction for the first image.
+    code, _, err = cli(capsys, "evaluate", "--domain", "fake", "--data", root, "--split", "val", "--pred", pl)
+    assert code != 0 and "val_00" in err
+    code, _, err = cli(
+        capsys, "evaluate", "--domain", "fake", "--data", root, "--split", "val", "--tiles", "4", "--pred", pl
+    )
+    assert_one_error(code, err, "--tiles must be at least 16")
+
+
+def test_seed_probe_fits_on_the_runs_training_split_once_and_needs_its_folder(
+    capsys, trained: tuple[Path, Path], tmp_path: Path
+):
+    root, trained_run = trained
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    common = ["--method", "seed-probe", "--device", "cpu", "--no-progress", "--no-overlays"]
+    args = ["pseudo-labels", "--run", run, "--data", root, "--split", "val", *common]
+    code, out, err = cli(capsys, *args, "--out", tmp_path / "pl")
+    assert code == 0, err
+    assert "pseudo-labels: 3 written" in out
+    fitted = list((run / "fitted").glob("seed-probe-*.pt"))
+    assert len(fitted) == 1
+    # Background is thresholded in the fake domain: the probe has red, blue and background outputs.
+    assert torch.load(fitted[0], weights_only=True)["linear.weight"].shape[0] == 3
+    stamp = fitted[0].stat().st_mtime_ns
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "pl2")
+    assert code == 0, err
+    assert fitted[0].stat().st_mtime_ns == stamp  # loaded, not fitted again
+
+    # The training folder recorded in the run is gone: one clear error, nothing written.
+    config = json.loads((run / "run.json").read_text())
+    config["data"] = str(tmp_path / "moved-away")
+    (run / "run.json").write_text(json.dumps(config))
+    shutil.rmtree(run / "fitted")
+    code, _, err = cli(capsys, *args, "--out", tmp_path / "pl3")
+    assert_one_error(code, err, "seed-probe", "moved-away", "is gone")
+    assert not (tmp_path / "pl3").exists() or not any((tmp_path / "pl3").glob("*.png"))
 
 
 def test_pseudo_labels_of_a_split_without_labels_say_predictions_were_used(

@@ -108,6 +108,24 @@ class CamExtractor:
         return x
 
     @torch.no_grad()
+    def stage_features(self, image: Tensor, stage: int) -> Tensor:
+        """``1 x D x h x w`` features of backbone stage ``stage`` for a normalised ``3 x H x W`` image.
+
+        Taken at the training magnification and flip-averaged like the CAMs, for methods that
+        describe pixels by the classifier's intermediate features (cam-proto, seed-probe).
+        """
+        from wsss_domains.models.stages import capture_stages
+
+        x = self.training_view(image)
+        batch = torch.cat([x, x.flip(-1)]) if self.flip else x
+        with capture_stages(self.model.backbone, [stage]) as stages:
+            self.model.features(batch)
+        feats = stages[0]
+        if self.flip:
+            feats = (feats[:1] + feats[1:].flip(-1)) / 2
+        return feats.float()
+
+    @torch.no_grad()
     def __call__(self, image: Tensor) -> Tensor:
         """Per-class CAMs ``K x H x W`` in [0, 1] for a normalised ``3 x H x W`` image."""
         return self.normalize(self.maps(image))

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
 from wsss_domains.data.patches import PatchDataset, RandomPatchDataset
-from wsss_domains.data.splits import SplitRequest, parse_split
+from wsss_domains.data.splits import SplitRequest, parse_split, sample_ids
 from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, get_domain
 
 
@@ -49,6 +49,26 @@ def add_data_arguments(
     parser.add_argument(
         "--split", metavar="S", help="split name as the dataset spells it (default: the loader's)"
     )
+
+
+def add_tiles_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tiles N`` of pseudo-labels and evaluate: score tiles of a split instead of whole images."""
+    parser.add_argument(
+        "--tiles",
+        type=int,
+        metavar="N",
+        help="cut each image into N x N tiles, each with its own image-level labels from its mask (the "
+        "remote-sensing protocol `bench` uses); give the same N to pseudo-labels and evaluate",
+    )
+
+
+def tile_options(tiles: int | None) -> dict[str, object]:
+    """Loader options for ``--tiles N`` (none without it)."""
+    if tiles is None:
+        return {}
+    if tiles < 16:
+        raise CliError(f"--tiles must be at least 16 pixels, got {tiles}")
+    return {"labels_from_masks": True, "patch_size": tiles}
 
 
 def open_dataset(
@@ -98,7 +118,7 @@ def _sliced_dataset(spec: DatasetSpec, root: Path, request: SplitRequest, **opti
     labels_from_masks = bool(options.pop("labels_from_masks", False))
     patch_size = options.pop("patch_size", None)
     full = spec.build(root, request.base, labels_from_masks=False, **options)
-    ids = [full[i]["id"] for i in range(len(full))]  # type: ignore[arg-type]
+    ids = sample_ids(full)
     order = sorted(range(len(ids)), key=ids.__getitem__)
     subset = Subset(full, order[request.window(len(order))])
     if not labels_from_masks:

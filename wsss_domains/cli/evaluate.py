@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
-from wsss_domains.cli.common import add_data_arguments, open_dataset
+from wsss_domains.cli.common import add_data_arguments, add_tiles_argument, open_dataset, tile_options
 from wsss_domains.data.io import atomic_write
 from wsss_domains.evaluation import EvaluationReport, evaluate_predictions
 
@@ -24,6 +24,7 @@ def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--domain", required=True)
     add_data_arguments(p)
+    add_tiles_argument(p)
     p.add_argument("--pred", type=Path, required=True, help="folder of <id>.png predictions")
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     p.add_argument("--plot", type=Path, help="write a per-class IoU bar chart (PNG) here")
@@ -54,7 +55,15 @@ def write_report(report: EvaluationReport, json_path: Path | None, plot_path: Pa
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    report = evaluate_split(args.domain, args.dataset, args.data, args.split, args.pred, not args.no_progress)
+    report = evaluate_split(
+        args.domain,
+        args.dataset,
+        args.data,
+        args.split,
+        args.pred,
+        not args.no_progress,
+        dataset_options=tile_options(args.tiles),
+    )
     write_report(report, args.json, args.plot)
     print(report.to_table())
     return 0

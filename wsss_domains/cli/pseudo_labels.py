@@ -11,18 +11,22 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
-from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES
+from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES, CamExtractor
 from wsss_domains.cli.common import (
     CliError,
     add_data_arguments,
     add_method_arguments,
+    add_tiles_argument,
     method_options,
     open_dataset,
     resolve_device,
+    tile_options,
     validate_dataset,
 )
 from wsss_domains.data.io import DataError
-from wsss_domains.methods import create_method
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.methods import Method, create_method
+from wsss_domains.methods.fitting import FIT_FOLDER, FitContext, extractor_settings
 from wsss_domains.pseudo_labels.raster import (
     DEFAULT_MARGIN,
     DEFAULT_WINDOW,
@@ -32,7 +36,7 @@ from wsss_domains.pseudo_labels.raster import (
     pseudo_label_raster,
 )
 from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, PseudoLabelSummary, write_pseudo_labels
-from wsss_domains.training.run import load_run
+from wsss_domains.training.run import MODEL_FILE, RunConfig, load_run, run_label_space
 
 
 def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +66,7 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--labels-from-masks", action="store_true", help="derive each image's labels from its mask"
     )
+    add_tiles_argument(p)
     p.add_argument(
         "--out", type=Path, required=True, help="output folder for the PNGs (with --raster: the .tif file)"
     )
@@ -189,6 +194,7 @@ def pseudo_label_split(
     extractor = method.extractor(
         model, modules, scales=scales, flip=flip, base_scale=config.base_scale, normalization=cam_norm
     )
+    fit_on_training_split(method, config, run, extractor, opened.domain, label_space, progress)
     options = PseudoLabelOptions(
         label_source="masks" if labels_from_masks else "auto",
         bg_threshold=bg_threshold,
@@ -199,6 +205,61 @@ def pseudo_label_split(
     )
     return write_pseudo_labels(
         opened.dataset, extractor, method, opened.domain, label_space, config.mean, config.std, out, options
+    )
+
+
+def fit_on_training_split(
+    method: Method,
+    config: RunConfig,
+    run: Path,
+    extractor: CamExtractor,
+    domain: DomainPlugin,
+    label_space: LabelSpace,
+    progress: bool,
+) -> None:
+    """Let a method that learns from the training split (``seed-probe``) fit, before any image is written.
+
+    The split is reopened as the run recorded it (folder, split, patches); the fitted state is
+    cached in the run folder, keyed by the run's weights file, the extractor settings and the
+    method's options.
+    """
+    if not method.fits_training_split:
+        return
+    if config.data is None:
+        raise CliError(f"method '{method.name}' fits on the run's training data, which {run} does not record")
+    if not Path(config.data).exists():
+        raise CliError(
+            f"method '{method.name}' fits on the run's training split, but its folder {config.data} is gone "
+            "(move it back, or use a method that does not fit)"
+        )
+    training = open_dataset(
+        config.domain,
+        config.dataset,
+        Path(config.data),
+        config.split,
+        labels_from_masks=config.labels_from_masks,
+        patch_size=tuple(config.patch_size) if config.patch_size else None,
+    )
+    weights = Path(run) / MODEL_FILE
+    stamp = weights.stat() if weights.is_file() else None
+    settings = {
+        **extractor_settings(extractor),
+        "weights": [stamp.st_size, stamp.st_mtime_ns] if stamp else None,
+        "split": [config.data, config.split, config.labels_from_masks, config.patch_size],
+    }
+    method.setup(domain, config.mean, config.std)
+    method.fit(
+        FitContext(
+            dataset=training.dataset,
+            extractor=extractor,
+            domain=domain,
+            label_space=label_space,
+            mean=config.mean,
+            std=config.std,
+            cache_dir=Path(run) / FIT_FOLDER,
+            progress=progress,
+            settings=settings,
+        )
     )
 
 
@@ -226,6 +287,17 @@ def pseudo_label_raster_file(
     method = create_method(name, **merged)
     if name != config.method:
         modules = method.build_modules(model).to(device)
+    if method.fits_training_split:
+        domain, label_space = run_label_space(config)
+        extractor = method.extractor(
+            model,
+            modules,
+            scales=raster_options.scales,
+            flip=raster_options.flip,
+            base_scale=config.base_scale,
+            normalization=raster_options.cam_norm,
+        )
+        fit_on_training_split(method, config, run, extractor, domain, label_space, raster_options.progress)
     return pseudo_label_raster(
         config, model, method, raster, out, modules=modules, labels=labels, mask=mask, options=raster_options
     )
@@ -245,6 +317,7 @@ def run_raster(args: argparse.Namespace, scales: tuple[float, ...]) -> int:
         ("--split", args.split),
         ("--labels-from-masks", args.labels_from_masks),
         ("--save-cams", args.save_cams),
+        ("--tiles", args.tiles),
     ):
         if value:
             raise CliError(f"{flag} applies to --data, not to --raster")
@@ -336,6 +409,7 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         overlays=not args.no_overlays,
         device=resolve_device(args.device),
         progress=not args.no_progress,
+        dataset_options=tile_options(args.tiles),
     )
     if summary.predicted_label_images:
         print(

@@ -78,3 +78,18 @@ def parse_split(split: str) -> SplitRequest:
     if not request.base:
         raise ValueError(f"split '{split}' names no split before its slice")
     return request
+
+
+def sample_ids(dataset: Any) -> list[str]:
+    """Every sample's id, in index order, without decoding images where the dataset allows.
+
+    The built-in datasets keep one record per sample (``records``, or ``scenes`` for whole
+    rasters) whose ``id`` is the sample's id, so slicing a split of large images costs no reads;
+    any other dataset is read sample by sample.
+    """
+    n = len(dataset)
+    for attribute in ("records", "scenes"):
+        entries = getattr(dataset, attribute, None)
+        if entries is not None and len(entries) == n and all(hasattr(entry, "id") for entry in entries):
+            return [str(entry.id) for entry in entries]
+    return [str(dataset[i]["id"]) for i in range(n)]

@@ -8,6 +8,7 @@ from wsss_domains.methods import refinement as _refinement  # noqa: F401  (regis
 from wsss_domains.methods import s2c as _s2c  # noqa: F401  (registers s2c)
 from wsss_domains.methods import sam_proto as _sam_proto  # noqa: F401  (registers sam-proto)
 from wsss_domains.methods import seam as _seam  # noqa: F401
+from wsss_domains.methods import seed_probe as _seed_probe  # noqa: F401  (registers seed-probe)
 from wsss_domains.methods import sepl as _sepl  # noqa: F401  (registers sepl)
 from wsss_domains.methods import sipe as _sipe  # noqa: F401
 from wsss_domains.methods import toco as _toco  # noqa: F401

@@ -15,6 +15,7 @@ from wsss_domains.cam.extract import CamExtractor
 
 if TYPE_CHECKING:
     from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+    from wsss_domains.methods.fitting import FitContext
 
 
 class Method:
@@ -28,6 +29,8 @@ class Method:
     # Extra modules (keys of ``build_modules``) trained at the backbone's learning rate rather than the
     # head's: a second pretrained backbone must not get the 10x rate of freshly initialised heads.
     backbone_modules: ClassVar[tuple[str, ...]] = ()
+    # Whether the engine calls :meth:`fit` with the run's training split before pseudo-labelling.
+    fits_training_split: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
         self.options = options
@@ -75,6 +78,14 @@ class Method:
     def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: Any) -> CamExtractor:
         """The CAM extractor used at pseudo-label time."""
         return CamExtractor(model, **kwargs)
+
+    def fit(self, context: FitContext) -> None:
+        """Learn from the run's training split, after training and before pseudo-labelling.
+
+        Called once per pseudo-labelling job, only for methods with ``fits_training_split``; the
+        default has nothing to learn. ``context`` holds the split as training saw it (patches with
+        their image-level labels), the CAM extractor and a cache folder inside the run.
+        """
 
     def refine(
         self,

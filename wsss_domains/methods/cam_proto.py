@@ -35,7 +35,6 @@ from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpa
 from wsss_domains.methods.base import Method
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_proto import fuse_prototype_cams
-from wsss_domains.models.stages import capture_stages
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
 from wsss_domains.sam.prototypes import masked_average, prototype_cams
 from wsss_domains.training.data import normalize
@@ -93,21 +92,13 @@ class CamProto(Method):
         self._extractor = super().extractor(model, modules, **kwargs)
         return self._extractor
 
-    @torch.no_grad()
     def stage_features(self, image: Tensor, domain: DomainPlugin) -> Tensor:
         """``1 x D x h x w`` features of stage ``self.stage`` for a raw ``3 x H x W`` image in [0, 1]."""
         if self._extractor is None or self.mean is None or self.std is None:
             raise RuntimeError("cam-proto: call setup() and extractor() before refine (the engine does)")
-        extractor = self._extractor
-        device = next(extractor.model.parameters()).device
-        x = extractor.training_view(normalize(domain.preprocess(image), self.mean, self.std).to(device))
-        batch = torch.cat([x, x.flip(-1)]) if extractor.flip else x
-        with capture_stages(extractor.model.backbone, [self.stage]) as stages:
-            extractor.model.features(batch)
-        feats = stages[0]
-        if extractor.flip:
-            feats = (feats[:1] + feats[1:].flip(-1)) / 2
-        return feats.float()
+        device = next(self._extractor.model.parameters()).device
+        x = normalize(domain.preprocess(image), self.mean, self.std).to(device)
+        return self._extractor.stage_features(x, self.stage)
 
     def refine(
         self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace

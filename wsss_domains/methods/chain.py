@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.methods.base import Method, trains
+from wsss_domains.methods.fitting import FitContext
 
 SEPARATOR = "+"
 
@@ -63,6 +64,12 @@ class ChainedMethod(Method):
                     "come first in a chain"
                 )
         return chosen
+
+    def fit(self, context: FitContext) -> None:
+        """Each part that learns from the training split fits on it (on the extractor's CAMs)."""
+        for method in self.methods:
+            if method.fits_training_split:
+                method.fit(context)
 
     def refine(
         self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
@@ -122,6 +129,7 @@ def chain_class(name: str, parts: Sequence[type[Method]]) -> type[ChainedMethod]
         "name": name,
         "description": " then ".join(f"[{part.description}]" for part in parts),
         "parts": tuple(parts),
+        "fits_training_split": any(part.fits_training_split for part in parts),
         "classification_weight": first.classification_weight,
         "backbone_modules": first.backbone_modules,
     }

@@ -28,6 +28,16 @@ def stage_channels(backbone: nn.Module, indices: Sequence[int]) -> list[int]:
     return [int(info[i]["num_chs"]) for i in indices]
 
 
+def stage_at_stride(backbone: nn.Module, stride: int) -> int:
+    """Index of the first stage whose output stride (timm's ``reduction``) is ``stride``."""
+    info = stage_info(backbone)
+    for index, entry in enumerate(info):
+        if int(entry["reduction"]) == stride:
+            return index
+    strides = ", ".join(str(entry["reduction"]) for entry in info)
+    raise ValueError(f"{type(backbone).__name__} has no stage of stride {stride} (strides: {strides})")
+
+
 @contextmanager
 def capture_stages(backbone: nn.Module, indices: Sequence[int]) -> Iterator[list[Tensor]]:
     """Within the block, forward passes of ``backbone`` append the chosen stages' outputs to the list.

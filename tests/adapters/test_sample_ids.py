@@ -1,0 +1,51 @@
+"""Slicing a split reads sample ids from the datasets' records instead of decoding every image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from histo_fixtures import make_wsss4luad
+from test_driving_camvid import write_camvid
+
+from wsss_domains.data.splits import sample_ids
+from wsss_domains.domains import get_domain
+
+
+class Counting:
+    """A dataset whose records carry ids; counts how often a sample is decoded."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        self.records: list[object] = [SimpleNamespace(id=i) for i in ids]
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        self.reads += 1
+        return {"id": self.ids[index]}
+
+
+def test_records_give_the_ids_without_reading_samples():
+    dataset = Counting(["b", "a", "c"])
+    assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 0
+    # Records without ids, or not one per sample, are not trusted: the samples are read.
+    dataset.records = [object() for _ in range(3)]
+    assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 3
+    dataset.records = [SimpleNamespace(id="x")]
+    assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 6
+
+
+@pytest.mark.parametrize("case", ["wsss4luad", "camvid"])
+def test_record_ids_are_the_sample_ids_of_the_built_in_loaders(tmp_path: Path, case: str):
+    if case == "wsss4luad":
+        root = make_wsss4luad(tmp_path / "WSSS4LUAD")
+        dataset = get_domain("histo").dataset("wsss4luad").build(root, "validation")
+    else:
+        write_camvid(tmp_path, stems=("0001TP_006720", "0001TP_006690", "Seq05VD_f00000"))
+        dataset = get_domain("driving").dataset("camvid").build(tmp_path, "train")
+    read = [dataset[i]["id"] for i in range(len(dataset))]
+    assert sample_ids(dataset) == read and len(read) >= 2

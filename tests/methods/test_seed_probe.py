@@ -1,0 +1,201 @@
+"""seed-probe: a linear pixel classifier on a stride-8 stage, fitted on the training split's CAM seeds."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+
+import fakes  # noqa: E402
+
+from wsss_domains.cam.extract import CamExtractor  # noqa: E402
+from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace  # noqa: E402
+from wsss_domains.methods import create_method, list_methods  # noqa: E402
+from wsss_domains.methods.fitting import FitContext, extractor_settings  # noqa: E402
+from wsss_domains.methods.seed_probe import PixelProbe, SeedProbe, fit_probe  # noqa: E402
+from wsss_domains.models.classifier import CamClassifier  # noqa: E402
+from wsss_domains.models.stages import capture_stages, stage_at_stride  # noqa: E402
+
+TWO = LabelSpace(classes=("a", "b"), palette=((255, 0, 0), (0, 0, 255)))
+WITH_BACKGROUND = LabelSpace(
+    classes=("background", "a", "b"),
+    palette=((0, 0, 0), (255, 0, 0), (0, 0, 255)),
+    background_mode=BackgroundMode.THRESHOLD,
+    background_index=0,
+)
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+class Plain(DomainPlugin):
+    name = "plain"
+
+    def datasets(self):  # pragma: no cover - not used
+        return {}
+
+
+def tiny_model() -> CamClassifier:
+    torch.manual_seed(0)
+    return CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random").eval()
+
+
+def ready(method: SeedProbe, model: CamClassifier) -> CamExtractor:
+    method.setup(Plain(), MEAN, STD)
+    return method.extractor(model, method.build_modules(model), scales=(1.0,), flip=False)
+
+
+def test_registered_and_options_checked():
+    assert "seed-probe" in list_methods()
+    assert SeedProbe.fits_training_split
+    for bad in ({"seed_fraction": 0}, {"fuse_weight": 1.5}, {"steps": 0}, {"fit_images": 0}):
+        with pytest.raises(ValueError, match="seed-probe"):
+            create_method("seed-probe", **bad)
+
+
+def test_the_probe_stage_is_chosen_by_stride():
+    model = tiny_model()
+    assert stage_at_stride(model.backbone, 8) == 2  # test_efficientnet: strides 2, 4, 8, 16, 16
+    with pytest.raises(ValueError, match="no stage of stride 3"):
+        stage_at_stride(model.backbone, 3)
+
+
+def test_fit_probe_separates_a_linear_problem_and_balances_rare_classes():
+    generator = torch.Generator().manual_seed(0)
+    # Class 1 is rare (5%) and lies where feature 0 is high; feature 1 is noise on another scale.
+    n = 2000
+    features = torch.randn(n, 2, generator=generator) * torch.tensor([1.0, 50.0])
+    targets = (features[:, 0] > 1.6).long()
+    probe = fit_probe(features, targets, 2, steps=200)
+    predicted = probe(features[:, :, None, None])[:, :, 0, 0].argmax(1)
+    recall_rare = (predicted[targets == 1] == 1).float().mean()
+    assert recall_rare > 0.95  # unbalanced loss would trade the rare class away
+    assert (predicted == targets).float().mean() > 0.9
+    with pytest.raises(ValueError, match="no seed pixels"):
+        fit_probe(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), 2)
+
+
+def test_seed_targets_add_low_cam_background_seeds_in_threshold_domains():
+    method = SeedProbe(seed_fraction=0.5)
+
+    class Threshold(Plain):
+        def background_threshold(self, label_space: LabelSpace) -> float:
+            return 0.3
+
+    cams = torch.tensor([[[0.9, 0.8, 0.2, 0.1]], [[0.0, 0.0, 0.0, 0.0]]])  # a left, background right
+    present = torch.tensor([1.0, 0.0])
+    seeds = method.seed_targets(cams, present, Threshold(), WITH_BACKGROUND, None)
+    assert seeds.shape == (3, 1, 4)  # a, b, background
+    # a: pixels 0 and 1 are labelled a; the 0.5 quantile of (0.9, 0.8, 0.2, 0.1) is 0.5 -> both.
+    assert seeds[0].tolist() == [[True, True, False, False]]
+    assert not seeds[1].any()
+    # Background: labelled pixels 2 and 3; their highest CAM in the bottom half (<= 0.5) -> both.
+    assert seeds[2].tolist() == [[False, False, True, True]]
+    # Without a threshold background there is no extra channel.
+    assert method.seed_targets(cams, present, Plain(), TWO, None).shape == (2, 1, 4)
+
+
+def test_refine_fuses_the_probes_softmax_over_present_classes():
+    model = tiny_model()
+    method = create_method("seed-probe", fuse_weight=0.5)
+    ready(method, model)
+    dim = model.backbone.feature_info[2]["num_chs"]
+    torch.manual_seed(1)
+    method.probe = PixelProbe(torch.randn(dim), torch.rand(dim) + 0.5, 2)
+    method.seen = torch.tensor([True, True])
+    image = torch.rand(3, 64, 64)
+    cams = torch.rand(2, 64, 64)
+    cams = cams / cams.amax((1, 2), keepdim=True)
+    present = torch.tensor([1.0, 1.0])
+    out = method.refine(image, cams, present, Plain(), TWO)
+
+    # By hand: stride-8 stage features, standardised, linear, softmax, upsampled, fused, re-normalised.
+    x = ((image - 0.5) / 0.25)[None]
+    with capture_stages(model.backbone, [2]) as stages:
+        model.features(x)
+    feats = stages[0][0]
+    z = (feats.permute(1, 2, 0) - method.probe.mean) / method.probe.std
+    logits = (z @ method.probe.linear.weight.T + method.probe.linear.bias).permute(2, 0, 1)
+    probs = F.interpolate(logits.softmax(0)[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+    fused = 0.5 * cams + 0.5 * probs.clamp(0, 1)
+    expected = fused / fused.amax((1, 2), keepdim=True)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+    # One present class: its probability is 1 everywhere; the absent class is left alone.
+    only_a = method.refine(image, cams, torch.tensor([1.0, 0.0]), Plain(), TWO)
+    assert torch.equal(only_a[1], cams[1])
+    a = 0.5 * cams[0] + 0.5
+    assert torch.allclose(only_a[0], a / a.max(), atol=1e-6)
+    # A class the probe never saw seeds of keeps its CAM.
+    method.seen = torch.tensor([True, False])
+    unseen = method.refine(image, cams, present, Plain(), TWO)
+    assert torch.equal(unseen[1], cams[1]) and not torch.equal(unseen[0], cams[0])
+
+
+def test_refine_before_fit_is_an_error():
+    method = create_method("seed-probe")
+    ready(method, tiny_model())
+    with pytest.raises(RuntimeError, match="fit"):
+        method.refine(torch.rand(3, 32, 32), torch.rand(2, 32, 32), torch.ones(2), Plain(), TWO)
+
+
+def _split(n: int = 6) -> list[dict]:
+    """In-memory training samples: a bright left half labelled a, the rest b."""
+    torch.manual_seed(2)
+    samples = []
+    for i in range(n):
+        image = torch.rand(3, 64, 64) * 0.2
+        image[0, :, :32] += 0.7
+        samples.append({"image": image, "label": torch.tensor([1.0, 1.0 if i % 2 else 0.0]), "id": str(i)})
+    return samples
+
+
+def test_fit_collects_seeds_of_the_training_split_and_caches_the_probe(tmp_path: Path, monkeypatch):
+    model = tiny_model()
+    method = create_method("seed-probe", fit_images=4, pixels_per_image=16, steps=20)
+    extractor = ready(method, model)
+    context = FitContext(
+        dataset=_split(),
+        extractor=extractor,
+        domain=Plain(),
+        label_space=TWO,
+        mean=MEAN,
+        std=STD,
+        cache_dir=tmp_path,
+        progress=False,
+        settings=extractor_settings(extractor),
+    )
+    features, targets = method.collect_seeds(context)
+    dim = model.backbone.feature_info[2]["num_chs"]
+    assert features.shape[1] == dim and features.shape[0] == targets.numel()
+    # Four of the six samples; per sample and class at most 16 cells; b only in odd samples.
+    assert targets.numel() <= 4 * 2 * 16 and set(targets.tolist()) <= {0, 1}
+    method.fit(context)
+    cached = list(tmp_path.glob("seed-probe-*.pt"))
+    assert len(cached) == 1
+    assert method.seen is not None and bool(method.seen[0])
+
+    # A second job with the same options loads the probe instead of fitting again.
+    again = create_method("seed-probe", fit_images=4, pixels_per_image=16, steps=20)
+    ready(again, model)
+    monkeypatch.setattr(SeedProbe, "collect_seeds", lambda *_: pytest.fail("fitted again"))
+    again.fit(context)
+    assert again.probe is not None and method.probe is not None
+    assert torch.equal(again.probe.linear.weight, method.probe.linear.weight)
+    assert torch.equal(again.seen, method.seen)
+    # Other options are another cache entry.
+    other = create_method("seed-probe", fit_images=4, pixels_per_image=16, steps=21)
+    assert context.cache_path("seed-probe", {"steps": 21}) != cached[0]
+    ready(other, model)
+    monkeypatch.undo()
+    other.fit(context)
+    assert len(list(tmp_path.glob("seed-probe-*.pt"))) == 2
+
+
+def test_a_chain_fits_its_fitting_part():
+    chain = create_method("cam-proto+seed-probe")
+    assert chain.fits_training_split
+    assert not create_method("cam-proto+random-walk").fits_training_split

@@ -1,0 +1,271 @@
+"""``seed-probe``: CAMs fused with a linear pixel classifier fitted on confident CAM pixels.
+
+Why: where classes nearly always co-occur (tumour beside stroma), the classifier's last stage
+learns to tell images apart, not pixels, and its CAMs separate the classes poorly. A shallow
+stage (output stride 8) still describes local texture and colour (nuclei density, stain) and
+separates them better, but it has no class labels. The confident pixels of the CAMs of the
+*training* split give it some: a linear classifier on that stage, fitted on those seeds across
+all training images, learns what each class looks like at a fine grain and transfers to unseen
+images (a dataset-level counterpart of cam-proto's image-specific prototypes; the same idea as
+the second, segmentation stage of WSSS pipelines, kept linear so it cannot memorise CAM noise).
+
+Fit (once per run and options, cached in the run folder under ``fitted/``):
+
+1. for up to ``fit_images`` samples of the training split (as training saw them: patches with
+   their image-level labels), the CAM pseudo-label over the present classes and its seeds: pixels
+   of class ``c`` with CAM ``c`` in the top ``seed_fraction`` (0.3) of the image (see
+   :func:`~wsss_domains.methods.cam_proto.confident_seeds`); in threshold-background domains,
+   background pixels whose highest CAM is in the bottom ``seed_fraction`` are background seeds;
+2. the features of the stage of output stride ``stride`` (8), flip-averaged at the training
+   magnification, at up to ``pixels_per_image`` seed cells per class and sample;
+3. standardised features, a linear layer, class-balanced cross-entropy (Adam, ``steps`` full-batch
+   steps; seeded, so a fit is reproducible).
+
+Apply, per image: the probe's softmax over the present classes (and background where the domain
+thresholds it), upsampled; ``cam' = norm((1 - w) * cam + w * prob)`` for present classes the probe
+saw seeds of (``fuse_weight`` ``w`` = 0.5); the labels are then assembled as for plain CAM.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from wsss_domains.cam.extract import CamExtractor
+from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
+from wsss_domains.methods.base import Method
+from wsss_domains.methods.cam_proto import confident_seeds
+from wsss_domains.methods.fitting import FitContext
+from wsss_domains.methods.registry import register_method
+from wsss_domains.methods.sam_proto import fuse_prototype_cams
+from wsss_domains.models.stages import stage_at_stride
+from wsss_domains.pseudo_labels.assemble import cams_to_labels
+from wsss_domains.training.data import normalize
+
+log = logging.getLogger(__name__)
+
+STRIDE = 8
+SEED_FRACTION = 0.3
+FUSE_WEIGHT = 0.5
+FIT_IMAGES = 800
+PIXELS_PER_IMAGE = 256
+STEPS = 300
+LEARNING_RATE = 1e-2
+WEIGHT_DECAY = 1e-4
+
+
+class PixelProbe(nn.Module):
+    """Standardisation then a linear layer: per-cell logits ``B x C x h x w`` from ``B x D x h x w``."""
+
+    def __init__(self, mean: Tensor, std: Tensor, num_outputs: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", std.clone())
+        self.linear = nn.Linear(mean.numel(), num_outputs)
+
+    def forward(self, features: Tensor) -> Tensor:
+        x = (features.movedim(1, -1) - self.mean) / self.std
+        return self.linear(x).movedim(-1, 1)
+
+
+def fit_probe(
+    features: Tensor, targets: Tensor, num_outputs: int, steps: int = STEPS, seed: int = 0
+) -> PixelProbe:
+    """A :class:`PixelProbe` fitted to ``N x D`` features and ``N`` targets in ``[0, num_outputs)``.
+
+    Full-batch Adam on class-balanced cross-entropy: rare classes (tumour seeds are few beside
+    stroma) weigh as much as common ones.
+    """
+    if features.ndim != 2 or targets.shape != features.shape[:1]:
+        raise ValueError(
+            f"expected N x D features and N targets, got {tuple(features.shape)}, {tuple(targets.shape)}"
+        )
+    if features.shape[0] == 0:
+        raise ValueError("no seed pixels to fit the probe on")
+    generator = torch.Generator().manual_seed(seed)
+    probe = PixelProbe(features.mean(0), features.std(0).clamp_min(1e-5), num_outputs)
+    with torch.no_grad():
+        nn.init.normal_(probe.linear.weight, std=0.01, generator=generator)
+        probe.linear.bias.zero_()
+    counts = torch.bincount(targets, minlength=num_outputs).float()
+    weight = torch.where(
+        counts > 0, counts.sum() / (num_outputs * counts.clamp_min(1)), torch.zeros_like(counts)
+    )
+    optimiser = torch.optim.Adam(probe.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    x = features[:, :, None, None]
+    for _ in range(steps):
+        optimiser.zero_grad()
+        loss = F.cross_entropy(probe(x)[:, :, 0, 0], targets, weight=weight)
+        loss.backward()
+        optimiser.step()
+    return probe.eval()
+
+
+@register_method
+class SeedProbe(Method):
+    name = "seed-probe"
+    description = (
+        "CAM fused with a linear pixel classifier on a stride-8 backbone stage, fitted on the confident CAM"
+        " pixels of the run's training split (post hoc; options stride, seed_fraction, fuse_weight,"
+        " fit_images, pixels_per_image, steps)."
+    )
+    fits_training_split = True
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.stride = int(options.get("stride", STRIDE))
+        self.seed_fraction = float(options.get("seed_fraction", SEED_FRACTION))
+        self.fuse_weight = float(options.get("fuse_weight", FUSE_WEIGHT))
+        self.fit_images = int(options.get("fit_images", FIT_IMAGES))
+        self.pixels_per_image = int(options.get("pixels_per_image", PIXELS_PER_IMAGE))
+        self.steps = int(options.get("steps", STEPS))
+        if not 0.0 < self.seed_fraction <= 1.0:
+            raise ValueError(f"seed-probe: seed_fraction must lie in (0, 1], got {self.seed_fraction}")
+        if not 0.0 <= self.fuse_weight <= 1.0:
+            raise ValueError(f"seed-probe: fuse_weight must lie in [0, 1], got {self.fuse_weight}")
+        if min(self.fit_images, self.pixels_per_image, self.steps) < 1:
+            raise ValueError("seed-probe: fit_images, pixels_per_image and steps must be at least 1")
+        self._extractor: CamExtractor | None = None
+        self.probe: PixelProbe | None = None
+        self.seen: Tensor | None = None  # outputs the probe had seeds of
+        self.stage: int | None = None
+
+    def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: Any) -> CamExtractor:
+        """Plain CAMs; the extractor is kept because fitting and :meth:`refine` read its stages."""
+        self._extractor = super().extractor(model, modules, **kwargs)
+        self.stage = stage_at_stride(model.backbone, self.stride)
+        return self._extractor
+
+    @staticmethod
+    def _outputs(label_space: LabelSpace) -> int:
+        """Probe outputs: the foreground classes, plus background where the domain thresholds it."""
+        extra = 1 if label_space.background_mode is BackgroundMode.THRESHOLD else 0
+        return len(label_space.foreground) + extra
+
+    def _features(self, image: Tensor, domain: DomainPlugin) -> Tensor:
+        if self._extractor is None or self.stage is None or self.mean is None or self.std is None:
+            raise RuntimeError("seed-probe: call setup() and extractor() first (the engine does)")
+        device = next(self._extractor.model.parameters()).device
+        x = normalize(domain.preprocess(image), self.mean, self.std).to(device)
+        return self._extractor.stage_features(x, self.stage)
+
+    def seed_targets(
+        self,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        exclude: Tensor | None,
+    ) -> Tensor:
+        """``C x H x W`` boolean seeds of one training image (background last, where thresholded)."""
+        threshold = None
+        if label_space.background_mode is BackgroundMode.THRESHOLD:
+            threshold = domain.background_threshold(label_space)
+        pseudo = cams_to_labels(cams, present, label_space, threshold, exclude)
+        table = torch.full((label_space.num_classes + 1,), -1, dtype=torch.int64, device=cams.device)
+        table[list(label_space.foreground)] = torch.arange(len(label_space.foreground), device=cams.device)
+        channels = table[torch.where(pseudo < label_space.num_classes, pseudo, label_space.num_classes)]
+        scored = pseudo != label_space.ignore_index
+        keep = present.bool().to(cams.device)
+        seeds = confident_seeds(cams, channels, scored, self.seed_fraction) & keep[:, None, None]
+        if threshold is None:
+            return seeds
+        background = (pseudo == label_space.background_index) & scored
+        low = torch.zeros_like(background)
+        if background.any():
+            peak = cams[keep].amax(0) if keep.any() else torch.zeros_like(cams[0])
+            cut = torch.quantile(peak[scored].float(), self.seed_fraction).to(peak.dtype)
+            low = background & (peak <= cut)
+            low = low if low.any() else background
+        return torch.cat([seeds, low[None]])
+
+    def fit(self, context: FitContext) -> None:
+        fitted_with = {
+            "stride": self.stride,
+            "seed_fraction": self.seed_fraction,
+            "fit_images": self.fit_images,
+            "pixels_per_image": self.pixels_per_image,
+            "steps": self.steps,
+        }
+        path = context.cache_path(self.name, fitted_with)
+        outputs = self._outputs(context.label_space)
+        if path is not None and path.is_file():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.seen = state.pop("seen")
+            self.probe = PixelProbe(state["mean"], state["std"], outputs)
+            self.probe.load_state_dict(state)
+            log.info("seed-probe: fitted probe loaded from %s", path)
+            return
+        features, targets = self.collect_seeds(context)
+        self.probe = fit_probe(features, targets, outputs, self.steps)
+        self.seen = torch.bincount(targets, minlength=outputs) > 0
+        if path is not None:
+            from wsss_domains.data.io import atomic_write
+
+            state = {**self.probe.state_dict(), "seen": self.seen}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    @torch.no_grad()
+    def collect_seeds(self, context: FitContext) -> tuple[Tensor, Tensor]:
+        """``N x D`` stage features and ``N`` output indices of seed cells across the training split."""
+        from wsss_domains.pseudo_labels.writer import image_labels
+
+        dataset = context.dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        generator = torch.Generator().manual_seed(0)
+        order = torch.randperm(n, generator=generator)[: self.fit_images].sort().values.tolist()
+        label_space, domain = context.label_space, context.domain
+        features: list[Tensor] = []
+        targets: list[Tensor] = []
+        for index in tqdm(order, desc="seed-probe fit", unit="img", disable=not context.progress):
+            sample = dataset[index]
+            present = image_labels(sample, label_space, "auto")
+            if present is None or not present.bool().any():
+                continue
+            raw = sample["image"]
+            x = normalize(domain.preprocess(raw), context.mean, context.std)
+            feats = self._features(raw, domain)[0]
+            cams = context.extractor(x.to(feats.device))
+            exclude = sample.get("exclude")
+            if exclude is None:
+                exclude = domain.exclude_mask(raw, label_space)
+            seeds = self.seed_targets(cams, present.to(cams.device), domain, label_space, exclude)
+            cells = F.interpolate(seeds[None].float(), size=feats.shape[-2:], mode="area")[0] > 0.5
+            cells &= cells.sum(0, keepdim=True) == 1  # a cell two classes claim teaches nothing
+            flat = feats.flatten(1).T
+            for output in range(cells.shape[0]):
+                where = cells[output].flatten().nonzero()[:, 0]
+                if where.numel() > self.pixels_per_image:
+                    pick = torch.randperm(where.numel(), generator=generator)[: self.pixels_per_image]
+                    where = where[pick.to(where.device)]
+                features.append(flat[where].cpu())
+                targets.append(torch.full((where.numel(),), output, dtype=torch.int64))
+        if not features or sum(t.numel() for t in targets) == 0:
+            raise ValueError("seed-probe: the training split gave no seed pixels (no labelled images?)")
+        return torch.cat(features), torch.cat(targets)
+
+    @torch.no_grad()
+    def refine(
+        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+    ) -> Tensor:
+        if self.probe is None or self.seen is None:
+            raise RuntimeError("seed-probe: fit() must run before refine (the engine calls it)")
+        keep = present.bool().to(cams.device)
+        if not keep.any() or self.fuse_weight == 0.0:
+            return cams
+        feats = self._features(image, domain)
+        probe = self.probe.to(feats.device)
+        logits = probe(feats)[0]
+        allowed = torch.cat([keep, keep.new_ones(logits.shape[0] - keep.numel())])
+        logits = logits.masked_fill(~allowed.to(logits.device)[:, None, None], float("-inf"))
+        probs = logits.softmax(0)[: keep.numel()]
+        valid = keep & self.seen[: keep.numel()].to(cams.device)
+        if not valid.any():
+            return cams
+        return fuse_prototype_cams(cams, probs.to(cams.device), valid, self.fuse_weight)
