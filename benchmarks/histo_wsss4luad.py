@@ -42,7 +42,7 @@ def main() -> None:
     p.add_argument("--eval-split", default="validation")
     p.add_argument(
         "--methods",
-        default="cam,seed-probe,cam-proto+seed-probe,seed-probe+random-walk",
+        default="cam,seed-probe,cam-proto+seed-probe",
         help="comma-separated methods to pseudo-label with",
     )
     p.add_argument("--max-minutes", type=float, default=15.0)
