@@ -100,7 +100,7 @@ def test_seed_targets_add_low_cam_background_seeds_in_threshold_domains():
 
 def test_refine_fuses_the_probes_softmax_over_present_classes():
     model = tiny_model()
-    method = create_method("seed-probe", fuse_weight=0.5)
+    method = create_method("seed-probe", fuse_weight=0.5, stride=8)
     ready(method, model)
     dim = model.backbone.feature_info[2]["num_chs"]
     torch.manual_seed(1)
@@ -133,6 +133,27 @@ def test_refine_fuses_the_probes_softmax_over_present_classes():
     method.seen = torch.tensor([True, False])
     unseen = method.refine(image, cams, present, Plain(), TWO)
     assert torch.equal(unseen[1], cams[1]) and not torch.equal(unseen[0], cams[0])
+
+
+def test_several_strides_are_concatenated_on_the_finest_grid():
+    model = tiny_model()
+    method = create_method("seed-probe", stride="4,8")
+    ready(method, model)
+    image = torch.rand(3, 64, 64)
+    feats = method._features(image, Plain())
+    x = ((image - 0.5) / 0.25)[None]
+    with capture_stages(model.backbone, [1, 2]) as stages:
+        model.features(x)
+    fine, coarse = stages
+    assert feats.shape == (1, fine.shape[1] + coarse.shape[1], 16, 16)  # stride 4 of 64 px
+    assert torch.allclose(feats[:, : fine.shape[1]], fine, atol=1e-6)
+    up = F.interpolate(coarse, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(feats[:, fine.shape[1] :], up, atol=1e-6)
+    assert create_method("seed-probe").strides == (4, 8)  # the default
+    assert create_method("seed-probe", stride=[8]).strides == (8,)
+    for bad in ("a,b", "0", ""):
+        with pytest.raises(ValueError, match="stride"):
+            create_method("seed-probe", stride=bad)
 
 
 def test_refine_before_fit_is_an_error():
@@ -169,7 +190,7 @@ def test_fit_collects_seeds_of_the_training_split_and_caches_the_probe(tmp_path:
         settings=extractor_settings(extractor),
     )
     features, targets = method.collect_seeds(context)
-    dim = model.backbone.feature_info[2]["num_chs"]
+    dim = model.backbone.feature_info[1]["num_chs"] + model.backbone.feature_info[2]["num_chs"]
     assert features.shape[1] == dim and features.shape[0] == targets.numel()
     # Four of the six samples; per sample and class at most 16 cells; b only in odd samples.
     assert targets.numel() <= 4 * 2 * 16 and set(targets.tolist()) <= {0, 1}

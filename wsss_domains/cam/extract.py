@@ -114,16 +114,23 @@ class CamExtractor:
         Taken at the training magnification and flip-averaged like the CAMs, for methods that
         describe pixels by the classifier's intermediate features (cam-proto, seed-probe).
         """
+        return self.stages_features(image, [stage])[0]
+
+    @torch.no_grad()
+    def stages_features(self, image: Tensor, stages: Sequence[int]) -> list[Tensor]:
+        """:meth:`stage_features` of several stages from one backbone pass, in ``stages`` order."""
         from wsss_domains.models.stages import capture_stages
 
         x = self.training_view(image)
         batch = torch.cat([x, x.flip(-1)]) if self.flip else x
-        with capture_stages(self.model.backbone, [stage]) as stages:
+        with capture_stages(self.model.backbone, list(stages)) as captured:
             self.model.features(batch)
-        feats = stages[0]
-        if self.flip:
-            feats = (feats[:1] + feats[1:].flip(-1)) / 2
-        return feats.float()
+        out = []
+        for feats in captured:
+            if self.flip:
+                feats = (feats[:1] + feats[1:].flip(-1)) / 2
+            out.append(feats.float())
+        return out
 
     @torch.no_grad()
     def __call__(self, image: Tensor) -> Tensor:

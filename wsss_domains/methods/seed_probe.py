@@ -1,10 +1,10 @@
 """``seed-probe``: CAMs fused with a linear pixel classifier fitted on confident CAM pixels.
 
 Why: where classes nearly always co-occur (tumour beside stroma), the classifier's last stage
-learns to tell images apart, not pixels, and its CAMs separate the classes poorly. A shallow
-stage (output stride 8) still describes local texture and colour (nuclei density, stain) and
-separates them better, but it has no class labels. The confident pixels of the CAMs of the
-*training* split give it some: a linear classifier on that stage, fitted on those seeds across
+learns to tell images apart, not pixels, and its CAMs separate the classes poorly. Shallow
+stages (output strides 4 and 8) still describe local texture and colour (nuclei density, stain,
+roofs and roads) and separate the classes better, but carry no class labels. The confident pixels
+of the CAMs of the *training* split give them some: a linear classifier on those stages, fitted on those seeds across
 all training images, learns what each class looks like at a fine grain and transfers to unseen
 images (a dataset-level counterpart of cam-proto's image-specific prototypes; the same idea as
 the second, segmentation stage of WSSS pipelines, kept linear so it cannot memorise CAM noise).
@@ -16,8 +16,9 @@ Fit (once per run and options, cached in the run folder under ``fitted/``):
    of class ``c`` with CAM ``c`` in the top ``seed_fraction`` (0.3) of the image (see
    :func:`~wsss_domains.methods.cam_proto.confident_seeds`); in threshold-background domains,
    background pixels whose highest CAM is in the bottom ``seed_fraction`` are background seeds;
-2. the features of the stage of output stride ``stride`` (8), flip-averaged at the training
-   magnification, at up to ``pixels_per_image`` seed cells per class and sample;
+2. the features of the stages of output strides ``stride`` (4 and 8; the coarser one upsampled
+   to the finer one's grid and concatenated), flip-averaged at the training magnification, at
+   up to ``pixels_per_image`` seed cells per class and sample;
 3. standardised features, a linear layer, class-balanced cross-entropy (Adam, ``steps`` full-batch
    steps; seeded, so a fit is reproducible).
 
@@ -49,7 +50,7 @@ from wsss_domains.training.data import normalize
 
 log = logging.getLogger(__name__)
 
-STRIDE = 8
+STRIDES = (4, 8)
 SEED_FRACTION = 0.3
 FUSE_WEIGHT = 0.5
 FIT_IMAGES = 800
@@ -57,6 +58,19 @@ PIXELS_PER_IMAGE = 256
 STEPS = 300
 LEARNING_RATE = 1e-2
 WEIGHT_DECAY = 1e-4
+
+
+def parse_strides(value: object) -> tuple[int, ...]:
+    """Option ``stride``: one output stride, or several (``"4,8"``, ``[4, 8]``) whose stages are
+    concatenated on the first one's grid."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    try:
+        strides = tuple(int(v) for v in items)
+    except ValueError as exc:
+        raise ValueError(f"seed-probe: stride must be integers like 8 or '4,8', got {value!r}") from exc
+    if not strides or min(strides) < 1:
+        raise ValueError(f"seed-probe: stride must be positive integers, got {value!r}")
+    return strides
 
 
 class PixelProbe(nn.Module):
@@ -110,15 +124,15 @@ def fit_probe(
 class SeedProbe(Method):
     name = "seed-probe"
     description = (
-        "CAM fused with a linear pixel classifier on a stride-8 backbone stage, fitted on the confident CAM"
-        " pixels of the run's training split (post hoc; options stride, seed_fraction, fuse_weight,"
+        "CAM fused with a linear pixel classifier on the stride-4 and stride-8 backbone stages, fitted on the"
+        " confident CAM pixels of the run's training split (post hoc; options stride, seed_fraction, fuse_weight,"
         " fit_images, pixels_per_image, steps)."
     )
     fits_training_split = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.stride = int(options.get("stride", STRIDE))
+        self.strides = parse_strides(options.get("stride", STRIDES))
         self.seed_fraction = float(options.get("seed_fraction", SEED_FRACTION))
         self.fuse_weight = float(options.get("fuse_weight", FUSE_WEIGHT))
         self.fit_images = int(options.get("fit_images", FIT_IMAGES))
@@ -133,12 +147,12 @@ class SeedProbe(Method):
         self._extractor: CamExtractor | None = None
         self.probe: PixelProbe | None = None
         self.seen: Tensor | None = None  # outputs the probe had seeds of
-        self.stage: int | None = None
+        self.stages: list[int] | None = None
 
     def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: Any) -> CamExtractor:
         """Plain CAMs; the extractor is kept because fitting and :meth:`refine` read its stages."""
         self._extractor = super().extractor(model, modules, **kwargs)
-        self.stage = stage_at_stride(model.backbone, self.stride)
+        self.stages = [stage_at_stride(model.backbone, stride) for stride in self.strides]
         return self._extractor
 
     @staticmethod
@@ -148,11 +162,21 @@ class SeedProbe(Method):
         return len(label_space.foreground) + extra
 
     def _features(self, image: Tensor, domain: DomainPlugin) -> Tensor:
-        if self._extractor is None or self.stage is None or self.mean is None or self.std is None:
+        if self._extractor is None or self.stages is None or self.mean is None or self.std is None:
             raise RuntimeError("seed-probe: call setup() and extractor() first (the engine does)")
         device = next(self._extractor.model.parameters()).device
         x = normalize(domain.preprocess(image), self.mean, self.std).to(device)
-        return self._extractor.stage_features(x, self.stage)
+        feats = self._extractor.stages_features(x, self.stages)
+        size = feats[0].shape[-2:]  # the first stride's grid
+        return torch.cat(
+            [
+                f
+                if f.shape[-2:] == size
+                else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                for f in feats
+            ],
+            dim=1,
+        )
 
     def seed_targets(
         self,
@@ -186,7 +210,7 @@ class SeedProbe(Method):
 
     def fit(self, context: FitContext) -> None:
         fitted_with = {
-            "stride": self.stride,
+            "stride": list(self.strides),
             "seed_fraction": self.seed_fraction,
             "fit_images": self.fit_images,
             "pixels_per_image": self.pixels_per_image,
