@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -53,6 +54,12 @@ def main() -> None:
     p.add_argument(
         "--pl-extra", default="", help="extra arguments for `pseudo-labels`, e.g. '--cam-norm sigmoid'"
     )
+    p.add_argument(
+        "--reuse-run",
+        action="store_true",
+        help="skip training when OUT/run already holds a trained model (re-score an earlier run with new "
+        "pseudo-labelling; the record says so)",
+    )
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
 
@@ -65,10 +72,12 @@ def main() -> None:
         "--image-size", str(args.image_size), "--out", str(run_dir), "--max-minutes", str(args.max_minutes),
         "--no-progress", *shlex.split(args.train_extra),
     ]  # fmt: skip
-    train_s = run(train_cmd)
+    reused = args.reuse_run and (run_dir / "model.pt").is_file()
+    train_s = 0.0 if reused else run(train_cmd)
     rows = []
     for method in args.methods.split(","):
         pl = args.out / f"pl-{method}"
+        shutil.rmtree(pl, ignore_errors=True)  # pseudo-labels resume; a benchmark starts afresh
         pl_cmd = [
             *exe, "pseudo-labels", "--run", str(run_dir), "--dataset", "wsss4luad", "--data", str(eval_data),
             "--split", args.eval_split, "--labels-from-masks", "--method", method, "--out", str(pl), "--no-progress",
@@ -86,7 +95,12 @@ def main() -> None:
 
     lines = [
         f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — train `{args.train_split}`, score `{args.eval_split}`",
-        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; training {train_s / 60:.1f} min wall.",
+        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        + (
+            "training: the run of an earlier section, reused (`--reuse-run`)."
+            if reused
+            else f"training {train_s / 60:.1f} min wall."
+        ),
         "\n| method | mIoU | tumor | stroma | normal | pseudo-label time (s) |",
         "|---|---|---|---|---|---|",
     ]

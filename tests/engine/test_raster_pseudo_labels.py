@@ -511,6 +511,24 @@ def test_cli_writes_the_raster_pseudo_label(capsys, run_dir: Path, tif: Path, tm
     assert (tmp_path / "o.png").is_file()  # an overview is still drawn from the finished output
 
 
+def test_cli_fits_seed_probe_on_the_runs_training_split_before_the_raster(
+    capsys, config: RunConfig, tif: Path, tmp_path: Path
+):
+    data = fakes.write_shapes(tmp_path / "train-data", n_train=4, n_val=0, n_unlabelled=0)
+    config.data, config.split = str(data), "train"
+    run = tmp_path / "run"
+    run.mkdir()
+    config.save(run)
+    save_model(CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random"), nn.ModuleDict(), run)
+    out = tmp_path / "pl.tif"
+    args = ["pseudo-labels", "--run", run, "--raster", tif, "--labels", "red,blue", "--out", out, *FAST]
+    code, _, err = cli(capsys, *args, "--method", "seed-probe", "--method-option", "steps=5")
+    assert code == 0, err
+    assert len(list((run / "fitted").glob("seed-probe-*.pt"))) == 1
+    with rasterio.open(out) as src:
+        assert set(np.unique(src.read(1))) <= {0, 1, 2, U}
+
+
 def test_cli_with_a_mask_raster_and_with_predicted_labels(capsys, run_dir: Path, tif: Path, tmp_path: Path):
     mask = write_tif(tmp_path / "mask.tif", truth()[None])
     base = ["pseudo-labels", "--run", run_dir, "--raster", tif, *FAST, "--normalization", "window"]
