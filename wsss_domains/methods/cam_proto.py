@@ -67,6 +67,13 @@ def confident_seeds(cams: Tensor, labels: Tensor, scored: Tensor, seed_fraction:
     return seeds
 
 
+def label_channels(labels: Tensor, label_space: LabelSpace) -> Tensor:
+    """A pseudo-label map of class ids as CAM channel indices (-1 for background and ignore)."""
+    table = torch.full((label_space.num_classes + 1,), -1, dtype=torch.int64, device=labels.device)
+    table[list(label_space.foreground)] = torch.arange(len(label_space.foreground), device=labels.device)
+    return table[torch.where(labels < label_space.num_classes, labels, label_space.num_classes)]
+
+
 @register_method
 class CamProto(Method):
     name = "cam-proto"
@@ -111,10 +118,7 @@ class CamProto(Method):
             bg = domain.background_threshold(label_space)
         exclude = domain.exclude_mask(image, label_space)
         pseudo = cams_to_labels(cams, present, label_space, bg, exclude)
-        # Class ids -> CAM channel indices (-1 for background and ignore).
-        table = torch.full((label_space.num_classes + 1,), -1, dtype=torch.int64, device=cams.device)
-        table[list(label_space.foreground)] = torch.arange(len(label_space.foreground), device=cams.device)
-        channels = table[torch.where(pseudo < label_space.num_classes, pseudo, label_space.num_classes)]
+        channels = label_channels(pseudo, label_space)
         scored = pseudo != label_space.ignore_index
         seeds = confident_seeds(cams, channels, scored, self.seed_fraction) & keep[:, None, None]
         feats = self.stage_features(image, domain).to(cams.device)

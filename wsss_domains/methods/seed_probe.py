@@ -40,7 +40,7 @@ from tqdm import tqdm
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
 from wsss_domains.methods.base import Method
-from wsss_domains.methods.cam_proto import confident_seeds
+from wsss_domains.methods.cam_proto import confident_seeds, label_channels
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_proto import fuse_prototype_cams
@@ -191,9 +191,7 @@ class SeedProbe(Method):
         if label_space.background_mode is BackgroundMode.THRESHOLD:
             threshold = domain.background_threshold(label_space)
         pseudo = cams_to_labels(cams, present, label_space, threshold, exclude)
-        table = torch.full((label_space.num_classes + 1,), -1, dtype=torch.int64, device=cams.device)
-        table[list(label_space.foreground)] = torch.arange(len(label_space.foreground), device=cams.device)
-        channels = table[torch.where(pseudo < label_space.num_classes, pseudo, label_space.num_classes)]
+        channels = label_channels(pseudo, label_space)
         scored = pseudo != label_space.ignore_index
         keep = present.bool().to(cams.device)
         seeds = confident_seeds(cams, channels, scored, self.seed_fraction) & keep[:, None, None]
