@@ -162,11 +162,17 @@ class SeedProbe(Method):
         return len(label_space.foreground) + extra
 
     def _features(self, image: Tensor, domain: DomainPlugin) -> Tensor:
-        if self._extractor is None or self.stages is None or self.mean is None or self.std is None:
+        """Probe input ``1 x D x h x w`` of a raw ``3 x H x W`` image in [0, 1]."""
+        if self.mean is None or self.std is None:
+            raise RuntimeError("seed-probe: call setup() and extractor() first (the engine does)")
+        return self._normalized_features(normalize(domain.preprocess(image), self.mean, self.std))
+
+    def _normalized_features(self, x: Tensor) -> Tensor:
+        """Probe input of an already normalised image: the stages concatenated on the first one's grid."""
+        if self._extractor is None or self.stages is None:
             raise RuntimeError("seed-probe: call setup() and extractor() first (the engine does)")
         device = next(self._extractor.model.parameters()).device
-        x = normalize(domain.preprocess(image), self.mean, self.std).to(device)
-        feats = self._extractor.stages_features(x, self.stages)
+        feats = self._extractor.stages_features(x.to(device), self.stages)
         size = feats[0].shape[-2:]  # the first stride's grid
         return torch.cat(
             [
@@ -251,8 +257,9 @@ class SeedProbe(Method):
             if present is None or not present.bool().any():
                 continue
             raw = sample["image"]
+            # Preprocessed once (stain normalisation can be costly) for both the CAMs and the features.
             x = normalize(domain.preprocess(raw), context.mean, context.std)
-            feats = self._features(raw, domain)[0]
+            feats = self._normalized_features(x)[0]
             cams = context.extractor(x.to(feats.device))
             exclude = sample.get("exclude")
             if exclude is None:
