@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--eval-split", default="validation")
     p.add_argument(
         "--methods",
-        default="cam,seed-probe,cam-proto+seed-probe",
+        default="cam,seed-probe,label-probe,cam-proto+label-probe",
         help="comma-separated methods to pseudo-label with",
     )
     p.add_argument("--max-minutes", type=float, default=15.0)

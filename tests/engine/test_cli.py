@@ -336,6 +336,33 @@ def test_seed_probe_fits_on_the_runs_training_split_once_and_needs_its_folder(
     assert not (tmp_path / "pl3").exists() or not any((tmp_path / "pl3").glob("*.png"))
 
 
+def test_label_probe_fits_on_overlapping_mask_labelled_windows_of_a_labels_from_masks_run(
+    capsys, shapes: Path, tmp_path: Path, monkeypatch
+):
+    from wsss_domains.methods import label_probe
+
+    run = tmp_path / "run"
+    train = ["train", "--domain", fakes.FAKE_DOMAIN, "--data", shapes, "--split", "train", "--out", run]
+    code, _, err = cli(capsys, *train, "--labels-from-masks", "--patch-size", "16", *FAST)
+    assert code == 0, err
+    bag_counts: list[int] = []
+    fit = label_probe.fit_mil_probe
+
+    def counting(bags, labels, valid, *args, **kwargs):
+        bag_counts.append(bags.shape[0])
+        return fit(bags, labels, valid, *args, **kwargs)
+
+    monkeypatch.setattr(label_probe, "fit_mil_probe", counting)
+    args = ["pseudo-labels", "--run", run, "--data", shapes, "--split", "val", "--labels-from-masks"]
+    common = ["--method", "label-probe", "--device", "cpu", "--no-progress", "--no-overlays"]
+    code, out, err = cli(capsys, *args, *common, "--out", tmp_path / "pl")
+    assert code == 0, err
+    assert "pseudo-labels: " in out and len(list((run / "fitted").glob("label-probe-*.pt"))) == 1
+    # 4 training images of 32 px: training's grid has 2 x 2 patches of 16 px each, the fit's
+    # quarter-patch stride 5 x 5 windows each.
+    assert bag_counts == [4 * 25]
+
+
 def test_pseudo_labels_of_a_split_without_labels_say_predictions_were_used(
     capsys, trained: tuple[Path, Path], tmp_path: Path
 ):

@@ -8,8 +8,10 @@ or one raster of any size (``--raster PATH``: one palette GeoTIFF written window
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from torch.utils.data import Dataset
 
 from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES, CamExtractor
 from wsss_domains.cli.common import (
@@ -24,6 +26,7 @@ from wsss_domains.cli.common import (
     validate_dataset,
 )
 from wsss_domains.data.io import DataError
+from wsss_domains.data.patches import PatchDataset, pair
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.methods import Method, create_method
 from wsss_domains.methods.fitting import FIT_FOLDER, FitContext, extractor_settings
@@ -259,8 +262,23 @@ def fit_on_training_split(
             cache_dir=Path(run) / FIT_FOLDER,
             progress=progress,
             settings=settings,
+            window_factory=_window_factory(config)
+            if config.labels_from_masks and config.patch_size
+            else None,
         )
     )
+
+
+def _window_factory(config: RunConfig) -> Callable[[], Dataset]:
+    """The run's annotated training images as overlapping mask-labelled windows of its patch size."""
+
+    def build() -> Dataset:
+        opened = open_dataset(config.domain, config.dataset, Path(config.data), config.split)
+        patch = pair(tuple(config.patch_size))  # type: ignore[arg-type]
+        stride = (max(1, patch[0] // 4), max(1, patch[1] // 4))
+        return PatchDataset(opened.dataset, opened.label_space, patch, stride=stride)
+
+    return build
 
 
 def pseudo_label_raster_file(

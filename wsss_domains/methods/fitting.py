@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,21 @@ class FitContext:
     progress: bool = True
     # What else the fitted state depends on (the extractor's scales, flip, normalisation).
     settings: Mapping[str, Any] = field(default_factory=dict)
+    # For runs trained with --labels-from-masks: builds the same annotated images cut into windows
+    # of the training patch size at a quarter-patch stride, each labelled from its mask (see
+    # :attr:`windows`). None for runs trained on image-level labels.
+    window_factory: Callable[[], Dataset] | None = None
+    _windows: Dataset | None = field(default=None, init=False, repr=False)
+
+    @property
+    def windows(self) -> Dataset | None:
+        """More labelled windows than training's grid, for methods that learn from labels alone
+        (``label-probe``); built on first use, None where the run had no masks to label them by."""
+        if self.window_factory is None:
+            return None
+        if self._windows is None:
+            self._windows = self.window_factory()
+        return self._windows
 
     def cache_path(self, method_name: str, options: Mapping[str, Any]) -> Path | None:
         """Where ``method_name`` with ``options`` keeps its fitted state, or None without a cache."""

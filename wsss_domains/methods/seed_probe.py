@@ -29,7 +29,6 @@ saw seeds of (``fuse_weight`` ``w`` = 0.5); the labels are then assembled as for
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -37,54 +36,22 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method
 from wsss_domains.methods.cam_proto import confident_seeds, label_channels
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_proto import fuse_prototype_cams
-from wsss_domains.models.stages import stage_at_stride
+from wsss_domains.methods.stage_probe import STEPS, PixelProbe, StageProbe, parse_strides
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
 from wsss_domains.training.data import normalize
 
-log = logging.getLogger(__name__)
+__all__ = ["PixelProbe", "SeedProbe", "fit_probe", "parse_strides"]
 
-STRIDES = (4, 8)
 SEED_FRACTION = 0.3
-FUSE_WEIGHT = 0.5
 FIT_IMAGES = 800
 PIXELS_PER_IMAGE = 256
-STEPS = 300
 LEARNING_RATE = 1e-2
 WEIGHT_DECAY = 1e-4
-
-
-def parse_strides(value: object) -> tuple[int, ...]:
-    """Option ``stride``: one output stride, or several (``"4,8"``, ``[4, 8]``) whose stages are
-    concatenated on the first one's grid."""
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    try:
-        strides = tuple(int(v) for v in items)
-    except ValueError as exc:
-        raise ValueError(f"seed-probe: stride must be integers like 8 or '4,8', got {value!r}") from exc
-    if not strides or min(strides) < 1:
-        raise ValueError(f"seed-probe: stride must be positive integers, got {value!r}")
-    return strides
-
-
-class PixelProbe(nn.Module):
-    """Standardisation then a linear layer: per-cell logits ``B x C x h x w`` from ``B x D x h x w``."""
-
-    def __init__(self, mean: Tensor, std: Tensor, num_outputs: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", mean.clone())
-        self.register_buffer("std", std.clone())
-        self.linear = nn.Linear(mean.numel(), num_outputs)
-
-    def forward(self, features: Tensor) -> Tensor:
-        x = (features.movedim(1, -1) - self.mean) / self.std
-        return self.linear(x).movedim(-1, 1)
 
 
 def fit_probe(
@@ -121,68 +88,23 @@ def fit_probe(
 
 
 @register_method
-class SeedProbe(Method):
+class SeedProbe(StageProbe):
     name = "seed-probe"
     description = (
         "CAM fused with a linear pixel classifier on the stride-4 and stride-8 backbone stages, fitted on the"
         " confident CAM pixels of the run's training split (post hoc; options stride, seed_fraction, fuse_weight,"
         " fit_images, pixels_per_image, steps)."
     )
-    fits_training_split = True
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        self.strides = parse_strides(options.get("stride", STRIDES))
         self.seed_fraction = float(options.get("seed_fraction", SEED_FRACTION))
-        self.fuse_weight = float(options.get("fuse_weight", FUSE_WEIGHT))
         self.fit_images = int(options.get("fit_images", FIT_IMAGES))
         self.pixels_per_image = int(options.get("pixels_per_image", PIXELS_PER_IMAGE))
-        self.steps = int(options.get("steps", STEPS))
         if not 0.0 < self.seed_fraction <= 1.0:
             raise ValueError(f"seed-probe: seed_fraction must lie in (0, 1], got {self.seed_fraction}")
-        if not 0.0 <= self.fuse_weight <= 1.0:
-            raise ValueError(f"seed-probe: fuse_weight must lie in [0, 1], got {self.fuse_weight}")
         if min(self.fit_images, self.pixels_per_image, self.steps) < 1:
             raise ValueError("seed-probe: fit_images, pixels_per_image and steps must be at least 1")
-        self._extractor: CamExtractor | None = None
-        self.probe: PixelProbe | None = None
-        self.seen: Tensor | None = None  # outputs the probe had seeds of
-        self.stages: list[int] | None = None
-
-    def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: Any) -> CamExtractor:
-        """Plain CAMs; the extractor is kept because fitting and :meth:`refine` read its stages."""
-        self._extractor = super().extractor(model, modules, **kwargs)
-        self.stages = [stage_at_stride(model.backbone, stride) for stride in self.strides]
-        return self._extractor
-
-    @staticmethod
-    def _outputs(label_space: LabelSpace) -> int:
-        """Probe outputs: the foreground classes, plus background where the domain thresholds it."""
-        extra = 1 if label_space.background_mode is BackgroundMode.THRESHOLD else 0
-        return len(label_space.foreground) + extra
-
-    def _features(self, image: Tensor, domain: DomainPlugin) -> Tensor:
-        """Probe input ``1 x D x h x w`` of a raw ``3 x H x W`` image in [0, 1]."""
-        if self.mean is None or self.std is None:
-            raise RuntimeError("seed-probe: call setup() and extractor() first (the engine does)")
-        return self._normalized_features(normalize(domain.preprocess(image), self.mean, self.std))
-
-    def _normalized_features(self, x: Tensor) -> Tensor:
-        """Probe input of an already normalised image: the stages concatenated on the first one's grid."""
-        if self._extractor is None or self.stages is None:
-            raise RuntimeError("seed-probe: call setup() and extractor() first (the engine does)")
-        device = next(self._extractor.model.parameters()).device
-        feats = self._extractor.stages_features(x.to(device), self.stages)
-        size = feats[0].shape[-2:]  # the first stride's grid
-        return torch.cat(
-            [
-                f
-                if f.shape[-2:] == size
-                else F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                for f in feats
-            ],
-            dim=1,
-        )
 
     def seed_targets(
         self,
@@ -222,22 +144,12 @@ class SeedProbe(Method):
         }
         path = context.cache_path(self.name, fitted_with)
         outputs = self._outputs(context.label_space)
-        if path is not None and path.is_file():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            self.seen = state.pop("seen")
-            self.probe = PixelProbe(state["mean"], state["std"], outputs)
-            self.probe.load_state_dict(state)
-            log.info("seed-probe: fitted probe loaded from %s", path)
+        if self._load(path, outputs):
             return
         features, targets = self.collect_seeds(context)
         self.probe = fit_probe(features, targets, outputs, self.steps)
         self.seen = torch.bincount(targets, minlength=outputs) > 0
-        if path is not None:
-            from wsss_domains.data.io import atomic_write
-
-            state = {**self.probe.state_dict(), "seen": self.seen}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, lambda tmp: torch.save(state, tmp))
+        self._save(path)
 
     @torch.no_grad()
     def collect_seeds(self, context: FitContext) -> tuple[Tensor, Tensor]:
@@ -283,18 +195,12 @@ class SeedProbe(Method):
     def refine(
         self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
     ) -> Tensor:
-        if self.probe is None or self.seen is None:
-            raise RuntimeError("seed-probe: fit() must run before refine (the engine calls it)")
         keep = present.bool().to(cams.device)
         if not keep.any() or self.fuse_weight == 0.0:
+            if self.probe is None:
+                raise RuntimeError("seed-probe: fit() must run before refine (the engine calls it)")
             return cams
-        feats = self._features(image, domain)
-        probe = self.probe.to(feats.device)
-        logits = probe(feats)[0]
-        allowed = torch.cat([keep, keep.new_ones(logits.shape[0] - keep.numel())])
-        logits = logits.masked_fill(~allowed.to(logits.device)[:, None, None], float("-inf"))
-        probs = logits.softmax(0)[: keep.numel()]
-        valid = keep & self.seen[: keep.numel()].to(cams.device)
+        probs, valid = self.probabilities(image, keep, domain)
         if not valid.any():
             return cams
         return fuse_prototype_cams(cams, probs.to(cams.device), valid, self.fuse_weight)
