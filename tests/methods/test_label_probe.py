@@ -2,56 +2,23 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from probe_setup import MEAN, STD, TWO, WITH_BACKGROUND, Plain, cached_context, ready, tiny_model
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-
-import fakes  # noqa: E402
-
-from wsss_domains.cam.extract import CamExtractor  # noqa: E402
-from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace  # noqa: E402
-from wsss_domains.methods import create_method, list_methods  # noqa: E402
-from wsss_domains.methods.fitting import FitContext, extractor_settings  # noqa: E402
-from wsss_domains.methods.label_probe import (  # noqa: E402
+from wsss_domains.methods import create_method, list_methods
+from wsss_domains.methods.fitting import FitContext
+from wsss_domains.methods.label_probe import (
     LabelProbe,
     fit_mil_probe,
     mil_loss,
     optical_density,
     top_mean,
 )
-from wsss_domains.methods.stage_probe import PixelProbe  # noqa: E402
-from wsss_domains.models.classifier import CamClassifier  # noqa: E402
-
-TWO = LabelSpace(classes=("a", "b"), palette=((255, 0, 0), (0, 0, 255)))
-WITH_BACKGROUND = LabelSpace(
-    classes=("background", "a", "b"),
-    palette=((0, 0, 0), (255, 0, 0), (0, 0, 255)),
-    background_mode=BackgroundMode.THRESHOLD,
-    background_index=0,
-)
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-class Plain(DomainPlugin):
-    name = "plain"
-
-    def datasets(self):  # pragma: no cover - not used
-        return {}
-
-
-def tiny_model() -> CamClassifier:
-    torch.manual_seed(0)
-    return CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random").eval()
-
-
-def ready(method: LabelProbe, model: CamClassifier) -> CamExtractor:
-    method.setup(Plain(), MEAN, STD)
-    return method.extractor(model, method.build_modules(model), scales=(1.0,), flip=False)
+from wsss_domains.methods.stage_probe import PixelProbe
 
 
 def test_registered_and_options_checked():
@@ -181,18 +148,7 @@ def test_fit_uses_the_windows_when_there_are_some_and_caches(tmp_path: Path, mon
         built.append(True)
         return _windows(6)
 
-    context = FitContext(
-        dataset=_windows(2),
-        extractor=extractor,
-        domain=Plain(),
-        label_space=TWO,
-        mean=MEAN,
-        std=STD,
-        cache_dir=tmp_path,
-        progress=False,
-        settings=extractor_settings(extractor),
-        window_factory=factory,
-    )
+    context = cached_context(_windows(2), extractor, tmp_path, window_factory=factory)
     bags, labels, valid = method.collect_bags(context)
     assert bags.shape[0] == labels.shape[0] == valid.shape[0] == 6 and built == [True]
     assert not valid[:, 0].any() and valid[:, -1].all()  # the excluded top rows are not cells

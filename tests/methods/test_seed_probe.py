@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from probe_setup import TWO, WITH_BACKGROUND, Plain, cached_context, ready, tiny_model
 from torch.nn import functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-
-import fakes  # noqa: E402
-
-from wsss_domains.cam.extract import CamExtractor  # noqa: E402
-from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace  # noqa: E402
-from wsss_domains.methods import create_method, list_methods  # noqa: E402
-from wsss_domains.methods.fitting import FitContext, extractor_settings  # noqa: E402
-from wsss_domains.methods.seed_probe import PixelProbe, SeedProbe, fit_probe  # noqa: E402
-from wsss_domains.models.classifier import CamClassifier  # noqa: E402
-from wsss_domains.models.stages import capture_stages, stage_at_stride  # noqa: E402
-
-TWO = LabelSpace(classes=("a", "b"), palette=((255, 0, 0), (0, 0, 255)))
-WITH_BACKGROUND = LabelSpace(
-    classes=("background", "a", "b"),
-    palette=((0, 0, 0), (255, 0, 0), (0, 0, 255)),
-    background_mode=BackgroundMode.THRESHOLD,
-    background_index=0,
-)
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-class Plain(DomainPlugin):
-    name = "plain"
-
-    def datasets(self):  # pragma: no cover - not used
-        return {}
-
-
-def tiny_model() -> CamClassifier:
-    torch.manual_seed(0)
-    return CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random").eval()
-
-
-def ready(method: SeedProbe, model: CamClassifier) -> CamExtractor:
-    method.setup(Plain(), MEAN, STD)
-    return method.extractor(model, method.build_modules(model), scales=(1.0,), flip=False)
+from wsss_domains.methods import create_method, list_methods
+from wsss_domains.methods.seed_probe import PixelProbe, SeedProbe, fit_probe
+from wsss_domains.models.stages import capture_stages, stage_at_stride
 
 
 def test_registered_and_options_checked():
@@ -82,7 +48,7 @@ def test_seed_targets_add_low_cam_background_seeds_in_threshold_domains():
     method = SeedProbe(seed_fraction=0.5)
 
     class Threshold(Plain):
-        def background_threshold(self, label_space: LabelSpace) -> float:
+        def background_threshold(self, label_space: object) -> float:
             return 0.3
 
     cams = torch.tensor([[[0.9, 0.8, 0.2, 0.1]], [[0.0, 0.0, 0.0, 0.0]]])  # a left, background right
@@ -178,17 +144,7 @@ def test_fit_collects_seeds_of_the_training_split_and_caches_the_probe(tmp_path:
     model = tiny_model()
     method = create_method("seed-probe", fit_images=4, pixels_per_image=16, steps=20)
     extractor = ready(method, model)
-    context = FitContext(
-        dataset=_split(),
-        extractor=extractor,
-        domain=Plain(),
-        label_space=TWO,
-        mean=MEAN,
-        std=STD,
-        cache_dir=tmp_path,
-        progress=False,
-        settings=extractor_settings(extractor),
-    )
+    context = cached_context(_split(), extractor, tmp_path)
     features, targets = method.collect_seeds(context)
     dim = model.backbone.feature_info[1]["num_chs"] + model.backbone.feature_info[2]["num_chs"]
     assert features.shape[1] == dim and features.shape[0] == targets.numel()
