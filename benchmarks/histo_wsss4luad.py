@@ -4,10 +4,14 @@ Trains on a split with ``--labels-from-masks`` inside a CPU time budget, pseudo-
 split with each image's image-level labels, evaluates mIoU over the three tissue classes, once per
 method, and appends the figures with the exact commands to ``benchmarks/results/histo.md``.
 
-Development (hold-out inside the development data):
+The issue's protocol (WSSS pseudo-label quality: train on a split's patches labelled from their
+masks, pseudo-label and score that same split's ROIs; run it on a held-out copy of the source by
+pointing --data at it):
+    python benchmarks/histo_wsss4luad.py --data /path/to/WSSS4LUAD
+Generalisation to ROIs the classifier and the probes never saw (a hold-out inside the data):
     python benchmarks/histo_wsss4luad.py --train-split "validation[0:20]" --eval-split "validation[20:]"
-As judged (train on all development images, score a held-out split of the same source):
-    python benchmarks/histo_wsss4luad.py --eval-data /path/to/WSSS4LUAD --eval-split test
+Train on one copy, score another:
+    python benchmarks/histo_wsss4luad.py --eval-data /path/to/other/WSSS4LUAD --eval-split test
 """
 
 from __future__ import annotations
