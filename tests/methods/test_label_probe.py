@@ -181,3 +181,21 @@ def test_threshold_domains_add_an_always_present_background_output():
     )
     _, labels, _ = method.collect_bags(context)
     assert labels.shape[1] == 3 and labels[:, -1].tolist() == [1.0, 1.0]
+
+
+def test_many_bags_are_fitted_in_random_batches_with_the_same_result_in_kind():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 2, 4, 4, generator=generator) * 0.3
+    y = torch.zeros(40, 2)
+    y[:, 0] = 1
+    y[1::2, 1] = 1
+    x[1::2, 0, :, :2] += 2.0  # b on the left of the two-class bags
+    valid = torch.ones(40, 4, 4, dtype=torch.bool)
+    full = fit_mil_probe(x, y, valid, fraction=0.5, steps=300)
+    batched = fit_mil_probe(x, y, valid, fraction=0.5, steps=300, batch=8)
+    truth = torch.zeros(20, 4, 4, dtype=torch.long)
+    truth[:, :, :2] = 1
+    for probe in (full, batched):
+        predicted = probe(x[1::2]).argmax(1)
+        assert (predicted == truth).float().mean() > 0.9
+    assert not torch.equal(full.linear.weight, batched.linear.weight)

@@ -93,8 +93,13 @@ def fit_mil_probe(
     fraction: float = TOP_FRACTION,
     steps: int = 300,
     seed: int = 0,
+    batch: int = 512,
 ) -> PixelProbe:
-    """A :class:`PixelProbe` fitted by :func:`mil_loss` to ``B x D x h x w`` bags (full-batch Adam, seeded)."""
+    """A :class:`PixelProbe` fitted by :func:`mil_loss` to ``B x D x h x w`` bags (Adam, seeded).
+
+    Full-batch up to ``batch`` bags; beyond that each step draws ``batch`` bags at random, so that a
+    step's cost stays bounded on large tile sets.
+    """
     if bags.ndim != 4 or labels.shape[0] != bags.shape[0] or valid.shape != (bags.shape[0], *bags.shape[-2:]):
         raise ValueError(
             f"expected B x D x h x w bags, B x K labels and B x h x w valid cells, got "
@@ -111,7 +116,11 @@ def fit_mil_probe(
     optimiser = torch.optim.Adam(probe.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     for _ in range(steps):
         optimiser.zero_grad()
-        loss = mil_loss(probe(bags), labels, valid, fraction)
+        if bags.shape[0] > batch:
+            pick = torch.randperm(bags.shape[0], generator=generator)[:batch]
+            loss = mil_loss(probe(bags[pick]), labels[pick], valid[pick], fraction)
+        else:
+            loss = mil_loss(probe(bags), labels, valid, fraction)
         loss.backward()
         optimiser.step()
     return probe.eval()
