@@ -17,6 +17,9 @@ tumour-and-stroma window must put tumour in the cells least like stroma. The pro
 the image's optical density (``-log`` RGB, a stain-like colour code) blurred over 1, 3, 7 and 15
 cells, all averaged onto the stride-8 grid (``grid``).
 
+It therefore needs windows that lack some classes: it suits histology (and DeepGlobe's land
+cover), and hurts street scenes, where nearly every crop holds road, sky and building together.
+
 Fitted on :attr:`~wsss_domains.methods.fitting.FitContext.windows` where the run was trained with
 ``--labels-from-masks`` (the same images cut into windows of the training patch size at a
 quarter-patch stride, each labelled from its mask, the supervision training had, only more of
