@@ -169,7 +169,7 @@ class LabelProbe(StageProbe):
             "top_fraction": self.top_fraction,
             "fit_images": self.fit_images,
             "steps": self.steps,
-            "windows": context.windows is not None,
+            "windows": context.window_factory is not None,
         }
         path = context.cache_path(self.name, fitted_with)
         outputs = self._outputs(context.label_space)
