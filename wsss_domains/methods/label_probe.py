@@ -30,28 +30,20 @@ no re-normalisation, so a class the probe gives little area keeps little).
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.registry import register_method
-from wsss_domains.methods.stage_probe import PixelProbe, StageProbe
-from wsss_domains.training.data import normalize
-
-log = logging.getLogger(__name__)
+from wsss_domains.methods.stage_probe import PixelProbe, StageProbe, new_probe
 
 TOP_FRACTION = 0.02
 GRID = 8
-FIT_IMAGES = 2000
 BLURS = (1, 3, 7, 15)  # widths, in cells of the first stride's grid, of the optical-density features
-LEARNING_RATE = 1e-2
-WEIGHT_DECAY = 1e-4
 
 
 def optical_density(image: Tensor, size: tuple[int, int], blurs: tuple[int, ...] = BLURS) -> Tensor:
@@ -112,11 +104,7 @@ def fit_mil_probe(
         raise ValueError("no valid cells to fit the probe on")
     cells = bags.movedim(1, -1)[valid]
     generator = torch.Generator().manual_seed(seed)
-    probe = PixelProbe(cells.mean(0), cells.std(0).clamp_min(1e-5), labels.shape[1])
-    with torch.no_grad():
-        nn.init.normal_(probe.linear.weight, std=0.01, generator=generator)
-        probe.linear.bias.zero_()
-    optimiser = torch.optim.Adam(probe.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    probe, optimiser = new_probe(cells, labels.shape[1], generator)
     for _ in range(steps):
         optimiser.zero_grad()
         if bags.shape[0] > batch:
@@ -132,6 +120,7 @@ def fit_mil_probe(
 @register_method
 class LabelProbe(StageProbe):
     name = "label-probe"
+    default_fit_images = 2000
     description = (
         "CAM fused with a linear pixel classifier on the stride-4/8 stages and the optical density, fitted by"
         " multiple-instance learning on the image-level labels of the run's training windows (absent classes"
@@ -142,7 +131,6 @@ class LabelProbe(StageProbe):
         super().__init__(**options)
         self.grid = int(options.get("grid", GRID))
         self.top_fraction = float(options.get("top_fraction", TOP_FRACTION))
-        self.fit_images = int(options.get("fit_images", FIT_IMAGES))
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"label-probe: top_fraction must lie in (0, 1], got {self.top_fraction}")
         if min(self.fit_images, self.steps) < 1:
@@ -183,30 +171,18 @@ class LabelProbe(StageProbe):
     @torch.no_grad()
     def collect_bags(self, context: FitContext) -> tuple[Tensor, Tensor, Tensor]:
         """Padded ``B x D x h x w`` features, ``B x K`` labels and ``B x h x w`` valid cells of the windows."""
-        from wsss_domains.pseudo_labels.writer import image_labels
-
         dataset = context.windows if context.windows is not None else context.dataset
-        n = len(dataset)  # type: ignore[arg-type]
-        generator = torch.Generator().manual_seed(0)
-        order = torch.randperm(n, generator=generator)[: self.fit_images].sort().values.tolist()
-        label_space, domain = context.label_space, context.domain
+        label_space = context.label_space
         threshold = label_space.background_mode is BackgroundMode.THRESHOLD
         feats_list: list[Tensor] = []
         labels: list[Tensor] = []
         valids: list[Tensor] = []
-        for index in tqdm(order, desc="label-probe fit", unit="img", disable=not context.progress):
-            sample = dataset[index]
-            present = image_labels(sample, label_space, "auto")
-            if present is None or not (threshold or present.bool().any()):
-                continue  # unlabelled; or no class at all where there is no background to learn either
-            raw = sample["image"]
-            prepared = domain.preprocess(raw)
-            feats = self._normalized_features(normalize(prepared, context.mean, context.std), prepared)[
-                0
-            ].cpu()
-            exclude = sample.get("exclude")
-            if exclude is None:
-                exclude = domain.exclude_mask(raw, label_space)
+        # Without any class a window teaches nothing, unless background is thresholded (then it is all background).
+        wanted = (lambda present: True) if threshold else (lambda present: bool(present.any()))
+        generator = torch.Generator().manual_seed(0)
+        for item in self.fit_samples(context, dataset, generator, wanted):
+            present, exclude = item.present, item.exclude
+            feats = self._normalized_features(item.x, item.prepared)[0].cpu()
             if exclude is None:
                 cells = torch.ones(feats.shape[-2:], dtype=torch.bool)
             else:

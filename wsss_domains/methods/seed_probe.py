@@ -32,26 +32,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
 from wsss_domains.methods.cam_proto import confident_seeds, label_channels
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_proto import fuse_prototype_cams
-from wsss_domains.methods.stage_probe import STEPS, PixelProbe, StageProbe, parse_strides
+from wsss_domains.methods.stage_probe import STEPS, PixelProbe, StageProbe, new_probe, parse_strides
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
-from wsss_domains.training.data import normalize
 
 __all__ = ["PixelProbe", "SeedProbe", "fit_probe", "parse_strides"]
 
 SEED_FRACTION = 0.3
-FIT_IMAGES = 800
 PIXELS_PER_IMAGE = 256
-LEARNING_RATE = 1e-2
-WEIGHT_DECAY = 1e-4
 
 
 def fit_probe(
@@ -68,16 +63,11 @@ def fit_probe(
         )
     if features.shape[0] == 0:
         raise ValueError("no seed pixels to fit the probe on")
-    generator = torch.Generator().manual_seed(seed)
-    probe = PixelProbe(features.mean(0), features.std(0).clamp_min(1e-5), num_outputs)
-    with torch.no_grad():
-        nn.init.normal_(probe.linear.weight, std=0.01, generator=generator)
-        probe.linear.bias.zero_()
+    probe, optimiser = new_probe(features, num_outputs, torch.Generator().manual_seed(seed))
     counts = torch.bincount(targets, minlength=num_outputs).float()
     weight = torch.where(
         counts > 0, counts.sum() / (num_outputs * counts.clamp_min(1)), torch.zeros_like(counts)
     )
-    optimiser = torch.optim.Adam(probe.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     x = features[:, :, None, None]
     for _ in range(steps):
         optimiser.zero_grad()
@@ -99,7 +89,6 @@ class SeedProbe(StageProbe):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.seed_fraction = float(options.get("seed_fraction", SEED_FRACTION))
-        self.fit_images = int(options.get("fit_images", FIT_IMAGES))
         self.pixels_per_image = int(options.get("pixels_per_image", PIXELS_PER_IMAGE))
         if not 0.0 < self.seed_fraction <= 1.0:
             raise ValueError(f"seed-probe: seed_fraction must lie in (0, 1], got {self.seed_fraction}")
@@ -154,28 +143,16 @@ class SeedProbe(StageProbe):
     @torch.no_grad()
     def collect_seeds(self, context: FitContext) -> tuple[Tensor, Tensor]:
         """``N x D`` stage features and ``N`` output indices of seed cells across the training split."""
-        from wsss_domains.pseudo_labels.writer import image_labels
-
-        dataset = context.dataset
-        n = len(dataset)  # type: ignore[arg-type]
         generator = torch.Generator().manual_seed(0)
-        order = torch.randperm(n, generator=generator)[: self.fit_images].sort().values.tolist()
         label_space, domain = context.label_space, context.domain
         features: list[Tensor] = []
         targets: list[Tensor] = []
-        for index in tqdm(order, desc="seed-probe fit", unit="img", disable=not context.progress):
-            sample = dataset[index]
-            present = image_labels(sample, label_space, "auto")
-            if present is None or not present.bool().any():
-                continue
-            raw = sample["image"]
-            # Preprocessed once (stain normalisation can be costly) for both the CAMs and the features.
-            x = normalize(domain.preprocess(raw), context.mean, context.std)
-            feats = self._normalized_features(x)[0]
-            cams = context.extractor(x.to(feats.device))
-            exclude = sample.get("exclude")
-            if exclude is None:
-                exclude = domain.exclude_mask(raw, label_space)
+        for item in self.fit_samples(
+            context, context.dataset, generator, lambda present: bool(present.any())
+        ):
+            present, exclude = item.present, item.exclude
+            feats = self._normalized_features(item.x)[0]
+            cams = context.extractor(item.x.to(feats.device))
             seeds = self.seed_targets(cams, present.to(cams.device), domain, label_space, exclude)
             cells = F.interpolate(seeds[None].float(), size=feats.shape[-2:], mode="area")[0] > 0.5
             cells &= cells.sum(0, keepdim=True) == 1  # a cell two classes claim teaches nothing

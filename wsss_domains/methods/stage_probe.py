@@ -9,16 +9,20 @@ input, its standardised linear layer, the option checks and the fitted-state cac
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
 from wsss_domains.methods.base import Method
+from wsss_domains.methods.fitting import FitContext
 from wsss_domains.models.stages import stage_at_stride
 from wsss_domains.training.data import normalize
 
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 STRIDES = (4, 8)
 FUSE_WEIGHT = 0.5
 STEPS = 300
+LEARNING_RATE = 1e-2
+WEIGHT_DECAY = 1e-4
 
 
 def parse_strides(value: object, method: str = "seed-probe") -> tuple[int, ...]:
@@ -56,16 +62,40 @@ class PixelProbe(nn.Module):
         return self.linear(x).movedim(-1, 1)
 
 
+def new_probe(
+    cells: Tensor, num_outputs: int, generator: torch.Generator
+) -> tuple[PixelProbe, torch.optim.Optimizer]:
+    """A probe standardising like ``cells`` (``N x D``), with near-zero initial weights, and its optimiser."""
+    probe = PixelProbe(cells.mean(0), cells.std(0).clamp_min(1e-5), num_outputs)
+    with torch.no_grad():
+        nn.init.normal_(probe.linear.weight, std=0.01, generator=generator)
+        probe.linear.bias.zero_()
+    return probe, torch.optim.Adam(probe.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+
+
+@dataclass
+class FitSample:
+    """One training sample as a probe's fit reads it."""
+
+    sample: dict[str, Any]
+    present: Tensor  # multi-hot image-level labels over the foreground classes
+    prepared: Tensor  # the image in [0, 1] after the domain's preprocessing (stain normalisation)
+    x: Tensor  # ``prepared`` normalised for the classifier
+    exclude: Tensor | None  # pixels not to learn from (white glass, no-data)
+
+
 class StageProbe(Method):
     """Base of the methods that fit a :class:`PixelProbe` on the training split (post hoc)."""
 
     fits_training_split = True
+    default_fit_images: ClassVar[int] = 800
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.strides = parse_strides(options.get("stride", STRIDES), self.name)
         self.fuse_weight = float(options.get("fuse_weight", FUSE_WEIGHT))
         self.steps = int(options.get("steps", STEPS))
+        self.fit_images = int(options.get("fit_images", self.default_fit_images))
         if not 0.0 <= self.fuse_weight <= 1.0:
             raise ValueError(f"{self.name}: fuse_weight must lie in [0, 1], got {self.fuse_weight}")
         self._extractor: CamExtractor | None = None
@@ -111,6 +141,33 @@ class StageProbe(Method):
             ],
             dim=1,
         )
+
+    def fit_samples(
+        self,
+        context: FitContext,
+        dataset: Any,
+        generator: torch.Generator,
+        wanted: Callable[[Tensor], bool],
+    ) -> Iterator[FitSample]:
+        """Up to ``fit_images`` samples of ``dataset`` (drawn with ``generator``, read in index order)
+        whose labels are ``wanted``, each preprocessed once for both the CAMs and the features."""
+        from wsss_domains.pseudo_labels.writer import image_labels
+
+        n = len(dataset)
+        order = torch.randperm(n, generator=generator)[: self.fit_images].sort().values.tolist()
+        domain, label_space = context.domain, context.label_space
+        for index in tqdm(order, desc=f"{self.name} fit", unit="img", disable=not context.progress):
+            sample = dataset[index]
+            present = image_labels(sample, label_space, "auto")
+            if present is None or not wanted(present):
+                continue
+            raw = sample["image"]
+            prepared = domain.preprocess(raw)
+            exclude = sample.get("exclude")
+            if exclude is None:
+                exclude = domain.exclude_mask(raw, label_space)
+            x = normalize(prepared, context.mean, context.std)
+            yield FitSample(sample, present, prepared, x, exclude)
 
     def _load(self, path: Path | None, outputs: int) -> bool:
         """Restore a cached fit; False where there is none."""
