@@ -22,8 +22,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,10 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "histo" / "WSSS4LUAD"
 
 
-def run(cmd: list[str]) -> float:
+def cli_main(cmd: list[str]) -> float:
+    """Run one `wsss-domains` command line in this process (the record shows it as typed)."""
+    from wsss_domains.cli import main as cli
+
     print("$ " + shlex.join(cmd), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    if cli(cmd[1:]) != 0:
+        raise SystemExit(f"failed: {shlex.join(cmd)}")
     return time.perf_counter() - start
 
 
@@ -67,7 +69,7 @@ def main() -> None:
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
 
-    exe = [sys.executable, "-m", "wsss_domains.cli"]
+    exe = ["wsss-domains"]
     eval_data = args.eval_data or args.data
     run_dir = args.out / "run"
     train_cmd = [
@@ -77,7 +79,7 @@ def main() -> None:
         "--no-progress", *shlex.split(args.train_extra),
     ]  # fmt: skip
     reused = args.reuse_run and (run_dir / "model.pt").is_file()
-    train_s = 0.0 if reused else run(train_cmd)
+    train_s = 0.0 if reused else cli_main(train_cmd)
     rows = []
     for method in args.methods.split(","):
         pl = args.out / f"pl-{method}"
@@ -87,13 +89,13 @@ def main() -> None:
             "--split", args.eval_split, "--labels-from-masks", "--method", method, "--out", str(pl), "--no-progress",
             *shlex.split(args.pl_extra),
         ]  # fmt: skip
-        pl_s = run(pl_cmd)
+        pl_s = cli_main(pl_cmd)
         metrics = args.out / f"metrics-{method}.json"
         eval_cmd = [
             *exe, "evaluate", "--domain", "histo", "--dataset", "wsss4luad", "--data", str(eval_data),
             "--split", args.eval_split, "--pred", str(pl), "--json", str(metrics), "--no-progress",
         ]  # fmt: skip
-        run(eval_cmd)
+        cli_main(eval_cmd)
         report = json.loads(metrics.read_text())
         rows.append((method, report, pl_s, pl_cmd, eval_cmd))
 

@@ -17,6 +17,7 @@ from wsss_domains.domains.contract import (
     LabelSpace,
     MetricResult,
     PromptKind,
+    Recipe,
     SamStrategy,
 )
 
@@ -35,6 +36,13 @@ class DrivingDomain(DomainPlugin):
 
     def datasets(self) -> Mapping[str, DatasetSpec]:
         return {cityscapes.NAME: cityscapes.SPEC, camvid.NAME: camvid.SPEC}
+
+    def recipe(self, dataset: str) -> Recipe:
+        """cam-proto: the best CamVid pseudo-labels at 15 minutes (label-probe hurts on street crops)."""
+        return Recipe(
+            method="cam-proto",
+            why="cam-proto gave the best CamVid pseudo-labels (benchmarks/results/domains-15min.md)",
+        )
 
     def metrics(self, confusion: Tensor, label_space: LabelSpace) -> list[MetricResult]:
         if label_space.classes == CITYSCAPES.classes:

@@ -17,6 +17,7 @@ from wsss_domains.domains.contract import (
     LabelSpace,
     MetricResult,
     PromptKind,
+    Recipe,
     Sample,
     SamStrategy,
 )
@@ -42,6 +43,18 @@ class RemoteSensingDomain(DomainPlugin):
 
     def train_augment(self, sample: Sample) -> Sample:
         return flip_rotate(sample)
+
+    def recipe(self, dataset: str) -> Recipe:
+        """label-probe (seed-probe on Dubai): the best tile pseudo-labels at 15 minutes per dataset."""
+        if dataset == dubai.NAME:
+            return Recipe(
+                method="seed-probe",
+                why="seed-probe gave the best Dubai pseudo-labels (benchmarks/results/domains-15min.md)",
+            )
+        return Recipe(
+            method="label-probe",
+            why="label-probe gave the best DeepGlobe pseudo-labels (benchmarks/results/domains-15min.md)",
+        )
 
     def metrics(self, confusion: Tensor, label_space: LabelSpace) -> list[MetricResult]:
         return agreement_metrics(confusion, label_space)

@@ -161,14 +161,14 @@ def test_one_domain_two_methods_writes_table_json_and_heatmap(tmp_path, data_roo
 
 def test_killed_matrix_resumes_skipping_finished_cells(tmp_path, data_root, monkeypatch):
     out = tmp_path / "matrix"
-    real = bench_matrix.pseudo_label_split
+    real = bench_matrix.pseudo_label_and_score
 
     def killed_in_par(*args, **kwargs):
         if kwargs.get("method_name") == "par":
             raise KeyboardInterrupt  # a kill, not a cell failure: nothing is recorded for par
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(bench_matrix, "pseudo_label_split", killed_in_par)
+    monkeypatch.setattr(bench_matrix, "pseudo_label_and_score", killed_in_par)
     with pytest.raises(KeyboardInterrupt):
         bench(out, data_root, "cam,par")
     done = out / "cells" / f"{DOMAIN}__cam.json"
@@ -178,7 +178,7 @@ def test_killed_matrix_resumes_skipping_finished_cells(tmp_path, data_root, monk
     assert "not run" in (out / "matrix.md").read_text()
     stamps = done.stat().st_mtime_ns, model.stat().st_mtime_ns
 
-    monkeypatch.setattr(bench_matrix, "pseudo_label_split", real)
+    monkeypatch.setattr(bench_matrix, "pseudo_label_and_score", real)
     assert bench(out, data_root, "cam,par") == 0
     assert (done.stat().st_mtime_ns, model.stat().st_mtime_ns) == stamps  # neither recomputed nor retrained
     assert cell(out, "par")["status"] == "ok"
@@ -190,13 +190,13 @@ def test_training_killed_after_its_checkpoint_is_resumed_not_restarted(
     tmp_path, data_root, monkeypatch, capsys
 ):
     out = tmp_path / "matrix"
-    real = bench_matrix.run_train
+    real = bench_matrix.train_classifier
 
-    def killed_after_training(args):
-        real(args)
+    def killed_after_training(*args, **kwargs):
+        real(*args, **kwargs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(bench_matrix, "run_train", killed_after_training)
+    monkeypatch.setattr(bench_matrix, "train_classifier", killed_after_training)
     with pytest.raises(KeyboardInterrupt):
         bench(out, data_root, "cam")
     run = out / "runs" / "fake__cam"
@@ -204,7 +204,7 @@ def test_training_killed_after_its_checkpoint_is_resumed_not_restarted(
     assert (run / "checkpoints" / "last.ckpt").is_file() and not state["done"] and state["attempts"] == 1
     assert not (out / "cells").exists()
 
-    monkeypatch.setattr(bench_matrix, "run_train", real)
+    monkeypatch.setattr(bench_matrix, "train_classifier", real)
     before = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     capsys.readouterr()
     assert bench(out, data_root, "cam") == 0
@@ -394,7 +394,7 @@ def test_random_patches_reach_training_and_its_fingerprint_only_when_set(tmp_pat
 
 @pytest.mark.realdata
 def test_remote_sensing_presets_hold_out_whole_scenes(shared_data):
-    from wsss_domains.cli.common import open_dataset
+    from wsss_domains.pipeline.data import open_dataset
 
     for key in ("remote-sensing", "dubai"):
         p = DEFAULT_PRESETS[key]

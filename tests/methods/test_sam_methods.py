@@ -20,7 +20,7 @@ import fakes  # noqa: E402
 from sam_fixtures import build_tiny_sam  # noqa: E402
 
 from wsss_domains.cam.extract import CamExtractor  # noqa: E402
-from wsss_domains.cli.pseudo_labels import pseudo_label_split  # noqa: E402
+from wsss_domains.pipeline.pseudo_labels import pseudo_label_split  # noqa: E402
 from wsss_domains.data.io import read_index_mask  # noqa: E402
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace, PromptKind, SamStrategy  # noqa: E402
 from wsss_domains.methods import create_method, list_methods  # noqa: E402

@@ -18,7 +18,6 @@ as its result and the matrix goes on; only an interrupt (KeyboardInterrupt, a ki
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import shutil
@@ -32,13 +31,12 @@ from typing import Any
 
 from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset
 from wsss_domains.bench.report import BASELINE, gain, per_class_gain
-from wsss_domains.cli.common import CliError
-from wsss_domains.cli.evaluate import evaluate_split
-from wsss_domains.cli.pseudo_labels import pseudo_label_split
-from wsss_domains.cli.train import add_train_subcommand, run_train
 from wsss_domains.data.io import atomic_write
+from wsss_domains.errors import UserError
 from wsss_domains.methods import method_class
 from wsss_domains.methods.base import trains
+from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
+from wsss_domains.pipeline.pseudo_labels import pseudo_label_and_score
 
 CELLS_DIR = "cells"
 RUNS_DIR = "runs"
@@ -50,7 +48,7 @@ Cell = dict[str, Any]
 Log = Callable[[str], None]
 
 
-class BenchError(CliError):
+class BenchError(UserError):
     """The output folder holds results made with other settings (or another fatal bench problem)."""
 
 
@@ -154,8 +152,27 @@ def _check_same(path: Path, recorded: Mapping[str, Any], current: Mapping[str, A
 # -- training ----------------------------------------------------------------------------------
 
 
+def train_settings(preset: CellPreset, method: str, settings: MatrixSettings) -> ClassifierSettings:
+    """The classifier settings of a cell's training run (what :func:`train_argv` spells out)."""
+    return ClassifierSettings(
+        method=method,
+        method_options=dict(settings.method_options.get(method, {})),
+        backbone=preset.backbone,
+        weights=preset.weights,
+        image_size=preset.image_size,
+        labels_from_masks=preset.labels_from_masks,
+        patch_size=preset.patch_size if preset.labels_from_masks else None,
+        random_patches=preset.random_patches if preset.labels_from_masks else None,
+        max_minutes=settings.budget_minutes,
+        max_steps=preset.max_steps,
+        batch_size=preset.batch_size,
+        device=settings.device,
+        progress=settings.progress,
+    )
+
+
 def train_argv(preset: CellPreset, method: str, run: Path, settings: MatrixSettings) -> list[str]:
-    """The `wsss-domains train` arguments of a cell's training run (recorded, and run in process)."""
+    """The `wsss-domains train` arguments of a cell's training run (recorded beside its result)."""
     argv = ["train", "--domain", preset.domain, "--dataset", preset.dataset]
     argv += ["--data", str(preset.data(settings.data_root)), "--split", preset.train_split]
     if preset.labels_from_masks:
@@ -205,14 +222,18 @@ def ensure_trained(
         if state["done"] and (run / "model.pt").is_file():
             return TrainedRun(run, method, float(state["seconds"]), command)
     log(("resuming" if state["attempts"] else "training") + f" {run.name}: {command}")
-    parser = argparse.ArgumentParser(prog="wsss-domains")
-    add_train_subcommand(parser.add_subparsers())
-    args = parser.parse_args(argv)
     state["attempts"] += 1
     _write_json(state_path, state)
     start = time.perf_counter()
     try:
-        run_train(args)
+        train_classifier(
+            preset.domain,
+            preset.data(settings.data_root),
+            run,
+            split=preset.train_split,
+            dataset=preset.dataset,
+            settings=train_settings(preset, method, settings),
+        )
         state["done"] = True
     finally:
         state["seconds"] = float(state["seconds"]) + time.perf_counter() - start
@@ -271,15 +292,14 @@ def run_cell(
             log(f"{pseudo}: left by a run with other settings, cleared")
             shutil.rmtree(pseudo)
         _write_json(state, config)
-        data = preset.data(settings.data_root)
-        start = time.perf_counter()
-        summary = pseudo_label_split(
+        scored = pseudo_label_and_score(
             trained.run,
             preset.domain,
             preset.dataset,
-            data,
+            preset.data(settings.data_root),
             preset.score_split,
             pseudo,
+            score=True,
             labels_from_masks=preset.score_labels_from_masks,
             method_name=method,
             options=dict(settings.method_options.get(method, {})),
@@ -289,17 +309,8 @@ def run_cell(
             progress=settings.progress,
             dataset_options=preset.score_options(),
         )
-        pl_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        report = evaluate_split(
-            preset.domain,
-            preset.dataset,
-            data,
-            preset.score_split,
-            pseudo,
-            progress=settings.progress,
-            dataset_options=preset.score_options(),
-        )
+        assert scored.report is not None
+        summary, report, pl_seconds = scored.summary, scored.report, scored.pseudo_label_seconds
         evaluation = report.to_dict()
     except BenchError:
         raise
@@ -312,7 +323,7 @@ def run_cell(
         miou=evaluation["miou"],
         per_class_iou=evaluation["per_class_iou"],
         pseudo_label_seconds=pl_seconds,
-        evaluate_seconds=time.perf_counter() - start,
+        evaluate_seconds=scored.evaluate_seconds,
         # Wall time of the cell as a user would pay it alone: its training plus its pseudo-labels.
         wall_seconds=float(cell["train_seconds"]) + pl_seconds,
         pseudo_labels={

@@ -8,7 +8,8 @@ per class). Methods that compute maps differently subclass :class:`CamExtractor`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -56,13 +57,32 @@ class CamExtractor:
         self.base_scale = base_scale
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
+        # A faster forward of the same CAM pass (ONNX Runtime), set by :meth:`use_runtime`.
+        self.fast_cams: Callable[[Tensor], Tensor] | None = None
 
     def raw_maps(self, batch: Tensor) -> Tensor:
         """Class maps ``B x K x h x w`` for a normalised batch (the override point).
 
         Rectified for ``"max"`` normalisation, raw logits for ``"sigmoid"``.
         """
+        if self.fast_cams is not None:
+            return self.fast_cams(batch).to(batch.device)
         return self.model.cams(batch, rectify=self.normalization == "max")
+
+    def use_runtime(self, runtime: str, cache: Path | None = None) -> bool:
+        """Run the CAM pass in ``runtime`` (see :mod:`wsss_domains.models.runtime`); True if it does.
+
+        Only the plain CAM pass is exported: an extractor that overrides :meth:`raw_maps` (CLIP,
+        SAM-derived maps) keeps its own computation.
+        """
+        from wsss_domains.models.runtime import CamsForward, fast_forward
+
+        if type(self).raw_maps is not CamExtractor.raw_maps or not hasattr(self.model, "head"):
+            return False
+        example = torch.randn(2, 3, 96, 96, device=next(self.model.parameters()).device)
+        module = CamsForward(self.model, rectify=self.normalization == "max")
+        self.fast_cams = fast_forward(module, example, runtime, dynamic=(0, 2, 3), cache=cache)
+        return self.fast_cams is not None
 
     def _maps_at_size(self, image: Tensor) -> Tensor:
         """Maps of one (already scaled) image, upsampled to its size, flips averaged in."""

@@ -1,14 +1,12 @@
-"""`wsss-domains evaluate`: score predicted label PNGs against a split's masks."""
+"""`wsss-domains evaluate`: score pseudo-labels or segmenter predictions against a split's masks."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
 from pathlib import Path
 
-from wsss_domains.cli.common import add_data_arguments, add_tiles_argument, open_dataset, tile_options
-from wsss_domains.data.io import atomic_write
-from wsss_domains.evaluation import EvaluationReport, evaluate_predictions
+from wsss_domains.cli.common import add_data_arguments, add_tiles_argument, tile_options
+from wsss_domains.pipeline.evaluate import evaluate_split, write_report
 
 
 def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -30,28 +28,6 @@ def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, help="write a per-class IoU bar chart (PNG) here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_evaluate)
-
-
-def evaluate_split(
-    domain: str,
-    dataset: str | None,
-    data: Path,
-    split: str | None,
-    pred: Path,
-    progress: bool = True,
-    dataset_options: Mapping[str, object] | None = None,
-) -> EvaluationReport:
-    """``dataset_options`` must match the ones the predictions were written with (same sample ids)."""
-    opened = open_dataset(domain, dataset, data, split, **(dataset_options or {}))
-    return evaluate_predictions(opened.domain, opened.label_space, opened.dataset, pred, progress=progress)
-
-
-def write_report(report: EvaluationReport, json_path: Path | None, plot_path: Path | None) -> None:
-    if json_path is not None:
-        text = report.to_json()
-        atomic_write(json_path, lambda tmp: tmp.write_text(text))
-    if plot_path is not None:
-        report.plot_per_class(plot_path)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
-from wsss_domains.cli.common import (
-    add_data_arguments,
-    add_method_arguments,
-    method_options,
-    open_dataset,
-    resolve_device,
-    validate_dataset,
-)
-from wsss_domains.data.patches import pair
-from wsss_domains.domains import get_domain
+from wsss_domains.cli.common import add_data_arguments, add_method_arguments, method_options
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
-from wsss_domains.training.fit import TrainOptions, train
-from wsss_domains.training.run import RunConfig
-
-DEMO_MINUTES = 2.0
+from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 
 
 def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +16,8 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
         help="train a CAM classifier from image-level labels",
         description=(
             "Train a multi-label classifier with a CAM head from image-level labels. Without --data, "
-            "runs the whole pipeline (train, pseudo-label, evaluate) on the domain's small synthetic demo set. "
+            "runs the whole pipeline (classifier, pseudo-labels, segmenter, label-free prediction, evaluation; "
+            "see `wsss-domains run`) on the domain's small synthetic demo set. "
             "Re-running with the same --out resumes from its last checkpoint."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -52,7 +40,7 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
         "(each labelled from its own mask) instead of cutting a fixed grid",
     )
     p.add_argument("--out", type=Path, help="run folder (default: runs/<domain>[-demo])")
-    add_method_arguments(p, default="cam")
+    add_method_arguments(p, default=None, default_help="cam; the demo: the domain's recipe")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="timm backbone name")
     p.add_argument(
         "--weights",
@@ -80,86 +68,59 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_train)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    demo = args.data is None
-    domain = get_domain(args.domain)
-    out = args.out or Path("runs") / (f"{args.domain}-demo" if demo else args.domain)
-    max_minutes = args.max_minutes
-    if demo:
-        from wsss_domains.cli.demo import prepare_demo
-
-        demo_data = prepare_demo(domain, out)
-        args.data, args.dataset, args.split = demo_data.root, demo_data.dataset, demo_data.train_split
-        args.labels_from_masks = args.labels_from_masks or demo_data.labels_from_masks
-        max_minutes = DEMO_MINUTES if max_minutes is None else max_minutes
-        args.image_size = args.image_size or demo_data.image_size
-    args.image_size = args.image_size or 224
-    device = resolve_device(args.device)
-    opened = open_dataset(
-        args.domain,
-        args.dataset,
-        args.data,
-        args.split,
-        labels_from_masks=args.labels_from_masks,
-        patch_size=args.patch_size,
-        random_patches=args.random_patches if args.labels_from_masks else None,
-    )
-    progress = not args.no_progress
-    label_space = opened.label_space
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        validate_dataset(opened.dataset, progress, label_space)
-    mean, std = domain.normalization()
-    patch = pair(args.patch_size or opened.spec.patch_size) if args.labels_from_masks else None
-    # Patches keep their aspect ratio and are magnified to --image-size on their long side; CAMs later
-    # run at that same magnification (base_scale). Whole images are resized to a square.
-    scale = args.image_size / max(patch) if patch else 1.0
-    input_size = (
-        (round(patch[0] * scale), round(patch[1] * scale)) if patch else (args.image_size, args.image_size)
-    )
-    config = RunConfig(
-        domain=args.domain,
-        dataset=opened.spec.name,
-        classes=list(label_space.classes),
-        foreground=list(label_space.foreground_names),
+def classifier_settings(args: argparse.Namespace) -> ClassifierSettings:
+    """The classifier settings of the ``train`` options (shared with ``run``)."""
+    return ClassifierSettings(
+        method=args.method or "cam",
+        method_options=method_options(args),
         backbone=args.backbone,
         weights=args.weights,
+        image_size=args.image_size,
         output_stride=args.output_stride,
         pooling=args.pooling,
-        image_size=list(input_size),
-        base_scale=scale,
-        mean=mean,
-        std=std,
-        method=args.method,
-        method_options=method_options(args),
-        split=opened.split,
-        data=str(Path(args.data).resolve()),
         labels_from_masks=args.labels_from_masks,
-        patch_size=list(patch) if patch else None,
-        random_patches=args.random_patches if args.labels_from_masks else None,
-        seed=args.seed,
-        demo=demo,
-    )
-    options = TrainOptions(
-        max_minutes=max_minutes,
+        patch_size=args.patch_size,
+        random_patches=args.random_patches,
+        max_minutes=args.max_minutes,
         max_epochs=args.max_epochs,
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        num_workers=args.num_workers,
-        device=device,
+        seed=args.seed,
+        device=args.device,
         devices=args.devices,
         strategy=args.strategy,
-        progress=progress,
+        num_workers=args.num_workers,
+        progress=not args.no_progress,
     )
-    print(
-        f"training {args.backbone} ({args.method}) on {opened.spec.name}/{opened.split}: {len(opened.dataset)} samples -> {out}"
-    )  # type: ignore[arg-type]
-    trainer = train(config, domain, opened.dataset, out, options)
-    if not trainer.is_global_zero:
-        return 0
-    print(f"model: {out / 'model.pt'}  (config {out / 'run.json'}, log {out / 'logs' / 'metrics.csv'})")
-    if demo:
-        from wsss_domains.cli.demo import finish_demo
 
-        finish_demo(domain, demo_data, out, device, progress)
+
+def run_train(args: argparse.Namespace) -> int:
+    if args.data is None:
+        from wsss_domains.cli.demo import run_demo
+        from wsss_domains.pipeline.run import RunSettings
+        from wsss_domains.pipeline.segmenter import SegmenterSettings
+
+        classifier = classifier_settings(args)
+        segmenter = SegmenterSettings(
+            max_steps=args.max_steps,
+            batch_size=min(8, args.batch_size),
+            seed=args.seed,
+            device=args.device,
+            progress=classifier.progress,
+        )
+        settings = RunSettings(classifier, segmenter, method=args.method, progress=classifier.progress)
+        run_demo(args.domain, args.out, settings)
+        return 0
+    out = args.out or Path("runs") / args.domain
+    trained = train_classifier(
+        args.domain,
+        args.data,
+        out,
+        split=args.split,
+        dataset=args.dataset,
+        settings=classifier_settings(args),
+    )
+    if trained.is_global_zero:
+        print(f"model: {out / 'model.pt'}  (config {out / 'run.json'}, log {out / 'logs' / 'metrics.csv'})")
     return 0

@@ -10,6 +10,7 @@ from wsss_domains.domains.contract import (
     LabelSpace,
     MetricResult,
     PromptKind,
+    Recipe,
     Sample,
     SamStrategy,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "LabelSpace",
     "MetricResult",
     "PromptKind",
+    "Recipe",
     "Sample",
     "SamStrategy",
     "get_domain",

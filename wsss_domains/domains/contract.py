@@ -155,6 +155,23 @@ class DemoData:
     image_size: int | None = None
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What a domain recommends for the whole job (``wsss-domains run``), so users need not know it.
+
+    ``method`` is a method or chain of the registry (refinement included) used to pseudo-label;
+    the segmenter fields choose the stage-2 network. ``why`` says where the choice was measured.
+    """
+
+    method: str = "cam"
+    method_options: Mapping[str, object] = field(default_factory=dict)
+    cam_norm: str = "max"
+    segmenter_arch: str = "deeplabv3plus"
+    # Training crop side of the segmenter; None: the classifier's patch size, else 320.
+    segmenter_crop: int | None = None
+    why: str = "the engine's default: plain CAM"
+
+
 class PromptKind(str, enum.Enum):
     BOXES = "boxes"
     POINTS = "points"
@@ -221,11 +238,22 @@ class DomainPlugin(ABC):
         return image
 
     def train_augment(self, sample: Sample) -> Sample:
-        """Label-preserving augmentation for classifier training. Default: horizontal flip."""
+        """Label-preserving augmentation for training. Default: horizontal flip.
+
+        Spatial changes apply to ``mask`` and ``exclude`` too when the sample has them: the
+        segmenter trains on samples whose ``mask`` is a pseudo-label.
+        """
         if torch.rand(()) < 0.5:
             sample = dict(sample)  # type: ignore[assignment]
-            sample["image"] = sample["image"].flip(-1)
+            for key in ("image", "mask", "exclude"):
+                if key in sample:
+                    sample[key] = sample[key].flip(-1)  # type: ignore[literal-required]
         return sample
+
+    # -- the whole job -----------------------------------------------------------------------
+    def recipe(self, dataset: str) -> Recipe:
+        """The method chain and segmenter settings that suit this domain's ``dataset`` (default: CAM)."""
+        return Recipe()
 
     # -- background --------------------------------------------------------------------------
     def exclude_mask(self, image: Tensor, label_space: LabelSpace) -> Tensor | None:

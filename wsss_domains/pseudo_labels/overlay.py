@@ -25,8 +25,9 @@ def render_overlay(
     class_names: Sequence[str],
     palette: list[int],
     alpha: float = 0.5,
+    label_title: str = "pseudo-label",
 ) -> Image.Image:
-    """One row: image | pseudo-label blended on the image | a jet heat map per class in ``cams``.
+    """One row: image | labels blended on the image | a jet heat map per class in ``cams``.
 
     ``image`` is ``H x W x 3`` in [0, 1]; ``labels`` ``H x W`` class ids; ``cams`` ``K x H x W``
     in [0, 1], one per name in ``class_names``.
@@ -42,7 +43,7 @@ def render_overlay(
     caption = 14
     canvas = Image.new("RGB", (w * len(panels), h + caption), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    titles = ["image", "pseudo-label", *class_names]
+    titles = ["image", label_title, *class_names]
     for i, (panel, title) in enumerate(zip(panels, titles, strict=True)):
         canvas.paste(Image.fromarray(panel), (i * w, caption))
         draw.text((i * w + 2, 1), title, fill=(0, 0, 0))

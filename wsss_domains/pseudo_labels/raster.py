@@ -71,11 +71,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -83,14 +82,28 @@ from typing import Any, Literal
 import numpy as np
 import rasterio
 import torch
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.io import DatasetWriter
+from rasterio.errors import NotGeoreferencedWarning
 from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
 from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES, CamExtractor
-from wsss_domains.data.io import DataError, atomic_write, save_palette_png
+from wsss_domains.data.io import DataError, atomic_write
+from wsss_domains.data.label_raster import (
+    GDAL_CACHE_MB,
+    OVERVIEW_SIZE,
+    LabelFile,
+    WindowPair,
+    digest,
+    finished_summary,
+    label_file,
+    load_progress,
+    plan_windows,
+    rows_of_windows,
+    save_progress,
+    sidecars,
+    write_overview,
+)
 from wsss_domains.data.mask_codes import ColorCode, IdCode, MaskCode
 from wsss_domains.data.raster import (
     ImageRaster,
@@ -111,11 +124,6 @@ NORMALIZATIONS: tuple[str, ...] = ("global", "window")
 DEFAULT_WINDOW = 1024
 # Context a side; seams measured in benchmarks/results/raster_windowed.md (see "Margin" above).
 DEFAULT_MARGIN = 128
-# GDAL's block cache counts in resident memory; its default (5 % of RAM) would dwarf one window.
-GDAL_CACHE_MB = 64
-OVERVIEW_SIZE = 2048
-# GeoTIFF blocks must be multiples of 16; windows are cut on whole blocks.
-BLOCK_SIZES = (512, 256, 128, 64, 32, 16)
 EPS = 1e-5
 
 
@@ -189,39 +197,6 @@ class RasterSummary:
     crs: str | None = None
 
 
-@dataclass(frozen=True)
-class WindowPair:
-    """A core window (written) and its context window (read and fed to the network)."""
-
-    core: TileWindow
-    context: TileWindow
-
-    @property
-    def crop(self) -> tuple[slice, slice]:
-        """The core's rows and columns inside the context."""
-        r, c = self.core.row - self.context.row, self.core.col - self.context.col
-        return slice(r, r + self.core.height), slice(c, c + self.core.width)
-
-
-def _place(start: int, length: int, span: int, total: int) -> int:
-    """Start of a ``span``-long range holding ``[start, start + length)``, centred, inside ``[0, total)``."""
-    return min(max(start - (span - length) // 2, 0), total - span)
-
-
-def plan_windows(height: int, width: int, window: int, margin: int) -> list[WindowPair]:
-    """Row-major cores of ``window`` pixels tiling the raster, each with its fixed-size context."""
-    span_h, span_w = min(height, window + 2 * margin), min(width, window + 2 * margin)
-    plan = []
-    for row in range(0, height, window):
-        h = min(window, height - row)
-        crow = _place(row, h, span_h, height)
-        for col in range(0, width, window):
-            w = min(window, width - col)
-            ccol = _place(col, w, span_w, width)
-            plan.append(WindowPair(TileWindow(row, col, h, w), TileWindow(crow, ccol, span_h, span_w)))
-    return plan
-
-
 def labels_from_names(names: Sequence[str], label_space: LabelSpace) -> Tensor:
     """Multi-hot foreground vector of class names; a ValueError naming the classes otherwise."""
     names = [n.strip() for n in names if n.strip()]
@@ -253,81 +228,6 @@ def mask_code(info: RasterInfo, label_space: LabelSpace) -> MaskCode:
         colors.setdefault(tuple(label_space.ignore_color), label_space.ignore_index)
         return ColorCode(colors)  # type: ignore[arg-type]
     return IdCode.identity(label_space.num_classes, label_space.ignore_index)
-
-
-def block_size(window: int) -> int:
-    return next(b for b in BLOCK_SIZES if window % b == 0)
-
-
-def _sidecars(out: Path) -> tuple[Path, Path, Path]:
-    """Temporary GeoTIFF, progress record and summary of an output."""
-    return (
-        out.with_name(f".{out.name}.part"),
-        out.with_name(f".{out.name}.progress.json"),
-        out.with_name(f"{out.name}.json"),
-    )
-
-
-def _digest(*modules: nn.Module) -> str:
-    h = hashlib.sha256()
-    for module in modules:
-        for name, tensor in module.state_dict().items():
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-class _LabelFile:
-    """The temporary label GeoTIFF, reopened at checkpoints so its directory reaches the disk."""
-
-    def __init__(
-        self,
-        path: Path,
-        profile: dict[str, Any],
-        colormap: dict[int, tuple[int, ...]],
-        tags: dict[str, str],
-    ) -> None:
-        self.path = path
-        self.profile = profile
-        self.colormap = colormap
-        self.tags = tags
-        self._dst: DatasetWriter | None = None
-
-    def create(self) -> None:
-        self._dst = rasterio.open(self.path, "w", **self.profile)
-        self._dst.write_colormap(1, self.colormap)
-        self._dst.update_tags(**self.tags)
-        self._dst.set_band_description(1, "pseudo-label class id")
-
-    def reopen(self) -> bool:
-        """Open an existing temporary file for update; False when it is missing or not ours."""
-        try:
-            dst = rasterio.open(self.path, "r+")
-        except (RasterioIOError, OSError):
-            return False
-        if (dst.height, dst.width, dst.count, dst.dtypes[0]) != (
-            self.profile["height"],
-            self.profile["width"],
-            1,
-            "uint8",
-        ):
-            dst.close()
-            return False
-        self._dst = dst
-        return True
-
-    def write(self, labels: np.ndarray, core: TileWindow) -> None:
-        assert self._dst is not None
-        self._dst.write(labels, 1, window=core.to_rasterio())
-
-    def checkpoint(self) -> None:
-        self.close()
-        self._dst = rasterio.open(self.path, "r+")
-
-    def close(self) -> None:
-        if self._dst is not None:
-            self._dst.close()
-            self._dst = None
 
 
 class _Job:
@@ -422,19 +322,6 @@ class _Job:
         return ids[rows, cols].cpu().numpy().astype(np.uint8), present.cpu()
 
 
-def _rows(plan: Sequence[WindowPair], todo: set[int]) -> Iterator[list[int]]:
-    """Indices of the windows still to do, one row of windows at a time (a checkpoint after each)."""
-    row: list[int] = []
-    for i, pair in enumerate(plan):
-        if row and plan[row[-1]].core.row != pair.core.row:
-            yield row
-            row = []
-        if i in todo:
-            row.append(i)
-    if row:
-        yield row
-
-
 def pseudo_label_raster(
     config: RunConfig,
     model: nn.Module,
@@ -507,7 +394,7 @@ def pseudo_label_raster(
             fingerprint=_fingerprint(config, model, modules, method, image, mask_raster, given, options),
             mask=None if mask_raster is None else str(mask_raster.path),
         )
-        tmp, progress_path, summary_path = _sidecars(out)
+        tmp, progress_path, summary_path = sidecars(out)
         finished = _finished(out, summary_path, summary.fingerprint)
         if finished is not None:
             if options.overview is not None:
@@ -515,9 +402,17 @@ def pseudo_label_raster(
                 finished.overview = str(options.overview)
             return finished
         out.parent.mkdir(parents=True, exist_ok=True)
-        progress = _load_progress(progress_path, summary.fingerprint) if options.resume else None
+        progress = load_progress(progress_path, summary.fingerprint) if options.resume else None
         state = _first_pass(job, plan, given, progress_path, summary.fingerprint, progress)
-        labelfile, crs = _label_file(tmp, image, label_space, options, summary.label_source)
+        labelfile, crs = label_file(
+            tmp,
+            image.path,
+            image.info.size,
+            label_space,
+            options.window,
+            options.compress,
+            {"normalization": options.normalization, "label_source": summary.label_source},
+        )
         resumed = progress.get("second") if progress is not None else None
         done = set(resumed or [])
         if not (done and labelfile.reopen()):
@@ -542,60 +437,11 @@ def pseudo_label_raster(
         return summary
 
 
-def _finished(out: Path, summary_path: Path, fingerprint: str) -> RasterSummary | None:
-    """The summary of an output already written from the same inputs, else None."""
-    if not (out.is_file() and summary_path.is_file()):
-        return None
-    try:
-        done = json.loads(summary_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if done.get("fingerprint") != fingerprint:
-        return None
-    return RasterSummary(**{**done, "already_done": True})
-
-
-def _label_file(
-    tmp: Path, image: ImageRaster, label_space: LabelSpace, options: RasterOptions, source: str
-) -> tuple[_LabelFile, str | None]:
-    """The output's GeoTIFF settings: georeferencing of the raster, palette, tiles on window steps."""
-    with rasterio.open(image.path) as src:
-        crs, transform, gcps = src.crs, src.transform, src.gcps
-    block = block_size(options.window)
-    profile: dict[str, Any] = {
-        "driver": "GTiff",
-        "height": image.info.height,
-        "width": image.info.width,
-        "count": 1,
-        "dtype": "uint8",
-        "nodata": label_space.ignore_index,
-        "tiled": True,
-        "blockxsize": block,
-        "blockysize": block,
-        "compress": options.compress,
-        "BIGTIFF": "IF_SAFER",
-    }
-    if crs is not None or not transform.is_identity:
-        profile.update(crs=crs, transform=transform)
-    elif gcps[0]:
-        profile.update(gcps=gcps[0], crs=gcps[1])
-        crs = gcps[1]
-    colormap = {i: tuple(rgb) for i, rgb in enumerate(label_space.palette)}
-    colormap[label_space.ignore_index] = tuple(label_space.ignore_color)
-    tags = {
-        "classes": json.dumps(list(label_space.classes)),
-        "ignore_index": str(label_space.ignore_index),
-        "normalization": options.normalization,
-        "label_source": source,
-    }
-    return _LabelFile(tmp, profile, colormap, tags), None if crs is None else crs.to_string()
-
-
 def _second_pass(
     job: _Job,
     plan: Sequence[WindowPair],
     state: dict[str, Any],
-    labelfile: _LabelFile,
+    labelfile: LabelFile,
     done: set[int],
     progress_path: Path,
     fingerprint: str,
@@ -607,7 +453,7 @@ def _second_pass(
     todo = set(range(len(plan))) - done
     bar = tqdm(total=len(todo), desc="pseudo-labels", unit="win", disable=not job.options.progress)
     try:
-        for row in _rows(plan, todo):
+        for row in rows_of_windows(plan, todo):
             for i in row:
                 ids, used = job.labels(plan[i], present, maxima)
                 labelfile.write(ids, plan[i].core)
@@ -616,7 +462,7 @@ def _second_pass(
                 bar.update(1)
             labelfile.checkpoint()
             state["union"] = union.tolist()
-            _save_progress(progress_path, fingerprint, state, second=sorted(done))
+            save_progress(progress_path, fingerprint, state, second=sorted(done))
     finally:
         bar.close()
         labelfile.close()
@@ -639,7 +485,7 @@ def _fingerprint(
         "mask": None if mask is None else [str(mask.path.resolve()), list(mask.info.stamp)],
         "labels": None if given is None else given.tolist(),
         "config": asdict(config),
-        "weights": _digest(model, *([modules] if modules is not None else [])),
+        "weights": digest(model, *([modules] if modules is not None else [])),
         "method": [type(method).__name__, method.options],
         # What cannot change the labels stays out: a finished output serves any of these.
         "options": {
@@ -649,28 +495,6 @@ def _fingerprint(
         },
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _load_progress(path: Path, fingerprint: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        progress = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None
-    return progress if progress.get("fingerprint") == fingerprint else None
-
-
-def _save_progress(
-    path: Path,
-    fingerprint: str,
-    state: dict[str, Any],
-    first: list[int] | None = None,
-    second: list[int] | None = None,
-) -> None:
-    """Pass-1 state and finished windows; ``second`` not None means the first pass is complete."""
-    text = json.dumps({"fingerprint": fingerprint, "state": state, "first": first, "second": second})
-    atomic_write(path, lambda p: p.write_text(text))
 
 
 def _first_pass(
@@ -707,7 +531,7 @@ def _first_pass(
         total=len(todo), desc="pass 1: maxima, labels", unit="win", disable=not options.progress or not todo
     )
     try:
-        for row in _rows(plan, todo):
+        for row in rows_of_windows(plan, todo):
             for i in row:
                 pair = plan[i]
                 if need_counts:
@@ -723,7 +547,7 @@ def _first_pass(
                         state["predicted"] = union.tolist()
                 done.add(i)
                 bar.update(1)
-            _save_progress(progress_path, fingerprint, state, first=sorted(done))
+            save_progress(progress_path, fingerprint, state, first=sorted(done))
     finally:
         bar.close()
     if given is not None:
@@ -735,27 +559,11 @@ def _first_pass(
     else:
         present = None
     state["present"] = None if present is None else present.tolist()
-    _save_progress(progress_path, fingerprint, state, second=[])
+    save_progress(progress_path, fingerprint, state, second=[])
     return state
 
 
-def write_overview(
-    labels_tif: Path, plan: Sequence[WindowPair], out: Path, label_space: LabelSpace, size: int
-) -> None:
-    """A palette PNG of the label GeoTIFF, every ``f``-th pixel (nearest), longest side <= ``size``.
-
-    Read core by core so only one window and the small overview are held.
-    """
-    with rasterio.open(labels_tif) as src:
-        height, width = src.height, src.width
-        f = max(1, math.ceil(max(height, width) / size))
-        overview = np.full((math.ceil(height / f), math.ceil(width / f)), label_space.ignore_index, np.uint8)
-        for pair in plan:
-            core = pair.core
-            r0, c0 = -(-core.row // f), -(-core.col // f)
-            r1, c1 = -(-(core.row + core.height) // f), -(-(core.col + core.width) // f)
-            if r1 <= r0 or c1 <= c0:
-                continue
-            ids = src.read(1, window=core.to_rasterio())
-            overview[r0:r1, c0:c1] = ids[r0 * f - core.row :: f, c0 * f - core.col :: f][: r1 - r0, : c1 - c0]
-    save_palette_png(out, overview, label_space.flat_palette())
+def _finished(out: Path, summary_path: Path, fingerprint: str) -> RasterSummary | None:
+    """The summary of an output already written from the same inputs, else None."""
+    done = finished_summary(out, summary_path, fingerprint)
+    return None if done is None else RasterSummary(**{**done, "already_done": True})

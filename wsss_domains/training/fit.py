@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,17 @@ class TrainOptions:
     devices: int = 1
     strategy: str = "auto"
     progress: bool = True
+    # Lightning precision; None: bf16 (else fp16) mixed precision on a GPU, full precision on the CPU.
+    precision: str | None = None
+
+
+def default_precision(accelerator: str) -> str:
+    """Mixed precision where a GPU runs it (bf16 where supported: no loss scaling); fp32 elsewhere."""
+    if accelerator != "gpu":
+        return "32-true"
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 def _accelerator(device: str) -> str:
@@ -60,14 +72,38 @@ def train(
     method.setup(domain, config.mean, config.std)
     task = ClassifierTask(model, method, lr=options.lr)
     view = TrainingView(dataset, domain, tuple(config.image_size), config.mean, config.std, augment=True)
-    loader = DataLoader(
+    trainer = fit_task(task, view, out, options)
+    if trainer.is_global_zero:
+        save_model(task.model.cpu(), task.method_modules.cpu(), out)
+        config.save(out)
+    return trainer
+
+
+def training_loader(view: Dataset, options: TrainOptions) -> DataLoader:
+    """Shuffled batches; the last incomplete batch is dropped unless it is the only one."""
+    return DataLoader(
         view,
-        batch_size=min(options.batch_size, len(view)),
+        batch_size=min(options.batch_size, len(view)),  # type: ignore[arg-type]
         shuffle=True,
         num_workers=options.num_workers,
-        drop_last=len(view) > options.batch_size,
+        drop_last=len(view) > options.batch_size,  # type: ignore[arg-type]
         persistent_workers=options.num_workers > 0,
     )
+
+
+def fit_task(
+    task: L.LightningModule,
+    view: Dataset,
+    out: Path,
+    options: TrainOptions,
+    val_loader: DataLoader | None = None,
+) -> L.Trainer:
+    """Fit ``task`` on ``view`` under the time/epoch/step budget with checkpoints, log and resume.
+
+    The task's optimiser groups carry ``base_lr`` (the cosine schedule scales them). Re-running
+    into the same ``out`` resumes from ``checkpoints/last.ckpt`` and keeps the metrics logged
+    before. Mixed precision on CUDA.
+    """
     max_seconds = options.max_minutes * 60 if options.max_minutes else None
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1),
@@ -76,10 +112,12 @@ def train(
     if max_seconds:
         callbacks.append(Timer(duration=timedelta(seconds=max_seconds), interval="step"))
     max_epochs = options.max_epochs if options.max_epochs is not None else (-1 if max_seconds else 10)
+    accelerator = _accelerator(options.device)
     trainer = L.Trainer(
-        accelerator=_accelerator(options.device),
+        accelerator=accelerator,
         devices=options.devices,
         strategy=options.strategy,
+        precision=options.precision or default_precision(accelerator),
         max_epochs=max_epochs,
         max_steps=options.max_steps,
         callbacks=callbacks,
@@ -90,15 +128,20 @@ def train(
         log_every_n_steps=1,
         default_root_dir=out,
         use_distributed_sampler=True,
+        num_sanity_val_steps=0,
+        limit_val_batches=1.0 if val_loader is not None else 0,
     )
     last = out / "checkpoints" / "last.ckpt"
     metrics = out / "logs" / "metrics.csv"
     earlier = _read_metrics(metrics) if last.is_file() else []
-    trainer.fit(task, loader, ckpt_path=str(last) if last.is_file() else None)
+    with warnings.catch_warnings():
+        # A task that can validate (the segmenter) trains without a validation set unless one is given.
+        warnings.filterwarnings("ignore", message=".*validation_step.*no `val_dataloader`")
+        trainer.fit(
+            task, training_loader(view, options), val_loader, ckpt_path=str(last) if last.is_file() else None
+        )
     if trainer.is_global_zero:
         _restore_earlier_metrics(metrics, earlier)
-        save_model(task.model.cpu(), task.method_modules.cpu(), out)
-        config.save(out)
     return trainer
 
 

@@ -1,0 +1,205 @@
+"""Held-out quality of the whole job: k-fold cross-validation over the development images, seeds.
+
+For every fold and seed, ``wsss-domains run`` (the Python API: :func:`run_pipeline`) trains the
+classifier, fits the domain's recommended refinement and trains the segmenter on the other folds
+only, then segments the held-out fold without any label. Recorded per run and as mean and spread
+over all runs: pseudo-labels of the training images (labels given), pseudo-labels of the held-out
+images (labels given) and the segmenter on the held-out images (no labels), with the machine's
+load beside them (time-budgeted training does less work on a busy machine).
+
+    python benchmarks/heldout.py --preset histo --seeds 0,1        # 4 interleaved folds of 31 ROIs
+    python benchmarks/heldout.py --preset deepglobe --seeds 0,1    # 2 folds of 8 scenes
+    python benchmarks/heldout.py --preset camvid --seeds 0,1          # CamVid's own train / val split
+
+A finished run (its ``report.json``) is reused when the script is re-run; ``--fresh`` recomputes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_ROOT = ROOT.parent / "shared" / "data"
+RESULTS = ROOT / "benchmarks" / "results" / "heldout.md"
+
+
+@dataclass(frozen=True)
+class Preset:
+    domain: str
+    dataset: str
+    path: str  # below the data root
+    split: str  # the split folds are cut from (or the training split with a fixed test split)
+    test_split: str | None = None  # a fixed test split: no folds
+    patch_size: int | None = None
+    folds: int = 3
+    note: str = ""
+
+
+PRESETS = {
+    # 4 folds: only ROIs 02, 05, 08 and 09 hold normal tissue; every training set keeps two of them.
+    "histo": Preset("histo", "wsss4luad", "histo/WSSS4LUAD", "validation", patch_size=224, folds=4,
+                    note="WSSS4LUAD 2.validation: 31 annotated ROIs, tumour / stroma / normal"),
+    "deepglobe": Preset("remote-sensing", "deepglobe", "remote_sensing/deepglobe-sample", "train",
+                        patch_size=256, folds=2, note="DeepGlobe land cover: 8 scenes of 2448x2448"),
+    "camvid": Preset("driving", "camvid", "driving/CamVid", "train", test_split="val",
+                     note="CamVid: train 367 frames, val 101 frames of other sequences"),
+}  # fmt: skip
+
+STAGES = (
+    ("pseudo-labels (training split, labels given)", "PL train (labels)"),
+    ("pseudo-labels (test split, labels given)", "PL held-out (labels)"),
+    ("segmentation (test split, no labels)", "segmenter held-out (no labels)"),
+)
+
+
+def splits(preset: Preset, folds: int) -> list[tuple[str, str, str]]:
+    """(name, train split, test split) of every fold."""
+    if preset.test_split is not None:
+        return [("fixed", preset.split, preset.test_split)]
+    return [
+        (f"fold{f}", f"{preset.split}[fold!={f}/{folds}]", f"{preset.split}[fold={f}/{folds}]")
+        for f in range(1, folds + 1)
+    ]
+
+
+def mean_spread(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), required=True)
+    p.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    p.add_argument("--folds", type=int, help="number of folds (default: the preset's)")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--classifier-minutes", type=float, default=15.0)
+    p.add_argument("--segmenter-minutes", type=float, default=15.0)
+    p.add_argument("--method", help="pseudo-labelling method (default: the domain's recipe)")
+    p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1), for splitting the work")
+    p.add_argument("--out", type=Path, help="default: runs/heldout-<preset>")
+    p.add_argument("--fresh", action="store_true", help="recompute finished runs")
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+
+    from wsss_domains.pipeline.classifier import ClassifierSettings
+    from wsss_domains.pipeline.run import RunSettings, run_pipeline
+    from wsss_domains.pipeline.segmenter import SegmenterSettings
+
+    preset = PRESETS[args.preset]
+    data = args.data_root / preset.path
+    out = args.out or ROOT / "runs" / f"heldout-{args.preset}"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.folds = args.folds or preset.folds
+    chosen = splits(preset, args.folds)
+    if args.only:
+        chosen = [c for c in chosen if c[0] in args.only.split(",")]
+    rows = []
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    for name, train_split, test_split in chosen:
+        for seed in seeds:
+            job = out / f"{name}-seed{seed}"
+            if args.fresh:
+                shutil.rmtree(job, ignore_errors=True)
+            report_path = job / "report.json"
+            reused = report_path.is_file()
+            load = os.getloadavg()
+            if not reused:
+                settings = RunSettings(
+                    classifier=ClassifierSettings(
+                        labels_from_masks=True,
+                        patch_size=preset.patch_size,
+                        max_minutes=args.classifier_minutes,
+                        seed=seed,
+                        device="cpu",
+                        progress=False,
+                    ),
+                    segmenter=SegmenterSettings(
+                        max_minutes=args.segmenter_minutes, seed=seed, progress=False
+                    ),
+                    method=args.method,
+                    progress=False,
+                )
+                run_pipeline(preset.domain, data, job, train_split=train_split, test_split=test_split,
+                             dataset=preset.dataset, settings=settings)  # fmt: skip
+            report = json.loads(report_path.read_text())
+            scores = {s["name"]: s["evaluation"] for s in report["stages"] if s.get("evaluation")}
+            seconds = {s["name"]: s["seconds"] for s in report["stages"]}
+            rows.append({"fold": name, "seed": seed, "train": train_split, "test": test_split,
+                         "scores": scores, "seconds": seconds, "method": report["recipe"]["method"],
+                         "reused": reused, "load": load})  # fmt: skip
+            print(f"{name} seed {seed}: " + ", ".join(
+                f"{short} {scores[stage]['miou']:.4f}" for stage, short in STAGES if stage in scores
+            ), flush=True)  # fmt: skip
+    load_after = os.getloadavg()
+    command = shlex.join([Path(sys.executable).name, *sys.argv])
+    lines = [
+        f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {args.preset}: "
+        + (
+            f"{args.folds}-fold"
+            if preset.test_split is None
+            else f"`{preset.split}` -> `{preset.test_split}`"
+        )
+        + f", seeds {args.seeds}",
+        f"\n{preset.note}. Classifier {args.classifier_minutes:g} min + segmenter {args.segmenter_minutes:g} "
+        f"min per run, method `{rows[0]['method'] if rows else '?'}`; {platform.machine()}, "
+        f"{os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}, after "
+        f"{load_after[0]:.2f}; {(time.perf_counter() - started) / 60:.0f} min wall"
+        + (" (some runs reused from an earlier invocation)" if any(r["reused"] for r in rows) else "")
+        + ".",
+        "\n| fold | seed | " + " | ".join(short for _, short in STAGES) + " | load at start |",
+        "|---|---|" + "---|" * len(STAGES) + "---|",
+    ]
+    for r in rows:
+        cells = [
+            f"{r['scores'][stage]['miou']:.4f}" if stage in r["scores"] else "n/a" for stage, _ in STAGES
+        ]
+        lines.append(f"| {r['fold']} | {r['seed']} | " + " | ".join(cells) + f" | {r['load'][0]:.2f} |")
+    summary = [
+        mean_spread([r["scores"][stage]["miou"] for r in rows if stage in r["scores"]]) for stage, _ in STAGES
+    ]
+    lines.append("| **mean ± sd** | | " + " | ".join(f"**{s}**" for s in summary) + " | |")
+    classes = []
+    for r in rows:
+        for stage in r["scores"].values():
+            classes = list(stage["per_class_iou"])
+            break
+        if classes:
+            break
+    if classes:
+        lines += ["\nPer-class IoU of the segmenter on held-out images (mean over runs):\n",
+                  "| " + " | ".join(classes) + " |", "|" + "---|" * len(classes)]  # fmt: skip
+        seg = [r["scores"][STAGES[2][0]]["per_class_iou"] for r in rows if STAGES[2][0] in r["scores"]]
+        lines.append("| " + " | ".join(
+            mean_spread([v[c] for v in seg if v.get(c) is not None]) for c in classes
+        ) + " |")  # fmt: skip
+    lines += ["\nCommand:\n", "```", command, "```"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_record:
+        if not RESULTS.exists():
+            RESULTS.write_text(
+                "# Held-out benchmarks: the whole job (classifier, pseudo-labels, segmenter) by k-fold "
+                "cross-validation\n"
+            )
+        with RESULTS.open("a") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""`wsss-domains run`: the whole job end to end on the histology demo data, with one report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
+from wsss_domains.cli import main
+
+TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--image-size", "64", "--batch-size", "4"]
+TINY += ["--arch", "fpn", "--encoder-weights", "random", "--seg-batch-size", "4", "--max-steps", "3"]
+TINY += ["--device", "cpu", "--no-progress", "--network-window", "128"]
+
+
+@pytest.mark.slow
+def test_run_on_the_demo_data_trains_both_networks_and_reports_both_figures(tmp_path: Path, capsys):
+    out = tmp_path / "job"
+    assert main(["run", "--domain", "histo", "--out", str(out), *TINY]) == 0  # no --data: the demo set
+    printed = capsys.readouterr().out
+    assert "SYNTHETIC" in printed and (out / "demo-data" / "WSSS4LUAD-demo").is_dir()
+    assert "segmentation (test split, no labels)" in printed and "report.html" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["method"] == "label-probe"  # the histology domain's recommendation
+    assert (report["train_split"], report["test_split"]) == ("training", "validation")
+    stages = {s["name"]: s for s in report["stages"]}
+    assert list(stages) == [
+        "classifier",
+        "pseudo-labels (training split, labels given)",
+        "pseudo-labels (test split, labels given)",
+        "segmenter",
+        "segmentation (test split, no labels)",
+    ]
+    # The training patches carry labels in their names but no masks: nothing to score there.
+    assert stages["pseudo-labels (training split, labels given)"]["evaluation"] is None
+    for name in ("pseudo-labels (test split, labels given)", "segmentation (test split, no labels)"):
+        evaluation = stages[name]["evaluation"]
+        assert evaluation["n_images"] == 12 and 0.0 <= evaluation["miou"] <= 1.0
+    assert len(list((out / "predictions" / "test").glob("*.png"))) == 12
+    assert (out / "segmenter" / "model.pt").is_file() and (out / "classifier" / "model.pt").is_file()
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "data:image/png;base64," in page  # self-contained, with overlays
+    assert "| segmentation (test split, no labels) |" in (out / "report.md").read_text()
+
+
+def test_run_needs_both_splits_with_data_and_none_without(tmp_path: Path, capsys):
+    for args, fragment in (
+        (["--data", str(tmp_path), "--train-split", "train"], "with --data, give --train-split, --test-split"),
+        (["--test-split", "val"], "apply to --data"),
+    ):
+        assert main(["run", "--domain", "histo", *args]) == 2
+        assert fragment in capsys.readouterr().err

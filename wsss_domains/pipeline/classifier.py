@@ -1,0 +1,133 @@
+"""Stage 1: a CAM classifier trained from image-level labels, saved as a run folder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wsss_domains.data.patches import pair
+from wsss_domains.models.classifier import DEFAULT_BACKBONE
+from wsss_domains.pipeline.data import open_dataset, resolve_device, validate_dataset
+from wsss_domains.training.fit import TrainOptions, train
+from wsss_domains.training.run import RunConfig
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+@dataclass
+class ClassifierSettings:
+    """How the classifier is built and trained (the ``train`` command's options)."""
+
+    method: str = "cam"
+    method_options: dict[str, object] = field(default_factory=dict)
+    backbone: str = DEFAULT_BACKBONE
+    weights: str = "imagenet"
+    # Training input size (long side of patches); None: 224.
+    image_size: int | None = None
+    output_stride: int = 16
+    pooling: str = "gap"
+    # Cut fully annotated images into patches labelled by the classes in their masks.
+    labels_from_masks: bool = False
+    patch_size: int | None = None
+    # With labels_from_masks: K random windows per image and epoch instead of a fixed grid.
+    random_patches: int | None = None
+    max_minutes: float | None = None
+    max_epochs: int | None = None
+    max_steps: int = -1
+    batch_size: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainedClassifier:
+    run: Path
+    config: RunConfig
+    # False in the other processes of a multi-process (DDP) run: only process 0 goes on.
+    is_global_zero: bool = True
+
+
+def train_classifier(
+    domain: str,
+    data: Path,
+    out: Path,
+    *,
+    split: str | None = None,
+    dataset: str | None = None,
+    settings: ClassifierSettings | None = None,
+    demo: bool = False,
+    log: bool = True,
+) -> TrainedClassifier:
+    """Train on ``split`` of the dataset at ``data``; everything goes to the run folder ``out``.
+
+    Re-running with the same ``out`` resumes from its last checkpoint.
+    """
+    settings = settings or ClassifierSettings()
+    device = resolve_device(settings.device)
+    opened = open_dataset(
+        domain,
+        dataset,
+        data,
+        split,
+        labels_from_masks=settings.labels_from_masks,
+        patch_size=settings.patch_size,
+        random_patches=settings.random_patches if settings.labels_from_masks else None,
+    )
+    label_space = opened.label_space
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        validate_dataset(opened.dataset, settings.progress, label_space)
+    mean, std = opened.domain.normalization()
+    image_size = settings.image_size or DEFAULT_IMAGE_SIZE
+    patch = pair(settings.patch_size or opened.spec.patch_size) if settings.labels_from_masks else None
+    # Patches keep their aspect ratio and are magnified to image_size on their long side; CAMs later
+    # run at that same magnification (base_scale). Whole images are resized to a square.
+    scale = image_size / max(patch) if patch else 1.0
+    input_size = (round(patch[0] * scale), round(patch[1] * scale)) if patch else (image_size, image_size)
+    config = RunConfig(
+        domain=domain,
+        dataset=opened.spec.name,
+        classes=list(label_space.classes),
+        foreground=list(label_space.foreground_names),
+        backbone=settings.backbone,
+        weights=settings.weights,
+        output_stride=settings.output_stride,
+        pooling=settings.pooling,
+        image_size=list(input_size),
+        base_scale=scale,
+        mean=mean,
+        std=std,
+        method=settings.method,
+        method_options=dict(settings.method_options),
+        split=opened.split,
+        data=str(Path(data).resolve()),
+        labels_from_masks=settings.labels_from_masks,
+        patch_size=list(patch) if patch else None,
+        random_patches=settings.random_patches if settings.labels_from_masks else None,
+        seed=settings.seed,
+        demo=demo,
+    )
+    options = TrainOptions(
+        max_minutes=settings.max_minutes,
+        max_epochs=settings.max_epochs,
+        max_steps=settings.max_steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        num_workers=settings.num_workers,
+        device=device,
+        devices=settings.devices,
+        strategy=settings.strategy,
+        progress=settings.progress,
+    )
+    if log:
+        print(
+            f"training {settings.backbone} ({settings.method}) on {opened.spec.name}/{opened.split}: "
+            f"{len(opened.dataset)} samples -> {out}"  # type: ignore[arg-type]
+        )
+    trainer = train(config, opened.domain, opened.dataset, Path(out), options)
+    return TrainedClassifier(Path(out), config, trainer.is_global_zero)

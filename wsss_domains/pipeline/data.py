@@ -1,0 +1,121 @@
+"""Opening a domain's dataset split as every stage sees it, and choosing the device.
+
+One function resolves the domain, the loader (by name or by recognising the folder), the split
+(with its optional slice or fold) and the loader options; training, pseudo-labelling, the
+segmenter, prediction and evaluation all open their data through it, so they agree on sample ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Subset
+from tqdm import tqdm
+
+from wsss_domains.data.patches import PatchDataset, RandomPatchDataset
+from wsss_domains.data.splits import SplitRequest, parse_split, sample_ids
+from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, get_domain
+from wsss_domains.errors import UserError
+
+
+@dataclass
+class OpenedData:
+    domain: DomainPlugin
+    spec: DatasetSpec
+    split: str
+    dataset: Dataset
+    label_space: LabelSpace
+
+
+def tile_options(tiles: int | None) -> dict[str, object]:
+    """Loader options that score ``tiles`` x ``tiles`` windows of a split instead of whole images."""
+    if tiles is None:
+        return {}
+    if tiles < 16:
+        raise UserError(f"--tiles must be at least 16 pixels, got {tiles}")
+    return {"labels_from_masks": True, "patch_size": tiles}
+
+
+def open_dataset(
+    domain_name: str,
+    dataset_name: str | None,
+    data: Path,
+    split: str | None,
+    **options: object,
+) -> OpenedData:
+    """Resolve domain, loader (by name or by recognising the folder) and split; build the dataset.
+
+    ``random_patches=K`` with ``labels_from_masks`` draws K random windows per image instead of the
+    loader's fixed grid (see :class:`RandomPatchDataset`); meant for training.
+    """
+    random_patches = options.pop("random_patches", None)
+    if random_patches and options.get("labels_from_masks"):
+        options.pop("labels_from_masks")
+        patch_size = options.pop("patch_size", None)
+        opened = open_dataset(domain_name, dataset_name, data, split, **options)
+        opened.dataset = RandomPatchDataset(
+            opened.dataset,
+            opened.label_space,
+            patch_size or opened.spec.patch_size,  # type: ignore[arg-type]
+            per_image=int(random_patches),  # type: ignore[call-overload]
+        )
+        return opened
+    domain = get_domain(domain_name)
+    if not Path(data).exists():
+        raise UserError(f"{data}: data folder does not exist")
+    spec = domain.dataset(dataset_name) if dataset_name else domain.detect_dataset(Path(data))
+    if split is None:
+        split = spec.default_split or (spec.splits[0] if len(spec.splits) == 1 else None)
+        if split is None:
+            raise UserError(f"--split is required for {spec.name}: one of {', '.join(spec.splits)}")
+    request = parse_split(split)
+    if request.sliced and not spec.native_slices:
+        dataset = _sliced_dataset(spec, Path(data), request, **options)
+    else:
+        dataset = spec.build(Path(data), split, **options)
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise UserError(f"{data}: split '{split}' of {spec.name} holds no images")
+    return OpenedData(domain, spec, split, dataset, spec.label_space_for(Path(data)))
+
+
+def _sliced_dataset(spec: DatasetSpec, root: Path, request: SplitRequest, **options: object) -> Dataset:
+    """A slice or fold of a split's whole images (sorted by id); patches are cut after selecting."""
+    labels_from_masks = bool(options.pop("labels_from_masks", False))
+    patch_size = options.pop("patch_size", None)
+    full = spec.build(root, request.base, labels_from_masks=False, **options)
+    ids = sample_ids(full)
+    order = sorted(range(len(ids)), key=ids.__getitem__)
+    subset = Subset(full, [order[i] for i in request.indices(len(order))])
+    if not labels_from_masks:
+        return subset
+    return PatchDataset(subset, spec.label_space_for(root), patch_size or spec.patch_size)  # type: ignore[arg-type]
+
+
+def validate_dataset(dataset: Dataset, progress: bool = True, label_space: LabelSpace | None = None) -> None:
+    """Read every sample once so bad files fail before anything is written.
+
+    With ``label_space``, label vectors of the wrong length are refused here too: later they would
+    only surface as a shape error deep inside batching or after earlier images were written.
+    """
+    names = label_space.foreground_names if label_space is not None else ()
+    for i in tqdm(range(len(dataset)), desc="checking data", unit="img", disable=not progress, leave=False):  # type: ignore[arg-type]
+        sample = dataset[i]
+        label = sample.get("label")
+        if label_space is not None and label is not None and label.numel() != len(names):
+            raise UserError(
+                f"sample {sample['id']}: label vector has {label.numel()} entries, "
+                f"expected {len(names)} ({', '.join(names)})"
+            )
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` where torch sees a GPU, else ``cpu``; a clear error for a missing GPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA device")
+    if name not in ("cpu",) and not name.startswith("cuda"):
+        raise UserError(f"unknown device '{name}' (cpu, cuda, cuda:N, auto)")
+    return name

@@ -1,0 +1,257 @@
+"""Stage 2 of WSSS: CAMs of a trained run turned into pseudo-labels, for a split or one raster.
+
+A split gives one palette PNG per image (:mod:`wsss_domains.pseudo_labels.writer`); a raster gives
+one palette GeoTIFF written window by window (:mod:`wsss_domains.pseudo_labels.raster`). Methods
+that learn from the run's training split (``seed-probe``, ``label-probe``) fit here first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from wsss_domains.cam.extract import DEFAULT_SCALES, CamExtractor
+from wsss_domains.data.io import DataError
+from wsss_domains.data.patches import PatchDataset, pair
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.errors import UserError
+from wsss_domains.evaluation import EvaluationReport
+from wsss_domains.methods import Method, create_method
+from wsss_domains.methods.fitting import FIT_FOLDER, FitContext, extractor_settings
+from wsss_domains.models.runtime import resolve_runtime
+from wsss_domains.pipeline.data import open_dataset, validate_dataset
+from wsss_domains.pipeline.evaluate import evaluate_split
+from wsss_domains.pseudo_labels.raster import RasterOptions, RasterSummary, pseudo_label_raster
+from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, PseudoLabelSummary, write_pseudo_labels
+from wsss_domains.training.run import MODEL_FILE, RunConfig, load_run, run_label_space
+
+# Exported networks (ONNX) are cached in the run folder.
+RUNTIME_CACHE = "inference"
+
+
+def pseudo_label_split(
+    run: Path,
+    domain_name: str | None,
+    dataset: str | None,
+    data: Path,
+    split: str | None,
+    out: Path,
+    labels_from_masks: bool = False,
+    method_name: str | None = None,
+    options: dict[str, object] | None = None,
+    scales: tuple[float, ...] = DEFAULT_SCALES,
+    flip: bool = True,
+    cam_norm: str = "max",
+    bg_threshold: float | None = None,
+    save_cams: bool = False,
+    overlays: bool = True,
+    device: str = "cpu",
+    progress: bool = True,
+    dataset_options: Mapping[str, object] | None = None,
+    runtime: str = "auto",
+) -> PseudoLabelSummary:
+    """Pseudo-label every image of ``split`` with the run at ``run`` into PNGs in ``out``.
+
+    ``dataset_options`` go to the loader, e.g. ``labels_from_masks``/``patch_size`` to score tiles.
+    ``runtime``: where the CAM pass runs (``auto``: ONNX Runtime on the CPU, see
+    :mod:`wsss_domains.models.runtime`).
+    """
+    config, model, modules = load_run(run, device)
+    opened = open_dataset(domain_name or config.domain, dataset, data, split, **(dataset_options or {}))
+    label_space = opened.label_space
+    if list(label_space.foreground_names) != config.foreground:
+        raise UserError(
+            f"the run was trained on classes {config.foreground}, but {opened.spec.name} has "
+            f"{list(label_space.foreground_names)}"
+        )
+    # Bad files fail here, before the first pseudo-label is written.
+    validate_dataset(opened.dataset, progress, label_space)
+    name = method_name or config.method
+    merged = {**(config.method_options if name == config.method else {}), **(options or {})}
+    method = create_method(name, **merged)
+    if name != config.method:
+        modules = method.build_modules(model).to(device)
+    extractor = method.extractor(
+        model, modules, scales=scales, flip=flip, base_scale=config.base_scale, normalization=cam_norm
+    )
+    extractor.use_runtime(resolve_runtime(runtime, device), cache=Path(run) / RUNTIME_CACHE)
+    fit_on_training_split(method, config, run, extractor, opened.domain, label_space, progress)
+    options = PseudoLabelOptions(
+        label_source="masks" if labels_from_masks else "auto",
+        bg_threshold=bg_threshold,
+        save_cams=save_cams,
+        overlays=overlays,
+        device=device,
+        progress=progress,
+    )
+    return write_pseudo_labels(
+        opened.dataset, extractor, method, opened.domain, label_space, config.mean, config.std, out, options
+    )
+
+
+def fit_on_training_split(
+    method: Method,
+    config: RunConfig,
+    run: Path,
+    extractor: CamExtractor,
+    domain: DomainPlugin,
+    label_space: LabelSpace,
+    progress: bool,
+) -> None:
+    """Let a method that learns from the training split (``seed-probe``) fit, before any image is written.
+
+    The split is reopened as the run recorded it (folder, split, patches); the fitted state is
+    cached in the run folder, keyed by the run's weights file, the extractor settings and the
+    method's options.
+    """
+    if not method.fits_training_split:
+        return
+    if config.data is None:
+        raise UserError(
+            f"method '{method.name}' fits on the run's training data, which {run} does not record"
+        )
+    if not Path(config.data).exists():
+        raise UserError(
+            f"method '{method.name}' fits on the run's training split, but its folder {config.data} is gone "
+            "(move it back, or use a method that does not fit)"
+        )
+    training = open_dataset(
+        config.domain,
+        config.dataset,
+        Path(config.data),
+        config.split,
+        labels_from_masks=config.labels_from_masks,
+        patch_size=tuple(config.patch_size) if config.patch_size else None,
+    )
+    weights = Path(run) / MODEL_FILE
+    stamp = weights.stat() if weights.is_file() else None
+    settings = {
+        **extractor_settings(extractor),
+        "weights": [stamp.st_size, stamp.st_mtime_ns] if stamp else None,
+        "split": [config.data, config.split, config.labels_from_masks, config.patch_size],
+    }
+    method.setup(domain, config.mean, config.std)
+    method.fit(
+        FitContext(
+            dataset=training.dataset,
+            extractor=extractor,
+            domain=domain,
+            label_space=label_space,
+            mean=config.mean,
+            std=config.std,
+            cache_dir=Path(run) / FIT_FOLDER,
+            progress=progress,
+            settings=settings,
+            window_factory=_window_factory(config)
+            if config.labels_from_masks and config.patch_size
+            else None,
+        )
+    )
+
+
+def _window_factory(config: RunConfig) -> Callable[[], Dataset]:
+    """The run's annotated training images as overlapping mask-labelled windows of its patch size."""
+
+    def build() -> Dataset:
+        opened = open_dataset(config.domain, config.dataset, Path(config.data), config.split)
+        patch = pair(tuple(config.patch_size))  # type: ignore[arg-type]
+        stride = (max(1, patch[0] // 4), max(1, patch[1] // 4))
+        return PatchDataset(opened.dataset, opened.label_space, patch, stride=stride)
+
+    return build
+
+
+def pseudo_label_raster_file(
+    run: Path,
+    raster: Path,
+    out: Path,
+    *,
+    mask: Path | None = None,
+    labels: list[str] | None = None,
+    method_name: str | None = None,
+    options: dict[str, object] | None = None,
+    raster_options: RasterOptions | None = None,
+) -> RasterSummary:
+    """Load a run and pseudo-label one raster with it (see :func:`pseudo_label_raster`)."""
+    raster_options = raster_options or RasterOptions()
+    for path in (raster, mask):
+        if path is not None and not Path(path).is_file():
+            raise DataError(path, "file not found")
+    device = raster_options.device
+    config, model, modules = load_run(run, device)
+    # The method as pseudo_label_split builds it.
+    name = method_name or config.method
+    merged = {**(config.method_options if name == config.method else {}), **(options or {})}
+    method = create_method(name, **merged)
+    if name != config.method:
+        modules = method.build_modules(model).to(device)
+    if method.fits_training_split:
+        domain, label_space = run_label_space(config)
+        extractor = method.extractor(
+            model,
+            modules,
+            scales=raster_options.scales,
+            flip=raster_options.flip,
+            base_scale=config.base_scale,
+            normalization=raster_options.cam_norm,
+        )
+        fit_on_training_split(method, config, run, extractor, domain, label_space, raster_options.progress)
+    return pseudo_label_raster(
+        config, model, method, raster, out, modules=modules, labels=labels, mask=mask, options=raster_options
+    )
+
+
+@dataclass
+class ScoredPseudoLabels:
+    """Pseudo-labels of a split and, where the split has masks, their evaluation."""
+
+    summary: PseudoLabelSummary
+    report: EvaluationReport | None
+    pseudo_label_seconds: float
+    evaluate_seconds: float = 0.0
+
+
+def pseudo_label_and_score(
+    run: Path,
+    domain_name: str,
+    dataset: str | None,
+    data: Path,
+    split: str | None,
+    out: Path,
+    *,
+    score: bool | None = None,
+    progress: bool = True,
+    dataset_options: Mapping[str, object] | None = None,
+    **options: Any,
+) -> ScoredPseudoLabels:
+    """:func:`pseudo_label_split`, then :func:`evaluate_split` on the same samples.
+
+    ``score``: True to evaluate, False not to, None where the split's samples carry masks. The one
+    place where pseudo-labelling and its evaluation are chained (``run``, ``bench``, benchmarks).
+    """
+    start = time.perf_counter()
+    summary = pseudo_label_split(
+        run,
+        domain_name,
+        dataset,
+        data,
+        split,
+        out,
+        progress=progress,
+        dataset_options=dataset_options,
+        **options,
+    )
+    seconds = time.perf_counter() - start
+    if score is None:
+        opened = open_dataset(domain_name, dataset, data, split, **dict(dataset_options or {}))
+        score = len(opened.dataset) > 0 and "mask" in opened.dataset[0]  # type: ignore[arg-type]
+    if not score:
+        return ScoredPseudoLabels(summary, None, seconds)
+    start = time.perf_counter()
+    report = evaluate_split(domain_name, dataset, data, split, out, progress, dataset_options)
+    return ScoredPseudoLabels(summary, report, seconds, time.perf_counter() - start)

@@ -1,0 +1,155 @@
+"""Stage 3: a segmentation network trained on the pseudo-labels of a training split."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsss_domains.data.patches import pair
+from wsss_domains.errors import UserError
+from wsss_domains.pipeline.data import open_dataset, resolve_device
+from wsss_domains.segmentation.data import PseudoLabelledDataset
+from wsss_domains.segmentation.fit import SegmenterTraining, train_segmenter
+from wsss_domains.segmentation.model import DEFAULT_ARCH, SegmenterConfig, check_architecture
+from wsss_domains.training.fit import TrainOptions
+from wsss_domains.training.run import RunConfig
+
+DEFAULT_CROP = 320
+STRIDE = 32  # segmentation_models_pytorch needs inputs divisible by the encoder's total stride
+
+
+@dataclass
+class SegmenterSettings:
+    """How the segmenter is built and trained (the ``segment`` command's options)."""
+
+    # Architecture (deeplabv3plus, unet, fpn, segformer); None: deeplabv3plus (or the domain's recipe).
+    arch: str | None = None
+    # timm encoder; None: the classifier run's backbone.
+    encoder: str | None = None
+    weights: str = "imagenet"
+    # Training crop side; None: the run's patch size when it trained on patches, else 320.
+    crop_size: int | None = None
+    scale: float = 1.0
+    max_minutes: float | None = None
+    max_epochs: int | None = None
+    max_steps: int = -1
+    batch_size: int = 8
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    num_workers: int = 0
+    progress: bool = True
+
+    def check(self) -> None:
+        check_architecture(self.arch or DEFAULT_ARCH)
+        if self.crop_size is not None and (self.crop_size < STRIDE or self.crop_size % STRIDE):
+            raise UserError(f"--crop-size must be a positive multiple of {STRIDE}, got {self.crop_size}")
+        if not self.scale > 0:
+            raise UserError(f"--scale must be positive, got {self.scale}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UserError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+
+
+def default_crop(run: RunConfig, training: PseudoLabelledDataset, scale: float) -> tuple[int, int]:
+    """The run's patch size where it trained on patches, else the samples' size up to 320 pixels.
+
+    Rounded up to a multiple of 32 (the encoders' total stride); padding carries no loss.
+    """
+    if run.patch_size:
+        hw = [round(v * scale) for v in run.patch_size]
+    else:
+        h, w = training[0]["image"].shape[-2:]
+        hw = [min(DEFAULT_CROP, round(max(h, w) * scale))] * 2
+    return (-(-hw[0] // STRIDE) * STRIDE, -(-hw[1] // STRIDE) * STRIDE)
+
+
+def fit_segmenter(
+    run: Path,
+    pseudo_labels: Path,
+    data: Path,
+    out: Path,
+    *,
+    split: str | None = None,
+    dataset: str | None = None,
+    dataset_options: Mapping[str, object] | None = None,
+    settings: SegmenterSettings | None = None,
+    val_split: str | None = None,
+    log: bool = True,
+) -> SegmenterConfig:
+    """Train a segmenter on the pseudo-labels ``pseudo_labels`` of ``split``; saved in ``out``.
+
+    ``run`` is the classifier run the pseudo-labels came from: it gives the domain, the label space,
+    the default encoder and crop size. ``dataset_options`` must be those the pseudo-labels were
+    written with (``--tiles``), so sample ids match. ``val_split``: an annotated split of the same
+    data scored every epoch for monitoring (``val/miou``); nothing is chosen by it. Re-running into
+    ``out`` resumes.
+    """
+    settings = settings or SegmenterSettings()
+    settings.check()
+    config_run = RunConfig.load(run)
+    opened = open_dataset(
+        config_run.domain, dataset or config_run.dataset, data, split, **dict(dataset_options or {})
+    )
+    label_space = opened.label_space
+    if list(label_space.foreground_names) != config_run.foreground:
+        raise UserError(
+            f"the run was trained on classes {config_run.foreground}, but {opened.spec.name} has "
+            f"{list(label_space.foreground_names)}"
+        )
+    training = PseudoLabelledDataset(opened.dataset, Path(pseudo_labels), label_space)
+    crop = settings.crop_size or default_crop(config_run, training, settings.scale)
+    mean, std = opened.domain.normalization()
+    config = SegmenterConfig(
+        domain=config_run.domain,
+        dataset=opened.spec.name,
+        classes=list(label_space.classes),
+        arch=settings.arch or DEFAULT_ARCH,
+        encoder=settings.encoder or config_run.backbone,
+        weights=settings.weights,
+        mean=mean,
+        std=std,
+        crop_size=list(pair(crop)),
+        scale=settings.scale,
+        run=str(Path(run).resolve()),
+        pseudo_labels=str(Path(pseudo_labels).resolve()),
+        data=str(Path(data).resolve()),
+        split=opened.split,
+        seed=settings.seed,
+    )
+    options = TrainOptions(
+        max_minutes=settings.max_minutes,
+        max_epochs=settings.max_epochs,
+        max_steps=settings.max_steps,
+        batch_size=settings.batch_size,
+        lr=settings.lr,
+        num_workers=settings.num_workers,
+        device=resolve_device(settings.device),
+        devices=settings.devices,
+        strategy=settings.strategy,
+        progress=settings.progress,
+    )
+    if log and os.environ.get("LOCAL_RANK", "0") == "0":
+        print(
+            f"training segmenter {config.arch} ({config.encoder}) on {len(training)} pseudo-labelled samples "
+            f"of {opened.spec.name}/{opened.split}, {config.crop_size[0]}x{config.crop_size[1]} crops -> {out}"
+        )
+    validation = None
+    if val_split is not None:
+        validation = open_dataset(config_run.domain, opened.spec.name, data, val_split).dataset
+    train_segmenter(
+        config,
+        opened.domain,
+        label_space,
+        training,
+        Path(out),
+        options,
+        SegmenterTraining(lr=settings.lr),
+        validation=validation,
+    )
+    return config

@@ -1,0 +1,161 @@
+"""A split's images paired with their pseudo-labels, cut into training crops for the segmenter.
+
+The segmenter learns from pseudo-labels only: each sample's ground-truth ``mask`` (and anything
+derived from it) is dropped and replaced by the pseudo-label PNG that ``pseudo-labels`` wrote for
+that sample id. Pixels a pseudo-label leaves unassigned (the ignore index: glass, no-data, excluded
+or uncertain pixels) carry no loss.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.data import Dataset
+
+from wsss_domains.data.io import DataError, check_same_size, read_index_mask
+from wsss_domains.data.splits import sample_ids
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace, Sample
+from wsss_domains.evaluation.evaluate import pred_filename
+from wsss_domains.training.data import normalize
+
+
+class PseudoLabelledDataset(Dataset):
+    """Samples of ``base`` whose ``mask`` is the pseudo-label in ``folder`` (ground truth dropped)."""
+
+    def __init__(self, base: Dataset, folder: Path, label_space: LabelSpace) -> None:
+        self.base = base
+        self.folder = Path(folder)
+        self.label_space = label_space
+        if not self.folder.is_dir():
+            raise DataError(self.folder, "pseudo-label folder not found")
+        self.ids = sample_ids(base)
+        missing = [i for i in self.ids if not (self.folder / pred_filename(i)).is_file()]
+        if missing:
+            raise DataError(
+                self.folder / pred_filename(missing[0]),
+                f"pseudo-label not found ({len(missing)} of {len(self.ids)} samples have none; were the "
+                "pseudo-labels written for this split with the same --tiles?)",
+            )
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Sample:
+        sample = self.base[index]
+        path = self.folder / pred_filename(sample["id"])
+        labels = read_index_mask(path)
+        check_same_size(sample["image"], labels, path)
+        bad = (labels >= self.label_space.num_classes) & (labels != self.label_space.ignore_index)
+        if bad.any():
+            raise DataError(path, f"holds class id {int(labels[bad][0])}, outside the label space")
+        return {"image": sample["image"], "mask": labels, "id": sample["id"]}
+
+
+def crop_or_pad(sample: Sample, size: tuple[int, int], ignore_index: int) -> Sample:
+    """A random ``size`` window of image and mask; smaller sides are padded (mask: ignore)."""
+    image, mask = sample["image"], sample["mask"]
+    h, w = image.shape[-2:]
+    ph, pw = max(0, size[0] - h), max(0, size[1] - w)
+    if ph or pw:
+        image = F.pad(image, (0, pw, 0, ph), value=0.0)
+        mask = F.pad(mask, (0, pw, 0, ph), value=ignore_index)
+        h, w = image.shape[-2:]
+    y = int(torch.randint(0, h - size[0] + 1, ()))
+    x = int(torch.randint(0, w - size[1] + 1, ()))
+    return {
+        **sample,
+        "image": image[:, y : y + size[0], x : x + size[1]],
+        "mask": mask[y : y + size[0], x : x + size[1]],
+    }
+
+
+def resize_pair(image: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Image (bilinear) and class-id mask (nearest) magnified by ``scale``."""
+    if scale == 1.0:
+        return image, mask
+    h, w = image.shape[-2:]
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return image, mask
+
+
+class SegmentationView(Dataset):
+    """Training crops: scale, a random crop, the domain's augmentation (masks follow), colour, normalise."""
+
+    def __init__(
+        self,
+        base: Dataset,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        crop_size: tuple[int, int],
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        scale: float = 1.0,
+        augment: bool = True,
+    ) -> None:
+        self.base = base
+        self.domain = domain
+        self.label_space = label_space
+        self.crop_size = crop_size
+        self.mean, self.std = mean, std
+        self.scale = scale
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        sample: Sample = self.base[index]
+        image, mask = resize_pair(sample["image"], sample["mask"], self.scale)
+        sample = crop_or_pad(
+            {**sample, "image": image, "mask": mask}, self.crop_size, self.label_space.ignore_index
+        )
+        if self.augment:
+            sample = self.domain.train_augment(sample)
+        image = self.domain.preprocess(sample["image"])
+        return {"image": normalize(image, self.mean, self.std), "mask": sample["mask"].long()}
+
+
+class ValidationView(Dataset):
+    """Whole images with their ground-truth masks, padded to a multiple of ``stride`` (mask: ignore).
+
+    For monitoring a segmenter during training only (batch size 1): nothing is chosen by it.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        scale: float = 1.0,
+        stride: int = 32,
+    ) -> None:
+        self.base = base
+        self.domain = domain
+        self.label_space = label_space
+        self.mean, self.std = mean, std
+        self.scale = scale
+        self.stride = stride
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        sample: Sample = self.base[index]
+        if "mask" not in sample:
+            raise DataError(str(sample["id"]), "the validation split has no masks to score against")
+        mask = sample["mask"]
+        if "exclude" in sample:
+            mask = mask.masked_fill(sample["exclude"], self.label_space.ignore_index)
+        image, mask = resize_pair(sample["image"], mask, self.scale)
+        h, w = image.shape[-2:]
+        size = (-(-h // self.stride) * self.stride, -(-w // self.stride) * self.stride)
+        padded = crop_or_pad({"image": image, "mask": mask}, size, self.label_space.ignore_index)
+        image = self.domain.preprocess(padded["image"])
+        return {"image": normalize(image, self.mean, self.std), "mask": padded["mask"].long()}

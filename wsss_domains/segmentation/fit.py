@@ -1,0 +1,82 @@
+"""Training the segmenter on a split's pseudo-labels, with the classifier's Lightning machinery.
+
+Same budget, schedule, checkpoints, resume, CSV log, seed and DDP as ``train``
+(:func:`wsss_domains.training.fit.fit_task`); only the task (pixel-wise cross-entropy on
+pseudo-labels) and the data (random crops of the pseudo-labelled images) differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.errors import UserError
+from wsss_domains.segmentation.data import SegmentationView, ValidationView
+from wsss_domains.segmentation.model import SegmenterConfig, build_segmenter, save_segmenter
+from wsss_domains.segmentation.task import SegmenterTask
+from wsss_domains.training.fit import TrainOptions, fit_task
+
+
+@dataclass
+class SegmenterTraining:
+    """Optimisation settings of the segmenter."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    encoder_lr_mult: float = 0.1
+
+
+def train_segmenter(
+    config: SegmenterConfig,
+    domain: DomainPlugin,
+    label_space: LabelSpace,
+    dataset: Dataset,
+    out: Path,
+    options: TrainOptions,
+    training: SegmenterTraining | None = None,
+    validation: Dataset | None = None,
+) -> L.Trainer:
+    """Train on ``dataset`` (samples whose ``mask`` is a pseudo-label); writes ``out``.
+
+    ``validation``: annotated samples scored each epoch (``val/miou`` in the log) for monitoring;
+    the last weights are kept whatever it says. Re-running with the same ``out`` resumes from its
+    last checkpoint. Only the global-zero process writes the final ``model.pt`` and ``segmenter.json``.
+    """
+    out = Path(out)
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise UserError("the segmenter's training set is empty")
+    if config.arch == "deeplabv3plus" and min(n, options.batch_size) < 2:
+        raise UserError("deeplabv3plus trains on batches of at least 2 crops (its pooling branch needs them)")
+    training = training or SegmenterTraining()
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    model = build_segmenter(config)
+    task = SegmenterTask(
+        model,
+        label_space.num_classes,
+        label_space.ignore_index,
+        lr=training.lr,
+        weight_decay=training.weight_decay,
+        encoder_lr_mult=training.encoder_lr_mult,
+    )
+    view = SegmentationView(
+        dataset,
+        domain,
+        label_space,
+        (config.crop_size[0], config.crop_size[1]),
+        config.mean,
+        config.std,
+        scale=config.scale,
+    )
+    val_loader = None
+    if validation is not None:
+        val_view = ValidationView(validation, domain, label_space, config.mean, config.std, config.scale)
+        val_loader = DataLoader(val_view, batch_size=1, num_workers=options.num_workers)
+    trainer = fit_task(task, view, out, options, val_loader)
+    if trainer.is_global_zero:
+        save_segmenter(task.model.cpu(), config, out)
+    return trainer

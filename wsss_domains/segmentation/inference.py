@@ -1,0 +1,131 @@
+"""The segmenter over an image of any size: overlapping windows blended, flips averaged.
+
+MONAI's sliding-window inference cuts the (scaled, normalised) image into ``window``-sized windows
+that overlap by ``overlap``, runs them in batches and blends their class probabilities with a
+Gaussian weight, so window seams do not show. Each window is also seen mirrored (flip test-time
+augmentation). Pixels the domain excludes (white glass, no-data) get the ignore index. No
+image-level label is read or needed: this is how the segmenter serves unlabelled data.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.errors import UserError
+from wsss_domains.models.runtime import fast_forward, resolve_runtime
+from wsss_domains.segmentation.model import SegmenterConfig
+from wsss_domains.training.data import normalize
+
+DEFAULT_WINDOW = 512
+
+
+@dataclass
+class InferenceOptions:
+    """How the segmenter is run over an image."""
+
+    window: int = DEFAULT_WINDOW  # side of the network's input windows, in network pixels
+    overlap: float = 0.25  # share of a window its neighbours overlap
+    batch: int = 4  # windows per forward pass (each doubled by the flip)
+    flip: bool = True
+    runtime: str = "auto"  # auto | torch | onnx (see wsss_domains.models.runtime)
+    device: str = "cpu"
+
+    def check(self) -> None:
+        if self.window < 32 or self.window % 32:
+            raise UserError(f"--window must be a positive multiple of 32, got {self.window}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise UserError(f"--overlap must lie in [0, 1), got {self.overlap}")
+        if self.batch < 1:
+            raise UserError(f"--batch must be at least 1, got {self.batch}")
+
+
+class SegmenterPredictor:
+    """Class probabilities and labels of whole images from a trained segmenter."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SegmenterConfig,
+        options: InferenceOptions | None = None,
+        cache: Path | None = None,
+    ) -> None:
+        self.options = options or InferenceOptions()
+        self.options.check()
+        self.model = model.eval()
+        self.config = config
+        runtime = resolve_runtime(self.options.runtime, self.options.device)
+        window = self.options.window
+        example = torch.randn(2, 3, window, window)
+        self.fast = fast_forward(model, example, runtime, dynamic=(0,), cache=cache)
+
+    def _forward(self, batch: Tensor) -> Tensor:
+        if self.fast is not None:
+            return self.fast(batch).to(batch.device)
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+            if batch.device.type == "cuda"
+            else nullcontext()
+        )
+        with autocast:
+            return self.model(batch).float()
+
+    def _windows(self, batch: Tensor) -> Tensor:
+        """Softmax probabilities of a batch of windows, averaged with their mirror images."""
+        if not self.options.flip:
+            return self._forward(batch).softmax(1)
+        n = batch.shape[0]
+        probs = self._forward(torch.cat([batch, batch.flip(-1)])).softmax(1)
+        return (probs[:n] + probs[n:].flip(-1)) / 2
+
+    @torch.inference_mode()
+    def probabilities(self, x: Tensor) -> Tensor:
+        """``K x H x W`` class probabilities of a normalised ``3 x H x W`` image."""
+        from monai.inferers import sliding_window_inference
+
+        h, w = x.shape[-2:]
+        scale = self.config.scale
+        if scale != 1.0:
+            size = (max(1, round(h * scale)), max(1, round(w * scale)))
+            x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
+        window = self.options.window
+        probs = sliding_window_inference(
+            x[None],
+            roi_size=(window, window),
+            sw_batch_size=self.options.batch,
+            predictor=self._windows,
+            overlap=self.options.overlap,
+            mode="gaussian",
+            padding_mode="constant",
+            cval=0.0,
+        )
+        if scale != 1.0:
+            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+        return probs[0]
+
+    def prepare(self, image: Tensor, domain: DomainPlugin) -> Tensor:
+        """The network input of an image in [0, 1]: the domain's colour handling, then normalisation."""
+        x = normalize(domain.preprocess(image), self.config.mean, self.config.std)
+        return x.to(self.options.device)
+
+    def labels(
+        self, image: Tensor, domain: DomainPlugin, label_space: LabelSpace, exclude: Tensor | None = None
+    ) -> Tensor:
+        """``H x W`` class ids of an image in [0, 1]; excluded pixels get the ignore index.
+
+        ``exclude``: pixels known not to be scored from the pixels themselves (raster no-data);
+        the domain's own rule (e.g. white glass) is added to it.
+        """
+        probs = self.probabilities(self.prepare(image, domain))
+        ids = probs.argmax(0).cpu()
+        rule = domain.exclude_mask(image, label_space)
+        for mask in (exclude, rule):
+            if mask is not None:
+                ids = ids.masked_fill(mask.cpu().bool(), label_space.ignore_index)
+        return ids
