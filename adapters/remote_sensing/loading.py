@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -29,10 +29,10 @@ def request_split(split: str | None, default: str, known: Sequence[str], dataset
     request = parse_split(split if split is not None else default)
     for name in known:
         if name.lower() == request.base.lower():
-            return SplitRequest(name, request.start, request.stop)
+            return replace(request, base=name)  # the slice or fold kept
     raise ValueError(
         f"dataset '{dataset}' has no split '{request.base}'; known: {', '.join(known)}"
-        " (optionally sliced, e.g. 'train[0:6]' or 'train[80%:]')"
+        " (optionally sliced, e.g. 'train[0:6]' or 'train[80%:]', or a fold: 'train[fold=1/4]')"
     )
 
 

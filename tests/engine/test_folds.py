@@ -53,3 +53,11 @@ def test_a_loader_without_native_slices_selects_folds_of_whole_images(tmp_path: 
         assert rest_parents == {"train_00", "train_02", "train_04"}  # patches cut after selecting
     finally:
         fakes.unregister()
+
+
+def test_loaders_that_slice_natively_keep_the_fold():
+    from wsss_adapters.remote_sensing.loading import request_split
+
+    request = request_split("TRAIN[fold!=2/3]", "train", ("train", "val"), "deepglobe")
+    assert (request.base, request.fold, request.folds, request.complement) == ("train", 2, 3, True)
+    assert request.select(list("abcdef"), key=str) == ["a", "c", "d", "f"]
