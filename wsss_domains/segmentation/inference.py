@@ -9,7 +9,7 @@ image-level label is read or needed: this is how the segmenter serves unlabelled
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,19 @@ class InferenceOptions:
             raise UserError(f"--batch must be at least 1, got {self.batch}")
 
 
+def window_probabilities(forward: Callable[[Tensor], Tensor], x: Tensor, flip: bool) -> Tensor:
+    """Softmax probabilities of a batch of windows, averaged with those of their mirror images.
+
+    Both views go through the network as one batch. The softmax stays in PyTorch: ONNX Runtime's
+    softmax over the channel axis of a ``B x K x H x W`` map costs more than the network's decoder.
+    """
+    if not flip:
+        return forward(x).float().softmax(1)
+    n = x.shape[0]
+    probs = forward(torch.cat([x, x.flip(-1)])).float().softmax(1)
+    return (probs[:n] + probs[n:].flip(-1)) / 2
+
+
 class SegmenterPredictor:
     """Class probabilities and labels of whole images from a trained segmenter."""
 
@@ -61,28 +74,32 @@ class SegmenterPredictor:
         self.model = model.eval()
         self.config = config
         runtime = resolve_runtime(self.options.runtime, self.options.device)
-        window = self.options.window
-        example = torch.randn(2, 3, window, window)
-        self.fast = fast_forward(model, example, runtime, dynamic=(0,), cache=cache)
+        example = torch.randn(2, 3, 96, 128)
+        self.fast = fast_forward(self.model, example, runtime, dynamic=(0, 2, 3), cache=cache)
+        self._weights: dict[tuple[int, int], Tensor] = {}
 
     def _forward(self, batch: Tensor) -> Tensor:
         if self.fast is not None:
             return self.fast(batch).to(batch.device)
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-            if batch.device.type == "cuda"
-            else nullcontext()
-        )
-        with autocast:
-            return self.model(batch).float()
+        if batch.device.type != "cuda":
+            return self.model(batch)
+        half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.autocast("cuda", dtype=half):
+            return self.model(batch)
 
     def _windows(self, batch: Tensor) -> Tensor:
-        """Softmax probabilities of a batch of windows, averaged with their mirror images."""
-        if not self.options.flip:
-            return self._forward(batch).softmax(1)
-        n = batch.shape[0]
-        probs = self._forward(torch.cat([batch, batch.flip(-1)])).softmax(1)
-        return (probs[:n] + probs[n:].flip(-1)) / 2
+        """Probabilities of a batch of windows (both views averaged when flipping)."""
+        return window_probabilities(self._forward, batch, self.options.flip)
+
+    def _weight_map(self, roi: tuple[int, int], device: torch.device) -> Tensor:
+        """The Gaussian blending weight of a window, computed once per window size."""
+        from monai.data.utils import compute_importance_map
+
+        if roi not in self._weights:
+            self._weights[roi] = compute_importance_map(
+                roi, mode="gaussian", sigma_scale=0.125, device=device
+            )
+        return self._weights[roi].to(device)
 
     @torch.inference_mode()
     def probabilities(self, x: Tensor) -> Tensor:
@@ -94,16 +111,19 @@ class SegmenterPredictor:
         if scale != 1.0:
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
             x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
-        window = self.options.window
+        # Windows of ``window`` pixels; an image smaller than that is seen whole (padded only up to the
+        # encoders' stride of 32), not padded to a full window.
+        roi = tuple(min(self.options.window, -(-side // 32) * 32) for side in x.shape[-2:])
         probs = sliding_window_inference(
             x[None],
-            roi_size=(window, window),
+            roi_size=roi,
             sw_batch_size=self.options.batch,
             predictor=self._windows,
             overlap=self.options.overlap,
             mode="gaussian",
             padding_mode="constant",
             cval=0.0,
+            roi_weight_map=self._weight_map(roi, x.device),  # type: ignore[arg-type]
         )
         if scale != 1.0:
             probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
