@@ -13,6 +13,7 @@ from typing import Any
 from wsss_domains.bench.matrix import MatrixSettings, ordered_methods, run_matrix
 from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset
 from wsss_domains.bench.report import build_matrix, machine_info, write_outputs
+from wsss_domains.cli import command_help
 from wsss_domains.cli.common import CliError, resolve_device
 from wsss_domains.methods import Method, list_methods, method_class
 
@@ -31,7 +32,7 @@ def default_data_root() -> Path:
 def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "bench",
-        help="run the domain-transfer matrix: methods x domains, mIoU and gain over plain CAM",
+        help=command_help("bench"),
         description=(
             "For every (domain, method) cell: train within the budget (post-hoc methods reuse the domain's "
             "plain-CAM run), pseudo-label the domain's scoring split (a hold-out of its development data), "

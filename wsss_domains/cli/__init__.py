@@ -1,8 +1,15 @@
-"""The `wsss-domains` command line."""
+"""The `wsss-domains` command line: a thin layer over :mod:`wsss_domains.pipeline`.
+
+Subcommands are resolved lazily: ``wsss-domains --help`` and ``--version`` list them from the table
+below without importing torch or any subcommand module; ``wsss-domains train ...`` imports only
+the train command's module.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -10,52 +17,119 @@ from wsss_domains import __version__
 
 EXIT_USAGE = 2
 
+# name -> (module, function that adds the full subcommand, one-line help)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "domains": (
+        "wsss_domains.cli.info",
+        "add_domains_subcommand",
+        "list installed domain plugins and their dataset loaders",
+    ),
+    "methods": ("wsss_domains.cli.info", "add_methods_subcommand", "list the WSSS methods of the registry"),
+    "run": (
+        "wsss_domains.cli.run",
+        "add_run_subcommand",
+        "the whole job: classifier, pseudo-labels, segmenter, label-free prediction, report",
+    ),
+    "train": (
+        "wsss_domains.cli.train",
+        "add_train_subcommand",
+        "train a CAM classifier from image-level labels",
+    ),
+    "pseudo-labels": (
+        "wsss_domains.cli.pseudo_labels",
+        "add_pseudo_labels_subcommand",
+        "write pseudo-labels for a split with a trained run",
+    ),
+    "segment": (
+        "wsss_domains.cli.segment",
+        "add_segment_subcommand",
+        "train a segmentation network on pseudo-labels",
+    ),
+    "predict": (
+        "wsss_domains.cli.predict",
+        "add_predict_subcommand",
+        "segment new images with a trained segmenter (no labels needed)",
+    ),
+    "evaluate": (
+        "wsss_domains.cli.evaluate",
+        "add_evaluate_subcommand",
+        "score pseudo-labels or predictions against ground-truth masks",
+    ),
+    "new-domain": (
+        "wsss_domains.scaffold.cli",
+        "add_new_domain_subcommand",
+        "write an installable domain-plugin package to start a new domain from",
+    ),
+    "bench": (
+        "wsss_domains.bench.cli",
+        "add_bench_subcommand",
+        "run the domain-transfer matrix: methods x domains, mIoU and gain over plain CAM",
+    ),
+    "prompts": (
+        "wsss_domains.clip.cli",
+        "add_prompts_subcommand",
+        "CLIP prompts: learn per-domain prompts, list them",
+    ),
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from wsss_domains.bench.cli import add_bench_subcommand
-    from wsss_domains.cli.evaluate import add_evaluate_subcommand
-    from wsss_domains.cli.info import add_info_subcommands
-    from wsss_domains.cli.predict import add_predict_subcommand
-    from wsss_domains.cli.pseudo_labels import add_pseudo_labels_subcommand
-    from wsss_domains.cli.run import add_run_subcommand
-    from wsss_domains.cli.segment import add_segment_subcommand
-    from wsss_domains.cli.train import add_train_subcommand
-    from wsss_domains.clip.cli import add_prompts_subcommand
-    from wsss_domains.scaffold.cli import add_new_domain_subcommand
+EPILOG = (
+    "Errors in your input (a missing or unreadable file, a bad option) end with one line naming the file or "
+    "option and exit code 2; anything else is a bug and shows its traceback."
+)
 
+
+def command_help(name: str) -> str:
+    """The one-line help of a subcommand (one source for the lazy listing and the full parser)."""
+    return COMMANDS[name][2]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser. With ``command``, only that subcommand is built in full (importing its module) and
+    the others are listed by name; ``""`` builds none in full; None builds all of them."""
     parser = argparse.ArgumentParser(
         prog="wsss-domains",
         description=(
             "Weakly supervised semantic segmentation from image-level labels, across domains: train a CAM "
             "classifier, write pseudo-labels, train a segmenter on them, segment unlabelled images, evaluate "
-            "every stage. Start with `wsss-domains train --domain histo` (a synthetic demo of the whole job), "
+            "every stage. Start with `wsss-domains run --domain histo` (a synthetic demo of the whole job), "
             "then `wsss-domains run` on your data."
         ),
+        epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_info_subcommands(sub)
-    add_train_subcommand(sub)
-    add_pseudo_labels_subcommand(sub)
-    add_evaluate_subcommand(sub)
-    add_segment_subcommand(sub)
-    add_predict_subcommand(sub)
-    add_run_subcommand(sub)
-    add_new_domain_subcommand(sub)
-    add_bench_subcommand(sub)
-    add_prompts_subcommand(sub)
+    built: set[tuple[str, str]] = set()
+    for name, (module, adder, text) in COMMANDS.items():
+        if command is None or name == command:
+            if (module, adder) not in built:
+                getattr(importlib.import_module(module), adder)(sub)
+                built.add((module, adder))
+        else:
+            sub.add_parser(name, help=text)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a problem with the user's input (one line, exit 2) rather than a bug."""
     from wsss_domains.data.io import DataError
     from wsss_domains.errors import UserError
     from wsss_domains.models.weights import WeightsNotFound
 
-    args = build_parser().parse_args(argv)
+    return isinstance(exc, (UserError, DataError, WeightsNotFound, FileNotFoundError, ValueError, KeyError))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, DataError, WeightsNotFound, FileNotFoundError, ValueError, KeyError) as exc:
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as exc:
+        if not _user_error(exc):
+            raise
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"wsss-domains: error: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsss_domains.cli import command_help
 from wsss_domains.cli.common import add_data_arguments, add_tiles_argument, tile_options
 from wsss_domains.pipeline.evaluate import evaluate_split, write_report
 
@@ -12,7 +13,7 @@ from wsss_domains.pipeline.evaluate import evaluate_split, write_report
 def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
-        help="score pseudo-labels or predictions against ground-truth masks",
+        help=command_help("evaluate"),
         description=(
             "Accumulate a confusion matrix over the split and report mIoU, per-class IoU, FwIoU, pixel "
             "accuracy, Dice and the domain's own metrics. Ignore / excluded pixels are not scored; mIoU "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from wsss_domains.cli import command_help
 from wsss_domains.domains import get_domain, list_domains
 from wsss_domains.domains.registry import _entry_points
 from wsss_domains.methods import list_methods, method_class
@@ -38,8 +39,9 @@ def run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_info_subcommands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("domains", help="list installed domain plugins and their dataset loaders")
-    p.set_defaults(func=run_domains)
-    p = sub.add_parser("methods", help="list the WSSS methods of the registry")
-    p.set_defaults(func=run_methods)
+def add_domains_subcommand(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("domains", help=command_help("domains")).set_defaults(func=run_domains)
+
+
+def add_methods_subcommand(sub: argparse._SubParsersAction) -> None:
+    sub.add_parser("methods", help=command_help("methods")).set_defaults(func=run_methods)

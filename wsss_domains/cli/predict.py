@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsss_domains.cli import command_help
 from wsss_domains.cli.common import CliError, add_data_arguments, resolve_device
 from wsss_domains.models.runtime import RUNTIMES
 from wsss_domains.segmentation.inference import DEFAULT_WINDOW as NETWORK_WINDOW
@@ -44,7 +45,7 @@ def inference_options(args: argparse.Namespace) -> InferenceOptions:
 def add_predict_subcommand(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "predict",
-        help="segment new images with a trained segmenter (no labels needed)",
+        help=command_help("predict"),
         description=(
             "Segment images that carry no labels with a segmenter (`segment --out`). Input: a dataset split "
             "(--data DIR --split S: only pixels are read; `evaluate` scores the PNGs like pseudo-labels), a "

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES
+from wsss_domains.cli import command_help
 from wsss_domains.cli.common import (
     CliError,
     add_data_arguments,
@@ -28,7 +29,7 @@ from wsss_domains.pseudo_labels.raster import DEFAULT_MARGIN, DEFAULT_WINDOW, NO
 def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pseudo-labels",
-        help="write pseudo-labels for a split with a trained run",
+        help=command_help("pseudo-labels"),
         description=(
             "Compute multi-scale + flip CAMs of every image with the run's classifier and write palette PNG "
             "pseudo-labels (plus overlays, optionally raw CAMs). Each image's image-level labels are used, as "

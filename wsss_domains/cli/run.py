@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsss_domains.cli import command_help
 from wsss_domains.cli.common import CliError, add_method_arguments, method_options
 from wsss_domains.cli.predict import add_inference_arguments, inference_options
 from wsss_domains.cli.segment import add_segmenter_arguments, segmenter_settings
@@ -18,7 +19,7 @@ DEFAULT_BUDGET = 15.0
 def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "run",
-        help="the whole job: classifier, pseudo-labels, segmenter, label-free prediction, report",
+        help=command_help("run"),
         description=(
             "Train the classifier on --train-split, pseudo-label that split with its image-level labels and "
             "the domain's recommended method, train a segmenter on the pseudo-labels, segment --test-split "

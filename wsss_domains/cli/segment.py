@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsss_domains.cli import command_help
 from wsss_domains.cli.common import add_data_arguments, add_tiles_argument, tile_options
 from wsss_domains.pipeline.segmenter import DEFAULT_CROP, SegmenterSettings, fit_segmenter
 from wsss_domains.segmentation.model import ARCHITECTURES
@@ -52,7 +53,7 @@ def segmenter_settings(args: argparse.Namespace, minutes: float | None) -> Segme
 def add_segment_subcommand(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment",
-        help="train a segmentation network on pseudo-labels",
+        help=command_help("segment"),
         description=(
             "Train a segmentation network (segmentation-models-pytorch, timm encoder started from the "
             "packaged ImageNet weights) on the pseudo-labels of a split, as WSSS papers do after "

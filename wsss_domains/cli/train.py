@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsss_domains.cli import command_help
 from wsss_domains.cli.common import add_data_arguments, add_method_arguments, method_options
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
@@ -13,7 +14,7 @@ from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifie
 def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train a CAM classifier from image-level labels",
+        help=command_help("train"),
         description=(
             "Train a multi-label classifier with a CAM head from image-level labels. Without --data, "
             "runs the whole pipeline (classifier, pseudo-labels, segmenter, label-free prediction, evaluation; "

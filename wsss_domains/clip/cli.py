@@ -12,6 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from wsss_domains.cli import command_help
+
 DEFAULT_CLIP = "ViT-B-16"
 
 
@@ -34,7 +36,7 @@ def add_clip_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_prompts_subcommand(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add ``prompts {learn,list}`` to the main CLI's subparsers; returns the ``prompts`` parser."""
-    prompts = subparsers.add_parser("prompts", help="CLIP prompts: learn per-domain prompts, list them")
+    prompts = subparsers.add_parser("prompts", help=command_help("prompts"))
     commands = prompts.add_subparsers(dest="prompts_command", required=True)
 
     learn = commands.add_parser(

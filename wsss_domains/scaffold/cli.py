@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from wsss_domains.cli import command_help
 from wsss_domains.scaffold.scaffold import plugin_names, scaffold_domain
 
 
@@ -29,7 +30,7 @@ def add_new_domain_subcommand(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``new-domain`` to an ``add_subparsers()`` object; the handler is ``args.func(args)``."""
     parser = subparsers.add_parser(
         "new-domain",
-        help="write an installable domain-plugin package to start a new domain from",
+        help=command_help("new-domain"),
         description="Write an installable plugin package (pyproject entry point, plugin class, loader,"
         " metrics hook, prompts JSON, demo data generator, tests) for a new domain.",
     )
