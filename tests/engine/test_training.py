@@ -128,11 +128,11 @@ DDP_SCRIPT = """
 import json, os, sys
 sys.path.insert(0, {fakes_dir!r})
 import fakes
-import wsss_domains.cli.train as cli_train
+import wsss_domains.pipeline.classifier as api
 from wsss_domains.cli import main
 
 fakes.register()
-real_train = cli_train.train
+real_train = api.train
 
 
 def recording_train(*args, **kwargs):
@@ -146,7 +146,7 @@ def recording_train(*args, **kwargs):
     return trainer
 
 
-cli_train.train = recording_train
+api.train = recording_train
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from importlib.metadata import entry_points
 
-from wsss_domains.domains.contract import DomainPlugin
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 
 ENTRY_POINT_GROUP = "wsss_domains.domains"
 
@@ -43,3 +43,25 @@ def get_domain(name: str) -> DomainPlugin:
     if getattr(cls, "name", None) != name:
         raise TypeError(f"entry point '{name}' loads a plugin named {getattr(cls, 'name', None)!r}")
     return cls()
+
+
+def recorded_label_space(
+    domain_name: str, dataset: str, data: str | None, what: str = "the run"
+) -> tuple[DomainPlugin, LabelSpace]:
+    """The domain and label space a saved model (a run, a segmenter) recorded, without its data set.
+
+    The classes come from the domain's loader ``dataset``; one that declares its classes in its
+    data folder still needs that folder (``data``). Callers check the classes the model recorded.
+    """
+    from pathlib import Path
+
+    domain = get_domain(domain_name)
+    spec = domain.dataset(dataset)
+    if spec.label_space_from is None:
+        return domain, spec.label_space
+    if data is None or not Path(data).exists():
+        raise FileNotFoundError(
+            f"dataset '{spec.name}' declares its classes in its data folder, and {what}'s data folder "
+            f"{data} is not there"
+        )
+    return domain, spec.label_space_for(Path(data))

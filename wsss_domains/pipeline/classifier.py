@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wsss_domains.data.patches import pair
+from wsss_domains.errors import UserError
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
 from wsss_domains.pipeline.data import open_dataset, resolve_device, validate_dataset
 from wsss_domains.training.fit import TrainOptions, train
@@ -16,8 +17,11 @@ DEFAULT_IMAGE_SIZE = 224
 
 
 @dataclass
-class ClassifierSettings:
-    """How the classifier is built and trained (the ``train`` command's options)."""
+class ClassifierSettings(TrainOptions):
+    """How the classifier is built and trained (the ``train`` command's options).
+
+    The training budget, batch, learning rate and devices are :class:`TrainOptions`' fields.
+    """
 
     method: str = "cam"
     method_options: dict[str, object] = field(default_factory=dict)
@@ -32,17 +36,7 @@ class ClassifierSettings:
     patch_size: int | None = None
     # With labels_from_masks: K random windows per image and epoch instead of a fixed grid.
     random_patches: int | None = None
-    max_minutes: float | None = None
-    max_epochs: int | None = None
-    max_steps: int = -1
-    batch_size: int = 32
-    lr: float = 1e-3
     seed: int = 0
-    device: str = "auto"
-    devices: int = 1
-    strategy: str = "auto"
-    num_workers: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -69,6 +63,9 @@ def train_classifier(
     Re-running with the same ``out`` resumes from its last checkpoint.
     """
     settings = settings or ClassifierSettings()
+    settings.check()
+    if settings.image_size is not None and settings.image_size < 16:
+        raise UserError(f"--image-size must be at least 16 pixels, got {settings.image_size}")
     device = resolve_device(settings.device)
     opened = open_dataset(
         domain,
@@ -112,18 +109,7 @@ def train_classifier(
         seed=settings.seed,
         demo=demo,
     )
-    options = TrainOptions(
-        max_minutes=settings.max_minutes,
-        max_epochs=settings.max_epochs,
-        max_steps=settings.max_steps,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        num_workers=settings.num_workers,
-        device=device,
-        devices=settings.devices,
-        strategy=settings.strategy,
-        progress=settings.progress,
-    )
+    options = replace(settings, device=device)
     if log:
         print(
             f"training {settings.backbone} ({settings.method}) on {opened.spec.name}/{opened.split}: "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wsss_domains.data.patches import pair
@@ -21,8 +21,11 @@ STRIDE = 32  # segmentation_models_pytorch needs inputs divisible by the encoder
 
 
 @dataclass
-class SegmenterSettings:
-    """How the segmenter is built and trained (the ``segment`` command's options)."""
+class SegmenterSettings(TrainOptions):
+    """How the segmenter is built and trained (the ``segment`` command's options).
+
+    The training budget, learning rate and devices are :class:`TrainOptions`' fields.
+    """
 
     # Architecture (deeplabv3plus, unet, fpn, segformer); None: deeplabv3plus (or the domain's recipe).
     arch: str | None = None
@@ -32,28 +35,16 @@ class SegmenterSettings:
     # Training crop side; None: the run's patch size when it trained on patches, else 320.
     crop_size: int | None = None
     scale: float = 1.0
-    max_minutes: float | None = None
-    max_epochs: int | None = None
-    max_steps: int = -1
     batch_size: int = 8
-    lr: float = 1e-3
     seed: int = 0
-    device: str = "auto"
-    devices: int = 1
-    strategy: str = "auto"
-    num_workers: int = 0
-    progress: bool = True
 
     def check(self) -> None:
+        super().check()
         check_architecture(self.arch or DEFAULT_ARCH)
         if self.crop_size is not None and (self.crop_size < STRIDE or self.crop_size % STRIDE):
             raise UserError(f"--crop-size must be a positive multiple of {STRIDE}, got {self.crop_size}")
         if not self.scale > 0:
             raise UserError(f"--scale must be positive, got {self.scale}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise UserError(f"--max-minutes must be positive, got {self.max_minutes}")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
 
 
 def default_crop(run: RunConfig, training: PseudoLabelledDataset, scale: float) -> tuple[int, int]:
@@ -122,18 +113,7 @@ def fit_segmenter(
         split=opened.split,
         seed=settings.seed,
     )
-    options = TrainOptions(
-        max_minutes=settings.max_minutes,
-        max_epochs=settings.max_epochs,
-        max_steps=settings.max_steps,
-        batch_size=settings.batch_size,
-        lr=settings.lr,
-        num_workers=settings.num_workers,
-        device=resolve_device(settings.device),
-        devices=settings.devices,
-        strategy=settings.strategy,
-        progress=settings.progress,
-    )
+    options = replace(settings, device=resolve_device(settings.device))
     if log and os.environ.get("LOCAL_RANK", "0") == "0":
         print(
             f"training segmenter {config.arch} ({config.encoder}) on {len(training)} pseudo-labelled samples "

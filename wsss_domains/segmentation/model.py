@@ -73,22 +73,12 @@ class SegmenterConfig:
 
     def label_space(self) -> tuple[DomainPlugin, LabelSpace]:
         """The domain and label space the segmenter predicts (classes checked against the domain's)."""
-        from wsss_domains.domains import get_domain
+        from wsss_domains.domains.registry import recorded_label_space
 
-        domain = get_domain(self.domain)
-        spec = domain.dataset(self.dataset)
-        if spec.label_space_from is not None:
-            if self.data is None or not Path(self.data).exists():
-                raise UserError(
-                    f"dataset '{spec.name}' declares its classes in its data folder, and the segmenter's data "
-                    f"folder {self.data} is not there"
-                )
-            label_space = spec.label_space_for(Path(self.data))
-        else:
-            label_space = spec.label_space
+        domain, label_space = recorded_label_space(self.domain, self.dataset, self.data, "the segmenter")
         if list(label_space.classes) != list(self.classes):
             raise UserError(
-                f"the segmenter predicts classes {self.classes}, but {spec.name} has {list(label_space.classes)}"
+                f"the segmenter predicts classes {self.classes}, but {self.dataset} has {list(label_space.classes)}"
             )
         return domain, label_space
 

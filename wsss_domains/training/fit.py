@@ -39,6 +39,25 @@ class TrainOptions:
     # Lightning precision; None: bf16 (else fp16) mixed precision on a GPU, full precision on the CPU.
     precision: str | None = None
 
+    def check(self) -> None:
+        """Refuse budgets and sizes that would train nothing or fail deep inside Lightning."""
+        from wsss_domains.errors import UserError
+
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise UserError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise UserError(f"--max-epochs must be at least 1, got {self.max_epochs}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise UserError(f"--max-steps must be positive (or -1: no limit), got {self.max_steps}")
+        if self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise UserError(f"--lr must be positive, got {self.lr}")
+        if self.devices < 1 or self.num_workers < 0:
+            raise UserError(
+                f"--devices must be >= 1 and --num-workers >= 0, got {self.devices}, {self.num_workers}"
+            )
+
 
 def default_precision(accelerator: str) -> str:
     """Mixed precision where a GPU runs it (bf16 where supported: no loss scaling); fp32 elsewhere."""
@@ -104,6 +123,7 @@ def fit_task(
     into the same ``out`` resumes from ``checkpoints/last.ckpt`` and keeps the metrics logged
     before. Mixed precision on CUDA.
     """
+    options.check()
     max_seconds = options.max_minutes * 60 if options.max_minutes else None
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1),

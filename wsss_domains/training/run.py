@@ -71,22 +71,12 @@ def run_label_space(config: RunConfig) -> tuple[DomainPlugin, LabelSpace]:
     ``domain`` and ``dataset``; a dataset that declares its classes in its data folder still needs
     that folder (``config.data``). The run's foreground classes must match, or ids would be wrong.
     """
-    from wsss_domains.domains import get_domain
+    from wsss_domains.domains.registry import recorded_label_space
 
-    domain = get_domain(config.domain)
-    spec = domain.dataset(config.dataset)
-    if spec.label_space_from is not None:
-        if config.data is None or not Path(config.data).exists():
-            raise FileNotFoundError(
-                f"dataset '{spec.name}' declares its classes in its data folder, and the run's data folder "
-                f"{config.data} is not there"
-            )
-        label_space = spec.label_space_for(Path(config.data))
-    else:
-        label_space = spec.label_space
+    domain, label_space = recorded_label_space(config.domain, config.dataset, config.data)
     if list(label_space.foreground_names) != list(config.foreground):
         raise ValueError(
-            f"the run was trained on classes {config.foreground}, but {spec.name} has "
+            f"the run was trained on classes {config.foreground}, but {config.dataset} has "
             f"{list(label_space.foreground_names)}"
         )
     return domain, label_space
