@@ -32,10 +32,15 @@ def test_run_on_the_demo_data_trains_both_networks_and_reports_both_figures(tmp_
         "pseudo-labels (test split, labels given)",
         "segmenter",
         "segmentation (test split, no labels)",
+        "pseudo-labels (test split, predicted labels: no labels)",
     ]
     # The training patches carry labels in their names but no masks: nothing to score there.
     assert stages["pseudo-labels (training split, labels given)"]["evaluation"] is None
-    for name in ("pseudo-labels (test split, labels given)", "segmentation (test split, no labels)"):
+    for name in (
+        "pseudo-labels (test split, labels given)",
+        "segmentation (test split, no labels)",
+        "pseudo-labels (test split, predicted labels: no labels)",
+    ):
         evaluation = stages[name]["evaluation"]
         assert evaluation["n_images"] == 12 and 0.0 <= evaluation["miou"] <= 1.0
     assert len(list((out / "predictions" / "test").glob("*.png"))) == 12

@@ -54,12 +54,14 @@ def pseudo_label_split(
     progress: bool = True,
     dataset_options: Mapping[str, object] | None = None,
     runtime: str = "auto",
+    predicted_labels: bool = False,
 ) -> PseudoLabelSummary:
     """Pseudo-label every image of ``split`` with the run at ``run`` into PNGs in ``out``.
 
     ``dataset_options`` go to the loader, e.g. ``labels_from_masks``/``patch_size`` to score tiles.
     ``runtime``: where the CAM pass runs (``auto``: ONNX Runtime on the CPU, see
-    :mod:`wsss_domains.models.runtime`).
+    :mod:`wsss_domains.models.runtime`). ``predicted_labels``: ignore the split's image-level labels
+    and use the classifier's predictions (label-free pseudo-labels of unlabelled images).
     """
     config, model, modules = load_run(run, device)
     opened = open_dataset(domain_name or config.domain, dataset, data, split, **(dataset_options or {}))
@@ -82,7 +84,7 @@ def pseudo_label_split(
     extractor.use_runtime(resolve_runtime(runtime, device), cache=Path(run) / RUNTIME_CACHE)
     fit_on_training_split(method, config, run, extractor, opened.domain, label_space, progress)
     options = PseudoLabelOptions(
-        label_source="masks" if labels_from_masks else "auto",
+        label_source="predicted" if predicted_labels else "masks" if labels_from_masks else "auto",
         bg_threshold=bg_threshold,
         save_cams=save_cams,
         overlays=overlays,

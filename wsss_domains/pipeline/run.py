@@ -6,7 +6,8 @@ the segmenter on those pseudo-labels, segments the test split without reading an
 and scores every stage where masks exist. It writes one report (JSON, Markdown, HTML) with the two
 figures WSSS papers report: pseudo-labels of the training images (labels given) and segmentation
 of unseen images (no labels); beside them, the pseudo-labels of the test images with their labels
-given, which tells how much the segmenter adds.
+given, which tells how good pseudo-labels are on those images, and the classifier pipeline run on
+the test split with its own predicted labels (no labels), the baseline the segmenter must beat.
 
 Layout of ``out``::
 
@@ -14,6 +15,7 @@ Layout of ``out``::
     pseudo-labels/train/     pseudo-labels of the training split (labels given)
     pseudo-labels/test/      pseudo-labels of the test split (labels given, at the training split's
                              granularity: whole images, or the classifier's patches; for the figure only)
+    pseudo-labels/test-predicted-labels/   the same with the classifier's predicted labels (no labels)
     segmenter/               the segmenter (segment --out)
     predictions/test/        the segmenter's predictions of the test split (no labels)
     report.json, report.md, report.html
@@ -35,10 +37,12 @@ from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifie
 from wsss_domains.pipeline.data import open_dataset, resolve_device
 from wsss_domains.pipeline.evaluate import evaluate_split
 from wsss_domains.pipeline.predict import predict_split
-from wsss_domains.pipeline.pseudo_labels import pseudo_label_and_score
+from wsss_domains.pipeline.pseudo_labels import ScoredPseudoLabels, pseudo_label_and_score
 from wsss_domains.pipeline.report import write_run_report
 from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 from wsss_domains.segmentation.inference import InferenceOptions
+
+LABEL_FREE_STAGE = "pseudo-labels (test split, predicted labels: no labels)"
 
 
 @dataclass
@@ -246,8 +250,33 @@ def run_pipeline(
         report.stages[-1].evaluation = evaluate_split(
             domain, spec.name, data, test_split, predictions, progress
         ).to_dict()
+    if settings.test_pseudo_labels and test_masks:
+        label_free = out / "pseudo-labels" / "test-predicted-labels"
+        scored = timed(
+            LABEL_FREE_STAGE,
+            label_free,
+            lambda: label_free_pseudo_labels(
+                run_dir, domain, spec.name, data, test_split, label_free, common
+            ),
+            note=f"method {method}, whole images, the classifier's predicted image labels",
+        )
+        report.stages[-1].evaluation = scored.report.to_dict()
     write_run_report(report, out)
     return report
+
+
+def label_free_pseudo_labels(
+    run: Path, domain: str, dataset: str, data: Path, split: str, out: Path, common: dict[str, Any]
+) -> ScoredPseudoLabels:
+    """The classifier pipeline on unlabelled images: pseudo-labels from its own predicted labels.
+
+    The baseline the segmenter must beat on images without labels; at the granularity of the other
+    pseudo-labels (``common["dataset_options"]``: whole images or patches, each labelled on its own).
+    """
+    options = {**common, "overlays": False}
+    return pseudo_label_and_score(
+        run, domain, dataset, data, split, out, predicted_labels=True, score=True, **options
+    )
 
 
 def headline(report: RunReport) -> list[tuple[str, float | None]]:

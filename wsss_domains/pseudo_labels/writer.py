@@ -100,8 +100,8 @@ def write_pseudo_labels(
         cams = extractor(image)
         present = image_labels(sample, label_space, options.label_source)
         if present is None:
-            with torch.no_grad():
-                logits = extractor.model(image[None])["logits"][0]
+            with torch.no_grad():  # at the magnification the classifier was trained at
+                logits = extractor.model(extractor.training_view(image))["logits"][0]
             present = labels_from_logits(logits)
             summary.predicted_label_images += 1
         if present.numel() != len(label_space.foreground):
