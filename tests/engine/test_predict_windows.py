@@ -139,6 +139,7 @@ def _slide_labels(tif: Path) -> np.ndarray:
         return src.read(1)
 
 
+@pytest.mark.slow
 def test_a_slide_is_predicted_over_tissue_only_and_resumes_after_a_kill(segmenter: Path, tmp_path: Path):
     from wsss_domains.pipeline.predict import predict_slides
 

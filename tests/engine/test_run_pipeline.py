@@ -52,7 +52,10 @@ def test_run_on_the_demo_data_trains_both_networks_and_reports_both_figures(tmp_
 
 def test_run_needs_both_splits_with_data_and_none_without(tmp_path: Path, capsys):
     for args, fragment in (
-        (["--data", str(tmp_path), "--train-split", "train"], "with --data, give --train-split, --test-split"),
+        (
+            ["--data", str(tmp_path), "--train-split", "train"],
+            "with --data, give --train-split, --test-split",
+        ),
         (["--test-split", "val"], "apply to --data"),
     ):
         assert main(["run", "--domain", "histo", *args]) == 2

@@ -20,7 +20,6 @@ import fakes  # noqa: E402
 from sam_fixtures import build_tiny_sam  # noqa: E402
 
 from wsss_domains.cam.extract import CamExtractor  # noqa: E402
-from wsss_domains.pipeline.pseudo_labels import pseudo_label_split  # noqa: E402
 from wsss_domains.data.io import read_index_mask  # noqa: E402
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace, PromptKind, SamStrategy  # noqa: E402
 from wsss_domains.methods import create_method, list_methods  # noqa: E402
@@ -29,6 +28,7 @@ from wsss_domains.methods.s2c import S2C  # noqa: E402
 from wsss_domains.methods.sam_base import SAM_CACHE_ENV, sam_cache_dir  # noqa: E402
 from wsss_domains.methods.sam_proto import fuse_prototype_cams  # noqa: E402
 from wsss_domains.models.classifier import CamClassifier  # noqa: E402
+from wsss_domains.pipeline.pseudo_labels import pseudo_label_split  # noqa: E402
 from wsss_domains.pseudo_labels.assemble import cams_to_labels  # noqa: E402
 from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, write_pseudo_labels  # noqa: E402
 from wsss_domains.sam import registry as sam_registry  # noqa: E402
