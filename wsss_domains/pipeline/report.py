@@ -13,9 +13,11 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw
 
 from wsss_domains.data.io import atomic_write
+from wsss_domains.domains.contract import LabelSpace
 
 if TYPE_CHECKING:
     from wsss_domains.pipeline.run import RunReport
@@ -60,8 +62,45 @@ def markdown(report: RunReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _picture(path: Path) -> str:
-    image = Image.open(path).convert("RGB")
+def comparison_pictures(
+    dataset: Any, label_space: LabelSpace, folders: dict[str, Path], limit: int = MAX_PICTURES
+) -> list[tuple[str, Image.Image]]:
+    """Side by side for the first images of a split: the image, its ground truth, then each folder's
+    labels (pseudo-labels, predictions) blended over it; unscored pixels stay bare."""
+    from wsss_domains.data.io import read_index_mask
+    from wsss_domains.evaluation.evaluate import pred_filename
+
+    palette = np.asarray(label_space.flat_palette(), dtype=np.float32).reshape(-1, 3)
+    pictures = []
+    for i in range(min(limit, len(dataset))):
+        sample = dataset[i]
+        rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).astype(np.float32)
+        maps = {"ground truth": sample.get("mask")}
+        for title, folder in folders.items():
+            path = Path(folder) / pred_filename(sample["id"])
+            maps[title] = read_index_mask(path) if path.is_file() else None
+        panels = [rgb]
+        titles = ["image"]
+        for title, ids in maps.items():
+            if ids is None:
+                continue
+            ids = ids.numpy()
+            scored = (ids != label_space.ignore_index)[..., None]
+            panels.append(np.where(scored, 0.45 * rgb + 0.55 * palette[ids], rgb))
+            titles.append(title)
+        h, w = rgb.shape[:2]
+        canvas = Image.new("RGB", (w * len(panels), h + 14), (255, 255, 255))
+        draw = ImageDraw.Draw(canvas)
+        for k, (panel, title) in enumerate(zip(panels, titles, strict=True)):
+            canvas.paste(Image.fromarray(panel.astype(np.uint8)), (k * w, 14))
+            draw.text((k * w + 2, 1), title, fill=(0, 0, 0))
+        pictures.append((str(sample["id"]), canvas))
+    return pictures
+
+
+def _picture(source: Path | Image.Image) -> str:
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    image = image.convert("RGB")
     if image.width > PICTURE_WIDTH:
         image = image.resize((PICTURE_WIDTH, round(image.height * PICTURE_WIDTH / image.width)))
     buffer = io.BytesIO()
@@ -69,8 +108,9 @@ def _picture(path: Path) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def html_page(report: RunReport, out: Path) -> str:
-    """A self-contained page: the tables of :func:`markdown` and the first prediction overlays."""
+def html_page(report: RunReport, out: Path, pictures: list[tuple[str, Image.Image]] | None = None) -> str:
+    """A self-contained page: the tables of :func:`markdown` and pictures of the test images (the
+    given comparisons, else the prediction overlays)."""
     esc = html.escape
     rows = "".join(
         f"<tr><td>{esc(s.name)}</td><td>{_fmt(s.evaluation['miou']) if s.evaluation else 'not scored'}</td>"
@@ -101,21 +141,26 @@ def html_page(report: RunReport, out: Path) -> str:
             cells = "".join(f"<td>{_fmt(ev['per_class_iou'].get(c))}</td>" for c in classes)
             parts.append(f"<tr><td>{esc(name)}</td>{cells}</tr>")
         parts.append("</table>")
-    overlays = sorted((out / "predictions" / "test" / "overlays").glob("*.png"))[:MAX_PICTURES]
-    if overlays:
-        parts.append("<h2>Predictions (no labels)</h2>")
-        for path in overlays:
-            parts.append(f"<p>{esc(path.stem)}<br><img src='data:image/png;base64,{_picture(path)}'></p>")
+    shown: list[tuple[str, Path | Image.Image]] = list(pictures or [])
+    if not shown:
+        overlays = sorted((out / "predictions" / "test" / "overlays").glob("*.png"))[:MAX_PICTURES]
+        shown = [(path.stem, path) for path in overlays]
+    if shown:
+        parts.append("<h2>Test images: segmentation without labels</h2>")
+        for name, picture in shown:
+            parts.append(f"<p>{esc(name)}<br><img src='data:image/png;base64,{_picture(picture)}'></p>")
     parts.append("</body></html>")
     return "".join(parts)
 
 
-def write_run_report(report: RunReport, out: Path) -> None:
+def write_run_report(
+    report: RunReport, out: Path, pictures: list[tuple[str, Image.Image]] | None = None
+) -> None:
     """``report.json``, ``report.md`` and ``report.html`` in ``out``."""
     out = Path(out)
     data = json.dumps(report.to_dict(), indent=2, default=str)
     atomic_write(out / "report.json", lambda tmp: tmp.write_text(data))
     text = markdown(report)
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
-    page = html_page(report, out)
+    page = html_page(report, out, pictures)
     atomic_write(out / "report.html", lambda tmp: tmp.write_text(page))

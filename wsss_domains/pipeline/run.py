@@ -38,7 +38,7 @@ from wsss_domains.pipeline.data import open_dataset, resolve_device
 from wsss_domains.pipeline.evaluate import evaluate_split
 from wsss_domains.pipeline.predict import predict_split
 from wsss_domains.pipeline.pseudo_labels import ScoredPseudoLabels, pseudo_label_and_score
-from wsss_domains.pipeline.report import write_run_report
+from wsss_domains.pipeline.report import comparison_pictures, write_run_report
 from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 from wsss_domains.segmentation.inference import InferenceOptions
 
@@ -261,7 +261,16 @@ def run_pipeline(
             note=f"method {method}, whole images, the classifier's predicted image labels",
         )
         report.stages[-1].evaluation = scored.report.to_dict()
-    write_run_report(report, out)
+    pictures = None
+    if test_masks:
+        folders = {
+            "pseudo-label (labels given)": out / "pseudo-labels" / "test",
+            "segmenter (no labels)": predictions,
+        }
+        if pl_options:  # patch pseudo-labels have no whole-image file to show
+            folders.pop("pseudo-label (labels given)")
+        pictures = comparison_pictures(test_opened.dataset, test_opened.label_space, folders)
+    write_run_report(report, out, pictures)
     return report
 
 
