@@ -35,10 +35,28 @@ def _open(path: Path) -> Image.Image:
     return image
 
 
+# Single-channel modes holding more than 8 bits (PIL's convert("RGB") would clip them to white).
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
 def read_rgb(path: Path | str) -> Tensor:
-    """An image file as float32 ``3xHxW`` in [0, 1]."""
-    image = _open(Path(path)).convert("RGB")
-    array = np.asarray(image, dtype=np.uint8)
+    """An image file as float32 ``3xHxW`` in [0, 1].
+
+    8-bit images of any mode (grey, palette, RGBA, CMYK, ...) go through PIL's RGB conversion;
+    16-bit, 32-bit integer and float greyscale images are scaled from their own value range
+    (minimum to maximum) to [0, 1] and repeated on three channels.
+    """
+    image = _open(Path(path))
+    if image.mode in WIDE_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            raise DataError(path, f"holds no finite pixel value (mode {image.mode})")
+        lo, hi = float(finite.min()), float(finite.max())
+        scaled = np.nan_to_num((values - lo) / (hi - lo) if hi > lo else np.zeros_like(values), nan=0.0)
+        grey = torch.from_numpy(scaled.astype(np.float32)).clamp_(0.0, 1.0)
+        return grey[None].expand(3, -1, -1).contiguous()
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
