@@ -163,6 +163,10 @@ def train_args(shapes: Path, out: Path, **changes: str | None) -> list[str | Pat
         ({"--domain": "nope"}, ("unknown domain 'nope'; installed domains:", "histo")),
         ({"--dataset": "nope"}, ("domain 'fake' has no dataset 'nope'; known: shapes, shapes-declared",)),
         ({"--split": "nope"}, ("split 'nope' not found",)),
+        ({"--max-minutes": "-1"}, ("--max-minutes must be positive, got -1.0",)),
+        ({"--max-steps": "0"}, ("--max-steps must be positive (or -1: no limit), got 0",)),
+        ({"--image-size": "0"}, ("--image-size must be at least 16 pixels, got 0",)),
+        ({"--batch-size": "0"}, ("--batch-size must be at least 1, got 0",)),
     ],
 )
 def test_train_with_bad_arguments_fails_cleanly(capsys, shapes: Path, tmp_path: Path, changes, fragments):
@@ -389,3 +393,44 @@ def test_a_dataset_declaring_its_classes_in_the_folder_trains_on_those_classes(c
     assert "on shapes-declared/train" in out  # recognised from the folder
     config = json.loads((run / "run.json").read_text())
     assert config["classes"] == ["background", "red", "blue"] and config["foreground"] == ["red", "blue"]
+
+
+def test_damaged_files_in_a_run_are_named_in_one_line(capsys, trained: tuple[Path, Path], tmp_path: Path):
+    root, run = trained
+    broken = tmp_path / "run"
+    shutil.copytree(run, broken)
+    model = broken / "model.pt"
+    model.write_bytes(model.read_bytes()[:1000])  # truncated
+    code, _, err = cli(capsys, "pseudo-labels", "--run", broken, "--data", root, "--out", tmp_path / "pl")
+    line = assert_one_error(code, err, "model.pt: unreadable model weights")
+    assert "weights_only=False" not in line  # torch's unsafe suggestion is not passed on
+    ckpt = broken / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    code, _, err = cli(capsys, *train_args(root, broken))
+    assert_one_error(code, err, "last.ckpt: damaged checkpoint", "delete it to train from the start")
+
+
+def test_bad_scales_and_a_file_in_the_way_of_out_are_one_line(
+    capsys, trained: tuple[Path, Path], tmp_path: Path
+):
+    root, run = trained
+    for scales in ("0", "1,-0.5"):
+        code, _, err = cli(
+            capsys,
+            "pseudo-labels",
+            "--run",
+            run,
+            "--data",
+            root,
+            "--out",
+            tmp_path / "pl",
+            "--scales",
+            scales,
+        )
+        assert_one_error(code, err, "--scales must lie in (0, 8]")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = cli(
+        capsys, "pseudo-labels", "--run", run, "--data", root, "--out", blocker / "pl", "--no-progress"
+    )
+    assert_one_error(code, err, str(blocker))

@@ -73,7 +73,7 @@ def test_unknown_architectures_and_broken_folders_are_named(tmp_path: Path):
     loaded_cfg, model = load_segmenter(tmp_path)
     assert loaded_cfg == cfg and not model.training
     (tmp_path / "model.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="model.pt: unreadable"):
+    with pytest.raises(UserError, match="model.pt: unreadable segmenter weights"):
         load_segmenter(tmp_path)
 
 

@@ -115,7 +115,8 @@ def _user_error(exc: BaseException) -> bool:
     from wsss_domains.errors import UserError
     from wsss_domains.models.weights import WeightsNotFound
 
-    return isinstance(exc, (UserError, DataError, WeightsNotFound, FileNotFoundError, ValueError, KeyError))
+    # OSError: the filesystem refused (permission, a file where a folder must be, disk full); it names the path.
+    return isinstance(exc, (UserError, DataError, WeightsNotFound, OSError, ValueError, KeyError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -231,6 +231,8 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         scales = tuple(float(s) for s in args.scales.split(","))
     except ValueError as exc:
         raise CliError(f"--scales must be comma-separated numbers, got '{args.scales}'") from exc
+    if not all(0 < s <= 8 for s in scales):
+        raise CliError(f"--scales must lie in (0, 8], got '{args.scales}'")
     if args.raster is not None:
         return run_raster(args, scales)
     for flag in RASTER_FLAGS:

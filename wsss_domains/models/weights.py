@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,24 @@ PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
 }
 
 
+def load_state(path: Path | str, what: str = "weights") -> dict[str, torch.Tensor]:
+    """A saved state dict (tensors only, never pickled code); one clear error for a broken file.
+
+    torch's own message for a truncated or foreign file goes on to suggest ``weights_only=False``
+    (running the file's code); the user sees only its first line, with the file named.
+    """
+    from wsss_domains.errors import UserError
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: unreadable {what} ({reason}); re-create or replace the file") from exc
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not {what} (a state dict)")
+    return state
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -130,8 +149,8 @@ def load_backbone_weights(model: nn.Module, model_name: str, weights: str | os.P
     path = Path(weights)
     if not path.is_file():
         raise WeightsNotFound(f"weights file {path} does not exist (--weights)")
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(source, dict) and "state_dict" in source:
+    source = load_state(path, "weights (--weights)")
+    if "state_dict" in source:
         source = source["state_dict"]
     missing, _ = model.load_state_dict(source, strict=False)
     if missing:

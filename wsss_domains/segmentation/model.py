@@ -9,7 +9,6 @@ and ``model.pt`` (weights); ``predict --model SEG`` needs nothing else.
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from wsss_domains.data.io import atomic_write
 from wsss_domains.domains.contract import IMAGENET_MEAN, IMAGENET_STD, DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
+from wsss_domains.models.weights import load_state
 
 CONFIG_FILE = "segmenter.json"
 WEIGHTS_FILE = "model.pt"
@@ -142,11 +142,9 @@ def load_segmenter(folder: Path, device: str | torch.device = "cpu") -> tuple[Se
     if not path.is_file():
         raise UserError(f"{path} not found: the segmenter has no finished model (did `segment` complete?)")
     model = build_segmenter(config, weights="random")
+    state = load_state(path, "segmenter weights")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        # The first line only: torch's own message goes on to suggest weights_only=False.
-        reason = str(exc).splitlines()[0][:200]
-        raise UserError(f"{path}: unreadable or not this segmenter's weights ({reason})") from exc
+    except RuntimeError as exc:
+        raise UserError(f"{path}: not this segmenter's weights ({str(exc).splitlines()[0][:200]})") from exc
     return config, model.to(device).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import warnings
+import zipfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -152,6 +153,8 @@ def fit_task(
         limit_val_batches=1.0 if val_loader is not None else 0,
     )
     last = out / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        check_checkpoint(last)
     metrics = out / "logs" / "metrics.csv"
     earlier = _read_metrics(metrics) if last.is_file() else []
     with warnings.catch_warnings():
@@ -163,6 +166,24 @@ def fit_task(
     if trainer.is_global_zero:
         _restore_earlier_metrics(metrics, earlier)
     return trainer
+
+
+def check_checkpoint(path: Path) -> None:
+    """A checkpoint to resume from must be whole: a truncated or damaged file is named, with the fix.
+
+    torch saves zip archives; every member's checksum is verified (cheap next to a training step).
+    """
+    from wsss_domains.errors import UserError
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        damaged = str(exc) or type(exc).__name__
+    if damaged is not None:
+        raise UserError(
+            f"{path}: damaged checkpoint ({damaged}); delete it to train from the start, or use another --out"
+        )
 
 
 def _read_metrics(path: Path) -> list[dict[str, str]]:

@@ -17,6 +17,7 @@ from wsss_domains.data.io import atomic_write
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.models.classifier import DEFAULT_BACKBONE, CamClassifier
 from wsss_domains.models.vit import VitCamClassifier, is_vit_backbone
+from wsss_domains.models.weights import load_state
 
 RUN_FILE = "run.json"
 MODEL_FILE = "model.pt"
@@ -114,10 +115,14 @@ def load_run(
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run has no finished model (did training complete?)")
     model = build_model(config, weights="random")
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    state = load_state(path, "model weights")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: not the weights of this run's model ({str(exc).splitlines()[0]})") from exc
     method = create_method(config.method, **config.method_options)
     modules = method.build_modules(model)
     extra = Path(run_dir) / METHOD_FILE
     if len(modules) and extra.is_file():
-        modules.load_state_dict(torch.load(extra, map_location="cpu", weights_only=True))
+        modules.load_state_dict(load_state(extra, "method modules"))
     return config, model.to(device).eval(), modules.to(device).eval()
