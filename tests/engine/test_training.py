@@ -193,3 +193,55 @@ def test_ddp_with_two_cpu_processes(shapes: Path, tmp_path: Path):
         if "num_batches" not in k and "running" not in k
     )
     assert total == pytest.approx(ranks[0]["checksum"], rel=1e-9)  # rank 0 saved what it trained
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {fakes_dir!r})
+import fakes
+from wsss_domains.cli import main
+
+fakes.register()
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+@pytest.mark.slow
+def test_train_killed_mid_budget_resumes_past_its_checkpoint_with_its_log(tmp_path: Path):
+    """SIGKILL (no clean-up at all) in the middle of a time budget, then the same command again."""
+    data = fakes.write_shapes(tmp_path / "data", n_train=40, n_val=1, n_unlabelled=0)  # 20 steps an epoch
+    script = tmp_path / "train.py"
+    script.write_text(KILL_SCRIPT.format(fakes_dir=str(Path(fakes.__file__).parent)))
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(script), "train", "--domain", fakes.FAKE_DOMAIN, "--data", str(data)]
+    cmd += ["--out", str(out), "--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32"]
+    cmd += ["--batch-size", "2", "--device", "cpu", "--no-progress", "--checkpoint-minutes", "0.005"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    child = subprocess.Popen([*cmd, "--max-minutes", "10"], env=env)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and child.poll() is None:
+        if (
+            last.is_file()
+            and len(logged_steps(out) if (out / "logs" / "metrics.csv").is_file() else []) >= 30
+        ):
+            break
+        time.sleep(0.2)
+    assert child.poll() is None, "training ended before it could be killed"
+    child.kill()
+    child.wait()
+    reached = _checkpoint_step(last)
+    before = logged_steps(out)
+    assert reached >= 10 and not (out / "model.pt").exists()
+    # The same job again, now bounded by steps: it continues from the checkpoint, not from step 0.
+    done = subprocess.run([*cmd, "--max-steps", str(reached + 5)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _checkpoint_step(last) == reached + 5
+    after = logged_steps(out)
+    assert [s for s in after if s < reached] == [s for s in before if s < reached]  # the log before the kill
+    assert max(after) >= reached  # and the steps after it
+    assert (out / "model.pt").is_file()

@@ -58,6 +58,12 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=float, help="wall-clock training budget (demo default: 2)")
     p.add_argument("--max-epochs", type=int, help="epoch limit (default: 10 without --max-minutes)")
     p.add_argument("--max-steps", type=int, default=-1, help="optimiser step limit (-1: none)")
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=5.0,
+        help="save checkpoints/last.ckpt at least this often (and every epoch); a killed run resumes from it",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3, help="head learning rate (backbone: 0.1x)")
     p.add_argument("--seed", type=int, default=0)
@@ -85,6 +91,7 @@ def classifier_settings(args: argparse.Namespace) -> ClassifierSettings:
         max_minutes=args.max_minutes,
         max_epochs=args.max_epochs,
         max_steps=args.max_steps,
+        checkpoint_minutes=args.checkpoint_minutes,
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,

@@ -39,6 +39,9 @@ class TrainOptions:
     progress: bool = True
     # Lightning precision; None: bf16 (else fp16) mixed precision on a GPU, full precision on the CPU.
     precision: str | None = None
+    # A checkpoint (checkpoints/last.ckpt) at least this often, besides one per epoch: a killed run
+    # loses at most these minutes of training.
+    checkpoint_minutes: float = 5.0
 
     def check(self) -> None:
         """Refuse budgets and sizes that would train nothing or fail deep inside Lightning."""
@@ -54,6 +57,8 @@ class TrainOptions:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
+        if not self.checkpoint_minutes > 0:
+            raise UserError(f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}")
         if self.devices < 1 or self.num_workers < 0:
             raise UserError(
                 f"--devices must be >= 1 and --num-workers >= 0, got {self.devices}, {self.num_workers}"
@@ -128,6 +133,12 @@ def fit_task(
     max_seconds = options.max_minutes * 60 if options.max_minutes else None
     callbacks: list[L.Callback] = [
         ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1),
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            save_last=True,
+            save_top_k=0,
+            train_time_interval=timedelta(minutes=options.checkpoint_minutes),
+        ),
         BudgetCosineSchedule(max_seconds),
     ]
     if max_seconds:
@@ -142,7 +153,8 @@ def fit_task(
         max_epochs=max_epochs,
         max_steps=options.max_steps,
         callbacks=callbacks,
-        logger=CSVLogger(out, name="logs", version=""),
+        # Flushed every 10 steps: a killed run keeps the log of the steps its checkpoint holds.
+        logger=CSVLogger(out, name="logs", version="", flush_logs_every_n_steps=10),
         enable_progress_bar=options.progress,
         enable_model_summary=False,
         # Every step: a short run (a few steps, a tiny time budget) must still leave logs/metrics.csv.
