@@ -204,7 +204,7 @@ def test_bad_segment_and_predict_input_is_one_line(pipeline_run, tmp_path: Path,
         (["predict", "--model", seg, "--images", root, "--out", tmp_path / "p", "--level", "1"],
          "--level and --mpp apply to --slide"),
         (["predict", "--model", seg, "--images", root, "--out", tmp_path / "p", "--network-window", "100"],
-         "--window must be a positive multiple of 32"),
+         "--network-window must be a positive multiple of 32"),
     ]  # fmt: skip
     for args, fragment in cases:
         capsys.readouterr()

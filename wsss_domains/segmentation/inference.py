@@ -32,18 +32,20 @@ class InferenceOptions:
 
     window: int = DEFAULT_WINDOW  # side of the network's input windows, in network pixels
     overlap: float = 0.25  # share of a window its neighbours overlap
-    batch: int = 4  # windows per forward pass (each doubled by the flip)
+    # Windows per forward pass (each doubled by the flip). One: memory stays bounded by a single
+    # window pair; more windows per pass were not faster on the CPU (benchmarks/results/predict_raster_memory.md).
+    batch: int = 1
     flip: bool = True
     runtime: str = "auto"  # auto | torch | onnx (see wsss_domains.models.runtime)
     device: str = "cpu"
 
     def check(self) -> None:
         if self.window < 32 or self.window % 32:
-            raise UserError(f"--window must be a positive multiple of 32, got {self.window}")
+            raise UserError(f"--network-window must be a positive multiple of 32, got {self.window}")
         if not 0.0 <= self.overlap < 1.0:
             raise UserError(f"--overlap must lie in [0, 1), got {self.overlap}")
         if self.batch < 1:
-            raise UserError(f"--batch must be at least 1, got {self.batch}")
+            raise UserError(f"the window batch must be at least 1, got {self.batch}")
 
 
 def window_probabilities(forward: Callable[[Tensor], Tensor], x: Tensor, flip: bool) -> Tensor:
