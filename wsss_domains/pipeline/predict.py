@@ -7,6 +7,7 @@ GeoTIFF (pyramidal), written window by window.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +21,8 @@ from wsss_domains.segmentation.model import SegmenterConfig, load_segmenter
 from wsss_domains.segmentation.raster import RasterSource, WindowedOptions, WindowedSummary, predict_windows
 
 if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
     from wsss_domains.segmentation.writer import PredictionSummary
 
 CACHE_FOLDER = "inference"
@@ -58,27 +61,18 @@ def predict_split(
     progress: bool = True,
 ) -> PredictionSummary:
     """One prediction PNG per image of a dataset split (only the images' pixels are read)."""
-    from wsss_domains.segmentation.writer import PixelsOnly, predict_images
+    from wsss_domains.segmentation.writer import PixelsOnly
 
-    loaded = load_predictor(model, options)
-    opened = open_dataset(loaded.config.domain, dataset or loaded.config.dataset, data, split)
-    if list(opened.label_space.classes) != list(loaded.config.classes):
-        raise UserError(
-            f"the segmenter predicts {loaded.config.classes}, but {opened.spec.name} has "
-            f"{list(opened.label_space.classes)}"
-        )
-    return predict_images(
-        loaded.predictor,
-        PixelsOnly(opened.dataset),
-        loaded.domain,
-        loaded.label_space,
-        out,
-        devices=devices,
-        strategy=strategy,
-        num_workers=num_workers,
-        progress=progress,
-        model_name=str(model),
-    )
+    def dataset_of(loaded: LoadedSegmenter) -> Dataset:
+        opened = open_dataset(loaded.config.domain, dataset or loaded.config.dataset, data, split)
+        if list(opened.label_space.classes) != list(loaded.config.classes):
+            raise UserError(
+                f"the segmenter predicts {loaded.config.classes}, but {opened.spec.name} has "
+                f"{list(opened.label_space.classes)}"
+            )
+        return PixelsOnly(opened.dataset)
+
+    return _predict_dataset(model, dataset_of, out, options, devices, strategy, num_workers, progress)
 
 
 def predict_folder(
@@ -93,12 +87,29 @@ def predict_folder(
     progress: bool = True,
 ) -> PredictionSummary:
     """One prediction PNG per image file under ``images`` (any folder layout, no labels)."""
-    from wsss_domains.segmentation.writer import ImageFolder, predict_images
+    from wsss_domains.segmentation.writer import ImageFolder
+
+    return _predict_dataset(
+        model, lambda _: ImageFolder(images), out, options, devices, strategy, num_workers, progress
+    )
+
+
+def _predict_dataset(
+    model: Path,
+    dataset_of: Callable[[LoadedSegmenter], Dataset],
+    out: Path,
+    options: InferenceOptions | None,
+    devices: int,
+    strategy: str,
+    num_workers: int,
+    progress: bool,
+) -> PredictionSummary:
+    from wsss_domains.segmentation.writer import predict_images
 
     loaded = load_predictor(model, options)
     return predict_images(
         loaded.predictor,
-        ImageFolder(images),
+        dataset_of(loaded),
         loaded.domain,
         loaded.label_space,
         out,

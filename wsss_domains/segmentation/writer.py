@@ -135,6 +135,19 @@ class LabelPngWriter(BasePredictionWriter):
         self.written += 1
 
 
+def predict_trainer(predictor: SegmenterPredictor, devices: int, strategy: str, progress: bool) -> L.Trainer:
+    """A Lightning trainer for the predict loop on the predictor's device kind, sharding across ``devices``."""
+    return L.Trainer(
+        accelerator="gpu" if predictor.options.device.startswith("cuda") else "cpu",
+        devices=devices,
+        strategy=strategy,
+        logger=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        use_distributed_sampler=True,
+    )
+
+
 def _first(batch: list[Sample]) -> Sample:
     return batch[0]
 
@@ -161,16 +174,7 @@ def predict_images(
     summary = PredictionSummary(str(out), skipped=len(ids) - len(todo), model=model_name)
     summary.options = {k: v for k, v in asdict(predictor.options).items() if k != "device"}
     if todo:
-        device = predictor.options.device
-        trainer = L.Trainer(
-            accelerator="gpu" if device.startswith("cuda") else "cpu",
-            devices=devices,
-            strategy=strategy,
-            logger=False,
-            enable_progress_bar=progress,
-            enable_model_summary=False,
-            use_distributed_sampler=True,
-        )
+        trainer = predict_trainer(predictor, devices, strategy, progress)
         loader = DataLoader(
             Subset(dataset, todo), batch_size=1, num_workers=num_workers, collate_fn=_first, shuffle=False
         )
@@ -219,14 +223,6 @@ def shard_items(
     strategy: str = "auto",
 ) -> list[Any]:
     """``work(item)`` for every item, the items sharded across ``devices`` processes by Lightning."""
-    device = predictor.options.device
-    trainer = L.Trainer(
-        accelerator="gpu" if device.startswith("cuda") else "cpu",
-        devices=devices,
-        strategy=strategy,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = predict_trainer(predictor, devices, strategy, progress=False)
     loader = DataLoader(_Items(items), batch_size=1, collate_fn=list)
     return trainer.predict(_ItemTask(predictor, work), loader) or []  # type: ignore[return-value]
