@@ -39,9 +39,11 @@ def decode_mask(path: Path) -> Tensor:
 
 
 def _inside(root: Path, listed: str) -> Path:
-    """A SegNet absolute path re-rooted at ``root`` by its last two parts."""
-    parts = PurePosixPath(listed.replace("\\", "/")).parts
-    return root.joinpath(*parts[-2:])
+    """A SegNet absolute path re-rooted at ``root`` by its last two parts (never leaving ``root``)."""
+    parts = PurePosixPath(listed.replace("\\", "/")).parts[-2:]
+    if any(part in ("..", ".") for part in parts):
+        raise ValueError(f"list entry '{listed}' leads outside the dataset folder {root}")
+    return root.joinpath(*parts)
 
 
 def _existing_image(path: Path) -> Path:

@@ -82,12 +82,23 @@ class HistoDataset(Dataset):
 
 
 def list_images(folder: Path) -> list[Path]:
-    """Image files of a folder, sorted by name; hidden files skipped."""
+    """Image files of a folder, sorted by name; hidden files skipped; two files of one name refused.
+
+    A sample's id is its file's stem, so ``01.png`` beside ``01.jpg`` would be one sample twice.
+    """
     if not folder.is_dir():
         raise DataError(folder, "folder not found")
-    return sorted(
+    files = sorted(
         p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
+    seen: dict[str, Path] = {}
+    for path in files:
+        if path.stem in seen:
+            raise DataError(
+                path, f"has the same name as {seen[path.stem].name}: one sample id for two images"
+            )
+        seen[path.stem] = path
+    return files
 
 
 def paired(folder: Path, image: Path, what: str) -> Path:

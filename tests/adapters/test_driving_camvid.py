@@ -111,3 +111,12 @@ def test_label_space():
         "Bicyclist",
     )
     assert CAMVID.background_mode.value == "none"
+
+
+def test_a_list_entry_cannot_lead_outside_the_dataset_folder(tmp_path):
+    from wsss_adapters.driving.camvid import _inside
+
+    assert _inside(tmp_path, "/SegNet/CamVid/train/0001.png") == tmp_path / "train" / "0001.png"
+    for entry in ("/x/../secret.jpg", "train/.."):
+        with pytest.raises(ValueError, match="leads outside the dataset folder"):
+            _inside(tmp_path, entry)

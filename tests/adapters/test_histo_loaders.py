@@ -252,3 +252,15 @@ def test_detect_unknown_and_ambiguous(tmp_path, domain):
     both = make_glas(make_wsss4luad(tmp_path / "both"))
     with pytest.raises(ValueError, match="ambiguous between wsss4luad, glas"):
         domain.detect_dataset(both)
+
+
+def test_two_images_of_one_name_are_refused_by_name(tmp_path):
+    from PIL import Image
+    from wsss_adapters.histo.dataset import list_images
+
+    from wsss_domains.data.io import DataError
+
+    for name in ("01.png", "01.jpg", "02.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    with pytest.raises(DataError, match="01.png: has the same name as 01.jpg"):
+        list_images(tmp_path)
