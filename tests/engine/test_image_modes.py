@@ -36,3 +36,16 @@ def test_float_images_with_no_finite_value_are_refused_by_name(tmp_path: Path):
         read_rgb(tmp_path / "nan.tif")
     Image.fromarray(np.full((4, 4), 7.0, dtype=np.float32)).save(tmp_path / "flat.tif")
     assert float(read_rgb(tmp_path / "flat.tif").abs().max()) == 0.0  # a constant image: no range, black
+
+
+def test_atomic_writes_follow_the_umask(tmp_path: Path):
+    import os
+
+    from wsss_domains.data.io import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.txt", lambda tmp: tmp.write_text("x"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

@@ -94,10 +94,17 @@ def check_same_size(image: Tensor, mask: Tensor, path: Path | str) -> None:
         )
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
-    A killed process leaves either the old file or none, never half a file.
+    A killed process leaves either the old file or none, never half a file. The file gets the
+    permissions of an ordinary new file under the user's umask (a temporary file is private).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +112,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
