@@ -60,9 +60,12 @@ class RunConfig:
             raise FileNotFoundError(
                 f"{path} not found: is {run_dir} a training run folder (wsss-domains train --out)?"
             )
-        data = json.loads(path.read_text())
-        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
-        return cls(**data)
+        try:
+            data = json.loads(path.read_text())
+            data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path}: not a valid run config ({type(exc).__name__}: {exc})") from exc
 
 
 def run_label_space(config: RunConfig) -> tuple[DomainPlugin, LabelSpace]:
