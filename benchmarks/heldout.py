@@ -185,6 +185,10 @@ def main() -> None:
                 run_pipeline(preset.domain, data, job, train_split=train_split, test_split=test_split,
                              dataset=preset.dataset, settings=settings)  # fmt: skip
             report = json.loads(report_path.read_text())
+            if not reused:  # the load while the run trained, kept for later invocations that reuse it
+                report["load_at_start"] = list(load)
+                report_path.write_text(json.dumps(report, indent=2, default=str))
+            load = tuple(report.get("load_at_start", load))
             if not any(s["name"] == STAGES[2][0] for s in report["stages"]):
                 add_label_free_stage(job, report, preset.domain, preset.dataset, data, test_split)
             scores = {s["name"]: s["evaluation"] for s in report["stages"] if s.get("evaluation")}
