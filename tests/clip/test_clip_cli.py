@@ -69,11 +69,16 @@ class _SquaresDomain(DomainPlugin):
 def test_learn_end_to_end_then_list(tiny_checkpoint, tmp_path, monkeypatch, capsys, no_network):
     name, path, _ = tiny_checkpoint
     monkeypatch.setitem(registry._RUNTIME, _SquaresDomain.name, _SquaresDomain)
-    monkeypatch.setattr(artefacts, "prompts_root", lambda: tmp_path / "prompts")
+    monkeypatch.setattr(artefacts, "prompts_root", lambda: tmp_path / "package-prompts")
+    monkeypatch.setenv("WSSS_DATA_HOME", str(tmp_path / "user"))
     argv = ["prompts", "learn", "--domain", _SquaresDomain.name, "--clip", name, "--clip-weights", str(path)]
     args = _parse([*argv, "--data", str(tmp_path), "--name", "ctx4", "--epochs", "2", "--device", "cpu"])
     assert args.func(args) == 0
-    manifest = json.loads((tmp_path / "prompts" / _SquaresDomain.name / "ctx4" / "manifest.json").read_text())
+    # Written to the user's data folder, never into the installed package.
+    assert not (tmp_path / "package-prompts").exists()
+    manifest = json.loads(
+        (tmp_path / "user" / "prompts" / _SquaresDomain.name / "ctx4" / "manifest.json").read_text()
+    )
     assert manifest["dataset"] == "squares" and manifest["clip_model"] == name
     assert len(manifest["training"]["epoch_losses"]) == 2 and manifest["training"]["images"] == 8
     args = _parse(["prompts", "list"])

@@ -1,4 +1,9 @@
-"""Learned-prompt artefacts on disk: ``prompts/<domain>/<name>/``, loadable by name.
+"""Learned-prompt artefacts on disk: ``<root>/<domain>/<name>/``, loadable by name.
+
+Artefacts a user learns go to a user data folder (:func:`user_prompts_root`: ``$WSSS_DATA_HOME``,
+else ``$XDG_DATA_HOME/wsss-domains``, else ``~/.local/share/wsss-domains``, then ``prompts/``), never
+into the installed package; artefacts shipped with the package (:func:`prompts_root`) are found too.
+By name, the user's artefact wins over a shipped one of the same name.
 
 A folder holds ``context.safetensors`` (context vectors and background prompt embeddings),
 ``manifest.json`` (CLIP architecture, classes, background words, n_ctx, a checksum of the frozen
@@ -13,6 +18,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -55,10 +61,23 @@ def prompts_root() -> Path:
     return Path(str(resources.files("wsss_prompts")))
 
 
+def user_prompts_root() -> Path:
+    """Where learned prompts are written: a per-user data folder, outside the installed package."""
+    base = os.environ.get("WSSS_DATA_HOME") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "wsss-domains"
+    )
+    return Path(base) / "prompts"
+
+
 def artefact_dir(domain: str, name: str, root: Path | None = None) -> Path:
+    """The folder of artefact ``name``: under ``root``; by default where it exists (the user's folder
+    first, then the package's), else where a new one is written (the user's folder)."""
     if not name or "/" in name or name.startswith(".") or name == "prompts.json":
         raise LearnedPromptsError(f"invalid learned-prompt name {name!r}")
-    return Path(root or prompts_root()) / domain / name
+    if root is not None:
+        return Path(root) / domain / name
+    user, shipped = user_prompts_root() / domain / name, prompts_root() / domain / name
+    return shipped if (shipped / MANIFEST).is_file() and not (user / MANIFEST).is_file() else user
 
 
 def save_learned_prompts(
@@ -178,10 +197,10 @@ def load_learned_prompts(
 
 
 def list_learned_prompts(root: Path | None = None) -> list[dict[str, Any]]:
-    """Manifests of every artefact under ``root`` (default :func:`prompts_root`), with their folder."""
-    base = Path(root or prompts_root())
+    """Manifests of every artefact under ``root`` (default: the user's folder and the package's)."""
+    bases = [Path(root)] if root is not None else [user_prompts_root(), prompts_root()]
     found = []
-    for path in sorted(base.glob(f"*/*/{MANIFEST}")):
+    for path in [p for base in bases for p in sorted(base.glob(f"*/*/{MANIFEST}"))]:
         try:
             manifest = read_manifest(path.parent)
         except (LearnedPromptsError, json.JSONDecodeError):
