@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from wsss_domains.cli import command_help
-from wsss_domains.cli.common import add_data_arguments, add_tiles_argument, tile_options
+from wsss_domains.cli.common import add_data_arguments, add_tiles_argument, run_options, tile_options
 from wsss_domains.pipeline.segmenter import DEFAULT_CROP, SegmenterSettings, fit_segmenter
 from wsss_domains.segmentation.model import ARCHITECTURES
 
@@ -41,12 +41,7 @@ def segmenter_settings(args: argparse.Namespace, minutes: float | None) -> Segme
         max_steps=getattr(args, "max_steps", -1),
         batch_size=args.seg_batch_size,
         lr=args.seg_lr,
-        seed=args.seed,
-        device=args.device,
-        devices=args.devices,
-        strategy=args.strategy,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
+        **run_options(args),  # type: ignore[arg-type]
     )
 
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from wsss_domains.cli import command_help
-from wsss_domains.cli.common import add_data_arguments, add_method_arguments, method_options
+from wsss_domains.cli.common import add_data_arguments, add_method_arguments, method_options, run_options
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 
@@ -94,12 +94,7 @@ def classifier_settings(args: argparse.Namespace) -> ClassifierSettings:
         checkpoint_minutes=args.checkpoint_minutes,
         batch_size=args.batch_size,
         lr=args.lr,
-        seed=args.seed,
-        device=args.device,
-        devices=args.devices,
-        strategy=args.strategy,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
+        **run_options(args),  # type: ignore[arg-type]
     )
 
 

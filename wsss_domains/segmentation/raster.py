@@ -1,6 +1,6 @@
 """Segmenter predictions of one raster or slide of any size, window by window, into a GeoTIFF.
 
-The source is cut into core windows with a context margin (:func:`plan_windows`, shared with
+The source is cut into core windows with a context margin (:func:`~wsss_domains.data.label_raster.plan_windows`, shared with
 raster pseudo-labelling); each context is segmented by the sliding-window predictor and only its
 core is written into a tiled palette GeoTIFF (:mod:`wsss_domains.data.label_raster`). Memory
 depends on the window, not on the source. A killed run resumes from its progress record; a
@@ -28,20 +28,8 @@ from rasterio.errors import NotGeoreferencedWarning
 from torch import Tensor
 from tqdm import tqdm
 
+from wsss_domains.data import label_raster
 from wsss_domains.data.io import atomic_write
-from wsss_domains.data.label_raster import (
-    GDAL_CACHE_MB,
-    OVERVIEW_SIZE,
-    digest,
-    finished_summary,
-    label_file,
-    load_progress,
-    plan_windows,
-    rows_of_windows,
-    save_progress,
-    sidecars,
-    write_overview,
-)
 from wsss_domains.data.raster import TileWindow
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
@@ -75,7 +63,7 @@ class WindowedOptions:
     window: int = DEFAULT_WINDOW
     margin: int = DEFAULT_MARGIN
     overview: Path | None = None  # a downsampled palette PNG of the result
-    overview_size: int = OVERVIEW_SIZE
+    overview_size: int = label_raster.OVERVIEW_SIZE
     pyramid: bool = True  # internal overviews in the GeoTIFF
     compress: str = "deflate"
     resume: bool = True
@@ -125,10 +113,10 @@ def predict_windows(
     options.check()
     out = Path(out)
     height, width = source.size
-    plan = plan_windows(height, width, options.window, options.margin)
+    plan = label_raster.plan_windows(height, width, options.window, options.margin)
     record = {
         "source": source.identity(),
-        "segmenter": segmenter_digest or digest(predictor.model),
+        "segmenter": segmenter_digest or label_raster.digest(predictor.model),
         "inference": {k: v for k, v in asdict(predictor.options).items() if k not in ("device", "runtime")},
         "window": [options.window, options.margin],
     }
@@ -144,15 +132,15 @@ def predict_windows(
         fingerprint=fingerprint,
         extra=extra,
     )
-    tmp, progress_path, summary_path = sidecars(out)
-    done_before = finished_summary(out, summary_path, fingerprint)
+    tmp, progress_path, summary_path = label_raster.sidecars(out)
+    done_before = label_raster.finished_summary(out, summary_path, fingerprint)
     if done_before is not None:
         return WindowedSummary(**{**done_before, "already_done": True})
     out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
+    with warnings.catch_warnings(), rasterio.Env(GDAL_CACHEMAX=label_raster.GDAL_CACHE_MB):
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        progress = load_progress(progress_path, fingerprint) if options.resume else None
-        labelfile, crs = label_file(
+        progress = label_raster.load_progress(progress_path, fingerprint) if options.resume else None
+        labelfile, crs = label_raster.label_file(
             tmp,
             source.georeferenced(),
             (height, width),
@@ -170,7 +158,7 @@ def predict_windows(
         todo = set(range(len(plan))) - done
         bar = tqdm(total=len(todo), desc="predict", unit="win", disable=not options.progress)
         try:
-            for row in rows_of_windows(plan, todo):
+            for row in label_raster.rows_of_windows(plan, todo):
                 for i in row:
                     pair = plan[i]
                     if source.skip(pair.core):
@@ -185,14 +173,16 @@ def predict_windows(
                     done.add(i)
                     bar.update(1)
                 labelfile.checkpoint()
-                save_progress(progress_path, fingerprint, {"skipped": sorted(skipped)}, second=sorted(done))
+                label_raster.save_progress(
+                    progress_path, fingerprint, {"skipped": sorted(skipped)}, second=sorted(done)
+                )
         finally:
             bar.close()
             labelfile.close()
         if options.pyramid:
             build_pyramid(tmp)
         if options.overview is not None:
-            write_overview(tmp, plan, Path(options.overview), label_space, options.overview_size)
+            label_raster.write_overview(tmp, plan, Path(options.overview), label_space, options.overview_size)
             summary.overview = str(options.overview)
         if after_write is not None:
             after_write(tmp)
