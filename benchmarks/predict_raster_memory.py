@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -74,16 +73,15 @@ def main() -> None:
         cmd = [sys.executable, "-m", "wsss_domains.cli", "predict", "--model", str(seg), "--raster", str(raster),
                "--out", str(out), "--device", "cpu", "--no-progress", *shlex.split(args.extra)]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env)
+        child = subprocess.Popen(cmd, env=env)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not the largest child's
         seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        if peak <= before and rows:
-            peak_note = " (not above the earlier child's peak)"
-        else:
-            peak_note = ""
-        gb = peak / 1024**2
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            raise SystemExit(f"failed: {shlex.join(cmd)}")
+        peak_note = ""
+        gb = usage.ru_maxrss / 1024**2
         rows.append((size, gb, seconds, peak_note, shlex.join(["wsss-domains", *cmd[3:]])))
         print(f"{size}x{size}: peak RSS {gb:.2f} GB{peak_note}, {seconds / 60:.1f} min", flush=True)
         raster.unlink()

@@ -77,7 +77,9 @@ class SegmenterPredictor:
         self.config = config
         runtime = resolve_runtime(self.options.runtime, self.options.device)
         example = torch.randn(2, 3, 96, 128)
-        self.fast = fast_forward(self.model, example, runtime, dynamic=(0, 2, 3), cache=cache)
+        # No memory arena: a raster's windows all have one size, and the arena's kept peak would
+        # add about 0.1 GB to prediction's memory (benchmarks/results/predict_raster_memory.md).
+        self.fast = fast_forward(self.model, example, runtime, dynamic=(0, 2, 3), cache=cache, arena=False)
         self._weights: dict[tuple[int, int], Tensor] = {}
 
     def _forward(self, batch: Tensor) -> Tensor:
