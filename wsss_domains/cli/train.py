@@ -105,7 +105,9 @@ def run_train(args: argparse.Namespace) -> int:
         from wsss_domains.pipeline.segmenter import SegmenterSettings
 
         classifier = classifier_settings(args)
+        # the segmenter's encoder is the classifier's backbone, so it starts from the same weights
         segmenter = SegmenterSettings(
+            weights=args.weights,
             max_steps=args.max_steps,
             batch_size=min(8, args.batch_size),
             seed=args.seed,
