@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_adapters.histo.dataset import HistoDataset, Record, finish, list_images, paired, resolve_split
 from wsss_adapters.histo.masks import exclude_index_to_ignore, read_checked_mask
 from wsss_adapters.histo.naming import label_from_name
 
-from wsss_domains.data.io import DataError, check_same_size
+from wsss_domains.data.io import DataError
 from wsss_domains.domains.contract import BackgroundMode, DatasetSpec, LabelSpace
 
 NAME = "wsss4luad"
@@ -68,7 +69,13 @@ def _decode(rec: Record) -> tuple[Tensor, Tensor | None]:
     )
     if rec.background is not None:
         background = read_checked_mask(rec.background, 2)
-        check_same_size(mask, background, rec.background)
+        if tuple(background.shape[-2:]) != tuple(mask.shape[-2:]):
+            # Blame the file that disagrees with the image, not whichever was read second.
+            with Image.open(rec.image) as picture:
+                width, height = picture.size
+            odd = rec.mask if tuple(mask.shape[-2:]) != (height, width) else rec.background
+            size = mask.shape[-2:] if odd == rec.mask else background.shape[-2:]
+            raise DataError(odd, f"mask size {tuple(size)} does not match image size {(height, width)}")
         exclude = exclude | (background == 1)
         mask = mask.masked_fill(exclude, LABEL_SPACE.ignore_index)
     return mask, exclude

@@ -114,7 +114,18 @@ def test_error_mask_size_mismatch(tmp_path, domain):
     ds = domain.dataset("wsss4luad").build(root, "validation")
     with pytest.raises(DataError, match="does not match image size") as err:
         ds[0]
-    assert err.value.path.name == "00.png" and "mask" in str(err.value.path)
+    # the class mask is the odd one: it is named, not the background mask read after it
+    assert err.value.path.name == "00.png" and err.value.path.parent.name == "mask"
+
+
+def test_error_background_mask_size_mismatch_names_the_background_mask(tmp_path, domain):
+    root = make_wsss4luad(tmp_path / "WSSS4LUAD")
+    bad = root / "2.validation" / "background-mask" / "00.png"
+    save_palette(bad, np.zeros((40, 47), dtype=np.uint8), [(0, 0, 0), (255, 255, 255)])
+    ds = domain.dataset("wsss4luad").build(root, "validation")
+    with pytest.raises(DataError, match="does not match image size") as err:
+        ds[0]
+    assert err.value.path.parent.name == "background-mask"
 
 
 def test_error_label_vector_wrong_length(tmp_path, domain):

@@ -30,6 +30,7 @@ from wsss_domains.bench.report import (
 from wsss_domains.cli import EXIT_USAGE, build_parser, main
 from wsss_domains.cli.common import CliError
 from wsss_domains.methods import Method
+from wsss_domains.methods.options import MethodOptionError
 from wsss_domains.methods.registry import _METHODS, register_method
 from wsss_domains.models.weights import WeightsNotFound
 
@@ -41,8 +42,8 @@ class NeedsWeights(Method):
 
     name = "test-needs-weights"
 
-    def __init__(self, **options: Any) -> None:  # free options, as SAM / CLIP methods take them
-        super().__init__(**options)
+    def __init__(self, sam_checkpoint: str | None = None, clip_weights: str | None = None) -> None:
+        super().__init__(sam_checkpoint=sam_checkpoint, clip_weights=clip_weights)
 
     def extractor(self, model, modules, **kwargs):
         path = self.options.get("clip_weights")
@@ -359,18 +360,28 @@ def test_unknown_method_or_domain_is_a_usage_error_listing_the_known_ones(capsys
     assert not any(tmp_path.iterdir())
 
 
-def test_method_options_are_scoped():
-    options = scoped_method_options(["cam", "par"], ["par:num_iter=3", "seed=1"], {"clip_weights": None})
-    assert options == {"cam": {"seed": 1}, "par": {"num_iter": 3, "seed": 1}}
+def test_method_options_are_scoped_and_checked():
+    # unscoped: to every method that takes the option (plain CAM takes none)
+    options = scoped_method_options(["cam", "cam-proto"], ["fuse_weight=0.7"], {"clip_weights": None})
+    assert options == {"cam-proto": {"fuse_weight": 0.7}}
+    options = scoped_method_options(["cam-proto", "seed-probe"], ["seed-probe.fuse_weight=0.2"], {})
+    assert options == {"seed-probe": {"fuse_weight": 0.2}}
     methods = ["cam", "par", NeedsWeights.name, FixedSignature.name]
-    options = scoped_method_options(
-        methods, [f"{FixedSignature.name}:alpha=0.5"], {"sam_checkpoint": Path("s.pt")}
-    )
+    options = scoped_method_options(methods, [f"{FixedSignature.name}.alpha=0.5"], {"sam_checkpoint": Path("s.pt")})
     assert options == {NeedsWeights.name: {"sam_checkpoint": "s.pt"}, FixedSignature.name: {"alpha": 0.5}}
     with pytest.raises(CliError, match="'crf' is not in this matrix"):
-        scoped_method_options(["cam", "par"], ["crf:num_iter=3"], {})
+        scoped_method_options(["cam", "par"], ["crf.num_iter=3"], {})
     with pytest.raises(CliError, match="expects"):
         scoped_method_options(["cam"], ["num_iter"], {})
+    with pytest.raises(CliError, match="no method of this matrix takes option 'fuse_wieght'"):
+        scoped_method_options(["cam", "cam-proto"], ["fuse_wieght=0.7"], {})
+    with pytest.raises(CliError, match="with a dot"):
+        scoped_method_options(["cam-proto"], ["cam-proto:fuse_weight=0.7"], {})
+    # a misspelt scoped option or an ill-typed value fails before any cell runs, naming the known options
+    with pytest.raises(MethodOptionError, match="'cam-proto' has no option 'fuse_wieght'.*fuse_weight"):
+        scoped_method_options(["cam-proto"], ["cam-proto.fuse_wieght=0.7"], {})
+    with pytest.raises(MethodOptionError, match="option 'stage' expects int, got 'deep'"):
+        scoped_method_options(["cam-proto"], ["cam-proto.stage=deep"], {})
 
 
 def test_presets_score_tiles_only_where_asked():

@@ -323,3 +323,41 @@ def test_evaluate_without_masks_or_samples(tmp_path: Path) -> None:
         evaluate_predictions(TinyDomain(), LS3, [], tmp_path, progress=False)
     with pytest.raises(DataError, match="prediction folder not found"):
         evaluate_predictions(TinyDomain(), LS3, _dataset(), tmp_path / "nope", progress=False)
+
+
+def _toco_pseudo_scores_miou(gts: list[np.ndarray], preds: list[np.ndarray], num_classes: int) -> float:
+    """ToCo's ``utils/evaluate.py::pseudo_scores`` transcribed: predicted-255 pixels dropped from the
+    ground truth, histogram over valid ground truth, mean IoU over classes with ground-truth pixels."""
+    hist = np.zeros((num_classes, num_classes))
+    for lt, lp in zip(gts, preds, strict=True):
+        lt, lp = lt.flatten().copy(), lp.flatten().copy()
+        lt[lp == 255] = 255
+        lp[lp == 255] = 0
+        mask = (lt >= 0) & (lt < num_classes)
+        hist += np.bincount(
+            num_classes * lt[mask].astype(int) + lp[mask], minlength=num_classes**2
+        ).reshape(num_classes, num_classes)
+    iu = np.diag(hist) / (hist.sum(axis=1) + hist.sum(axis=0) - np.diag(hist))
+    return float(np.nanmean(iu[hist.sum(axis=1) > 0]))
+
+
+def test_paper_convention_miou_matches_tocos_official_pseudo_scores() -> None:
+    rng = np.random.default_rng(3)
+    num_classes = 4
+    gts = [rng.integers(0, 3, size=(9, 11)) for _ in range(3)]  # class 3 never in the ground truth
+    gts[0][0, :4] = 255  # not scored
+    preds = [rng.integers(0, 4, size=(9, 11)) for _ in range(3)]  # ... but predicted: no 0 in the mean
+    preds[1][2:5, 2:7] = 255  # left unassigned: dropped, not a miss
+    metric = ConfusionMatrix(num_classes)
+    for gt, pred in zip(gts, preds, strict=True):
+        metric.update(torch.from_numpy(pred), torch.from_numpy(gt))
+    report = EvaluationReport.from_confusion(
+        metric.compute(), ["a", "b", "c", "d"], range(num_classes), metric.compute_unassigned()
+    )
+    expected = _toco_pseudo_scores_miou(gts, preds, num_classes)
+    assert report.miou_paper == pytest.approx(expected, abs=1e-12)
+    assert report.miou < report.miou_paper  # the project's own mIoU counts the misses and the false class
+    data = report.to_dict()
+    assert data["miou_paper_convention"] == pytest.approx(expected)
+    assert "ToCo" in data["conventions"]["miou_paper_convention"]
+    assert "mIoU (papers)" in report.to_table()

@@ -35,8 +35,12 @@ class OwnCams(Method):
 class Shift(Method):
     name = "shift-test"
 
+    def __init__(self, by: float = 1.0) -> None:
+        super().__init__(by=by)
+        self.by = by
+
     def refine(self, image, cams, present, domain, label_space):
-        return cams + float(self.options.get("by", 1.0))
+        return cams + self.by
 
 
 class Double(Method):

@@ -15,7 +15,7 @@ from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset
 from wsss_domains.bench.report import build_matrix, machine_info, write_outputs
 from wsss_domains.cli import command_help
 from wsss_domains.cli.common import CliError, resolve_device
-from wsss_domains.methods import Method, list_methods, method_class
+from wsss_domains.methods import list_methods, method_class
 
 DEFAULT_OUT = Path("runs") / "bench"
 MODEL_FLAGS = ("sam_checkpoint", "clip_model", "clip_weights")
@@ -63,8 +63,9 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         "--method-option",
         action="append",
         default=[],
-        metavar="[METHOD:]KEY=VALUE",
-        help="a method option, repeatable (JSON values when possible); METHOD: scopes it to one method",
+        metavar="[METHOD.]KEY=VALUE",
+        help="a method option, repeatable (JSON values when possible); METHOD. scopes it to one method, "
+        "unscoped it goes to every method that takes it (see `wsss-domains methods --details`)",
     )
     p.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint for SAM-based methods")
     p.add_argument("--clip-model", help="open_clip architecture for CLIP-based methods")
@@ -95,25 +96,6 @@ def parse_names(text: str, known: Sequence[str], what: str, chains: bool = False
     return names
 
 
-def takes_model_flag(method: str, flag: str, value: object) -> bool:
-    """Whether --sam-checkpoint / --clip-* (option ``flag``) reach ``method``.
-
-    Not for methods on the base constructor (plain CAM and the refiners, which would hand the option
-    to the refiner), nor for methods whose constructor refuses it (fixed signatures); yes otherwise.
-    Constructing a method is cheap: models are loaded on first use.
-    """
-    cls = method_class(method)
-    if cls.__init__ is Method.__init__:
-        return False
-    try:
-        cls(**{flag: value})
-    except TypeError:
-        return False
-    except Exception:  # it took the option and objected to something: the cell will say what
-        return True
-    return True
-
-
 def _value(text: str) -> object:
     try:
         return json.loads(text)
@@ -124,24 +106,42 @@ def _value(text: str) -> object:
 def scoped_method_options(
     methods: Sequence[str], items: Sequence[str], flags: Mapping[str, object | None]
 ) -> dict[str, dict[str, object]]:
-    """Options per method: unscoped KEY=VALUE to all, METHOD:KEY=VALUE to one, model flags where taken."""
+    """Options per method, checked against each method's own options before any cell runs.
+
+    ``METHOD.KEY=VALUE`` goes to one method of the matrix (for a chain, ``METHOD.PART.KEY``), as
+    ``PART.KEY`` does inside a chain; an unscoped ``KEY=VALUE`` goes to every method that takes
+    ``KEY`` and fails when none does. Model flags (``--sam-checkpoint``, ``--clip-*``) go to the
+    methods that take them.
+    """
     options: dict[str, dict[str, object]] = {m: {} for m in methods}
+    specs = {m: method_class(m).option_specs() for m in methods}
     for item in items:
         key, sep, value = item.partition("=")
-        scope, colon, name = key.rpartition(":")
-        if not sep or not name:
-            raise CliError(f"--method-option expects [METHOD:]KEY=VALUE, got '{item}'")
-        if colon and scope not in options:
-            raise CliError(
-                f"--method-option '{item}': '{scope}' is not in this matrix ({', '.join(methods)})"
-            )
-        for method in [scope] if colon else methods:
+        if not sep or not key:
+            raise CliError(f"--method-option expects [METHOD.]KEY=VALUE, got '{item}'")
+        if ":" in key:
+            raise CliError(f"--method-option '{item}': scope options with a dot, METHOD.KEY=VALUE")
+        scope, dot, name = key.partition(".")
+        if dot:
+            if scope not in options:
+                raise CliError(
+                    f"--method-option '{item}': '{scope}' is not in this matrix ({', '.join(methods)})"
+                )
+            targets = [scope]
+        else:
+            name = key
+            targets = [m for m in methods if name in specs[m]]
+            if not targets:
+                raise CliError(f"--method-option '{item}': no method of this matrix takes option '{name}'")
+        for method in targets:
             options[method][name] = _value(value)
     for flag, value in flags.items():
         if value is not None:
             for method in methods:
-                if takes_model_flag(method, flag, str(value)):
+                if flag in specs[method]:
                     options[method][flag] = str(value)
+    for method, given in options.items():
+        method_class(method).checked_options(given)  # a misspelt or ill-typed option fails now, not hours in
     return {m: o for m, o in options.items() if o}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from wsss_domains.cli import command_help
 from wsss_domains.domains import get_domain, list_domains
@@ -31,10 +32,24 @@ def run_domains(args: argparse.Namespace) -> int:
 
 
 def run_methods(args: argparse.Namespace) -> int:
-    for name in list_methods():
-        print(f"{name:<18} {method_class(name).description}")
+    if not args.details:
+        for name in list_methods():
+            print(f"{name:<18} {method_class(name).description}")
+    else:
+        for name in list_methods():
+            cls = method_class(name)
+            print(name)
+            print(textwrap.indent(textwrap.fill(cls.description, 96), "    "))
+            if cls.deviations:
+                print(textwrap.indent(textwrap.fill(f"differs from its reference: {cls.deviations}", 96), "    "))
+            specs = [spec for spec in cls.option_specs().values() if spec.name != "sam"]
+            print("    options:" + ("" if specs else " none"))
+            for spec in specs:
+                print(f"      {spec.describe()}")
+            print()
     print(
-        "\nChain post-hoc refinements with '+', e.g. --method cam-proto+random-walk (options: PART.KEY=VALUE)."
+        "Chain post-hoc refinements with '+', e.g. --method cam-proto+random-walk (options: PART.KEY=VALUE)."
+        + ("" if args.details else " Options and deviations: wsss-domains methods --details")
     )
     return 0
 
@@ -44,4 +59,8 @@ def add_domains_subcommand(sub: argparse._SubParsersAction) -> None:
 
 
 def add_methods_subcommand(sub: argparse._SubParsersAction) -> None:
-    sub.add_parser("methods", help=command_help("methods")).set_defaults(func=run_methods)
+    p = sub.add_parser("methods", help=command_help("methods"))
+    p.add_argument(
+        "--details", action="store_true", help="each method's options (type, default) and where it differs from its paper"
+    )
+    p.set_defaults(func=run_methods)

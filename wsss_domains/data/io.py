@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +103,71 @@ def _umask() -> int:
     return mask
 
 
+PART_SUFFIX = ".part"
+# A temporary file younger than this may belong to a live writer on another machine sharing the folder.
+STALE_PART_SECONDS = 600.0
+
+
+def _part_prefix(path: Path) -> str:
+    """Temporary names carry the writer's process id, so a later job can tell a dead writer's leftovers."""
+    return f".{path.stem}.pid{os.getpid()}."
+
+
+# Temporary files of atomic_write; a resumable raster's own ``.NAME.part`` does not match.
+_ATOMIC_PART = re.compile(r"^\..*\.pid(\d+)\..*\.part$")
+
+
+def _writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_parts(folder: Path | str) -> int:
+    """Delete the temporary files that killed writers left in ``folder`` (and its sub-folders).
+
+    Only :func:`atomic_write`'s, whose writing process is gone and that are older than ten
+    minutes: sharded jobs write into one folder at the same time, and a resumable raster's partial
+    output is kept for its resume. Returns how many were removed.
+    """
+    removed = 0
+    now = time.time()
+    for part in Path(folder).rglob(f".*{PART_SUFFIX}"):
+        match = _ATOMIC_PART.match(part.name)
+        if match is None:
+            continue
+        try:
+            old = now - part.stat().st_mtime > STALE_PART_SECONDS
+        except FileNotFoundError:
+            continue
+        if old and not _writer_alive(int(match.group(1))):
+            part.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+@contextmanager
+def output_folder(path: Path | str) -> Iterator[Path]:
+    """The folder a job writes into: created when absent, cleared of killed writers' temporary files.
+
+    A job that fails before writing anything leaves no empty folder behind it (one it created).
+    """
+    path = Path(path)
+    created = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(path)
+    try:
+        yield path
+    except BaseException:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
 def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
@@ -108,7 +176,7 @@ def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix + ".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_part_prefix(path), suffix=path.suffix + PART_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from wsss_domains.data.io import atomic_write
 from wsss_domains.domains.contract import MetricResult
-from wsss_domains.evaluation.scores import compute_scores
+from wsss_domains.evaluation.scores import compute_scores, paper_miou
 
 
 def _to_json_number(value: float) -> float | None:
@@ -94,6 +94,12 @@ class EvaluationReport:
             extra=list(extra),
         )
 
+    @property
+    def miou_paper(self) -> float:
+        """mIoU in the convention of ToCo's and CLIP-ES's official code (see ``scores.paper_miou``)."""
+        scored = [self.classes.index(name) for name in self.per_class_iou]
+        return paper_miou(self.confusion, scored)
+
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict; NaN becomes None."""
@@ -103,6 +109,13 @@ class EvaluationReport:
 
         return {
             "miou": _to_json_number(self.miou),
+            "miou_paper_convention": _to_json_number(self.miou_paper),
+            "conventions": {
+                "miou": "mmsegmentation's: unassigned pixels count as misses; classes absent from the ground "
+                "truth but predicted count with IoU 0",
+                "miou_paper_convention": "ToCo's / CLIP-ES's official evaluation: unassigned pixels dropped; "
+                "mean over the classes present in the ground truth",
+            },
             "per_class_iou": per_class(self.per_class_iou),
             "fwiou": _to_json_number(self.fwiou),
             "pixel_accuracy": _to_json_number(self.pixel_accuracy),
@@ -160,6 +173,7 @@ class EvaluationReport:
         """A fixed-width table: one row per scored class (IoU, Dice), then the summary lines."""
         summary = [
             ("mIoU", self.miou),
+            ("mIoU (papers)", self.miou_paper),
             ("mean Dice", self.mean_dice),
             ("FwIoU", self.fwiou),
             ("pixel accuracy", self.pixel_accuracy),

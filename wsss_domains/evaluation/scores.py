@@ -20,6 +20,15 @@ totals; a domain may leave out, say, a catch-all class. Among the scored classes
 False positives of a scored class include pixels whose ground truth is an unscored class. Scored
 pixels predicted as the ignore index ("unassigned") are misses (false negatives) of their
 ground-truth class and lower pixel accuracy; they are nobody's false positive.
+
+The papers' convention
+----------------------
+WSSS papers score pseudo-labels with the official code of ToCo (``utils/evaluate.py``,
+``pseudo_scores``) and CLIP-ES, which differs in two ways: pixels a pseudo-label leaves unassigned
+are dropped rather than counted as misses, and mIoU averages only the classes present in the
+ground truth (a class predicted where it never occurs adds no 0). :func:`paper_miou` computes it,
+so figures can be set beside published ones. It reads higher for pseudo-labels that leave many
+pixels unassigned, which is why the project's own mIoU counts them.
 """
 
 from __future__ import annotations
@@ -87,6 +96,18 @@ def per_class_accuracy(confusion: Tensor, unassigned: Tensor | None = None) -> T
 def _nanmean(values: Tensor) -> float:
     defined = values[~values.isnan()]
     return float(defined.mean()) if defined.numel() else math.nan
+
+
+def paper_miou(confusion: Tensor, scored: Sequence[int]) -> float:
+    """mIoU as ToCo's ``pseudo_scores`` computes it: unassigned pixels dropped (``confusion`` is the
+    class-by-class part only), averaged over the ``scored`` classes present in the ground truth."""
+    cm = confusion.to(torch.float64)
+    tp, gt, pred = cm.diagonal(), cm.sum(dim=1), cm.sum(dim=0)
+    index = [c for c in scored if gt[c] > 0]
+    if not index:
+        return math.nan
+    iou = tp[index] / (gt[index] + pred[index] - tp[index])
+    return float(iou.mean())
 
 
 def compute_scores(confusion: Tensor, scored: Sequence[int], unassigned: Tensor | None = None) -> Scores:

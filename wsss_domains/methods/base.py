@@ -6,12 +6,13 @@ nothing. Methods are looked up by name in :mod:`wsss_domains.methods.registry`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
 
 from wsss_domains.cam.extract import CamExtractor
+from wsss_domains.methods.options import OptionSpec, check_options, constructor_options
 
 if TYPE_CHECKING:
     from wsss_domains.domains.contract import DomainPlugin, LabelSpace
@@ -23,6 +24,8 @@ class Method:
 
     name: ClassVar[str] = "cam"
     description: ClassVar[str] = "Class activation maps of a GAP multi-label classifier (Zhou et al., 2016)."
+    # Where the method knowingly differs from its paper's official code (``methods --details``).
+    deviations: ClassVar[str] = ""
     # Weight of the engine's classification loss on the forward pass's logits (SEAM averages it with
     # the classification loss of its rescaled view, so it uses 0.5).
     classification_weight: ClassVar[float] = 1.0
@@ -33,11 +36,23 @@ class Method:
     fits_training_split: ClassVar[bool] = False
 
     def __init__(self, **options: Any) -> None:
+        # Subclasses take their options as keyword parameters and pass them up here, so that
+        # ``self.options`` holds every option (fitted-state caches are keyed by it).
         self.options = options
         # Set by :meth:`setup`; None until the engine has called it.
         self.domain: DomainPlugin | None = None
         self.mean: tuple[float, ...] | None = None
         self.std: tuple[float, ...] | None = None
+
+    @classmethod
+    def option_specs(cls) -> dict[str, OptionSpec]:
+        """The options this method takes: its constructor's keyword parameters (see options.py)."""
+        return constructor_options(cls, stop=Method)
+
+    @classmethod
+    def checked_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` converted to their declared types; an unknown name is a MethodOptionError."""
+        return check_options(cls.name, cls.option_specs(), options)
 
     def setup(self, domain: DomainPlugin, mean: Sequence[float], std: Sequence[float]) -> None:
         """Told by the engine, before training and before pseudo-labelling, the run's domain and input

@@ -83,12 +83,14 @@ class CamProto(Method):
         " fuse_weight)."
     )
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(
+        self, stage: int = STAGE, seed_fraction: float = SEED_FRACTION, fuse_weight: float = FUSE_WEIGHT
+    ) -> None:
+        super().__init__(stage=stage, seed_fraction=seed_fraction, fuse_weight=fuse_weight)
         self._extractor: CamExtractor | None = None
-        self.stage = int(options.get("stage", STAGE))
-        self.seed_fraction = float(options.get("seed_fraction", SEED_FRACTION))
-        self.fuse_weight = float(options.get("fuse_weight", FUSE_WEIGHT))
+        self.stage = int(stage)
+        self.seed_fraction = float(seed_fraction)
+        self.fuse_weight = float(fuse_weight)
         if not 0.0 < self.seed_fraction <= 1.0:
             raise ValueError(f"cam-proto: seed_fraction must lie in (0, 1], got {self.seed_fraction}")
         if not 0.0 <= self.fuse_weight <= 1.0:

@@ -12,7 +12,8 @@ unscoped option would be ambiguous, so it is refused.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.methods.base import Method, trains
 from wsss_domains.methods.fitting import FitContext
+from wsss_domains.methods.options import OptionSpec
 
 SEPARATOR = "+"
 
@@ -42,7 +44,21 @@ class ChainedMethod(Method):
                     f"'{names[-1]}.{key.partition('.')[2] or key}' (parts: {', '.join(names)})"
                 )
             scoped[part][option] = value
-        self.methods = [part(**scoped[part.name]) for part in self.parts]
+        self.methods = [part(**part.checked_options(scoped[part.name])) for part in self.parts]
+
+    @classmethod
+    def option_specs(cls) -> dict[str, OptionSpec]:
+        """Every part's options, scoped ``PART.KEY``."""
+        return {
+            f"{part.name}.{key}": replace(spec, name=f"{part.name}.{key}")
+            for part in cls.parts
+            for key, spec in part.option_specs().items()
+        }
+
+    @classmethod
+    def checked_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Scoping and each part's own check happen in the constructor, with the messages above."""
+        return dict(options)
 
     @property
     def first(self) -> Method:

@@ -92,6 +92,11 @@ class ClipEsLearned(ClipEs):
         "--method-option prompts=NAME picks the artefact (default: the domain's configured one)."
     )
 
+    def __init__(
+        self, prompts: str | None = None, clip_model: str = DEFAULT_CLIP_MODEL, clip_weights: str | None = None
+    ) -> None:
+        super().__init__(clip_model=clip_model, clip_weights=clip_weights, prompts=prompts)
+
     def text_source(self, loaded: Any, domain: DomainPlugin, label_space: LabelSpace) -> Any:
         from wsss_domains.clip.artefacts import load_learned_prompts
 

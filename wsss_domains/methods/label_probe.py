@@ -127,10 +127,10 @@ class LabelProbe(StageProbe):
         " out of every pixel; post hoc; options stride, grid, top_fraction, fuse_weight, fit_images, steps)."
     )
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.grid = int(options.get("grid", GRID))
-        self.top_fraction = float(options.get("top_fraction", TOP_FRACTION))
+    def __init__(self, grid: int = GRID, top_fraction: float = TOP_FRACTION, **probe_options: Any) -> None:
+        super().__init__(grid=grid, top_fraction=top_fraction, **probe_options)
+        self.grid = int(grid)
+        self.top_fraction = float(top_fraction)
         if not 0.0 < self.top_fraction <= 1.0:
             raise ValueError(f"label-probe: top_fraction must lie in (0, 1], got {self.top_fraction}")
         if min(self.fit_images, self.steps) < 1:

@@ -5,29 +5,49 @@ pixel's projected feature towards the prototype of its pseudo-class and away fro
 prototypes, across the two SEAM views (so the feature of a pixel agrees with the other view's
 prototypes) and within each view (with hard-example sampling).
 
-Checked against the official code (github usr922/wseg, ``module/train.py::get_contrast_loss``,
-``network/resnet38_contrast.py``); PPC is run there on SEAM (PCM, ER, ECR, both views), which the
-:class:`~wsss_domains.methods.seam.Seam` base provides here. Per view, at the x0.3 view's feature
-resolution (the first view's maps and features are resized to it):
+Reproduces the saliency-free variant, checked line by line against its official code (github
+usr922/wseg: ``contrast_train.py`` lines 122-395, ``network/resnet38_contrast.py``). PPC runs there
+on SEAM (PCM, ER, ECR, both views), which the :class:`~wsss_domains.methods.seam.Seam` base provides
+here; the official defaults are this module's defaults:
 
-* projection: ``relu(conv1x1(features))`` to 128 channels (``proj_fc``);
-* pseudo-labels: the PCM maps (background first here, last in the official code) are rectified and
-  min-max normalised per map (entries within 1e-5 of the minimum set to 0 before the shift, as
-  official), the background channel is replaced by 0.10, and each pixel takes the arg-max of
-  ``softmax(maps * [1, labels])``;
-* prototypes, per channel and over the whole batch: the mean of the projected (un-normalised)
-  features of the ``h*w // 16`` highest-scoring pixels, weighted by their scores, then L2-normalised;
+* second view: the batch resized to a fixed 128x128 (bilinear, corners aligned; ``img2``), used by
+  the SEAM terms as well (instead of SEAM's x0.3 copy; lines 130-134);
+* contrast grid: 16x16 (``128 // 8``); the first view's PCM maps and projected features are resized
+  to it (bilinear, corners aligned), the second view's are used as they are (lines 179-181);
+* projection: ``relu(conv1x1(features))`` to 128 channels, bias-free, Xavier-uniform (``fc_proj``)
+  on the backbone's last feature map (``conv6``);
+* pseudo-labels from the PCM maps at feature resolution (``cam_rv_down``, background first as
+  official): rectified and min-max normalised per map (entries within 1e-5 of the minimum set to 0
+  before the shift), the background channel replaced by ``bg_threshold`` = 0.20, and each pixel
+  takes the arg-max of ``softmax(maps * [1, labels])`` (line 51, lines 186-197);
+* prototypes, per channel and over the whole batch: the mean of the projected (un-normalised,
+  detached) features of the ``h*w // 8`` highest-scoring pixels, weighted by their scores, then
+  L2-normalised (lines 202-209);
 * ``nce(f, P, y) = mean(-log softmax(f · P / 0.1)[y])`` with ``f`` the L2-normalised pixel features;
-* cross-view: ``nce(f1, P2, y1)`` and ``nce(f2, P1, y2)``; cross-label: ``nce(f1, P1, y2)`` and
-  ``nce(f2, P2, y1)``; intra-view: ``nce(f1, P1, y1)`` per pseudo-class on a random half of its
-  pixels plus a semi-hard half (the pixels ranked ``0.6n - n/2`` to ``0.6n`` from the least similar
-  to their prototype), with the positive and 10 hard negative prototypes (the 4th to 13th most
-  similar) in the denominator, averaged over the classes present (classes of one pixel count but add
-  nothing, as official);
-* each pair is averaged and weighted by ``gamma`` = 0.1.
+* cross-view (``loss_cross_nce``): ``nce(f1, P2, y1)`` and ``nce(f2, P1, y2)``; cross-label
+  (``loss_cross_nce2``): ``nce(f1, P1, y2)`` and ``nce(f2, P2, y1)``; intra-view
+  (``loss_intra_nce``): ``nce(f1, P1, y1)`` per pseudo-class on a random half of its pixels plus a
+  semi-hard half (the pixels ranked ``0.6n - n/2`` to ``0.6n`` from the least similar to their
+  prototype), with the positive and 10 hard negative prototypes (the 4th to 13th most similar) in
+  the denominator, averaged over the classes present (classes of one pixel count but add nothing,
+  as official);
+* each pair is averaged and weighted by ``gamma`` = 0.1 (lines 269, 281, 389).
 
-With fewer than 13 prototypes (the official code assumes VOC's 21) the intra-view denominator holds
-each prototype once. The EPS saliency loss of the official training script is not used (no saliency maps).
+The former defaults of this module, background score 0.10 and prototypes from ``h*w // 16``
+pixels, belong to the EPS+saliency variant of PPC; they stay reachable as the options
+``background_score=0.1, top_share=16``. ``second_view_size=None`` restores SEAM's x``scale_factor``
+second view and ``contrast_size=None`` contrasts at that view's feature resolution.
+
+Deliberate deviations (other backbones and label sets, and the shared classifier):
+
+* the official ResNet-38 has output stride 8, so its 128x128 view already has 16x16 features; at
+  another stride (16 by default here) the second view's maps and features are resized to the 16x16
+  grid too (bilinear, corners aligned), so every prototype still pools ``16*16 // 8`` = 32 pixels;
+* the official network applies ``Dropout2d(0.5)`` (``dropout7``) to ``conv6`` before both the
+  classifier and the projection; the classifier here has no such dropout (nor has the SEAM base);
+* with fewer than 13 prototypes (the official code assumes VOC's 21) the intra-view denominator
+  holds each prototype once; the random half uses ``torch.randperm`` where the official code uses
+  ``random.sample`` (same distribution).
 """
 
 from __future__ import annotations
@@ -39,14 +59,21 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from wsss_domains.methods.registry import register_method
-from wsss_domains.methods.seam import Seam
+from wsss_domains.methods.seam import Seam, SeamViews
+from wsss_domains.models.stages import forward_with_stages
 
 PROJECTION_DIM = 128
 TEMPERATURE = 0.1
 GAMMA = 0.1
-BACKGROUND_SCORE = 0.1
-TOP_SHARE = 16  # prototypes from the h*w // 16 most confident pixels
+BACKGROUND_SCORE = 0.2  # contrast_train.py --bg_threshold
+TOP_SHARE = 8  # prototypes from the h*w // 8 most confident pixels
+SECOND_VIEW_SIZE = 128  # img2: the batch resized to 128x128
+CONTRAST_SIZE = 128 // 8  # both views' maps and features meet on a 16x16 grid
 HARD_SKIP, HARD_END = 3, 13  # intra-view negatives: the 4th to 13th most similar prototypes
+# The EPS+saliency variant's constants (this module's former defaults), for ``background_score``
+# and ``top_share``.
+EPS_VARIANT_BACKGROUND_SCORE = 0.1
+EPS_VARIANT_TOP_SHARE = 16
 
 
 class Projection(nn.Module):
@@ -101,9 +128,17 @@ def prototype_nce(
 
 
 def intra_view_nce(
-    pixels: Tensor, protos: Tensor, targets: Tensor, temperature: float = TEMPERATURE
+    pixels: Tensor,
+    protos: Tensor,
+    targets: Tensor,
+    temperature: float = TEMPERATURE,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """PPC's intra-view contrast with hard prototype negatives and semi-hard pixel sampling."""
+    """PPC's intra-view contrast with hard prototype negatives and semi-hard pixel sampling.
+
+    The random half of each class is ``torch.randperm(n, generator=generator)[: n // 2]``, drawn
+    class by class in ascending class order.
+    """
     logits = pixels @ protos.t() / temperature
     positive = logits.gather(1, targets[:, None]).squeeze(1)
     if protos.shape[0] >= HARD_END:
@@ -122,7 +157,8 @@ def intra_view_nce(
         if n < 2:
             continue
         with torch.no_grad():
-            random_half = torch.randperm(n, device=members.device)[: n // 2]
+            device = members.device if generator is None else generator.device
+            random_half = torch.randperm(n, generator=generator, device=device)[: n // 2].to(members.device)
             lowest = torch.topk(similarity[members], k=int(n * 0.6), largest=False)[1]
             semi_hard = lowest[int(n * 0.6) - n // 2 :]
         total = total + per_pixel[members[torch.cat([random_half, semi_hard])]].mean()
@@ -137,25 +173,39 @@ def ppc_losses(
     labels: Tensor,
     gamma: float = GAMMA,
     background: float = BACKGROUND_SCORE,
+    top_share: int = TOP_SHARE,
+    contrast_size: int | None = CONTRAST_SIZE,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """PPC's three contrast terms from both views' PCM maps and projected features.
 
-    The first view's maps and features are resized (bilinear, corners aligned) to the second's size.
+    Maps and features of a view whose feature resolution is not ``contrast_size`` square are resized
+    (bilinear, corners aligned) to it; with ``contrast_size=None``, the first view is resized to the
+    second's resolution. ``generator`` drives the intra-view random halves.
     """
-    size = scaled_maps.shape[-2:]
-    maps = F.interpolate(maps, size=size, mode="bilinear", align_corners=True)
-    features = F.interpolate(features, size=size, mode="bilinear", align_corners=True)
+    size = scaled_maps.shape[-2:] if contrast_size is None else (contrast_size, contrast_size)
+
+    def to_grid(x: Tensor) -> Tensor:
+        if x.shape[-2:] == size:
+            return x
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+    maps, features = to_grid(maps), to_grid(features)
+    scaled_maps, scaled_features = to_grid(scaled_maps), to_grid(scaled_features)
     scores, scaled_scores = (
         contrast_scores(maps, labels, background),
         contrast_scores(scaled_maps, labels, background),
     )
     targets, scaled_targets = pseudo_labels(scores, labels), pseudo_labels(scaled_scores, labels)
-    protos, scaled_protos = prototypes(scores, features), prototypes(scaled_scores, scaled_features)
+    protos = prototypes(scores, features, top_share)
+    scaled_protos = prototypes(scaled_scores, scaled_features, top_share)
 
     def pixels(f: Tensor) -> Tensor:
         return F.normalize(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), dim=-1)
 
     f1, f2 = pixels(features), pixels(scaled_features)
+    intra = intra_view_nce(f1, protos, targets, generator=generator)
+    scaled_intra = intra_view_nce(f2, scaled_protos, scaled_targets, generator=generator)
     return {
         "ppc_cross_view": gamma
         * (prototype_nce(f1, scaled_protos, targets) + prototype_nce(f2, protos, scaled_targets))
@@ -163,9 +213,7 @@ def ppc_losses(
         "ppc_cross_label": gamma
         * (prototype_nce(f1, protos, scaled_targets) + prototype_nce(f2, scaled_protos, targets))
         / 2,
-        "ppc_intra_view": gamma
-        * (intra_view_nce(f1, protos, targets) + intra_view_nce(f2, scaled_protos, scaled_targets))
-        / 2,
+        "ppc_intra_view": gamma * (intra + scaled_intra) / 2,
     }
 
 
@@ -173,24 +221,66 @@ def ppc_losses(
 class Ppc(Seam):
     name = "ppc"
     description = (
-        "PPC (Du et al., CVPR 2022): pixel-to-prototype contrast across and within SEAM's two views, "
-        "with a projection head; pseudo-labels from the PCM-refined CAMs."
+        "PPC (Du et al., CVPR 2022), saliency-free variant: pixel-to-prototype contrast across and "
+        "within SEAM's two views (the second a fixed 128x128 copy), with a projection head; "
+        "pseudo-labels from the PCM-refined CAMs."
     )
 
     def __init__(
-        self, gamma: float = GAMMA, background_score: float = BACKGROUND_SCORE, **seam_options: Any
+        self,
+        gamma: float = GAMMA,
+        background_score: float = BACKGROUND_SCORE,
+        top_share: int = TOP_SHARE,
+        second_view_size: int | None = SECOND_VIEW_SIZE,
+        contrast_size: int | None = CONTRAST_SIZE,
+        **seam_options: Any,
     ) -> None:
         if gamma < 0 or not 0 <= background_score <= 1:
             raise ValueError("need gamma >= 0 and 0 <= background_score <= 1")
+        if int(top_share) != top_share or top_share < 1:
+            raise ValueError(f"top_share must be a positive integer, got {top_share!r}")
+        for key, value in (("second_view_size", second_view_size), ("contrast_size", contrast_size)):
+            if value is not None and (int(value) != value or value < 1):
+                raise ValueError(f"{key} must be a positive integer or None, got {value!r}")
         super().__init__(**seam_options)
-        self.options.update(gamma=gamma, background_score=background_score)
+        self.options.update(
+            gamma=gamma,
+            background_score=background_score,
+            top_share=top_share,
+            second_view_size=second_view_size,
+            contrast_size=contrast_size,
+        )
         self.gamma = float(gamma)
         self.background_score = float(background_score)
+        self.top_share = int(top_share)
+        self.second_view_size = None if second_view_size is None else int(second_view_size)
+        self.contrast_size = None if contrast_size is None else int(contrast_size)
 
     def build_modules(self, model: nn.Module) -> nn.ModuleDict:
         modules = super().build_modules(model)
         modules["projection"] = Projection(model.backbone.num_features)
         return modules
+
+    def views(
+        self, model: nn.Module, modules: nn.ModuleDict, image: Tensor, outputs: dict[str, Tensor]
+    ) -> SeamViews:
+        """Both views as SEAM's, the second the batch resized to ``second_view_size`` square (official)."""
+        if self.second_view_size is None:
+            return super().views(model, modules, image, outputs)
+        size = (self.second_view_size, self.second_view_size)
+        scaled_image = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
+        scaled_outputs = forward_with_stages(model, scaled_image, self.pcm_stages)
+        pcm = modules["pcm"]
+        return SeamViews(
+            image=image,
+            scaled_image=scaled_image,
+            outputs=outputs,
+            scaled_outputs=scaled_outputs,
+            pcm=pcm(outputs["cams"], image, outputs["stage0"], outputs["stage1"]),
+            scaled_pcm=pcm(
+                scaled_outputs["cams"], scaled_image, scaled_outputs["stage0"], scaled_outputs["stage1"]
+            ),
+        )
 
     def training_losses(
         self, model: nn.Module, modules: nn.ModuleDict, batch: dict[str, Tensor], outputs: dict[str, Tensor]
@@ -207,6 +297,8 @@ class Ppc(Seam):
                 batch["label"],
                 self.gamma,
                 self.background_score,
+                self.top_share,
+                self.contrast_size,
             )
         )
         return losses

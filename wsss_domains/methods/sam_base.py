@@ -103,9 +103,32 @@ class SamMethod(Method):
     * ``sam``: a ready ``LoadedSam`` (tests; never from the command line).
     """
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self._sam: LoadedSam | None = options.get("sam")
+    def __init__(
+        self,
+        sam_model: str | None = None,
+        sam_checkpoint: str | None = None,
+        sam_cache: str | None = None,
+        prompt: str = AUTO,
+        min_peak_distance: int = 8,
+        everything_points_per_side: int = 32,
+        everything_pred_iou_thresh: float = 0.88,
+        everything_stability_thresh: float = 0.95,
+        sam: LoadedSam | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            sam_model=sam_model,
+            sam_checkpoint=sam_checkpoint,
+            sam_cache=sam_cache,
+            prompt=prompt,
+            min_peak_distance=min_peak_distance,
+            everything_points_per_side=everything_points_per_side,
+            everything_pred_iou_thresh=everything_pred_iou_thresh,
+            everything_stability_thresh=everything_stability_thresh,
+            **options,
+        )
+        # Not an option from text: a loaded model is kept out of ``options`` (cache keys, run.json).
+        self._sam = sam
         self._segmenter: SamSegmenter | None = None
         self._cache: LastEmbedding | None = None
 

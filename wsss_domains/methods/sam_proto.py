@@ -73,8 +73,14 @@ class SamProto(SamMethod):
         " confidently labels (fuse_weight 0.5). Needs a SAM checkpoint."
     )
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
+    def __init__(
+        self,
+        fuse_weight: float = FUSE_WEIGHT,
+        confidence: float = CONFIDENCE,
+        use_prototypes: bool | None = None,
+        **sam_options: Any,
+    ) -> None:
+        super().__init__(fuse_weight=fuse_weight, confidence=confidence, use_prototypes=use_prototypes, **sam_options)
         self._extractor: CamExtractor | None = None
         self._warned_off = False
 

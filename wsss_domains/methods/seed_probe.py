@@ -86,10 +86,12 @@ class SeedProbe(StageProbe):
         " fit_images, pixels_per_image, steps)."
     )
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.seed_fraction = float(options.get("seed_fraction", SEED_FRACTION))
-        self.pixels_per_image = int(options.get("pixels_per_image", PIXELS_PER_IMAGE))
+    def __init__(
+        self, seed_fraction: float = SEED_FRACTION, pixels_per_image: int = PIXELS_PER_IMAGE, **probe_options: Any
+    ) -> None:
+        super().__init__(seed_fraction=seed_fraction, pixels_per_image=pixels_per_image, **probe_options)
+        self.seed_fraction = float(seed_fraction)
+        self.pixels_per_image = int(pixels_per_image)
         if not 0.0 < self.seed_fraction <= 1.0:
             raise ValueError(f"seed-probe: seed_fraction must lie in (0, 1], got {self.seed_fraction}")
         if min(self.fit_images, self.pixels_per_image, self.steps) < 1:

@@ -9,7 +9,7 @@ input, its standardised linear layer, the option checks and the fitted-state cac
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -90,12 +90,20 @@ class StageProbe(Method):
     fits_training_split = True
     default_fit_images: ClassVar[int] = 800
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.strides = parse_strides(options.get("stride", STRIDES), self.name)
-        self.fuse_weight = float(options.get("fuse_weight", FUSE_WEIGHT))
-        self.steps = int(options.get("steps", STEPS))
-        self.fit_images = int(options.get("fit_images", self.default_fit_images))
+    def __init__(
+        self,
+        stride: int | str | Sequence[int] = STRIDES,
+        fuse_weight: float = FUSE_WEIGHT,
+        steps: int = STEPS,
+        fit_images: int | None = None,
+        **options: Any,
+    ) -> None:
+        fit_images = self.default_fit_images if fit_images is None else fit_images
+        super().__init__(stride=stride, fuse_weight=fuse_weight, steps=steps, fit_images=fit_images, **options)
+        self.strides = parse_strides(stride, self.name)
+        self.fuse_weight = float(fuse_weight)
+        self.steps = int(steps)
+        self.fit_images = int(fit_images)
         if not 0.0 <= self.fuse_weight <= 1.0:
             raise ValueError(f"{self.name}: fuse_weight must lie in [0, 1], got {self.fuse_weight}")
         self._extractor: CamExtractor | None = None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wsss_domains.data.io import DataError
+from wsss_domains.data.io import DataError, remove_stale_parts
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
 from wsss_domains.pipeline.data import open_dataset, resolve_device
@@ -215,6 +215,7 @@ def predict_slides(
     windowed = windowed or WindowedOptions()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_parts(out)
     if devices == 1:
         return [predict_one_slide(loaded, slide, out, level, mpp, windowed) for slide in found]
     from wsss_domains.segmentation.writer import shard_items

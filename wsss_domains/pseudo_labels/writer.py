@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
-from wsss_domains.data.io import atomic_write, save_palette_png
+from wsss_domains.data.io import atomic_write, output_folder, save_palette_png
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.evaluate import pred_filename
 from wsss_domains.methods.base import Method
@@ -75,8 +75,22 @@ def write_pseudo_labels(
     out: Path,
     options: PseudoLabelOptions,
 ) -> PseudoLabelSummary:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Pseudo-label every sample not yet done in ``out`` (a killed job resumes where it stopped)."""
+    with output_folder(out) as folder:
+        return _write_all(dataset, extractor, method, domain, label_space, mean, std, folder, options)
+
+
+def _write_all(
+    dataset: Dataset,
+    extractor: CamExtractor,
+    method: Method,
+    domain: DomainPlugin,
+    label_space: LabelSpace,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    out: Path,
+    options: PseudoLabelOptions,
+) -> PseudoLabelSummary:
     method.setup(domain, mean, std)
     bg = options.bg_threshold
     if label_space.background_mode is BackgroundMode.THRESHOLD and bg is None:

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from wsss_domains.data.io import DataError, atomic_write, read_rgb, save_palette_png
+from wsss_domains.data.io import DataError, atomic_write, output_folder, read_rgb, save_palette_png
 from wsss_domains.data.splits import sample_ids
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.evaluate import pred_filename
@@ -167,8 +167,35 @@ def predict_images(
     model_name: str = "",
 ) -> PredictionSummary:
     """Predict every image of ``dataset`` not yet predicted in ``out``; returns what was done."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with output_folder(out) as folder:
+        return _predict_all(
+            predictor,
+            dataset,
+            domain,
+            label_space,
+            folder,
+            devices,
+            strategy,
+            num_workers,
+            overlays,
+            progress,
+            model_name,
+        )
+
+
+def _predict_all(
+    predictor: SegmenterPredictor,
+    dataset: Dataset,
+    domain: DomainPlugin,
+    label_space: LabelSpace,
+    out: Path,
+    devices: int,
+    strategy: str,
+    num_workers: int,
+    overlays: int,
+    progress: bool,
+    model_name: str,
+) -> PredictionSummary:
     ids = sample_ids(dataset)
     todo = [i for i, sample_id in enumerate(ids) if not (out / pred_filename(sample_id)).is_file()]
     summary = PredictionSummary(str(out), skipped=len(ids) - len(todo), model=model_name)
