@@ -367,7 +367,9 @@ def test_method_options_are_scoped_and_checked():
     options = scoped_method_options(["cam-proto", "seed-probe"], ["seed-probe.fuse_weight=0.2"], {})
     assert options == {"seed-probe": {"fuse_weight": 0.2}}
     methods = ["cam", "par", NeedsWeights.name, FixedSignature.name]
-    options = scoped_method_options(methods, [f"{FixedSignature.name}.alpha=0.5"], {"sam_checkpoint": Path("s.pt")})
+    options = scoped_method_options(
+        methods, [f"{FixedSignature.name}.alpha=0.5"], {"sam_checkpoint": Path("s.pt")}
+    )
     assert options == {NeedsWeights.name: {"sam_checkpoint": "s.pt"}, FixedSignature.name: {"alpha": 0.5}}
     with pytest.raises(CliError, match="'crf' is not in this matrix"):
         scoped_method_options(["cam", "par"], ["crf.num_iter=3"], {})

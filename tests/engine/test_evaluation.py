@@ -334,9 +334,9 @@ def _toco_pseudo_scores_miou(gts: list[np.ndarray], preds: list[np.ndarray], num
         lt[lp == 255] = 255
         lp[lp == 255] = 0
         mask = (lt >= 0) & (lt < num_classes)
-        hist += np.bincount(
-            num_classes * lt[mask].astype(int) + lp[mask], minlength=num_classes**2
-        ).reshape(num_classes, num_classes)
+        hist += np.bincount(num_classes * lt[mask].astype(int) + lp[mask], minlength=num_classes**2).reshape(
+            num_classes, num_classes
+        )
     iu = np.diag(hist) / (hist.sum(axis=1) + hist.sum(axis=0) - np.diag(hist))
     return float(np.nanmean(iu[hist.sum(axis=1) > 0]))
 

@@ -48,7 +48,14 @@ def test_values_are_converted_to_the_declared_types():
     assert convert(3, int | str) == 3 and convert("4,8", int | str) == "4,8"
     with pytest.raises(ValueError):
         convert([1, 2, 3], tuple[int, int])
-    for value, annotation in ((True, int), (1.5, int), ("x", float), (1, str), ("a", Sequence[int]), (1, bool)):
+    for value, annotation in (
+        (True, int),
+        (1.5, int),
+        ("x", float),
+        (1, str),
+        ("a", Sequence[int]),
+        (1, bool),
+    ):
         with pytest.raises(TypeError):
             convert(value, annotation)
 

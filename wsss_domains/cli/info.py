@@ -41,7 +41,11 @@ def run_methods(args: argparse.Namespace) -> int:
             print(name)
             print(textwrap.indent(textwrap.fill(cls.description, 96), "    "))
             if cls.deviations:
-                print(textwrap.indent(textwrap.fill(f"differs from its reference: {cls.deviations}", 96), "    "))
+                print(
+                    textwrap.indent(
+                        textwrap.fill(f"differs from its reference: {cls.deviations}", 96), "    "
+                    )
+                )
             specs = [spec for spec in cls.option_specs().values() if spec.name != "sam"]
             print("    options:" + ("" if specs else " none"))
             for spec in specs:
@@ -61,6 +65,8 @@ def add_domains_subcommand(sub: argparse._SubParsersAction) -> None:
 def add_methods_subcommand(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("methods", help=command_help("methods"))
     p.add_argument(
-        "--details", action="store_true", help="each method's options (type, default) and where it differs from its paper"
+        "--details",
+        action="store_true",
+        help="each method's options (type, default) and where it differs from its paper",
     )
     p.set_defaults(func=run_methods)

@@ -93,7 +93,10 @@ class ClipEsLearned(ClipEs):
     )
 
     def __init__(
-        self, prompts: str | None = None, clip_model: str = DEFAULT_CLIP_MODEL, clip_weights: str | None = None
+        self,
+        prompts: str | None = None,
+        clip_model: str = DEFAULT_CLIP_MODEL,
+        clip_weights: str | None = None,
     ) -> None:
         super().__init__(clip_model=clip_model, clip_weights=clip_weights, prompts=prompts)
 

@@ -67,6 +67,10 @@ def discrepancy_loss(features: Tensor, other: Tensor, eps: float = 1e-6) -> Tens
 
 @register_method
 class Dupl(Method):
+    deviations = (
+        "CNN students instead of ViTs; no auxiliary classifier with patch-token contrast; a fixed 0.7 high"
+        " threshold instead of the class-wise cosine-descent schedule; no RandAugment consistency loss"
+    )
     name = "dupl"
     description = (
         "DuPL (Wu et al., CVPR 2024): two CNN students with a feature discrepancy loss, each "

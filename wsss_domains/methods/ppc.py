@@ -219,6 +219,11 @@ def ppc_losses(
 
 @register_method
 class Ppc(Seam):
+    deviations = (
+        "at output stride 16 the 128x128 view's maps are resized to the official 16x16 contrast grid; no"
+        " Dropout2d(0.5) before the classifier and projection; fewer than 13 prototypes: each once in the"
+        " intra-view denominator"
+    )
     name = "ppc"
     description = (
         "PPC (Du et al., CVPR 2022), saliency-free variant: pixel-to-prototype contrast across and "

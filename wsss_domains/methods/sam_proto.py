@@ -80,7 +80,9 @@ class SamProto(SamMethod):
         use_prototypes: bool | None = None,
         **sam_options: Any,
     ) -> None:
-        super().__init__(fuse_weight=fuse_weight, confidence=confidence, use_prototypes=use_prototypes, **sam_options)
+        super().__init__(
+            fuse_weight=fuse_weight, confidence=confidence, use_prototypes=use_prototypes, **sam_options
+        )
         self._extractor: CamExtractor | None = None
         self._warned_off = False
 

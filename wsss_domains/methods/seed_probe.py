@@ -87,7 +87,10 @@ class SeedProbe(StageProbe):
     )
 
     def __init__(
-        self, seed_fraction: float = SEED_FRACTION, pixels_per_image: int = PIXELS_PER_IMAGE, **probe_options: Any
+        self,
+        seed_fraction: float = SEED_FRACTION,
+        pixels_per_image: int = PIXELS_PER_IMAGE,
+        **probe_options: Any,
     ) -> None:
         super().__init__(seed_fraction=seed_fraction, pixels_per_image=pixels_per_image, **probe_options)
         self.seed_fraction = float(seed_fraction)

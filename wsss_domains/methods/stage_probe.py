@@ -99,7 +99,9 @@ class StageProbe(Method):
         **options: Any,
     ) -> None:
         fit_images = self.default_fit_images if fit_images is None else fit_images
-        super().__init__(stride=stride, fuse_weight=fuse_weight, steps=steps, fit_images=fit_images, **options)
+        super().__init__(
+            stride=stride, fuse_weight=fuse_weight, steps=steps, fit_images=fit_images, **options
+        )
         self.strides = parse_strides(stride, self.name)
         self.fuse_weight = float(fuse_weight)
         self.steps = int(steps)

@@ -23,6 +23,7 @@ __all__ = [
     "dual_threshold_labels",
     "get_refiner",
     "list_refiners",
+    "refiner_class",
 ]
 
 
@@ -45,6 +46,18 @@ def _factories() -> dict[str, Callable[..., Refiner]]:
 def list_refiners() -> list[str]:
     """Names accepted by ``get_refiner`` in this environment, sorted."""
     return sorted(_factories())
+
+
+def refiner_class(name: str) -> type:
+    """The class ``get_refiner(name)`` builds, for reading its constructor's parameters without building it."""
+    if name == "crf" and find_spec("pydensecrf") is not None:
+        from wsss_domains.refine.crf import DenseCRFRefiner
+
+        return DenseCRFRefiner
+    factory = _factories().get(name)
+    if not isinstance(factory, type):
+        raise KeyError(f"unknown refiner '{name}'; available: {', '.join(list_refiners())}")
+    return factory
 
 
 def get_refiner(name: str, **params: object) -> Refiner:

@@ -1,28 +1,36 @@
-"""Random-walk propagation of CAMs over a semantic affinity graph (AffinityNet / IRN, Ahn et al.).
+"""Random-walk propagation of CAMs over a colour-affinity graph (the walk of AffinityNet / IRN).
 
 Why: where PAR smooths within a few pixels, a random walk with hundreds of steps spreads a CAM's
 peak over the whole region that is connected by high affinity, filling the parts of an object the
 classifier ignored, while low affinity at boundaries stops it.
 
-Recipe, following AffinityNet (``psa: infer_aff.py``, ``network/resnet38_aff.py``):
+The affinity is **not learned**: it comes from the image's colours (or from features passed at
+call time, e.g. a classifier stage), not from AffinityNet's trained affinity branch or IRN's
+boundary map. This is therefore a colour-affinity random walk that borrows their walk and
+normalisation, not AffinityNet or IRN, and its numbers must not be read as theirs.
+
+Recipe:
 
 * nodes are the pixels of a coarse grid (the feature map's, or the image averaged over
   ``stride x stride`` blocks; AffinityNet works at stride 8), edges join pixels closer than
   ``radius`` (``dy^2 + dx^2 < radius^2``, radius 5), plus a self-loop of affinity 1;
-* affinity ``a_ij = exp(-mean_c |f_ic - f_jc|) ** beta`` (the L1 distance averaged over channels,
-  as in the official code). From colours, ``f = RGB / colour_sigma``;
+* affinity ``a_ij = exp(-mean_c |f_ic - f_jc|) ** beta``, the form of AffinityNet's
+  ``network/resnet38_aff.py`` (L1 distance averaged over channels) applied to ``f = RGB /
+  colour_sigma`` instead of learned features;
 * ``T = D^-1 A`` with ``D = diag(sum_j a_ij)``: row-stochastic, so one step replaces a pixel's
-  scores by the affinity-weighted average of its neighbours'. AffinityNet writes this as
-  ``cam_rw = cam_vec @ (A D^-1)`` with class rows; for symmetric ``A`` that is ``(T cam_vec^T)^T``;
+  scores by the affinity-weighted average of its neighbours'. AffinityNet and IRN write this as
+  ``cam @ (A D^-1)`` with class rows; for symmetric ``A`` that is ``(T cam^T)^T``;
 * ``steps`` steps (AffinityNet: ``2**logt`` with logt = 8, i.e. 256; beta = 8), done as sparse
-  mat-vecs rather than AffinityNet's dense matrix squaring, so the grid can be larger;
-* the result is upsampled bilinearly back to the image size.
+  mat-vecs rather than dense matrix squaring, so the grid can be larger;
+* the result is upsampled bilinearly back to the image size and divided by its maximum over all
+  classes and pixels, as IRN's ``step/make_sem_seg_labels.py`` does (``rw_up / torch.max(rw_up)``):
+  one global maximum keeps a weak class weak, where a per-class maximum would inflate it;
+* with ``bg_threshold`` a constant background channel of that value is prepended (channel 0), IRN's
+  ``F.pad(rw_up, ..., value=sem_seg_bg_thres)``.
 
-Unlike AffinityNet, border pixels get all their in-bounds neighbours (no cropped search window).
-Background (``bg_threshold`` given) follows IRN's ``make_sem_seg_labels.py``: the propagated
-foreground scores are divided by their maximum, then a constant channel of value ``bg_threshold``
-is prepended (channel 0). Without background the propagated scores are returned as they are; being
-weighted averages of the input they stay in its range.
+Differences from the official walk, none of which touch the normalisation: border pixels get all
+their in-bounds neighbours (no cropped search window); IRN's ``x * (1 - edge)`` damping has no
+counterpart (there is no boundary map); the division guards a zero maximum with ``1e-5``.
 """
 
 from __future__ import annotations
@@ -87,8 +95,14 @@ def propagate(scores: Tensor, transition: Tensor, steps: int) -> Tensor:
     return x.t().reshape(k, h, w)
 
 
+def global_max_normalize(scores: Tensor, eps: float = 1e-5) -> Tensor:
+    """``BxKxHxW`` scores divided by each image's maximum over all classes and pixels (IRN)."""
+    peak = scores.flatten(1).amax(dim=1).clamp_min(eps)
+    return scores / peak.view(-1, 1, 1, 1)
+
+
 class RandomWalkRefiner:
-    """AffinityNet-style random walk on image colours, or on features passed at call time."""
+    """Random walk on a colour (not learned) affinity, normalised as IRN; see the module docstring."""
 
     name = "random-walk"
 
@@ -125,7 +139,10 @@ class RandomWalkRefiner:
         bg_threshold: float | None = None,
         features: Tensor | None = None,
     ) -> Tensor:
-        """Propagated scores; ``features`` (``Cxhxw`` or ``BxCxhxw``) replace colours as affinity source."""
+        """Propagated scores in [0, 1] (global maximum 1), background first with ``bg_threshold``.
+
+        ``features`` (``Cxhxw`` or ``BxCxhxw``) replace colours as the affinity source.
+        """
         images, scores, single = as_batch(image, cams)
         images = images.to(scores.dtype)
         size = scores.shape[-2:]
@@ -137,8 +154,7 @@ class RandomWalkRefiner:
                 for cam, feat in zip(coarse, grid_features, strict=True)
             ]
         )
-        refined = F.interpolate(walked, size=size, mode="bilinear", align_corners=False)
+        refined = global_max_normalize(F.interpolate(walked, size=size, mode="bilinear", align_corners=False))
         if bg_threshold is not None:
-            peak = refined.flatten(1).amax(dim=1).clamp_min(1e-5).view(-1, 1, 1, 1)
-            refined = add_background(refined / peak, bg_threshold)
+            refined = add_background(refined, bg_threshold)
         return refined[0] if single else refined
