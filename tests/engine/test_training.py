@@ -61,6 +61,8 @@ def test_training_writes_the_run_folder(shapes: Path, tmp_path: Path):
     assert trainer.global_step == STEPS_PER_EPOCH
     for name in (MODEL_FILE, RUN_FILE, "checkpoints/last.ckpt", "logs/metrics.csv"):
         assert (out / name).is_file(), name
+    # the per-epoch and the timed checkpoints share one file, the one a resume reads
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["last.ckpt"]
     assert logged_steps(out) == [0, 1, 2]  # every step is logged, so even a short run leaves a log
     saved = json.loads((out / RUN_FILE).read_text())
     assert saved["backbone"] == fakes.FAST_BACKBONE and saved["foreground"] == ["red", "blue"]

@@ -132,12 +132,21 @@ def fit_task(
     options.check()
     max_seconds = options.max_minutes * 60 if options.max_minutes else None
     callbacks: list[L.Callback] = [
-        ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1),
+        # Both write checkpoints/last.ckpt, the newer save replacing the older (no last-v1.ckpt that
+        # a resume would not read).
+        ModelCheckpoint(
+            dirpath=out / "checkpoints",
+            save_last=True,
+            save_top_k=0,
+            every_n_epochs=1,
+            enable_version_counter=False,
+        ),
         ModelCheckpoint(
             dirpath=out / "checkpoints",
             save_last=True,
             save_top_k=0,
             train_time_interval=timedelta(minutes=options.checkpoint_minutes),
+            enable_version_counter=False,
         ),
         BudgetCosineSchedule(max_seconds),
     ]
