@@ -9,8 +9,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -151,8 +153,8 @@ def test_sepl_relabels_hand_made_masks_against_the_cam_pseudo_label(tiny_sam):
     labels[2:5, 2:5] = 1  # red blob (9 px)
     labels[6:8, 6:8] = 2  # blue blob (4 px)
     labels[1, 1] = U
-    big = box((8, 8), 1, 7, 1, 7)  # 36 px, mostly background, but all of red: red (coverage beats bg)
-    corner = box((8, 8), 5, 8, 5, 8)  # 9 px, mostly background, all of blue: blue; smaller, so wins
+    big = box((8, 8), 1, 7, 1, 7)  # 36 px, mostly background, but all of red: red (coverage)
+    corner = box((8, 8), 5, 8, 5, 8)  # 9 px, mostly background, all of blue: blue; later class, so wins
     method = create_method("sepl", sam_cache="none")
     stub = with_masks(method, tiny_sam, torch.stack([big, corner]))
     out = method.refine_labels(
@@ -165,6 +167,25 @@ def test_sepl_relabels_hand_made_masks_against_the_cam_pseudo_label(tiny_sam):
     assert torch.equal(out, expected)
     assert out[0, 7] == 0  # no mask there: the CAM label stays
     assert stub.strategies[0].prompt is PromptKind.EVERYTHING  # the tiny SAM takes point grids
+
+
+def test_sepl_sends_the_pixels_of_masks_no_class_claims_to_background(tiny_sam):
+    """SAM_WSSS max_iou_imp2: the merge starts from background; the former merge kept CAM labels."""
+    labels = torch.zeros(8, 8, dtype=torch.int64)
+    labels[0:4, 0:4] = 1
+    straddle = box((8, 8), 2, 6, 2, 6)  # 4 px of class 1 out of 16, 4 / 16 of its region: nobody's
+    for name in ("sepl", "s2c"):  # s2c refines its CAMs with the same merge
+        method = create_method(name, sam_cache="none")
+        with_masks(method, tiny_sam, straddle[None])
+        out = method.refine_labels(
+            torch.rand(3, 8, 8),
+            labels,
+            torch.rand(2, 8, 8),
+            torch.ones(2),
+            fakes.FakeDomain(),
+            fakes.LABEL_SPACE,
+        )
+        assert torch.equal(out, torch.where(straddle, 0, labels))
 
 
 def test_sepl_without_masks_keeps_the_labels(tiny_sam):
@@ -360,7 +381,7 @@ def test_sam_proto_uses_only_confident_segments_and_respects_the_domain_hook(tin
 # -- s2c: the losses ---------------------------------------------------------------------------------
 
 
-def test_segment_index_map_lets_smaller_segments_win():
+def test_segment_index_map_by_area_lets_smaller_segments_win():
     big, small = box((4, 4), 0, 4, 0, 4), box((4, 4), 1, 2, 1, 3)
     seg = segment_index_map(torch.stack([small, big]))
     expected = torch.full((4, 4), 2)
@@ -371,18 +392,87 @@ def test_segment_index_map_lets_smaller_segments_win():
     )
 
 
-def test_ssc_loss_reaches_its_minimum_on_orthogonal_segments_and_is_differentiable():
+def official_se_map(masks: list[np.ndarray], predicted_iou: list[float]) -> np.ndarray:
+    """S2C ``get_se_map.py`` on SamAutomaticMaskGenerator output (listed by descending predicted
+    IoU, its NMS order), then ``voc12/data.py``'s ``se + 1``."""
+    order = sorted(range(len(masks)), key=lambda k: -predicted_iou[k])
+    generated = [{"segmentation": masks[k]} for k in order]
+    temp = np.full(masks[0].shape, -1, dtype=int)
+    for i, mask in enumerate(reversed(generated)):
+        temp[mask["segmentation"]] = i
+    return temp + 1
+
+
+def test_segment_index_map_by_score_matches_get_se_map():
+    rng = np.random.default_rng(3)
+    masks = [rng.random((12, 10)) < p for p in (0.6, 0.3, 0.5, 0.2, 0.4)]
+    scores = [0.91, 0.97, 0.88, 0.95, 0.9]
+    out = segment_index_map(torch.from_numpy(np.stack(masks)), torch.tensor(scores))
+    expected = official_se_map(masks, scores)
+    assert np.array_equal(out.numpy(), expected)
+    assert (expected == 0).any() and len(np.unique(expected)) == 6  # some unsegmented pixels
+
+
+def official_ssc(feat_main: torch.Tensor, se: torch.Tensor, T: float = 1.0) -> torch.Tensor:
+    """The SSC block of ``model_WSSS.update`` (S2C ``models/model_s2c.py``), with
+    ``torch_scatter.scatter_mean`` (empty groups -> 0) written out as a loop."""
+    B, D = feat_main.shape[:2]
+    H, W = se.shape[-2:]
+    feat_main = F.interpolate(feat_main, size=(H, W), mode="bilinear", align_corners=False)
+    feat_main = F.normalize(feat_main, dim=1)
+    feat_main_ = feat_main.view(B, D, -1)  # (B,D,HW)
+    index_ = se.view(B, 1, -1).long()  # (B,1,HW)
+    N = int(index_.max()) + 1
+    pt = torch.zeros(B, D, N)
+    for b in range(B):
+        for n in range(N):
+            members = index_[b, 0] == n
+            if members.any():
+                pt[b, :, n] = feat_main_[b][:, members].detach().mean(dim=1)
+    pt = F.normalize(pt, dim=1)
+    index_ = index_.squeeze(1)
+    pred_ssc = torch.bmm(pt.permute(0, 2, 1), feat_main_)  # (B,N,HW)
+    return F.cross_entropy(pred_ssc * T, index_, ignore_index=0)
+
+
+def ssc_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three images: ids 1-3 with unsegmented pixels; 1-6 covering everything; only 2 and 5."""
+    rng = np.random.default_rng(7)
+    se = torch.from_numpy(rng.integers(0, 4, (3, 10, 12)))
+    se[1] = torch.from_numpy(rng.integers(1, 7, (10, 12)))
+    se[2] = torch.from_numpy(rng.choice([0, 2, 5], (10, 12)))
+    return torch.from_numpy(rng.normal(size=(3, 5, 5, 6))).float(), se
+
+
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_ssc_loss_and_its_gradient_match_the_official_formula(T):
+    feats, se = ssc_batch()
+    mine = feats.clone().requires_grad_(True)
+    theirs = feats.clone().requires_grad_(True)
+    loss, expected = ssc_loss(mine, se, T), official_ssc(theirs, se, T)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    expected.backward()
+    assert torch.allclose(mine.grad, theirs.grad, atol=1e-6)
+    # Image 2 alone: ids 1, 3 and 4 absent, their zero prototypes (cosine 0) stay in the softmax.
+    alone = ssc_loss(feats[2:], se[2:], T)
+    assert torch.allclose(alone, official_ssc(feats[2:], se[2:], T), atol=1e-6)
+    assert not torch.allclose(alone, ssc_loss(feats[2:], se[2:], T, mask_absent=True))
+
+
+def test_ssc_loss_masking_option_and_a_batch_without_segments():
     segments = torch.zeros(1, 6, 6, dtype=torch.int64)
     segments[0, :, :2], segments[0, :, 2:4], segments[0, :4, 4:] = 1, 2, 3  # two pixels unsegmented
     feats = torch.nn.functional.one_hot((segments[0] - 1).clamp_min(0), 3).permute(2, 0, 1)[None].float()
     for t in (1.0, 10.0):
-        assert torch.isclose(
-            ssc_loss(feats, segments, t), torch.tensor(math.log(1 + 2 * math.exp(-t))), atol=1e-6
-        )
-    assert ssc_loss(feats, segments, 10.0) < 1e-3
+        # Former rule: no "no segment" prototype, so orthogonal segments reach log(1 + (N - 1) e^-t).
+        masked = ssc_loss(feats, segments, t, mask_absent=True)
+        assert torch.isclose(masked, torch.tensor(math.log(1 + 2 * math.exp(-t))), atol=1e-6)
+        # Official: the unsegmented pixels' prototype equals segment 1's here and stays in the softmax.
+        assert torch.isclose(ssc_loss(feats, segments, t), official_ssc(feats, segments, t), atol=1e-6)
+        assert ssc_loss(feats, segments, t) > masked + 0.1
     noisy = torch.randn(1, 3, 6, 6, requires_grad=True)
     loss = ssc_loss(noisy, segments, 10.0)
-    assert loss > ssc_loss(feats, segments, 10.0) + 0.1
     loss.backward()
     assert torch.isfinite(noisy.grad).all() and noisy.grad.abs().sum() > 0
     empty = torch.randn(1, 3, 2, 2, requires_grad=True)
@@ -453,8 +543,17 @@ def s2c_method(sam: LoadedSam, domain=None, **options) -> S2C:
     return method
 
 
-def test_s2c_point_prompts_hold_all_peaks_of_a_class_and_take_the_third_mask(tiny_sam, monkeypatch):
-    method = s2c_method(tiny_sam)
+def two_bump_cams() -> torch.Tensor:
+    """Class 1 of a 64 x 64 image: bumps at (20.3, 18.6) and (44.2, 46.5), and a weak one (0.3)."""
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float64)
+    bumps = ((20.3, 18.6, 4.0, 1.0), (44.2, 46.5, 5.0, 0.8), (12.0, 50.0, 3.0, 0.3))
+    cam = sum(a * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * s * s)) for y, x, s, a in bumps)
+    cams = torch.zeros(2, 64, 64)
+    cams[1] = torch.from_numpy((cam / (cam.max() + 1e-5)).astype(np.float32))
+    return cams
+
+
+def prompt_spy(method: S2C, monkeypatch) -> tuple[object, list]:
     segmenter = method.training_segmenter(torch.device("cpu"))
     calls = []
     original = segmenter.predictor.predict_torch
@@ -465,23 +564,50 @@ def test_s2c_point_prompts_hold_all_peaks_of_a_class_and_take_the_third_mask(tin
         return out
 
     monkeypatch.setattr(segmenter.predictor, "predict_torch", spy)
+    return segmenter, calls
+
+
+def test_s2c_point_prompts_are_the_official_peaks_and_take_the_third_mask(tiny_sam, monkeypatch):
+    method = s2c_method(tiny_sam, min_peak_distance=8)
+    segmenter, calls = prompt_spy(method, monkeypatch)
     encoder = tiny_sam.model.image_encoder
     encodes = []
     monkeypatch.setattr(encoder, "forward", lambda x, f=encoder.forward: encodes.append(1) or f(x))
-    cams = torch.zeros(2, 32, 32)
-    cams[1, 5, 5], cams[1, 20, 24] = 1.0, 0.9  # two peaks of class 1; class 0 absent
-    segments, target = method._point_targets(
-        segmenter, torch.rand(3, 32, 32), cams, torch.tensor([0.0, 1.0]), method.strategy(), True
+    segments, scores, target = method._point_targets(
+        segmenter, torch.rand(3, 64, 64), two_bump_cams(), torch.tensor([0.0, 1.0]), method.strategy(), True
     )
     prompt_calls = [c for c in calls if c[0].shape[0] == 1]
-    assert len(prompt_calls) == 1 and prompt_calls[0][0].shape == (1, 2, 2)  # one prompt, both peaks
+    assert len(prompt_calls) == 1  # one prompt for class 1 holding all its peaks; class 0 absent
+    # Official: the global maximum, then the peak_local_max(min_distance=8) peaks of the 3 x 3
+    # max-filtered CAM above 0.5 less the first (scikit-image 0.26 gives (19, 18), (43, 45) and
+    # (11, 49), the last at 0.3); the (row, col) indices flipped and scaled by size_sam / H.
+    size_sam = tiny_sam.model.image_encoder.img_size
+    official = np.flip(np.array([[20, 19], [43, 45]]), axis=-1) * size_sam / 64
+    assert torch.allclose(prompt_calls[0][0][0], torch.from_numpy(official.copy()).float())
     third = prompt_calls[0][1][0, 2]
     expected = torch.where(
         third > 0, torch.ones_like(third, dtype=torch.int64), torch.full_like(third, 2, dtype=torch.int64)
     )
     assert torch.equal(target, expected)  # class 1 where its third mask is, background elsewhere
-    assert segments.dtype == torch.bool and segments.shape[1:] == (32, 32) and len(segments) > 0
+    assert segments.dtype == torch.bool and segments.shape[1:] == (64, 64) and len(segments) > 0
+    assert scores.shape == (len(segments),)
     assert len(encodes) == 1  # prompts and everything mode share one encoder pass
+
+
+def test_s2c_domain_peak_rule_restores_the_capped_relative_peaks(tiny_sam, monkeypatch):
+    from wsss_domains.sam.prompts import cam_peaks
+
+    method = s2c_method(tiny_sam, min_peak_distance=8, peak_rule="domain")
+    segmenter, calls = prompt_spy(method, monkeypatch)
+    cams = two_bump_cams()
+    method._point_targets(
+        segmenter, torch.rand(3, 64, 64), cams, torch.tensor([0.0, 1.0]), method.strategy(), True
+    )
+    strategy = fakes.FakeDomain().sam_strategy()  # peak_threshold 0.7 of the maximum, at most 4
+    former = cam_peaks(cams[1], strategy.peak_threshold, 8, strategy.max_prompts_per_class)
+    size_sam = tiny_sam.model.image_encoder.img_size
+    assert torch.allclose(calls[0][0][0], former * size_sam / 64)  # pixel centres
+    assert not torch.allclose(calls[0][0][0], torch.tensor([[19.0, 20.0], [45.0, 43.0]]) * size_sam / 64)
 
 
 def test_embedding_memo_disk_cache_defaults_and_a_broken_disk(tiny_sam, tmp_path, caplog):
@@ -521,13 +647,14 @@ def test_s2c_box_only_sam_uses_its_box_masks_as_segments_and_targets(tiny_sam):
     cams[0, 2:10, 2:10] = 1.0
     cams[0, 20:30, 20:30] = 0.8
     image = torch.rand(3, 32, 32)
-    segments, target = method._box_targets(
+    segments, scores, target = method._box_targets(
         segmenter, image, cams, torch.tensor([1.0, 0.0]), method.strategy(), True
     )
     out = segmenter.segment(
         image, cams, BoxDomain().sam_strategy(), labels=torch.tensor([1.0, 0.0]), return_logits=True
     )
     assert out.classes.tolist() == [0, 0] and torch.equal(segments, out.masks)
+    assert torch.equal(scores, out.scores)
     union = out.logits.amax(dim=0) > 0
     assert torch.equal(target, torch.where(union, 0, 2))
 

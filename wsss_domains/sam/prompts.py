@@ -108,6 +108,78 @@ def cam_peaks(cam: Tensor, peak_threshold: float, min_distance: int, max_points:
     return yx.flip(1) + 0.5
 
 
+def _max_filter(image: Tensor, size: int, pad_value: float | None) -> Tensor:
+    """``scipy.ndimage.maximum_filter`` with a square window: ``pad_value`` as ``mode='constant'``
+    (``cval``), None as ``mode='nearest'`` (the window clipped to the image gives the same maximum)."""
+    r = size // 2
+    x = image[None, None]
+    if pad_value is not None:
+        x = F.pad(x, (r, r, r, r), value=pad_value)
+        return F.max_pool2d(x, size, stride=1)[0, 0]
+    return F.max_pool2d(x, size, stride=1, padding=r)[0, 0]
+
+
+def peak_local_max(image: Tensor, min_distance: int) -> Tensor:
+    """``skimage.feature.peak_local_max(image, min_distance)`` with its other defaults, for 2-D.
+
+    As scikit-image 0.26: candidates equal the maximum of their ``2 * min_distance + 1`` window
+    (none if that holds everywhere), exceed ``image.min()`` and lie at least ``min_distance`` from
+    the border (``exclude_border=True``); strongest first, ties in raster order (a stable sort), each
+    kept unless closer than ``min_distance`` (Chebyshev) to one kept before. Returns ``M x 2`` int64
+    ``(row, col)``. S2C pins 0.21, which differs only in sorting with NumPy's unstable quicksort, so
+    which of several equal values (a plateau) comes first is left to that sort there.
+    """
+    if image.ndim != 2:
+        raise ValueError(f"expected an HxW image, got {tuple(image.shape)}")
+    if min_distance < 1:
+        raise ValueError(f"min_distance must be >= 1, got {min_distance}")
+    h, w = image.shape
+    image = image.float()
+    peak = image == _max_filter(image, 2 * min_distance + 1, None)
+    if bool(peak.all()):
+        return torch.zeros(0, 2, dtype=torch.int64, device=image.device)
+    peak &= image > image.min()
+    border = torch.zeros_like(peak)
+    border[min_distance : h - min_distance, min_distance : w - min_distance] = True
+    peak &= border
+    coords = torch.nonzero(peak)  # raster order
+    values = image[coords[:, 0], coords[:, 1]]
+    coords = coords[torch.sort(values, descending=True, stable=True).indices]
+    if min_distance <= 1 or coords.shape[0] <= 1:
+        return coords  # spacing 1 only parts identical points
+    kept: list[Tensor] = []
+    while coords.numel():
+        best = coords[0]
+        kept.append(best)
+        coords = coords[(coords - best).abs().amax(dim=1) >= min_distance]
+    return torch.stack(kept)
+
+
+def s2c_peaks(
+    cam: Tensor, threshold: float = 0.5, min_distance: int = 20, max_points: int | None = None
+) -> Tensor:
+    """S2C's point prompts for one class's max-normalised CAM, as ``update()`` in S2C's
+    ``models/model_s2c.py`` (github.com/sangrockEG/S2C) samples them.
+
+    The global maximum (first in raster order) first; then the local maxima of the CAM after a 3 x 3
+    maximum filter (zero-padded, ``ndi.maximum_filter(size=3, mode='constant')``), found by
+    :func:`peak_local_max` with ``min_distance``, kept where the unfiltered CAM exceeds
+    ``threshold`` (``th_multi``, 0.5), less the first of them (the official code assumes it is the
+    global maximum again). No cap, as there; ``max_points`` caps the total. Returns ``M x 2`` int64
+    ``(row, col)`` pixel indices: the official code scales these, not pixel centres, to SAM's input.
+    """
+    if cam.ndim != 2:
+        raise ValueError(f"expected an HxW CAM, got {tuple(cam.shape)}")
+    w = cam.shape[1]
+    flat = int(torch.argmax(cam.reshape(-1)))
+    peak_max = torch.tensor([[flat // w, flat % w]], dtype=torch.int64, device=cam.device)
+    filtered = _max_filter(cam.float(), 3, 0.0)
+    found = peak_local_max(filtered, min_distance)
+    valid = found[cam[found[:, 0], found[:, 1]] > threshold]
+    peaks = torch.cat([peak_max, valid[1:]])
+    return peaks if max_points is None else peaks[: max(max_points, 0)]
+
+
 def everything_masks(
     predictor: SamPredictor,
     image: np.ndarray,
