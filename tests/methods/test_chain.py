@@ -39,17 +39,17 @@ class Shift(Method):
         super().__init__(by=by)
         self.by = by
 
-    def refine(self, image, cams, present, domain, label_space):
+    def refine(self, image, cams, present, domain, label_space, context=None):
         return cams + self.by
 
 
 class Double(Method):
     name = "double-test"
 
-    def refine(self, image, cams, present, domain, label_space):
+    def refine(self, image, cams, present, domain, label_space, context=None):
         return cams * 2
 
-    def refine_labels(self, image, labels, cams, present, domain, label_space):
+    def refine_labels(self, image, labels, cams, present, domain, label_space, context=None):
         return labels + 10
 
 

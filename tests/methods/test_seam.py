@@ -8,6 +8,7 @@ from method_training import changed, train_steps
 from torch.nn import functional as F
 
 from wsss_domains.methods import create_method
+from wsss_domains.methods.options import MethodOptionError  # noqa: E402
 from wsss_domains.methods.seam import (
     PcmCamExtractor,
     equivariance_loss,
@@ -145,5 +146,5 @@ def test_two_training_steps_and_pcm_extractor():
 def test_seam_rejects_bad_options():
     with pytest.raises(ValueError):
         create_method("seam", scale_factor=1.5)
-    with pytest.raises(TypeError):
+    with pytest.raises(MethodOptionError, match="'seam' has no option 'unknown'.*scale_factor"):
         create_method("seam", unknown=1)

@@ -7,6 +7,7 @@ nothing. Methods are looked up by name in :mod:`wsss_domains.methods.registry`.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
@@ -17,6 +18,36 @@ from wsss_domains.methods.options import OptionSpec, check_options, constructor_
 if TYPE_CHECKING:
     from wsss_domains.domains.contract import DomainPlugin, LabelSpace
     from wsss_domains.methods.fitting import FitContext
+
+
+@dataclass(frozen=True)
+class RefineContext:
+    """What the engine already decided or computed for the image being pseudo-labelled.
+
+    Handed to :meth:`Method.refine` and :meth:`Method.refine_labels` so that a refinement uses the
+    run's effective background rule and exclude mask (``--bg-threshold``, a loader's or a raster's
+    no-data mask) and the classifier's own input, instead of re-deriving them from the domain.
+    """
+
+    # The background threshold the engine applies (``--bg-threshold`` or the domain's); None: the
+    # label space decides background by exclusion, not by threshold.
+    bg_threshold: float | None
+    # ``H x W`` pixels never scored (the loader's mask, raster no-data, or the domain's rule); None: none.
+    exclude: Tensor | None
+    # The image after the domain's preprocessing (stain normalisation), ``3 x H x W`` in [0, 1].
+    prepared: Tensor | None = None
+    # ``prepared`` normalised with the classifier's mean and std: the CAM extractor's input.
+    normalized: Tensor | None = None
+
+
+def default_context(image: Tensor, domain: DomainPlugin, label_space: LabelSpace) -> RefineContext:
+    """The context the engine would give without user overrides: the domain's threshold and rule."""
+    from wsss_domains.domains.contract import BackgroundMode
+
+    bg = None
+    if label_space.background_mode is BackgroundMode.THRESHOLD:
+        bg = float(domain.background_threshold(label_space))
+    return RefineContext(bg_threshold=bg, exclude=domain.exclude_mask(image, label_space))
 
 
 class Method:
@@ -109,8 +140,13 @@ class Method:
         present: Tensor,
         domain: DomainPlugin,
         label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
-        """Post-process normalised CAMs ``K x H x W`` (all foreground classes); default: unchanged."""
+        """Post-process normalised CAMs ``K x H x W`` (all foreground classes); default: unchanged.
+
+        ``context`` carries the engine's background threshold, exclude mask and classifier input;
+        called without one (tests, notebooks), a method falls back to :func:`default_context`.
+        """
         return cams
 
     def refine_labels(
@@ -121,6 +157,7 @@ class Method:
         present: Tensor,
         domain: DomainPlugin,
         label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         """Post-process the assembled pseudo-label ``H x W`` (class ids, ``ignore_index``); default: unchanged.
 

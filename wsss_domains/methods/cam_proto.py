@@ -31,8 +31,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from wsss_domains.cam.extract import CamExtractor
-from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.methods.base import Method, RefineContext, default_context
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_proto import fuse_prototype_cams
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
@@ -101,29 +101,36 @@ class CamProto(Method):
         self._extractor = super().extractor(model, modules, **kwargs)
         return self._extractor
 
-    def stage_features(self, image: Tensor, domain: DomainPlugin) -> Tensor:
-        """``1 x D x h x w`` features of stage ``self.stage`` for a raw ``3 x H x W`` image in [0, 1]."""
+    def stage_features(self, image: Tensor, domain: DomainPlugin, normalized: Tensor | None = None) -> Tensor:
+        """``1 x D x h x w`` features of stage ``self.stage`` for a raw ``3 x H x W`` image in [0, 1].
+
+        ``normalized``: the classifier's input the engine already made of it (else made here).
+        """
         if self._extractor is None or self.mean is None or self.std is None:
             raise RuntimeError("cam-proto: call setup() and extractor() before refine (the engine does)")
         device = next(self._extractor.model.parameters()).device
-        x = normalize(domain.preprocess(image), self.mean, self.std).to(device)
+        x = normalized if normalized is not None else normalize(domain.preprocess(image), self.mean, self.std)
+        x = x.to(device)
         return self._extractor.stage_features(x, self.stage)
 
     def refine(
-        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+        self,
+        image: Tensor,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         keep = present.bool().to(cams.device)
         if not keep.any() or self.fuse_weight == 0.0:
             return cams
-        bg = None
-        if label_space.background_mode is BackgroundMode.THRESHOLD:
-            bg = domain.background_threshold(label_space)
-        exclude = domain.exclude_mask(image, label_space)
-        pseudo = cams_to_labels(cams, present, label_space, bg, exclude)
+        context = context or default_context(image, domain, label_space)
+        pseudo = cams_to_labels(cams, present, label_space, context.bg_threshold, context.exclude)
         channels = label_channels(pseudo, label_space)
         scored = pseudo != label_space.ignore_index
         seeds = confident_seeds(cams, channels, scored, self.seed_fraction) & keep[:, None, None]
-        feats = self.stage_features(image, domain).to(cams.device)
+        feats = self.stage_features(image, domain, context.normalized).to(cams.device)
         weights = F.interpolate(seeds[None].float(), size=feats.shape[-2:], mode="area")
         protos, valid = masked_average(feats, weights)
         valid = valid[0] & keep

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method, trains
+from wsss_domains.methods.base import Method, RefineContext, trains
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.options import OptionSpec
 
@@ -88,10 +88,16 @@ class ChainedMethod(Method):
                 method.fit(context)
 
     def refine(
-        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+        self,
+        image: Tensor,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         for method in self.methods:
-            cams = method.refine(image, cams, present, domain, label_space)
+            cams = method.refine(image, cams, present, domain, label_space, context)
         return cams
 
     def refine_labels(
@@ -102,9 +108,10 @@ class ChainedMethod(Method):
         present: Tensor,
         domain: DomainPlugin,
         label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         for method in self.methods:
-            labels = method.refine_labels(image, labels, cams, present, domain, label_space)
+            labels = method.refine_labels(image, labels, cams, present, domain, label_space, context)
         return labels
 
 

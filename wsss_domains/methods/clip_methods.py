@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method
+from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.methods.registry import register_method
 
 DEFAULT_CLIP_MODEL = "ViT-B-16"
@@ -61,7 +61,13 @@ class ClipEs(Method):
         return self._text[key]
 
     def refine(
-        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+        self,
+        image: Tensor,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         from wsss_domains.clip.clip_es import clip_es_cams
 

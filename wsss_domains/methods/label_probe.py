@@ -37,6 +37,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
+from wsss_domains.methods.base import RefineContext
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.stage_probe import PixelProbe, StageProbe, new_probe
@@ -209,14 +210,20 @@ class LabelProbe(StageProbe):
 
     @torch.no_grad()
     def refine(
-        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+        self,
+        image: Tensor,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         if self.probe is None:
             raise RuntimeError("label-probe: fit() must run before refine (the engine calls it)")
         keep = present.bool().to(cams.device)
         if not keep.any() or self.fuse_weight == 0.0:
             return cams
-        probs, valid = self.probabilities(image, keep, domain)
+        probs, valid = self.probabilities(image, keep, domain, context)
         valid = valid.to(cams.device)
         if not valid.any():
             return cams

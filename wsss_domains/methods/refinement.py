@@ -18,23 +18,12 @@ from typing import ClassVar
 from torch import Tensor
 
 from wsss_domains.cam.extract import normalize_per_class
-from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.methods.base import Method, RefineContext, default_context
 from wsss_domains.methods.options import OptionSpec, constructor_options
 from wsss_domains.methods.registry import register_method
 from wsss_domains.refine import get_refiner, list_refiners, refiner_class
 from wsss_domains.refine.base import Refiner
-
-
-def background_threshold(domain: DomainPlugin, label_space: LabelSpace) -> float | None:
-    """The background score the refiner must weigh, or None where the domain has no threshold rule.
-
-    Why here: the refine hook does not yet receive the engine's effective threshold, so this is the
-    domain's default (``--bg-threshold`` overrides reach only the engine's own rule).
-    """
-    if label_space.background_mode is BackgroundMode.THRESHOLD:
-        return float(domain.background_threshold(label_space))
-    return None
 
 
 def threshold_scores(marginals: Tensor, threshold: float, eps: float = 1e-12) -> Tensor:
@@ -65,14 +54,20 @@ class RefinedCam(Method):
         return normalize_per_class(refiner(image, cams).clamp_min(0))
 
     def refine(
-        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+        self,
+        image: Tensor,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         keep = present.bool()
         if not keep.any():
             return cams
         refiner = get_refiner(self.refiner_name, **self.options)
         out = cams.clone()
-        bg = background_threshold(domain, label_space)
+        bg = (context or default_context(image, domain, label_space)).bg_threshold
         out[keep] = self.foreground(refiner, image, cams[keep], bg).to(out.dtype)
         return out
 

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from wsss_domains.cam.extract import CamExtractor, normalize_per_class
-from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
+from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.methods.base import RefineContext, default_context
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_base import SamMethod
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
@@ -104,19 +105,28 @@ class SamProto(SamMethod):
         return bool(self.strategy(domain).use_prototypes if choice is None else choice)
 
     @torch.no_grad()
-    def features(self, image: Tensor, domain: DomainPlugin) -> Tensor:
-        """``1 x D x h x w`` backbone features of a raw image, as the classifier saw it in training."""
+    def features(self, image: Tensor, domain: DomainPlugin, normalized: Tensor | None = None) -> Tensor:
+        """``1 x D x h x w`` backbone features of a raw image, as the classifier saw it in training
+        (``normalized``: the classifier input the engine already made of it)."""
         if self._extractor is None or self.mean is None or self.std is None:
             raise RuntimeError("sam-proto: call setup() and extractor() before refine (the engine does)")
         extractor = self._extractor
-        x = extractor.training_view(normalize(domain.preprocess(image), self.mean, self.std))
+        if normalized is None:
+            normalized = normalize(domain.preprocess(image), self.mean, self.std)
+        x = extractor.training_view(normalized.to(image.device))
         feats = extractor.model.features(x)
         if extractor.flip:
             feats = (feats + extractor.model.features(x.flip(-1)).flip(-1)) / 2
         return feats.float()
 
     def refine(
-        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+        self,
+        image: Tensor,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         from wsss_domains.sam.prototypes import class_prototypes, prototype_cams
         from wsss_domains.sam.sepl import sepl_assign
@@ -131,10 +141,8 @@ class SamProto(SamMethod):
         keep = present.bool().to(cams.device)
         if not keep.any():
             return cams
-        bg = None
-        if label_space.background_mode is BackgroundMode.THRESHOLD:
-            bg = domain.background_threshold(label_space)
-        pseudo = cams_to_labels(cams, present, label_space, bg, domain.exclude_mask(image, label_space))
+        context = context or default_context(image, domain, label_space)
+        pseudo = cams_to_labels(cams, present, label_space, context.bg_threshold, context.exclude)
         masks = self.segments(image, cams, present, domain).to(cams.device)
         if masks.shape[0] == 0:
             return cams
@@ -148,7 +156,7 @@ class SamProto(SamMethod):
             coverage=float("inf"),  # confidence means purity only: no claim by covering a region
         )
         channels = segment_channels(ids, label_space)
-        feats = self.features(image, domain).to(cams.device)
+        feats = self.features(image, domain, context.normalized).to(cams.device)
         protos, valid = class_prototypes(feats, masks[None], channels[None], cams.shape[0])
         valid = valid[0] & keep
         proto = prototype_cams(feats, protos, valid[None])[0]

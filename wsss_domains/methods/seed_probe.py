@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
+from wsss_domains.methods.base import RefineContext
 from wsss_domains.methods.cam_proto import confident_seeds, label_channels
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.registry import register_method
@@ -175,14 +176,20 @@ class SeedProbe(StageProbe):
 
     @torch.no_grad()
     def refine(
-        self, image: Tensor, cams: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace
+        self,
+        image: Tensor,
+        cams: Tensor,
+        present: Tensor,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         keep = present.bool().to(cams.device)
         if not keep.any() or self.fuse_weight == 0.0:
             if self.probe is None:
                 raise RuntimeError("seed-probe: fit() must run before refine (the engine calls it)")
             return cams
-        probs, valid = self.probabilities(image, keep, domain)
+        probs, valid = self.probabilities(image, keep, domain, context)
         if not valid.any():
             return cams
         return fuse_prototype_cams(cams, probs.to(cams.device), valid, self.fuse_weight)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.methods.base import RefineContext
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_base import SamMethod
 
@@ -32,6 +33,7 @@ class SeplRefinement(SamMethod):
         present: Tensor,
         domain: DomainPlugin,
         label_space: LabelSpace,
+        context: RefineContext | None = None,
     ) -> Tensor:
         from wsss_domains.sam.sepl import sepl_refine
 

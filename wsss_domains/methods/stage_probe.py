@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method
+from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.models.stages import stage_at_stride
 from wsss_domains.training.data import normalize
@@ -125,12 +125,18 @@ class StageProbe(Method):
         extra = 1 if label_space.background_mode is BackgroundMode.THRESHOLD else 0
         return len(label_space.foreground) + extra
 
-    def _features(self, image: Tensor, domain: DomainPlugin) -> Tensor:
-        """Probe input ``1 x D x h x w`` of a raw ``3 x H x W`` image in [0, 1]."""
+    def _features(self, image: Tensor, domain: DomainPlugin, context: RefineContext | None = None) -> Tensor:
+        """Probe input ``1 x D x h x w`` of a raw ``3 x H x W`` image in [0, 1] (reusing the engine's
+        preprocessed and normalised copies where the context holds them)."""
         if self.mean is None or self.std is None:
             raise RuntimeError(f"{self.name}: call setup() and extractor() first (the engine does)")
-        prepared = domain.preprocess(image)
-        return self._normalized_features(normalize(prepared, self.mean, self.std), prepared)
+        prepared = context.prepared if context is not None else None
+        if prepared is None:
+            prepared = domain.preprocess(image)
+        x = context.normalized if context is not None else None
+        if x is None:
+            x = normalize(prepared, self.mean, self.std)
+        return self._normalized_features(x, prepared)
 
     def _normalized_features(self, x: Tensor, prepared: Tensor | None = None) -> Tensor:
         """Probe input of a normalised image: the stages concatenated on the first one's grid.
@@ -200,13 +206,15 @@ class StageProbe(Method):
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     @torch.no_grad()
-    def probabilities(self, image: Tensor, present: Tensor, domain: DomainPlugin) -> tuple[Tensor, Tensor]:
+    def probabilities(
+        self, image: Tensor, present: Tensor, domain: DomainPlugin, context: RefineContext | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The probe's softmax over the present classes (and background where thresholded), ``K x h x w``
         on its own grid, and which of the ``K`` foreground classes it can speak for."""
         if self.probe is None or self.seen is None:
             raise RuntimeError(f"{self.name}: fit() must run before refine (the engine calls it)")
         keep = present.bool()
-        feats = self._features(image, domain)
+        feats = self._features(image, domain, context)
         logits = self.probe.to(feats.device)(feats)[0]
         allowed = torch.cat(
             [keep.to(logits.device), keep.new_ones(logits.shape[0] - keep.numel()).to(logits.device)]

@@ -114,7 +114,7 @@ from wsss_domains.data.raster import (
     raster_info,
 )
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method
+from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits
 from wsss_domains.training.data import normalize
 from wsss_domains.training.run import RunConfig, run_label_space
@@ -312,12 +312,12 @@ class _Job:
             else:
                 present = self.predict(x, pair)
         present = present.to(cams.device)
-        cams = self.method.refine(raw.to(cams.device), cams, present, self.domain, self.label_space)
         exclude = nodata if nodata is not None else self.domain.exclude_mask(raw, self.label_space)
+        context = RefineContext(self.bg, exclude, None, x)
+        on_device = raw.to(cams.device)
+        cams = self.method.refine(on_device, cams, present, self.domain, self.label_space, context)
         ids = cams_to_labels(cams, present, self.label_space, self.bg, exclude)
-        ids = self.method.refine_labels(
-            raw.to(cams.device), ids, cams, present, self.domain, self.label_space
-        )
+        ids = self.method.refine_labels(on_device, ids, cams, present, self.domain, self.label_space, context)
         rows, cols = pair.crop
         return ids[rows, cols].cpu().numpy().astype(np.uint8), present.cpu()
 

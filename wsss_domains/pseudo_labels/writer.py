@@ -20,7 +20,7 @@ from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.data.io import atomic_write, output_folder, save_palette_png
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.evaluate import pred_filename
-from wsss_domains.methods.base import Method
+from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits
 from wsss_domains.pseudo_labels.overlay import render_overlay, save_overlay
 from wsss_domains.training.data import normalize
@@ -110,7 +110,8 @@ def _write_all(
             summary.skipped += 1
             continue
         raw = sample["image"]
-        image = normalize(domain.preprocess(raw), mean, std).to(options.device)
+        prepared = domain.preprocess(raw)
+        image = normalize(prepared, mean, std).to(options.device)
         cams = extractor(image)
         present = image_labels(sample, label_space, options.label_source)
         if present is None:
@@ -124,12 +125,14 @@ def _write_all(
                 f"expected {len(label_space.foreground)} ({', '.join(label_space.foreground_names)})"
             )
         present = present.to(cams.device)
-        cams = method.refine(raw.to(cams.device), cams, present, domain, label_space)
         exclude = sample.get("exclude")
         if exclude is None:
             exclude = domain.exclude_mask(raw, label_space)
+        context = RefineContext(bg, exclude, prepared.to(cams.device), image)
+        on_device = raw.to(cams.device)
+        cams = method.refine(on_device, cams, present, domain, label_space, context)
         labels_map = cams_to_labels(cams, present, label_space, bg, exclude)
-        labels_map = method.refine_labels(raw.to(cams.device), labels_map, cams, present, domain, label_space)
+        labels_map = method.refine_labels(on_device, labels_map, cams, present, domain, label_space, context)
         labels = labels_map.cpu().numpy()
         if options.save_cams:
             keep = present.bool().cpu()
