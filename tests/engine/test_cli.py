@@ -434,3 +434,37 @@ def test_bad_scales_and_a_file_in_the_way_of_out_are_one_line(
         capsys, "pseudo-labels", "--run", run, "--data", root, "--out", blocker / "pl", "--no-progress"
     )
     assert_one_error(code, err, str(blocker))
+
+
+@pytest.mark.parametrize(
+    ("option", "fragments"),
+    [
+        (
+            "fuse_wieght=0.7",
+            ("method 'cam-proto' has no option 'fuse_wieght'", "fuse_weight (float, default 0.5)"),
+        ),
+        ("stage=deep", ("method 'cam-proto': option 'stage' expects int, got 'deep'",)),
+    ],
+)
+def test_pseudo_labels_with_a_bad_method_option_fail_by_name_before_writing(
+    capsys, shapes: Path, tmp_path: Path, trained: tuple[Path, Path], option: str, fragments
+):
+    out = tmp_path / "pl"
+    code, _, err = cli(
+        capsys,
+        "pseudo-labels",
+        "--run",
+        trained[1],
+        "--data",
+        shapes,
+        "--split",
+        "val",
+        "--method",
+        "cam-proto",
+        "--method-option",
+        option,
+        "--out",
+        out,
+    )
+    assert_one_error(code, err, *fragments)
+    assert not out.exists()
