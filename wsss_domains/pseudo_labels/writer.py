@@ -76,86 +76,74 @@ def write_pseudo_labels(
     options: PseudoLabelOptions,
 ) -> PseudoLabelSummary:
     """Pseudo-label every sample not yet done in ``out`` (a killed job resumes where it stopped)."""
-    with output_folder(out) as folder:
-        return _write_all(dataset, extractor, method, domain, label_space, mean, std, folder, options)
-
-
-def _write_all(
-    dataset: Dataset,
-    extractor: CamExtractor,
-    method: Method,
-    domain: DomainPlugin,
-    label_space: LabelSpace,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    out: Path,
-    options: PseudoLabelOptions,
-) -> PseudoLabelSummary:
-    method.setup(domain, mean, std)
-    bg = options.bg_threshold
-    if label_space.background_mode is BackgroundMode.THRESHOLD and bg is None:
-        bg = domain.background_threshold(label_space)
-    summary = PseudoLabelSummary(out=str(out), label_source=options.label_source, bg_threshold=bg)
-    palette = label_space.flat_palette()
-    n = len(dataset)  # type: ignore[arg-type]
-    if n == 0:
-        raise ValueError("the split holds no images")
-    for index in tqdm(range(n), desc="pseudo-labels", unit="img", disable=not options.progress):
-        sample: Sample = dataset[index]
-        name = pred_filename(sample["id"])
-        label_path = out / name
-        cam_path = out / "cams" / (name[: -len(".png")] + ".npz")
-        summary.files.append(name)
-        if label_path.is_file() and (not options.save_cams or cam_path.is_file()):
-            summary.skipped += 1
-            continue
-        raw = sample["image"]
-        prepared = domain.preprocess(raw)
-        image = normalize(prepared, mean, std).to(options.device)
-        cams = extractor(image)
-        present = image_labels(sample, label_space, options.label_source)
-        if present is None:
-            with torch.no_grad():  # at the magnification the classifier was trained at
-                logits = extractor.model(extractor.training_view(image))["logits"][0]
-            present = labels_from_logits(logits)
-            summary.predicted_label_images += 1
-        if present.numel() != len(label_space.foreground):
-            raise ValueError(
-                f"sample {sample['id']}: label vector has {present.numel()} entries, "
-                f"expected {len(label_space.foreground)} ({', '.join(label_space.foreground_names)})"
+    with output_folder(out) as out:
+        method.setup(domain, mean, std)
+        bg = options.bg_threshold
+        if label_space.background_mode is BackgroundMode.THRESHOLD and bg is None:
+            bg = domain.background_threshold(label_space)
+        summary = PseudoLabelSummary(out=str(out), label_source=options.label_source, bg_threshold=bg)
+        palette = label_space.flat_palette()
+        n = len(dataset)  # type: ignore[arg-type]
+        if n == 0:
+            raise ValueError("the split holds no images")
+        for index in tqdm(range(n), desc="pseudo-labels", unit="img", disable=not options.progress):
+            sample: Sample = dataset[index]
+            name = pred_filename(sample["id"])
+            label_path = out / name
+            cam_path = out / "cams" / (name[: -len(".png")] + ".npz")
+            summary.files.append(name)
+            if label_path.is_file() and (not options.save_cams or cam_path.is_file()):
+                summary.skipped += 1
+                continue
+            raw = sample["image"]
+            prepared = domain.preprocess(raw)
+            image = normalize(prepared, mean, std).to(options.device)
+            cams = extractor(image)
+            present = image_labels(sample, label_space, options.label_source)
+            if present is None:
+                with torch.no_grad():  # at the magnification the classifier was trained at
+                    logits = extractor.model(extractor.training_view(image))["logits"][0]
+                present = labels_from_logits(logits)
+                summary.predicted_label_images += 1
+            if present.numel() != len(label_space.foreground):
+                raise ValueError(
+                    f"sample {sample['id']}: label vector has {present.numel()} entries, "
+                    f"expected {len(label_space.foreground)} ({', '.join(label_space.foreground_names)})"
+                )
+            present = present.to(cams.device)
+            exclude = sample.get("exclude")
+            if exclude is None:
+                exclude = domain.exclude_mask(raw, label_space)
+            context = RefineContext(bg, exclude, prepared.to(cams.device), image)
+            on_device = raw.to(cams.device)
+            cams = method.refine(on_device, cams, present, domain, label_space, context)
+            labels_map = cams_to_labels(cams, present, label_space, bg, exclude)
+            labels_map = method.refine_labels(
+                on_device, labels_map, cams, present, domain, label_space, context
             )
-        present = present.to(cams.device)
-        exclude = sample.get("exclude")
-        if exclude is None:
-            exclude = domain.exclude_mask(raw, label_space)
-        context = RefineContext(bg, exclude, prepared.to(cams.device), image)
-        on_device = raw.to(cams.device)
-        cams = method.refine(on_device, cams, present, domain, label_space, context)
-        labels_map = cams_to_labels(cams, present, label_space, bg, exclude)
-        labels_map = method.refine_labels(on_device, labels_map, cams, present, domain, label_space, context)
-        labels = labels_map.cpu().numpy()
-        if options.save_cams:
-            keep = present.bool().cpu()
-            data = cams.cpu()[keep].numpy().astype(np.float16)
-            classes = np.array([label_space.foreground_names[i] for i in np.flatnonzero(keep.numpy())])
+            labels = labels_map.cpu().numpy()
+            if options.save_cams:
+                keep = present.bool().cpu()
+                data = cams.cpu()[keep].numpy().astype(np.float16)
+                classes = np.array([label_space.foreground_names[i] for i in np.flatnonzero(keep.numpy())])
 
-            def _write_cams(tmp: Path, data: np.ndarray = data, classes: np.ndarray = classes) -> None:
-                with open(tmp, "wb") as fh:
-                    np.savez_compressed(fh, cams=data, classes=classes)
+                def _write_cams(tmp: Path, data: np.ndarray = data, classes: np.ndarray = classes) -> None:
+                    with open(tmp, "wb") as fh:
+                        np.savez_compressed(fh, cams=data, classes=classes)
 
-            atomic_write(cam_path, _write_cams)
-        if options.overlays and (options.max_overlays is None or summary.written < options.max_overlays):
-            keep = present.bool().cpu()
-            picture = render_overlay(
-                raw.permute(1, 2, 0).numpy(),
-                labels,
-                cams.cpu()[keep].numpy(),
-                [label_space.foreground_names[i] for i in np.flatnonzero(keep.numpy())],
-                palette,
-            )
-            save_overlay(out / "overlays" / name, picture)
-        save_palette_png(label_path, labels, palette)
-        summary.written += 1
-    text = json.dumps(asdict(summary) | {"files": len(summary.files)}, indent=2)
-    atomic_write(out / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
-    return summary
+                atomic_write(cam_path, _write_cams)
+            if options.overlays and (options.max_overlays is None or summary.written < options.max_overlays):
+                keep = present.bool().cpu()
+                picture = render_overlay(
+                    raw.permute(1, 2, 0).numpy(),
+                    labels,
+                    cams.cpu()[keep].numpy(),
+                    [label_space.foreground_names[i] for i in np.flatnonzero(keep.numpy())],
+                    palette,
+                )
+                save_overlay(out / "overlays" / name, picture)
+            save_palette_png(label_path, labels, palette)
+            summary.written += 1
+        text = json.dumps(asdict(summary) | {"files": len(summary.files)}, indent=2)
+        atomic_write(out / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+        return summary

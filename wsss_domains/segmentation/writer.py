@@ -167,53 +167,27 @@ def predict_images(
     model_name: str = "",
 ) -> PredictionSummary:
     """Predict every image of ``dataset`` not yet predicted in ``out``; returns what was done."""
-    with output_folder(out) as folder:
-        return _predict_all(
-            predictor,
-            dataset,
-            domain,
-            label_space,
-            folder,
-            devices,
-            strategy,
-            num_workers,
-            overlays,
-            progress,
-            model_name,
+    with output_folder(out) as out:
+        ids = sample_ids(dataset)
+        todo = [i for i, sample_id in enumerate(ids) if not (out / pred_filename(sample_id)).is_file()]
+        summary = PredictionSummary(str(out), skipped=len(ids) - len(todo), model=model_name)
+        summary.options = {k: v for k, v in asdict(predictor.options).items() if k != "device"}
+        if todo:
+            trainer = predict_trainer(predictor, devices, strategy, progress)
+            loader = DataLoader(
+                Subset(dataset, todo), batch_size=1, num_workers=num_workers, collate_fn=_first, shuffle=False
+            )
+            writer = LabelPngWriter(out, label_space, overlays)
+            trainer.callbacks.append(writer)  # type: ignore[attr-defined]
+            trainer.predict(PredictTask(predictor, domain, label_space), loader, return_predictions=False)
+            if not trainer.is_global_zero:
+                return summary
+        summary.written = (
+            sum((out / pred_filename(sample_id)).is_file() for sample_id in ids) - summary.skipped
         )
-
-
-def _predict_all(
-    predictor: SegmenterPredictor,
-    dataset: Dataset,
-    domain: DomainPlugin,
-    label_space: LabelSpace,
-    out: Path,
-    devices: int,
-    strategy: str,
-    num_workers: int,
-    overlays: int,
-    progress: bool,
-    model_name: str,
-) -> PredictionSummary:
-    ids = sample_ids(dataset)
-    todo = [i for i, sample_id in enumerate(ids) if not (out / pred_filename(sample_id)).is_file()]
-    summary = PredictionSummary(str(out), skipped=len(ids) - len(todo), model=model_name)
-    summary.options = {k: v for k, v in asdict(predictor.options).items() if k != "device"}
-    if todo:
-        trainer = predict_trainer(predictor, devices, strategy, progress)
-        loader = DataLoader(
-            Subset(dataset, todo), batch_size=1, num_workers=num_workers, collate_fn=_first, shuffle=False
-        )
-        writer = LabelPngWriter(out, label_space, overlays)
-        trainer.callbacks.append(writer)  # type: ignore[attr-defined]
-        trainer.predict(PredictTask(predictor, domain, label_space), loader, return_predictions=False)
-        if not trainer.is_global_zero:
-            return summary
-    summary.written = sum((out / pred_filename(sample_id)).is_file() for sample_id in ids) - summary.skipped
-    text = json.dumps(asdict(summary) | {"images": len(ids)}, indent=2)
-    atomic_write(out / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
-    return summary
+        text = json.dumps(asdict(summary) | {"images": len(ids)}, indent=2)
+        atomic_write(out / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
+        return summary
 
 
 class _Items(Dataset):
