@@ -133,7 +133,13 @@ def test_each_head_learns_from_the_other_students_labels(monkeypatch):
     first[..., :16] = 1
     second = torch.full((1, 32, 32), 2, dtype=torch.long)
     made = iter([first, second])  # student 1's labels are made first, then student 2's
-    monkeypatch.setattr(method, "pseudo_labels", lambda image, cams, labels: next(made))
+    highs: list[torch.Tensor] = []
+
+    def fake_labels(image, cams, labels, high):
+        highs.append(high)
+        return next(made)
+
+    monkeypatch.setattr(method, "pseudo_labels", fake_labels)
     batch = {"image": image, "label": torch.ones(1, 2), "progress": torch.tensor(0.5)}
     outputs = model(image)
     losses = method.training_losses(model, modules, batch, outputs)
@@ -147,12 +153,16 @@ def test_each_head_learns_from_the_other_students_labels(monkeypatch):
     own = 0.2 * (segmentation_loss(seg1, first) + segmentation_loss(seg2, second))
     assert float(losses["seg"]) == pytest.approx(float(crossed), rel=1e-5)
     assert abs(float(crossed) - float(own)) > 0.5  # the pairing is visible in the loss
+    # Both students' labels use the scheduled per-image high threshold (0.55 targets outside VOC).
+    for high in highs:
+        torch.testing.assert_close(high, method.high_thresholds(batch["label"], 0.5))
+    assert 0.55 < float(highs[0][0]) < 0.7
 
 
 def test_two_training_steps_with_every_phase_on():
     method = create_method("dupl", cam_phase=0.0, gmm_phase=0.0, gmm_min_pixels=10, seg_channels=16)
     task, logged, initial = train_steps(method)
-    for name in ("train/cls_loss", "train/cls2", "train/discrepancy", "train/seg"):
+    for name in ("train/cls_loss", "train/cls2", "train/discrepancy", "train/seg", "train/consistency"):
         assert name in logged and math.isfinite(logged[name]), name
     now = task.method_modules.state_dict()
     for prefix in ("backbone2.", "head2.", "seg1.", "seg2."):

@@ -7,8 +7,9 @@ at every step. Both follow ToCo's ``utils/camutils.py``:
   element-wise max of an image and its mirror, rectified, summed over scales, then shifted to a
   minimum of 0 and divided by the maximum (+1e-5), per class; no gradient;
 * ``refine_cams_with_bkg_v2``: the present classes' CAMs, with a constant background channel of a
-  high (0.7) and a low (0.25) score, through a softmax and PAR at half resolution; a pixel is
-  background where both say so, ignored where only the high one does, otherwise its class
+  high (0.7; one per image in DuPL's ``refine_cams_with_dynamic_thres``) and a low (0.25) score,
+  through a softmax and PAR at half resolution; a pixel is background where both say so, ignored
+  where only the high one does, otherwise its class
   (``wsss_domains.refine.background.dual_threshold_labels``).
 
 Labels are ``B x H x W`` int64: 0 background, ``k + 1`` for foreground class ``k``, ``ignore_index``.
@@ -61,17 +62,24 @@ def refined_labels(
     cams: Tensor,
     labels: Tensor,
     refiner: PixelAdaptiveRefiner,
-    high: float = TOCO_HIGH_THRESHOLD,
+    high: float | Tensor = TOCO_HIGH_THRESHOLD,
     low: float = TOCO_LOW_THRESHOLD,
     ignore_index: int = IGNORE_INDEX,
 ) -> Tensor:
-    """PAR-refined dual-threshold labels ``B x H x W`` from CAMs ``B x K x H x W`` and labels ``B x K``."""
+    """PAR-refined dual-threshold labels ``B x H x W`` from CAMs ``B x K x H x W`` and labels ``B x K``.
+
+    ``high`` is one background score for the batch or one per image (``B``: DuPL's class-wise
+    schedule, ``refine_cams_with_dynamic_thres``, whose background map is constant per image).
+    """
+    highs = [float(h) for h in high] if isinstance(high, Tensor) else [float(high)] * cams.shape[0]
+    if len(highs) != cams.shape[0]:
+        raise ValueError(f"{len(highs)} high thresholds for {cams.shape[0]} images")
     out = torch.zeros(cams.shape[0], *cams.shape[-2:], dtype=torch.long, device=cams.device)
     for i in range(cams.shape[0]):
         present = labels[i].nonzero().flatten()
         if present.numel() == 0:
             continue  # only the background channel: background everywhere
-        raw = dual_threshold_labels(refiner, images[i], cams[i, present], low, high, ignore_index)
+        raw = dual_threshold_labels(refiner, images[i], cams[i, present], low, highs[i], ignore_index)
         ids = torch.cat([present.new_zeros(1), present + 1])
         keep = raw != ignore_index
         out[i] = torch.where(keep, ids[raw.clamp_max(present.numel())], torch.full_like(raw, ignore_index))

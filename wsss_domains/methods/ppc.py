@@ -59,8 +59,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from wsss_domains.methods.registry import register_method
-from wsss_domains.methods.seam import Seam, SeamViews
-from wsss_domains.models.stages import forward_with_stages
+from wsss_domains.methods.seam import Seam
 
 PROJECTION_DIM = 128
 TEMPERATURE = 0.1
@@ -266,26 +265,12 @@ class Ppc(Seam):
         modules["projection"] = Projection(model.backbone.num_features)
         return modules
 
-    def views(
-        self, model: nn.Module, modules: nn.ModuleDict, image: Tensor, outputs: dict[str, Tensor]
-    ) -> SeamViews:
-        """Both views as SEAM's, the second the batch resized to ``second_view_size`` square (official)."""
+    def second_view(self, image: Tensor) -> Tensor:
+        """The batch resized to ``second_view_size`` square (official), else SEAM's rescaled view."""
         if self.second_view_size is None:
-            return super().views(model, modules, image, outputs)
+            return super().second_view(image)
         size = (self.second_view_size, self.second_view_size)
-        scaled_image = F.interpolate(image, size=size, mode="bilinear", align_corners=True)
-        scaled_outputs = forward_with_stages(model, scaled_image, self.pcm_stages)
-        pcm = modules["pcm"]
-        return SeamViews(
-            image=image,
-            scaled_image=scaled_image,
-            outputs=outputs,
-            scaled_outputs=scaled_outputs,
-            pcm=pcm(outputs["cams"], image, outputs["stage0"], outputs["stage1"]),
-            scaled_pcm=pcm(
-                scaled_outputs["cams"], scaled_image, scaled_outputs["stage0"], scaled_outputs["stage1"]
-            ),
-        )
+        return F.interpolate(image, size=size, mode="bilinear", align_corners=True)
 
     def training_losses(
         self, model: nn.Module, modules: nn.ModuleDict, batch: dict[str, Tensor], outputs: dict[str, Tensor]

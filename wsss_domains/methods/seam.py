@@ -22,9 +22,17 @@ Checked against YudeWang/SEAM (``train_SEAM.py``, ``network/resnet38_SEAM.py``, 
   first axis (``f̂`` = features over their L2 norm + 1e-5);
 * classification: the mean of both views' losses (so the engine's loss has weight 0.5), plus the
   mean of both views' ``adaptive_min_pooling_loss`` on the PCM maps (the lowest quarter of each
-  image's max-over-classes PCM score pushed to 0);
-* inference: the PCM maps' foreground channels, multi-scale and flipped (the engine's extractor,
-  which divides the summed maps by their maximum; ``infer_SEAM.py`` subtracts the minimum first).
+  image's max-over-classes PCM score pushed to 0); each view's scores are the global average of its
+  CAMs *upsampled to the view's input size* (bilinear, ``align_corners=True``), as the official
+  network returns them (:func:`forward_view`; the model's ``pooling`` is applied to the upsampled
+  maps, GAP by default). This weights the feature map's border less than a plain GAP would;
+* inference: the PCM maps' foreground channels, multi-scale and flipped.
+
+``tests/methods/test_seam_official.py`` compares all of the above with a transcription of the
+official code. Deviations (also in :attr:`Seam.deviations`): at inference the engine's extractor
+divides the summed maps by their maximum (``infer_SEAM.py`` subtracts the minimum first) and
+upsamples each scale's maps from feature resolution in one step (official: to the input with
+aligned corners inside the network, then to the image).
 
 Adaptation to timm CNNs: the official ResNet-38 stages ``conv4``/``conv5`` (the two before the
 classifier's) become the backbone's third- and second-last ``feature_info`` stages; they are
@@ -97,6 +105,20 @@ def pixel_correlation(seeds: Tensor, features: Tensor, eps: float = 1e-5) -> Ten
     affinity = F.relu(flat.transpose(1, 2) @ flat)
     affinity = affinity / (affinity.sum(dim=1, keepdim=True) + eps)
     return (seeds.flatten(2) @ affinity).view(b, -1, h, w)
+
+
+def forward_view(model: nn.Module, image: Tensor, stages: Sequence[int]) -> dict[str, Tensor]:
+    """The model's outputs and ``stages`` for one SEAM view, ``logits`` pooled as the official code does.
+
+    The official network returns its CAMs upsampled to the input (bilinear, aligned corners) and the
+    training loop classifies by their global average, so ``logits`` is the model's pooling of the
+    upsampled CAMs (for the default GAP: ``mean(upsample(cams))``, not ``mean(cams)``).
+    """
+    outputs = forward_with_stages(model, image, stages)
+    up = F.interpolate(outputs["cams"], size=image.shape[-2:], mode="bilinear", align_corners=True)
+    pool = getattr(model, "pool", None)
+    logits = pool(up) if callable(pool) else up.mean(dim=(2, 3))
+    return {**outputs, "logits": logits}
 
 
 def adaptive_min_pooling_loss(maps: Tensor) -> Tensor:
@@ -212,6 +234,14 @@ class Seam(Method):
         "SEAM (Wang et al., CVPR 2020): equivariance between the CAMs of an image and its x0.3 copy, "
         "pixel correlation module; pseudo-labels from the PCM-refined CAMs."
     )
+    deviations = (
+        "Inference: the engine's extractor divides the summed PCM maps by their maximum (infer_SEAM.py "
+        "subtracts the minimum first) and upsamples them from feature resolution in one step "
+        "(official: to the input with aligned corners, then to the image). Backbone: a timm CNN's "
+        "third- and second-last stages stand for ResNet-38's conv4/conv5, resized to the CAM "
+        "resolution if their stride differs; no fc8 background channel (the official one is "
+        "overwritten before every use, so no loss sees it)."
+    )
     classification_weight = 0.5
 
     def __init__(
@@ -234,16 +264,18 @@ class Seam(Method):
     def forward(
         self, model: nn.Module, modules: nn.ModuleDict, batch: dict[str, Tensor]
     ) -> dict[str, Tensor]:
-        return forward_with_stages(model, batch["image"], self.pcm_stages)
+        return forward_view(model, batch["image"], self.pcm_stages)
+
+    def second_view(self, image: Tensor) -> Tensor:
+        """The batch rescaled by ``scale_factor`` (bilinear, aligned corners), as ``train_SEAM.py``."""
+        return F.interpolate(image, scale_factor=self.scale_factor, mode="bilinear", align_corners=True)
 
     def views(
         self, model: nn.Module, modules: nn.ModuleDict, image: Tensor, outputs: dict[str, Tensor]
     ) -> SeamViews:
-        """Run the x``scale_factor`` view and both views' PCMs."""
-        scaled_image = F.interpolate(
-            image, scale_factor=self.scale_factor, mode="bilinear", align_corners=True
-        )
-        scaled_outputs = forward_with_stages(model, scaled_image, self.pcm_stages)
+        """Run the second view (:meth:`second_view`) and both views' PCMs."""
+        scaled_image = self.second_view(image)
+        scaled_outputs = forward_view(model, scaled_image, self.pcm_stages)
         pcm = modules["pcm"]
         return SeamViews(
             image=image,

@@ -29,8 +29,22 @@ The engine decides background by a threshold over foreground maps, so the extrac
 foreground IS-CAMs zeroed wherever the background IS-CAM beats them (option ``background="prototype"``,
 the default): with ``--bg-threshold 0`` the pseudo-labels are exactly SIPE's arg-max, and a positive
 threshold additionally drops weak foreground. ``background="none"`` returns the plain foreground
-IS-CAMs (for domains without a background class). Not reproduced: the official network detaches its
-backbone after ``layer2`` (a ResNet-specific choice); here the engine trains the whole backbone.
+IS-CAMs (for domains without a background class).
+
+Deviations (also in :attr:`Sipe.deviations`; ``tests/methods/test_sipe_official.py`` compares the
+rest with a transcription of the official code):
+
+* the official network detaches its backbone after ``layer2`` (a ResNet-specific choice); here the
+  engine trains the whole backbone;
+* no spatial valid mask in training: the official loader zeroes the padded border of a crop in the
+  normalised CAM (and so in the seeds); the engine's crops are not padded;
+* at inference the seeds of absent classes are kept (the official ``CAM.forward`` drops them); the
+  background's and present classes' prototypes and IS-CAMs are the same either way, and the absent
+  classes' maps are not used;
+* each scale's IS-CAM reaches the image size through the scaled image's size (the engine's
+  extractor); ``make_cam.py`` upsamples it to the image in one step;
+* hierarchical features are resized to the CAM resolution (official: to stage 3's, which equals the
+  CAM's on its stride-16 ResNet-50).
 """
 
 from __future__ import annotations
@@ -174,6 +188,16 @@ class Sipe(Method):
         "SIPE (Chen et al., CVPR 2022): image-specific prototypes from structure-aware seeds, "
         "general-specific consistency loss; pseudo-labels from the IS-CAM with its background prototype "
         "(use --bg-threshold 0 for SIPE's own arg-max)."
+    )
+
+    deviations = (
+        "The whole backbone is trained (the official network detaches it after layer2). Training has "
+        "no spatial valid mask (official: padded crop borders are zeroed in the CAM and the seeds; the "
+        "engine's crops are not padded). Inference keeps the seeds of absent classes (official: "
+        "dropped), which leaves the background and present classes' IS-CAMs unchanged, and upsamples "
+        "each scale's IS-CAM through the scaled image's size (make_cam.py: straight to the image). "
+        "Hierarchical features are resized to the CAM resolution (official: stage 3's, the same on its "
+        "stride-16 ResNet-50)."
     )
 
     def __init__(self, stages: Sequence[int] = SIDE_STAGES, background: str = "prototype") -> None:
