@@ -9,6 +9,7 @@ from wsss_domains.clip.clip_es import clip_es_cams
 from wsss_domains.clip.loading import ClipWeightsMissing, load_clip
 from wsss_domains.domains import BackgroundMode, ClipPrompts, DomainPlugin, LabelSpace
 from wsss_domains.methods import create_method, list_methods
+from wsss_domains.methods.base import RefineContext
 
 SPACE = LabelSpace(("cat", "dog", "tree"), ((1, 1, 1), (2, 2, 2), (3, 3, 3)), BackgroundMode.NONE)
 
@@ -43,7 +44,7 @@ def test_refine_replaces_present_channels_with_clip_es(tiny_checkpoint, no_netwo
     image = torch.rand(3, 48, 64)
     cams = torch.rand(3, 48, 64)
     present = torch.tensor([1.0, 0.0, 1.0])
-    out = method.refine(image, cams, present, domain, SPACE)
+    out = method.refine(cams, RefineContext.of(image, present, domain, SPACE))
     model, tokenizer, *_ = load_clip(name, path)
     expected = clip_es_cams(model, tokenizer, image, ["cat", "tree"], domain.clip_prompts(SPACE))
     assert torch.equal(out[1], cams[1])  # absent class untouched
@@ -58,5 +59,6 @@ def test_learned_variant_needs_an_artefact(tiny_checkpoint, no_network):
     method.setup(domain, (0.5,) * 3, (0.5,) * 3)
     with pytest.raises(ValueError, match="prompts learn"):
         method.refine(
-            torch.rand(3, 32, 32), torch.rand(3, 32, 32), torch.tensor([1.0, 1.0, 0.0]), domain, SPACE
+            torch.rand(3, 32, 32),
+            RefineContext.of(torch.rand(3, 32, 32), torch.tensor([1.0, 1.0, 0.0]), domain, SPACE),
         )

@@ -15,6 +15,7 @@ import fakes  # noqa: E402
 
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace  # noqa: E402
 from wsss_domains.methods import create_method, list_methods  # noqa: E402
+from wsss_domains.methods.base import RefineContext  # noqa: E402
 from wsss_domains.methods.cam_proto import confident_seeds  # noqa: E402
 from wsss_domains.models.classifier import CamClassifier  # noqa: E402
 from wsss_domains.models.stages import capture_stages  # noqa: E402
@@ -67,7 +68,7 @@ def test_refine_fuses_the_cosine_prototype_maps_of_the_chosen_stage():
     cams[0, :, :32] = torch.linspace(0.2, 1.0, 32)  # class a on the left, brightest at x = 31
     cams[1, :, 32:] = 1.0
     present = torch.tensor([1.0, 1.0])
-    out = method.refine(image, cams, present, Plain(), TWO)
+    out = method.refine(cams, RefineContext.of(image, present, Plain(), TWO))
 
     # By hand: stage features, seeds, masked means, ReLU cosine / max, fused and re-normalised.
     x = ((image - 0.5) / 0.25)[None]
@@ -87,7 +88,7 @@ def test_refine_fuses_the_cosine_prototype_maps_of_the_chosen_stage():
     assert torch.allclose(out, expected, atol=1e-5)
 
     # Absent classes are left alone; fuse_weight 0 is plain CAM.
-    only_a = method.refine(image, cams, torch.tensor([1.0, 0.0]), Plain(), TWO)
+    only_a = method.refine(cams, RefineContext.of(image, torch.tensor([1.0, 0.0]), Plain(), TWO))
     assert torch.equal(only_a[1], cams[1]) and not torch.allclose(only_a[0], cams[0])
     off = create_method("cam-proto", fuse_weight=0.0)
-    assert torch.equal(off.refine(image, cams, present, Plain(), TWO), cams)
+    assert torch.equal(off.refine(cams, RefineContext.of(image, present, Plain(), TWO)), cams)

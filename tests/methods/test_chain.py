@@ -9,7 +9,7 @@ from wsss_domains.bench.matrix import trains_own_model
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.methods import create_method, method_class
-from wsss_domains.methods.base import Method
+from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.methods.chain import ChainedMethod, TrainedChain
 
 TWO = LabelSpace(classes=("a", "b"), palette=((255, 0, 0), (0, 0, 255)))
@@ -39,17 +39,17 @@ class Shift(Method):
         super().__init__(by=by)
         self.by = by
 
-    def refine(self, image, cams, present, domain, label_space, context=None):
+    def refine(self, cams, context):
         return cams + self.by
 
 
 class Double(Method):
     name = "double-test"
 
-    def refine(self, image, cams, present, domain, label_space, context=None):
+    def refine(self, cams, context):
         return cams * 2
 
-    def refine_labels(self, image, labels, cams, present, domain, label_space, context=None):
+    def refine_labels(self, labels, cams, context):
         return labels + 10
 
 
@@ -57,14 +57,14 @@ def test_refinements_apply_in_order_with_scoped_options():
     from wsss_domains.methods.chain import chain_class
 
     cams = torch.zeros(2, 3, 3)
-    args = (torch.zeros(3, 3, 3), cams, torch.ones(2), Plain(), TWO)
+    context = RefineContext.of(torch.zeros(3, 3, 3), torch.ones(2), Plain(), TWO)
     shift_then_double = chain_class("s+d", [Shift, Double])(**{"shift-test.by": 3.0})
     assert isinstance(shift_then_double, ChainedMethod) and not isinstance(shift_then_double, TrainedChain)
-    assert torch.equal(shift_then_double.refine(*args), torch.full((2, 3, 3), 6.0))  # (0 + 3) * 2
+    assert torch.equal(shift_then_double.refine(cams, context), torch.full((2, 3, 3), 6.0))  # (0 + 3) * 2
     double_then_shift = chain_class("d+s", [Double, Shift])()
-    assert torch.equal(double_then_shift.refine(*args), torch.full((2, 3, 3), 1.0))  # 0 * 2 + 1
+    assert torch.equal(double_then_shift.refine(cams, context), torch.full((2, 3, 3), 1.0))  # 0 * 2 + 1
     labels = torch.zeros(3, 3, dtype=torch.long)
-    assert torch.equal(shift_then_double.refine_labels(args[0], labels, *args[1:]), labels + 10)
+    assert torch.equal(shift_then_double.refine_labels(labels, cams, context), labels + 10)
     # A registered chain is what create_method builds from the joined name.
     chain = create_method("par+random-walk", **{"par.num_iter": 3})
     assert [m.name for m in chain.methods] == ["par", "random-walk"]

@@ -10,6 +10,7 @@ from probe_setup import MEAN, STD, TWO, WITH_BACKGROUND, Plain, cached_context, 
 from torch.nn import functional as F
 
 from wsss_domains.methods import create_method, list_methods
+from wsss_domains.methods.base import RefineContext
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.label_probe import (
     LabelProbe,
@@ -114,12 +115,12 @@ def test_refine_fuses_probabilities_without_renormalising():
     method.probe = PixelProbe(torch.randn(dim), torch.rand(dim) + 0.5, 2)
     method.seen = torch.tensor([True, True])
     cams = torch.rand(2, 64, 64)
-    out = method.refine(image, cams, torch.tensor([1.0, 1.0]), Plain(), TWO)
+    out = method.refine(cams, RefineContext.of(image, torch.tensor([1.0, 1.0]), Plain(), TWO))
     logits = method.probe(method._features(image, Plain()))[0]
     probs = F.interpolate(logits.softmax(0)[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
     assert torch.allclose(out, 0.5 * cams + 0.5 * probs, atol=1e-5)
     # An absent class keeps its CAM; a lone present class gets probability 1 everywhere.
-    only_a = method.refine(image, cams, torch.tensor([1.0, 0.0]), Plain(), TWO)
+    only_a = method.refine(cams, RefineContext.of(image, torch.tensor([1.0, 0.0]), Plain(), TWO))
     assert torch.equal(only_a[1], cams[1])
     assert torch.allclose(only_a[0], 0.5 * cams[0] + 0.5, atol=1e-6)
 

@@ -28,11 +28,11 @@ class Recording(Method):
     contexts: list[RefineContext | None] = []
     label_contexts: list[RefineContext | None] = []
 
-    def refine(self, image, cams, present, domain, label_space, context=None):
+    def refine(self, cams, context):
         Recording.contexts.append(context)
         return cams
 
-    def refine_labels(self, image, labels, cams, present, domain, label_space, context=None):
+    def refine_labels(self, labels, cams, context):
         Recording.label_contexts.append(context)
         return labels
 
@@ -60,9 +60,10 @@ def test_the_writer_hands_both_hooks_the_threshold_it_applies_and_the_classifier
     )
     assert len(Recording.contexts) == len(Recording.label_contexts) == 2
     for k, (context, same) in enumerate(zip(Recording.contexts, Recording.label_contexts, strict=True)):
-        assert context is same and context is not None
+        assert context is same
         assert context.bg_threshold == 0.37  # not the domain's default
         raw = val[k]["image"]
+        assert torch.equal(context.image, raw) and torch.equal(context.present, val[k]["label"])
         assert torch.equal(context.prepared, domain.preprocess(raw))
         assert torch.allclose(context.normalized, normalize(domain.preprocess(raw), MEAN, STD))
         rule = domain.exclude_mask(raw, fakes.LABEL_SPACE)  # no loader mask here: the domain's rule
@@ -87,12 +88,12 @@ def test_cam_proto_seeds_only_where_the_engines_exclude_mask_allows():
     cams[0, :, :32] = torch.linspace(0.2, 1.0, 32)
     cams[1, :, 32:] = 1.0
     present = torch.ones(2)
-    refined = method.refine(image, cams, present, Plain(), TWO)  # the domain's rule: nothing excluded
+    refined = method.refine(cams, RefineContext.of(image, present, Plain(), TWO))  # nothing excluded
     assert not torch.allclose(refined, cams)
     # A loader's or raster's no-data mask covering the whole image leaves no seed: nothing to fuse.
-    everything = RefineContext(bg_threshold=None, exclude=torch.ones(64, 64, dtype=torch.bool))
-    assert torch.equal(method.refine(image, cams, present, Plain(), TWO, everything), cams)
+    everything = RefineContext.of(image, present, Plain(), TWO, exclude=torch.ones(64, 64, dtype=torch.bool))
+    assert torch.equal(method.refine(cams, everything), cams)
     # ... and the classifier input handed over is used as is (no second preprocessing).
     given = normalize(image, MEAN, STD)
-    context = RefineContext(bg_threshold=None, exclude=None, normalized=given)
-    assert torch.allclose(method.refine(image, cams, present, Plain(), TWO, context), refined, atol=1e-6)
+    context = RefineContext.of(image, present, Plain(), TWO, normalized=given)
+    assert torch.allclose(method.refine(cams, context), refined, atol=1e-6)

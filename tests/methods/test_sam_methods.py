@@ -25,7 +25,7 @@ from wsss_domains.cam.extract import CamExtractor  # noqa: E402
 from wsss_domains.data.io import read_index_mask  # noqa: E402
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace, PromptKind, SamStrategy  # noqa: E402
 from wsss_domains.methods import create_method, list_methods  # noqa: E402
-from wsss_domains.methods.base import Method  # noqa: E402
+from wsss_domains.methods.base import Method, RefineContext  # noqa: E402
 from wsss_domains.methods.s2c import S2C  # noqa: E402
 from wsss_domains.methods.sam_base import SAM_CACHE_ENV, sam_cache_dir  # noqa: E402
 from wsss_domains.methods.sam_proto import fuse_prototype_cams  # noqa: E402
@@ -103,7 +103,8 @@ def box(shape: tuple[int, int], y0: int, y1: int, x0: int, x1: int) -> torch.Ten
 
 def test_default_refine_labels_returns_the_labels_untouched():
     labels = torch.randint(0, 3, (8, 8))
-    out = Method().refine_labels(torch.rand(3, 8, 8), labels, torch.rand(2, 8, 8), torch.ones(2), None, None)
+    context = RefineContext.of(torch.rand(3, 8, 8), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE)
+    out = Method().refine_labels(labels, torch.rand(2, 8, 8), context)
     assert out is labels
 
 
@@ -112,8 +113,8 @@ class Shifted(Method):
 
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def refine_labels(self, image, labels, cams, present, domain, label_space, context=None):
-        Shifted.seen.append((labels.clone(), cams.clone(), image.clone()))
+    def refine_labels(self, labels, cams, context):
+        Shifted.seen.append((labels.clone(), cams.clone(), context.image.clone()))
         return torch.where(labels == 1, torch.full_like(labels, 2), labels)
 
 
@@ -158,7 +159,9 @@ def test_sepl_relabels_hand_made_masks_against_the_cam_pseudo_label(tiny_sam):
     method = create_method("sepl", sam_cache="none")
     stub = with_masks(method, tiny_sam, torch.stack([big, corner]))
     out = method.refine_labels(
-        torch.rand(3, 8, 8), labels, torch.rand(2, 8, 8), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE
+        labels,
+        torch.rand(2, 8, 8),
+        RefineContext.of(torch.rand(3, 8, 8), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE),
     )
     expected = labels.clone()
     expected[big] = 1
@@ -178,12 +181,9 @@ def test_sepl_sends_the_pixels_of_masks_no_class_claims_to_background(tiny_sam):
         method = create_method(name, sam_cache="none")
         with_masks(method, tiny_sam, straddle[None])
         out = method.refine_labels(
-            torch.rand(3, 8, 8),
             labels,
             torch.rand(2, 8, 8),
-            torch.ones(2),
-            fakes.FakeDomain(),
-            fakes.LABEL_SPACE,
+            RefineContext.of(torch.rand(3, 8, 8), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE),
         )
         assert torch.equal(out, torch.where(straddle, 0, labels))
 
@@ -193,7 +193,9 @@ def test_sepl_without_masks_keeps_the_labels(tiny_sam):
     with_masks(method, tiny_sam, torch.zeros(0, 8, 8, dtype=torch.bool))
     labels = torch.randint(0, 3, (8, 8))
     out = method.refine_labels(
-        torch.rand(3, 8, 8), labels, torch.rand(2, 8, 8), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE
+        labels,
+        torch.rand(2, 8, 8),
+        RefineContext.of(torch.rand(3, 8, 8), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE),
     )
     assert torch.equal(out, labels)
 
@@ -203,12 +205,9 @@ def test_box_only_sam_is_prompted_with_the_domains_boxes(tiny_sam):
     method = create_method("sepl", sam_cache="none")
     stub = with_masks(method, tiny_sam, torch.zeros(0, 8, 8, dtype=torch.bool))
     method.refine_labels(
-        torch.rand(3, 8, 8),
         torch.zeros(8, 8, dtype=torch.int64),
         torch.rand(2, 8, 8),
-        torch.ones(2),
-        BoxDomain(),
-        fakes.LABEL_SPACE,
+        RefineContext.of(torch.rand(3, 8, 8), torch.ones(2), BoxDomain(), fakes.LABEL_SPACE),
     )
     assert stub.strategies[0] == BoxDomain().sam_strategy()  # boxes, with the domain's thresholds
 
@@ -225,7 +224,9 @@ def test_sepl_with_the_tiny_sam_matches_sepl_on_the_same_masks(tiny_sam, tmp_pat
     labels[inside[: int(0.7 * len(inside))]] = 1  # 70 % of the largest mask is class 1: all of it becomes 1
     labels = labels.view(24, 24)
     out = method.refine_labels(
-        image, labels, torch.rand(2, 24, 24), torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE
+        labels,
+        torch.rand(2, 24, 24),
+        RefineContext.of(image, torch.ones(2), fakes.FakeDomain(), fakes.LABEL_SPACE),
     )
     assert torch.equal(out, sepl_refine(labels, masks, 3, background_index=0))
     assert not torch.equal(out, labels)
@@ -246,22 +247,16 @@ def test_sam_is_created_once_lazily_from_the_domains_model_and_the_checkpoint_op
     cams[0, 2:8, 2:8] = 1.0
     for _ in range(2):
         method.refine_labels(
-            torch.rand(3, 16, 16),
             torch.zeros(16, 16, dtype=torch.int64),
             cams,
-            torch.tensor([1.0, 0.0]),
-            BoxDomain(),
-            fakes.LABEL_SPACE,
+            RefineContext.of(torch.rand(3, 16, 16), torch.tensor([1.0, 0.0]), BoxDomain(), fakes.LABEL_SPACE),
         )
     assert calls == [("lite_medsam", "/weights/lite.pth")]
     other = create_method("sepl", sam_model="vit_l", sam_cache="none")
     other.refine_labels(
-        torch.rand(3, 16, 16),
         torch.zeros(16, 16, dtype=torch.int64),
         cams,
-        torch.tensor([1.0, 0.0]),
-        BoxDomain(),
-        fakes.LABEL_SPACE,
+        RefineContext.of(torch.rand(3, 16, 16), torch.tensor([1.0, 0.0]), BoxDomain(), fakes.LABEL_SPACE),
     )
     assert calls[-1] == ("vit_l", None)
 
@@ -335,7 +330,9 @@ def test_sam_proto_fuses_prototype_cams_by_the_documented_formula(tiny_sam):
     cams[0, :, 4:] = 0.1
     cams[1, :, 4:] = torch.tensor([0.2, 0.4, 0.6, 1.0])  # left half: class a, right half: class b
     method = proto_method(tiny_sam, masks, feats)
-    out = method.refine(torch.rand(3, 4, 8), cams, torch.ones(2), fakes.FakeDomain(), TWO_CLASSES)
+    out = method.refine(
+        cams, RefineContext.of(torch.rand(3, 4, 8), torch.ones(2), fakes.FakeDomain(), TWO_CLASSES)
+    )
     r = 1 / math.sqrt(2)  # cosine of [1, 1] to [1, 0]
     # a: prototype [1, 0] -> proto CAM 1 left, r right; b: prototype [1, 1] -> r left, 1 right.
     expected_a = torch.tensor([1.0, 0.9, 0.8, 0.7, *([0.5 * 0.1 + 0.5 * r] * 4)])
@@ -344,7 +341,9 @@ def test_sam_proto_fuses_prototype_cams_by_the_documented_formula(tiny_sam):
     assert torch.allclose(out[1], expected_b.expand(4, 8), atol=1e-5)
     # fuse_weight w: (1 - w) * cam + w * proto, then divided by its maximum.
     quarter = proto_method(tiny_sam, masks, feats, fuse_weight=0.25)
-    out = quarter.refine(torch.rand(3, 4, 8), cams, torch.ones(2), fakes.FakeDomain(), TWO_CLASSES)
+    out = quarter.refine(
+        cams, RefineContext.of(torch.rand(3, 4, 8), torch.ones(2), fakes.FakeDomain(), TWO_CLASSES)
+    )
     raw_b = torch.tensor([*([0.25 * r] * 4), 0.4, 0.55, 0.7, 1.0])
     assert torch.allclose(out[1], (raw_b / raw_b.max()).expand(4, 8), atol=1e-5)
 
@@ -356,7 +355,9 @@ def test_sam_proto_uses_only_confident_segments_and_respects_the_domain_hook(tin
     cams[0, :, 0] = 1.0
     cams[1, :, 4:] = torch.tensor([0.2, 0.25, 0.9, 1.0])  # right half: half a, half b -> no prototype for b
     method = proto_method(tiny_sam, masks, feats)
-    out = method.refine(torch.rand(3, 4, 8), cams, torch.ones(2), fakes.FakeDomain(), TWO_CLASSES)
+    out = method.refine(
+        cams, RefineContext.of(torch.rand(3, 4, 8), torch.ones(2), fakes.FakeDomain(), TWO_CLASSES)
+    )
     assert torch.equal(out[1], cams[1])
     assert not torch.allclose(out[0], cams[0])
     # fuse_prototype_cams keeps classes without a prototype; the formula for the others.
@@ -370,11 +371,17 @@ def test_sam_proto_uses_only_confident_segments_and_respects_the_domain_hook(tin
             return replace(super().sam_strategy(), use_prototypes=False)
 
     assert torch.equal(
-        method.refine(torch.rand(3, 4, 8), cams, torch.ones(2), NoPrototypes(), TWO_CLASSES), cams
+        method.refine(
+            cams, RefineContext.of(torch.rand(3, 4, 8), torch.ones(2), NoPrototypes(), TWO_CLASSES)
+        ),
+        cams,
     )
     forced = proto_method(tiny_sam, masks, feats, use_prototypes=True)
     assert not torch.equal(
-        forced.refine(torch.rand(3, 4, 8), cams, torch.ones(2), NoPrototypes(), TWO_CLASSES), cams
+        forced.refine(
+            cams, RefineContext.of(torch.rand(3, 4, 8), torch.ones(2), NoPrototypes(), TWO_CLASSES)
+        ),
+        cams,
     )
 
 
@@ -774,6 +781,8 @@ def test_threshold_background_label_space_is_passed_to_sepl(tiny_sam):
     method = create_method("sepl", sam_cache="none")
     with_masks(method, tiny_sam, box((8, 8), 2, 6, 2, 6)[None])  # 16 px, 12 of them background
     out = method.refine_labels(
-        torch.rand(3, 8, 8), labels, torch.rand(2, 8, 8), torch.ones(2), fakes.FakeDomain(), space
+        labels,
+        torch.rand(2, 8, 8),
+        RefineContext.of(torch.rand(3, 8, 8), torch.ones(2), fakes.FakeDomain(), space),
     )
     assert torch.equal(out[2:6, 2:6], torch.full((4, 4), 2))

@@ -10,6 +10,7 @@ from probe_setup import TWO, WITH_BACKGROUND, Plain, cached_context, ready, tiny
 from torch.nn import functional as F
 
 from wsss_domains.methods import create_method, list_methods
+from wsss_domains.methods.base import RefineContext
 from wsss_domains.methods.seed_probe import PixelProbe, SeedProbe, fit_probe
 from wsss_domains.models.stages import capture_stages, stage_at_stride
 
@@ -76,7 +77,7 @@ def test_refine_fuses_the_probes_softmax_over_present_classes():
     cams = torch.rand(2, 64, 64)
     cams = cams / cams.amax((1, 2), keepdim=True)
     present = torch.tensor([1.0, 1.0])
-    out = method.refine(image, cams, present, Plain(), TWO)
+    out = method.refine(cams, RefineContext.of(image, present, Plain(), TWO))
 
     # By hand: stride-8 stage features, standardised, linear, softmax, upsampled, fused, re-normalised.
     x = ((image - 0.5) / 0.25)[None]
@@ -91,13 +92,13 @@ def test_refine_fuses_the_probes_softmax_over_present_classes():
     assert torch.allclose(out, expected, atol=1e-5)
 
     # One present class: its probability is 1 everywhere; the absent class is left alone.
-    only_a = method.refine(image, cams, torch.tensor([1.0, 0.0]), Plain(), TWO)
+    only_a = method.refine(cams, RefineContext.of(image, torch.tensor([1.0, 0.0]), Plain(), TWO))
     assert torch.equal(only_a[1], cams[1])
     a = 0.5 * cams[0] + 0.5
     assert torch.allclose(only_a[0], a / a.max(), atol=1e-6)
     # A class the probe never saw seeds of keeps its CAM.
     method.seen = torch.tensor([True, False])
-    unseen = method.refine(image, cams, present, Plain(), TWO)
+    unseen = method.refine(cams, RefineContext.of(image, present, Plain(), TWO))
     assert torch.equal(unseen[1], cams[1]) and not torch.equal(unseen[0], cams[0])
 
 
@@ -126,7 +127,9 @@ def test_refine_before_fit_is_an_error():
     method = create_method("seed-probe")
     ready(method, tiny_model())
     with pytest.raises(RuntimeError, match="fit"):
-        method.refine(torch.rand(3, 32, 32), torch.rand(2, 32, 32), torch.ones(2), Plain(), TWO)
+        method.refine(
+            torch.rand(2, 32, 32), RefineContext.of(torch.rand(3, 32, 32), torch.ones(2), Plain(), TWO)
+        )
 
 
 def _split(n: int = 6) -> list[dict]:

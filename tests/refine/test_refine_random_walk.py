@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from wsss_domains.domains import get_domain
 from wsss_domains.methods import create_method
+from wsss_domains.methods.base import RefineContext
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
 from wsss_domains.refine.random_walk import (
     RandomWalkRefiner,
@@ -181,7 +182,7 @@ def test_method_labels_are_irn_labels_in_a_threshold_domain():
     full[present.bool()] = cams
 
     method = create_method("random-walk", steps=8, stride=2)
-    refined = method.refine(image, full, present, domain, space)
+    refined = method.refine(full, RefineContext.of(image, present, domain, space))
     labels = cams_to_labels(refined, present, space, threshold)
 
     features = F.interpolate(image[None], size=(12, 16), mode="area")[0] / 0.1

@@ -9,6 +9,7 @@ pytest.importorskip("pydensecrf.densecrf")
 
 from wsss_domains.domains import get_domain  # noqa: E402
 from wsss_domains.methods import create_method  # noqa: E402
+from wsss_domains.methods.base import RefineContext  # noqa: E402
 from wsss_domains.methods.refinement import threshold_scores  # noqa: E402
 from wsss_domains.pseudo_labels.assemble import cams_to_labels  # noqa: E402
 from wsss_domains.refine.crf import DenseCRFRefiner  # noqa: E402
@@ -39,7 +40,7 @@ def test_crf_on_a_one_class_voc_image_keeps_background():
     cams = torch.zeros(len(space.foreground), *cam.shape)
     cams[cat] = cam
 
-    refined = create_method("crf").refine(image, cams, present, domain, space)
+    refined = create_method("crf").refine(cams, RefineContext.of(image, present, domain, space))
     labels = cams_to_labels(refined, present, space, threshold)
     background = labels == space.background_index
     assert background.float().mean() > 0.5  # the old softmax over one class labelled every pixel 'cat'

@@ -22,13 +22,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RefineContext:
-    """What the engine already decided or computed for the image being pseudo-labelled.
+    """The image being pseudo-labelled and what the engine already decided or computed for it.
 
     Handed to :meth:`Method.refine` and :meth:`Method.refine_labels` so that a refinement uses the
     run's effective background rule and exclude mask (``--bg-threshold``, a loader's or a raster's
     no-data mask) and the classifier's own input, instead of re-deriving them from the domain.
     """
 
+    image: Tensor  # ``3 x H x W`` in [0, 1], un-normalised, on the maps' device
+    present: Tensor  # multi-hot image-level labels over the foreground classes
+    domain: DomainPlugin
+    label_space: LabelSpace
     # The background threshold the engine applies (``--bg-threshold`` or the domain's); None: the
     # label space decides background by exclusion, not by threshold.
     bg_threshold: float | None
@@ -39,15 +43,19 @@ class RefineContext:
     # ``prepared`` normalised with the classifier's mean and std: the CAM extractor's input.
     normalized: Tensor | None = None
 
+    @classmethod
+    def of(
+        cls, image: Tensor, present: Tensor, domain: DomainPlugin, label_space: LabelSpace, **given: Any
+    ) -> RefineContext:
+        """A context with the domain's own threshold and exclude rule unless ``given`` (tests, notebooks)."""
+        from wsss_domains.domains.contract import BackgroundMode
 
-def default_context(image: Tensor, domain: DomainPlugin, label_space: LabelSpace) -> RefineContext:
-    """The context the engine would give without user overrides: the domain's threshold and rule."""
-    from wsss_domains.domains.contract import BackgroundMode
-
-    bg = None
-    if label_space.background_mode is BackgroundMode.THRESHOLD:
-        bg = float(domain.background_threshold(label_space))
-    return RefineContext(bg_threshold=bg, exclude=domain.exclude_mask(image, label_space))
+        if "bg_threshold" not in given:
+            threshold = label_space.background_mode is BackgroundMode.THRESHOLD
+            given["bg_threshold"] = float(domain.background_threshold(label_space)) if threshold else None
+        if "exclude" not in given:
+            given["exclude"] = domain.exclude_mask(image, label_space)
+        return cls(image, present, domain, label_space, **given)
 
 
 class Method:
@@ -133,36 +141,19 @@ class Method:
         their image-level labels), the CAM extractor and a cache folder inside the run.
         """
 
-    def refine(
-        self,
-        image: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
+    def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
         """Post-process normalised CAMs ``K x H x W`` (all foreground classes); default: unchanged.
 
-        ``context`` carries the engine's background threshold, exclude mask and classifier input;
-        called without one (tests, notebooks), a method falls back to :func:`default_context`.
+        ``context`` holds the image, its labels, the domain and the engine's background threshold,
+        exclude mask and classifier input (:meth:`RefineContext.of` builds one outside the engine).
         """
         return cams
 
-    def refine_labels(
-        self,
-        image: Tensor,
-        labels: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
+    def refine_labels(self, labels: Tensor, cams: Tensor, context: RefineContext) -> Tensor:
         """Post-process the assembled pseudo-label ``H x W`` (class ids, ``ignore_index``); default: unchanged.
 
         Called right after the CAMs became labels, for methods that work on labels rather than maps
-        (SEPL relabels whole SAM masks). ``image`` is the un-normalised ``3 x H x W`` image in [0, 1].
+        (SEPL relabels whole SAM masks).
         """
         return labels
 

@@ -32,7 +32,7 @@ from torch.nn import functional as F
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method, RefineContext, default_context
+from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_proto import fuse_prototype_cams
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
@@ -113,24 +113,16 @@ class CamProto(Method):
         x = x.to(device)
         return self._extractor.stage_features(x, self.stage)
 
-    def refine(
-        self,
-        image: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
-        keep = present.bool().to(cams.device)
+    def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
+        label_space = context.label_space
+        keep = context.present.bool().to(cams.device)
         if not keep.any() or self.fuse_weight == 0.0:
             return cams
-        context = context or default_context(image, domain, label_space)
-        pseudo = cams_to_labels(cams, present, label_space, context.bg_threshold, context.exclude)
+        pseudo = cams_to_labels(cams, context.present, label_space, context.bg_threshold, context.exclude)
         channels = label_channels(pseudo, label_space)
         scored = pseudo != label_space.ignore_index
         seeds = confident_seeds(cams, channels, scored, self.seed_fraction) & keep[:, None, None]
-        feats = self.stage_features(image, domain, context.normalized).to(cams.device)
+        feats = self.stage_features(context.image, context.domain, context.normalized).to(cams.device)
         weights = F.interpolate(seeds[None].float(), size=feats.shape[-2:], mode="area")
         protos, valid = masked_average(feats, weights)
         valid = valid[0] & keep

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from wsss_domains.cam.extract import CamExtractor
-from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.domains.contract import DomainPlugin
 from wsss_domains.methods.base import Method, RefineContext, trains
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.options import OptionSpec
@@ -87,31 +87,14 @@ class ChainedMethod(Method):
             if method.fits_training_split:
                 method.fit(context)
 
-    def refine(
-        self,
-        image: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
+    def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
         for method in self.methods:
-            cams = method.refine(image, cams, present, domain, label_space, context)
+            cams = method.refine(cams, context)
         return cams
 
-    def refine_labels(
-        self,
-        image: Tensor,
-        labels: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
+    def refine_labels(self, labels: Tensor, cams: Tensor, context: RefineContext) -> Tensor:
         for method in self.methods:
-            labels = method.refine_labels(image, labels, cams, present, domain, label_space, context)
+            labels = method.refine_labels(labels, cams, context)
         return labels
 
 

@@ -60,15 +60,13 @@ class ClipEs(Method):
             self._text[key] = ZeroShotText(loaded.model, loaded.tokenizer, domain.clip_prompts(label_space))
         return self._text[key]
 
-    def refine(
-        self,
-        image: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
+    def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
+        image, present, domain, label_space = (
+            context.image,
+            context.present,
+            context.domain,
+            context.label_space,
+        )
         from wsss_domains.clip.clip_es import clip_es_cams
 
         keep = present.bool()

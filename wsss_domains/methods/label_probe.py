@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
+from wsss_domains.domains.contract import BackgroundMode
 from wsss_domains.methods.base import RefineContext
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.registry import register_method
@@ -209,21 +209,13 @@ class LabelProbe(StageProbe):
         return bags, torch.stack(labels), valid
 
     @torch.no_grad()
-    def refine(
-        self,
-        image: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
+    def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
         if self.probe is None:
             raise RuntimeError("label-probe: fit() must run before refine (the engine calls it)")
-        keep = present.bool().to(cams.device)
+        keep = context.present.bool().to(cams.device)
         if not keep.any() or self.fuse_weight == 0.0:
             return cams
-        probs, valid = self.probabilities(image, keep, domain, context)
+        probs, valid = self.probabilities(keep, context)
         valid = valid.to(cams.device)
         if not valid.any():
             return cams

@@ -18,8 +18,7 @@ from typing import ClassVar
 from torch import Tensor
 
 from wsss_domains.cam.extract import normalize_per_class
-from wsss_domains.domains.contract import DomainPlugin, LabelSpace
-from wsss_domains.methods.base import Method, RefineContext, default_context
+from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.methods.options import OptionSpec, constructor_options
 from wsss_domains.methods.registry import register_method
 from wsss_domains.refine import get_refiner, list_refiners, refiner_class
@@ -53,22 +52,13 @@ class RefinedCam(Method):
         """Refined ``KxHxW`` maps of the present classes; default: foreground only, per-class maximum 1."""
         return normalize_per_class(refiner(image, cams).clamp_min(0))
 
-    def refine(
-        self,
-        image: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
-        keep = present.bool()
+    def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
+        keep = context.present.bool()
         if not keep.any():
             return cams
         refiner = get_refiner(self.refiner_name, **self.options)
         out = cams.clone()
-        bg = (context or default_context(image, domain, label_space)).bg_threshold
-        out[keep] = self.foreground(refiner, image, cams[keep], bg).to(out.dtype)
+        out[keep] = self.foreground(refiner, context.image, cams[keep], context.bg_threshold).to(out.dtype)
         return out
 
 

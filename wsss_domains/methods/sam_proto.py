@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from wsss_domains.cam.extract import CamExtractor, normalize_per_class
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
-from wsss_domains.methods.base import RefineContext, default_context
+from wsss_domains.methods.base import RefineContext
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_base import SamMethod
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
@@ -119,18 +119,16 @@ class SamProto(SamMethod):
             feats = (feats + extractor.model.features(x.flip(-1)).flip(-1)) / 2
         return feats.float()
 
-    def refine(
-        self,
-        image: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
+    def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
         from wsss_domains.sam.prototypes import class_prototypes, prototype_cams
         from wsss_domains.sam.sepl import sepl_assign
 
+        image, present, domain, label_space = (
+            context.image,
+            context.present,
+            context.domain,
+            context.label_space,
+        )
         if not self.use_prototypes(domain):
             if not self._warned_off:
                 log.warning(
@@ -141,7 +139,6 @@ class SamProto(SamMethod):
         keep = present.bool().to(cams.device)
         if not keep.any():
             return cams
-        context = context or default_context(image, domain, label_space)
         pseudo = cams_to_labels(cams, present, label_space, context.bg_threshold, context.exclude)
         masks = self.segments(image, cams, present, domain).to(cams.device)
         if masks.shape[0] == 0:

@@ -175,21 +175,13 @@ class SeedProbe(StageProbe):
         return torch.cat(features), torch.cat(targets)
 
     @torch.no_grad()
-    def refine(
-        self,
-        image: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
-        keep = present.bool().to(cams.device)
+    def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
+        keep = context.present.bool().to(cams.device)
         if not keep.any() or self.fuse_weight == 0.0:
             if self.probe is None:
                 raise RuntimeError("seed-probe: fit() must run before refine (the engine calls it)")
             return cams
-        probs, valid = self.probabilities(image, keep, domain, context)
+        probs, valid = self.probabilities(keep, context)
         if not valid.any():
             return cams
         return fuse_prototype_cams(cams, probs.to(cams.device), valid, self.fuse_weight)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.methods.base import RefineContext
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_base import SamMethod
@@ -25,19 +24,11 @@ class SeplRefinement(SamMethod):
     S2C's README sends its CAMs to SAM_WSSS for refinement, whose default merge this is.
     """
 
-    def refine_labels(
-        self,
-        image: Tensor,
-        labels: Tensor,
-        cams: Tensor,
-        present: Tensor,
-        domain: DomainPlugin,
-        label_space: LabelSpace,
-        context: RefineContext | None = None,
-    ) -> Tensor:
+    def refine_labels(self, labels: Tensor, cams: Tensor, context: RefineContext) -> Tensor:
         from wsss_domains.sam.sepl import sepl_refine
 
-        masks = self.segments(image, cams, present, domain)
+        label_space = context.label_space
+        masks = self.segments(context.image, cams, context.present, context.domain)
         if masks.shape[0] == 0:
             return labels
         return sepl_refine(

@@ -206,15 +206,13 @@ class StageProbe(Method):
         atomic_write(path, lambda tmp: torch.save(state, tmp))
 
     @torch.no_grad()
-    def probabilities(
-        self, image: Tensor, present: Tensor, domain: DomainPlugin, context: RefineContext | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def probabilities(self, present: Tensor, context: RefineContext) -> tuple[Tensor, Tensor]:
         """The probe's softmax over the present classes (and background where thresholded), ``K x h x w``
         on its own grid, and which of the ``K`` foreground classes it can speak for."""
         if self.probe is None or self.seen is None:
             raise RuntimeError(f"{self.name}: fit() must run before refine (the engine calls it)")
         keep = present.bool()
-        feats = self._features(image, domain, context)
+        feats = self._features(context.image, context.domain, context)
         logits = self.probe.to(feats.device)(feats)[0]
         allowed = torch.cat(
             [keep.to(logits.device), keep.new_ones(logits.shape[0] - keep.numel()).to(logits.device)]

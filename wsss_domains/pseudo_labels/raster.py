@@ -313,11 +313,12 @@ class _Job:
                 present = self.predict(x, pair)
         present = present.to(cams.device)
         exclude = nodata if nodata is not None else self.domain.exclude_mask(raw, self.label_space)
-        context = RefineContext(self.bg, exclude, None, x)
-        on_device = raw.to(cams.device)
-        cams = self.method.refine(on_device, cams, present, self.domain, self.label_space, context)
+        context = RefineContext(
+            raw.to(cams.device), present, self.domain, self.label_space, self.bg, exclude, None, x
+        )
+        cams = self.method.refine(cams, context)
         ids = cams_to_labels(cams, present, self.label_space, self.bg, exclude)
-        ids = self.method.refine_labels(on_device, ids, cams, present, self.domain, self.label_space, context)
+        ids = self.method.refine_labels(ids, cams, context)
         rows, cols = pair.crop
         return ids[rows, cols].cpu().numpy().astype(np.uint8), present.cpu()
 

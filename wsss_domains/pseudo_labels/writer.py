@@ -114,13 +114,19 @@ def write_pseudo_labels(
             exclude = sample.get("exclude")
             if exclude is None:
                 exclude = domain.exclude_mask(raw, label_space)
-            context = RefineContext(bg, exclude, prepared.to(cams.device), image)
-            on_device = raw.to(cams.device)
-            cams = method.refine(on_device, cams, present, domain, label_space, context)
-            labels_map = cams_to_labels(cams, present, label_space, bg, exclude)
-            labels_map = method.refine_labels(
-                on_device, labels_map, cams, present, domain, label_space, context
+            context = RefineContext(
+                raw.to(cams.device),
+                present,
+                domain,
+                label_space,
+                bg,
+                exclude,
+                prepared.to(cams.device),
+                image,
             )
+            cams = method.refine(cams, context)
+            labels_map = cams_to_labels(cams, present, label_space, bg, exclude)
+            labels_map = method.refine_labels(labels_map, cams, context)
             labels = labels_map.cpu().numpy()
             if options.save_cams:
                 keep = present.bool().cpu()
