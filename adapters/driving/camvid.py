@@ -14,17 +14,17 @@ from pathlib import Path, PurePosixPath
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from wsss_adapters.driving.crops import DEFAULT_MIN_LABEL_FRACTION, crop_protocol
-from wsss_adapters.driving.dataset import Record, StreetDataset, finish
+from wsss_adapters.driving.dataset import Record, build_street
 from wsss_adapters.driving.labels import CAMVID, CAMVID_UNLABELLED
+from wsss_adapters.loaders import loader_spec
 
 from wsss_domains.data.io import DataError, read_index_mask
-from wsss_domains.domains.contract import DatasetSpec
 
 NAME = "camvid"
 SPLITS = ("train", "val", "test")
 DEFAULT_CROP = (120, 160)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+DESCRIPTION = "CamVid, SegNet layout: 11 classes, Unlabelled ignored"
 
 
 def decode_mask(path: Path) -> Tensor:
@@ -102,28 +102,12 @@ def records(root: Path, split: str) -> list[Record]:
     return read_list(root, list_file) if list_file.is_file() else pair_folders(root, split)
 
 
-def build(
-    root: Path,
-    split: str,
-    labels_from_masks: bool = False,
-    patch_size: int | tuple[int, int] | None = None,
-    crop_size: int | tuple[int, int] | None = None,
-    crop_stride: int | tuple[int, int] | None = None,
-    min_label_fraction: float = DEFAULT_MIN_LABEL_FRACTION,
-    **_: object,
-) -> Dataset:
-    """Samples of one CamVid split; labelled crops with ``labels_from_masks`` (see crops.py)."""
+def build(root: Path, split: str, **options: object) -> Dataset:
+    """Samples of one CamVid split; ``options``: :class:`StreetOptions` (labelled crops, crops.py)."""
     root = Path(root)
     if split not in SPLITS:
         raise ValueError(f"dataset '{NAME}' has no split '{split}'; known: {', '.join(SPLITS)}")
-    protocol = crop_protocol(DEFAULT_CROP, crop_size, crop_stride, patch_size, min_label_fraction)
-    dataset = StreetDataset(
-        records(root, split),
-        CAMVID,
-        {"dataset": NAME, "split": split},
-        min_label_fraction=protocol.min_label_fraction,
-    )
-    return finish(dataset, root, split, labels_from_masks, protocol)
+    return build_street(lambda: records(root, split), CAMVID, NAME, split, root, DEFAULT_CROP, options)
 
 
 def detect(root: Path) -> bool:
@@ -135,13 +119,4 @@ def detect(root: Path) -> bool:
     )
 
 
-SPEC = DatasetSpec(
-    name=NAME,
-    label_space=CAMVID,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="CamVid, SegNet layout: 11 classes, Unlabelled ignored",
-    default_split="train",
-    patch_size=DEFAULT_CROP,
-)
+SPEC = loader_spec(NAME, CAMVID, build, detect, SPLITS, DESCRIPTION, patch_size=DEFAULT_CROP)

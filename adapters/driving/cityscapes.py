@@ -11,18 +11,19 @@ from pathlib import Path
 
 from torch import Tensor
 from torch.utils.data import Dataset
-from wsss_adapters.driving.crops import DEFAULT_MIN_LABEL_FRACTION, crop_protocol
-from wsss_adapters.driving.dataset import MaskDecoder, Record, StreetDataset, finish
+from wsss_adapters.driving.dataset import MaskDecoder, Record, build_street
 from wsss_adapters.driving.labels import CITYSCAPES, label_ids_to_train_ids
+from wsss_adapters.loaders import loader_spec
 
 from wsss_domains.data.io import DataError, read_index_mask
-from wsss_domains.domains.contract import IGNORE_INDEX, DatasetSpec
+from wsss_domains.domains.contract import IGNORE_INDEX
 
 NAME = "cityscapes"
 SPLITS = ("train", "val", "test")
 DEFAULT_CROP = (256, 512)
 IMAGE_SUFFIX = "_leftImg8bit.png"
 LABEL_SOURCES = ("auto", "labelIds", "labelTrainIds")
+DESCRIPTION = "Cityscapes fine annotations, 19 train ids (labelIds mapped by the official table)"
 
 
 def decode_label_ids(path: Path) -> Tensor:
@@ -72,29 +73,15 @@ def records(root: Path, split: str, label_source: str = "auto") -> list[Record]:
     return out
 
 
-def build(
-    root: Path,
-    split: str,
-    labels_from_masks: bool = False,
-    patch_size: int | tuple[int, int] | None = None,
-    crop_size: int | tuple[int, int] | None = None,
-    crop_stride: int | tuple[int, int] | None = None,
-    min_label_fraction: float = DEFAULT_MIN_LABEL_FRACTION,
-    label_source: str = "auto",
-    **_: object,
-) -> Dataset:
-    """Samples of one Cityscapes split; labelled crops with ``labels_from_masks`` (see crops.py)."""
+def build(root: Path, split: str, label_source: str = "auto", **options: object) -> Dataset:
+    """Samples of one Cityscapes split; ``options``: :class:`StreetOptions` (labelled crops, crops.py)."""
     root = Path(root)
     if split not in SPLITS:
         raise ValueError(f"dataset '{NAME}' has no split '{split}'; known: {', '.join(SPLITS)}")
-    protocol = crop_protocol(DEFAULT_CROP, crop_size, crop_stride, patch_size, min_label_fraction)
-    dataset = StreetDataset(
-        records(root, split, label_source),
-        CITYSCAPES,
-        {"dataset": NAME, "split": split},
-        min_label_fraction=protocol.min_label_fraction,
+    where = root / "leftImg8bit" / split
+    return build_street(
+        lambda: records(root, split, label_source), CITYSCAPES, NAME, split, where, DEFAULT_CROP, options
     )
-    return finish(dataset, root / "leftImg8bit" / split, split, labels_from_masks, protocol)
 
 
 def detect(root: Path) -> bool:
@@ -103,13 +90,4 @@ def detect(root: Path) -> bool:
     return any((images / split).is_dir() for split in SPLITS)
 
 
-SPEC = DatasetSpec(
-    name=NAME,
-    label_space=CITYSCAPES,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="Cityscapes fine annotations, 19 train ids (labelIds mapped by the official table)",
-    default_split="train",
-    patch_size=DEFAULT_CROP,
-)
+SPEC = loader_spec(NAME, CITYSCAPES, build, detect, SPLITS, DESCRIPTION, patch_size=DEFAULT_CROP)

@@ -1,4 +1,8 @@
-"""The map-style dataset both driving loaders return: they only list files and decode masks."""
+"""The map-style dataset both driving loaders return: they only list files and decode masks.
+
+:class:`StreetOptions` are the keyword options both loaders take; :func:`build_street` is how
+both ``build`` functions end.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from wsss_adapters.driving.crops import DEFAULT_MIN_LABEL_FRACTION, CropProtocol, make_crops
+from wsss_adapters.driving.crops import DEFAULT_MIN_LABEL_FRACTION, CropProtocol, crop_protocol, make_crops
+from wsss_adapters.loaders import LoaderOptions
 
 from wsss_domains.data.io import DataError, check_same_size, read_rgb
 from wsss_domains.data.patches import label_from_crop
@@ -17,6 +22,23 @@ from wsss_domains.domains.contract import LabelSpace, Sample
 
 # Reads one annotation file as class ids with the ignore index; DataError naming the file.
 MaskDecoder = Callable[[Path], Tensor]
+
+
+@dataclass(frozen=True)
+class StreetOptions(LoaderOptions):
+    """The keyword options both driving loaders' ``build`` understand (see crops.py)."""
+
+    labels_from_masks: bool = False
+    patch_size: int | tuple[int, int] | None = None
+    crop_size: int | tuple[int, int] | None = None
+    crop_stride: int | tuple[int, int] | None = None
+    min_label_fraction: float = DEFAULT_MIN_LABEL_FRACTION
+
+    def protocol(self, default_crop: tuple[int, int]) -> CropProtocol:
+        """The crop protocol these options ask for, ``default_crop`` unless a size is given."""
+        return crop_protocol(
+            default_crop, self.crop_size, self.crop_stride, self.patch_size, self.min_label_fraction
+        )
 
 
 @dataclass(frozen=True)
@@ -88,3 +110,23 @@ def finish(
             missing[0].image, f"split '{split}' has images without masks; --labels-from-masks needs masks"
         )
     return make_crops(dataset, dataset.label_space, protocol)
+
+
+def build_street(
+    records: Callable[[], Sequence[Record]],
+    label_space: LabelSpace,
+    dataset: str,
+    split: str,
+    where: Path,
+    default_crop: tuple[int, int],
+    options: Mapping[str, object],
+) -> Dataset:
+    """Samples of a split: whole images, or labelled crops as ``options`` ask (:class:`StreetOptions`).
+
+    ``records`` lists the split only once the options are known good, so bad options fail first.
+    """
+    picked = StreetOptions.pick(options)
+    protocol = picked.protocol(default_crop)
+    meta = {"dataset": dataset, "split": split}
+    street = StreetDataset(records(), label_space, meta, min_label_fraction=protocol.min_label_fraction)
+    return finish(street, where, split, picked.labels_from_masks, protocol)

@@ -2,7 +2,8 @@
 
 Each loader only lists its files (:class:`Record`) and says how to decode a mask; reading,
 size checks, image-level labels from masks, stain normalisation and ``--labels-from-masks``
-patching are the same for all of them and live here.
+patching are the same for all of them and live here: :func:`load_split` ends every ``build``,
+:class:`HistoOptions` are the keyword options all of them take.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_adapters.histo.stain import normalize_stains
+from wsss_adapters.loaders import LoaderOptions
 
 from wsss_domains.data.io import DataError, check_same_size, read_rgb
 from wsss_domains.data.patches import PatchDataset
@@ -35,6 +37,19 @@ class Record:
 
 # Turns a record's mask files into (mask with ignore_index, exclude or None).
 MaskDecoder = Callable[[Record], tuple[Tensor, Tensor | None]]
+
+
+@dataclass(frozen=True)
+class HistoOptions(LoaderOptions):
+    """The keyword options every histology loader's ``build`` understands.
+
+    ``labels_from_masks``: annotated images cut into mask-labelled patches of ``patch_size``
+    (default: the dataset's). ``stain_normalize``: Macenko normalisation of every image.
+    """
+
+    labels_from_masks: bool = False
+    patch_size: int | None = None
+    stain_normalize: bool = False
 
 
 class HistoDataset(Dataset):
@@ -137,3 +152,20 @@ def finish(
     if any(rec.mask is None for rec in dataset.records):
         raise DataError(where, f"split '{split}' has no masks; --labels-from-masks needs an annotated split")
     return PatchDataset(dataset, dataset.label_space, patch_size or default_patch_size)
+
+
+def load_split(
+    records: Sequence[Record],
+    label_space: LabelSpace,
+    decode_mask: MaskDecoder,
+    dataset: str,
+    split: str,
+    where: Path,
+    options: Mapping[str, object],
+    default_patch_size: int,
+) -> Dataset:
+    """The listed records of a split as samples, finished as ``options`` ask (see :class:`HistoOptions`)."""
+    picked = HistoOptions.pick(options)
+    meta = {"dataset": dataset, "split": split}
+    histo = HistoDataset(records, label_space, decode_mask, meta, stain_normalize=picked.stain_normalize)
+    return finish(histo, where, split, picked.labels_from_masks, picked.patch_size, default_patch_size)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from torch import Tensor
 from torch.utils.data import Dataset
-from wsss_adapters.histo.dataset import IMAGE_SUFFIXES, HistoDataset, Record, finish, resolve_split
+from wsss_adapters.histo.dataset import IMAGE_SUFFIXES, Record, load_split, resolve_split
+from wsss_adapters.loaders import loader_spec
 
 from wsss_domains.data.io import DataError, read_index_mask, read_rgb
-from wsss_domains.domains.contract import BackgroundMode, DatasetSpec, LabelSpace
+from wsss_domains.domains.contract import BackgroundMode, LabelSpace
 
 NAME = "glas"
 LABEL_SPACE = LabelSpace(
@@ -30,6 +31,7 @@ LABEL_SPACE = LabelSpace(
 SPLITS = ("train", "testA", "testB")
 ALIASES = {"training": "train"}
 PATCH_SIZE = 256  # GlaS images are 775x522: 4x3 patches each, some without gland
+DESCRIPTION = "Warwick GlaS: colon gland / background, background by CAM threshold"
 _IMAGE = re.compile(r"^(train|testA|testB)_(\d+)$")
 
 
@@ -73,15 +75,8 @@ def _decode(rec: Record) -> tuple[Tensor, Tensor | None]:
     return (ids > 0).long(), None
 
 
-def build(
-    root: Path,
-    split: str,
-    labels_from_masks: bool = False,
-    patch_size: int | None = None,
-    stain_normalize: bool = False,
-    **_: object,
-) -> Dataset:
-    """Samples of one GlaS split (``train``, ``testA`` or ``testB``), labels from the annotations."""
+def build(root: Path, split: str, **options: object) -> Dataset:
+    """Samples of one GlaS split (``train``, ``testA`` or ``testB``); ``options``: :class:`HistoOptions`."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "GlaS folder not found")
@@ -92,19 +87,7 @@ def build(
         if anno is None:
             raise DataError(path, f"no annotation for this image (looked for {path.stem}_anno.*)")
         records.append(Record(id=path.stem, image=path, mask=anno))
-    dataset = HistoDataset(
-        records, LABEL_SPACE, _decode, {"dataset": NAME, "split": split}, stain_normalize=stain_normalize
-    )
-    return finish(dataset, root, split, labels_from_masks, patch_size, PATCH_SIZE)
+    return load_split(records, LABEL_SPACE, _decode, NAME, split, root, options, PATCH_SIZE)
 
 
-SPEC = DatasetSpec(
-    name=NAME,
-    label_space=LABEL_SPACE,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="Warwick GlaS: colon gland / background, background by CAM threshold",
-    default_split="train",
-    patch_size=PATCH_SIZE,
-)
+SPEC = loader_spec(NAME, LABEL_SPACE, build, detect, SPLITS, DESCRIPTION, patch_size=PATCH_SIZE)

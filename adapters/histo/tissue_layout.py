@@ -21,9 +21,10 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
-from wsss_adapters.histo.dataset import HistoDataset, Record, finish, list_images, paired, resolve_split
+from wsss_adapters.histo.dataset import Record, list_images, load_split, paired, resolve_split
 from wsss_adapters.histo.masks import exclude_index_to_ignore, read_checked_mask
 from wsss_adapters.histo.naming import label_from_name
+from wsss_adapters.loaders import loader_spec
 
 from wsss_domains.data.io import DataError
 from wsss_domains.domains.contract import DatasetSpec, LabelSpace
@@ -100,16 +101,8 @@ class TissueLayout:
         mask = read_checked_mask(rec.mask, self.exclude_id + 1)
         return exclude_index_to_ignore(mask, self.exclude_id, self.label_space.ignore_index)
 
-    def build(
-        self,
-        root: Path,
-        split: str,
-        labels_from_masks: bool = False,
-        patch_size: int | None = None,
-        stain_normalize: bool = False,
-        **_: object,
-    ) -> Dataset:
-        """Samples of one split (``training``, ``val`` or ``test``)."""
+    def build(self, root: Path, split: str, **options: object) -> Dataset:
+        """Samples of one split (``training``, ``val`` or ``test``); ``options``: :class:`HistoOptions`."""
         root = Path(root)
         self._check_not_subfolder(root)
         split = resolve_split(split, SPLITS, ALIASES, self.name)
@@ -127,23 +120,17 @@ class TissueLayout:
                 Record(id=p.stem, image=p, mask=paired(folder / "mask", p, "mask"))
                 for p in list_images(folder / "img")
             ]
-        dataset = HistoDataset(
-            records,
-            self.label_space,
-            self._decode,
-            {"dataset": self.name, "split": split},
-            stain_normalize=stain_normalize,
+        return load_split(
+            records, self.label_space, self._decode, self.name, split, folder, options, PATCH_SIZE
         )
-        return finish(dataset, folder, split, labels_from_masks, patch_size, PATCH_SIZE)
 
     def spec(self) -> DatasetSpec:
-        return DatasetSpec(
-            name=self.name,
-            label_space=self.label_space,
-            build=self.build,
-            detect=self.detect,
-            splits=SPLITS,
-            description=self.description,
-            default_split="training",
+        return loader_spec(
+            self.name,
+            self.label_space,
+            self.build,
+            self.detect,
+            SPLITS,
+            self.description,
             patch_size=PATCH_SIZE,
         )

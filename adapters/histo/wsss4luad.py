@@ -21,12 +21,13 @@ from pathlib import Path
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from wsss_adapters.histo.dataset import HistoDataset, Record, finish, list_images, paired, resolve_split
+from wsss_adapters.histo.dataset import Record, list_images, load_split, paired, resolve_split
 from wsss_adapters.histo.masks import exclude_index_to_ignore, read_checked_mask
 from wsss_adapters.histo.naming import label_from_name
+from wsss_adapters.loaders import loader_spec
 
 from wsss_domains.data.io import DataError
-from wsss_domains.domains.contract import BackgroundMode, DatasetSpec, LabelSpace
+from wsss_domains.domains.contract import BackgroundMode, LabelSpace
 
 NAME = "wsss4luad"
 LABEL_SPACE = LabelSpace(
@@ -39,6 +40,7 @@ FOLDERS = {"training": "1.training", "validation": "2.validation", "test": "3.te
 SPLITS = tuple(FOLDERS)
 ALIASES = {"train": "training", "val": "validation", "testing": "test"}
 PATCH_SIZE = 224
+DESCRIPTION = "WSSS4LUAD challenge layout: lung adenocarcinoma tumour / stroma / normal"
 
 
 def _is_root(root: Path) -> bool:
@@ -81,15 +83,8 @@ def _decode(rec: Record) -> tuple[Tensor, Tensor | None]:
     return mask, exclude
 
 
-def build(
-    root: Path,
-    split: str,
-    labels_from_masks: bool = False,
-    patch_size: int | None = None,
-    stain_normalize: bool = False,
-    **_: object,
-) -> Dataset:
-    """Samples of one WSSS4LUAD split (``training``, ``validation`` or ``test``)."""
+def build(root: Path, split: str, **options: object) -> Dataset:
+    """Samples of one WSSS4LUAD split (``training``, ``validation`` or ``test``); see :class:`HistoOptions`."""
     root = Path(root)
     _check_not_subfolder(root)
     split = resolve_split(split, SPLITS, ALIASES, NAME)
@@ -113,19 +108,7 @@ def build(
                     else None,
                 )
             )
-    dataset = HistoDataset(
-        records, LABEL_SPACE, _decode, {"dataset": NAME, "split": split}, stain_normalize=stain_normalize
-    )
-    return finish(dataset, folder, split, labels_from_masks, patch_size, PATCH_SIZE)
+    return load_split(records, LABEL_SPACE, _decode, NAME, split, folder, options, PATCH_SIZE)
 
 
-SPEC = DatasetSpec(
-    name=NAME,
-    label_space=LABEL_SPACE,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="WSSS4LUAD challenge layout: lung adenocarcinoma tumour / stroma / normal",
-    default_split="training",
-    patch_size=PATCH_SIZE,
-)
+SPEC = loader_spec(NAME, LABEL_SPACE, build, detect, SPLITS, DESCRIPTION, patch_size=PATCH_SIZE)

@@ -22,16 +22,19 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from wsss_adapters.loaders import loader_spec
+from wsss_adapters.natural.dataset import NaturalDataset, check_choices
 from wsss_adapters.natural.palette import voc_palette
 
-from wsss_domains.data.io import DataError, check_same_size, read_index_mask, read_rgb
+from wsss_domains.data.io import DataError, read_index_mask
 from wsss_domains.data.patches import PatchDataset
-from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace, Sample
+from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace
 
 NAME = "coco"
 SPLITS = ("train2017", "val2017", "train2014", "val2014")
 LABEL_SOURCES = ("annotations", "mask")
 PATCH_SIZE = 224
+DESCRIPTION = "MS COCO 2014/2017 instances rasterised to 80 classes + background, crowd ignored"
 
 # (COCO category id, name) of the 80 object categories, in the official order.
 COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
@@ -121,18 +124,14 @@ class Record:
     mask: Path | None = None  # converted mask file
 
 
-class CocoDataset(Dataset):
+class CocoDataset(NaturalDataset):
     """Images of one COCO split with rasterised (or converted) masks and image-level labels."""
 
-    def __init__(self, records: list[Record], api: Any, label_source: str, meta: dict[str, str]) -> None:
-        self.records = records
-        self.api = api
-        self.label_space = COCO
-        self.label_source = label_source
-        self.meta = meta
+    label_space = COCO
 
-    def __len__(self) -> int:
-        return len(self.records)
+    def __init__(self, records: list[Record], api: Any, label_source: str, meta: dict[str, str]) -> None:
+        super().__init__(records, label_source, meta)
+        self.api = api
 
     def load_mask(self, index: int) -> Tensor | None:
         rec = self.records[index]
@@ -142,21 +141,10 @@ class CocoDataset(Dataset):
             return torch.from_numpy(rasterise(self.api, rec.coco_id).astype(np.int64))
         return None
 
-    def __getitem__(self, index: int) -> Sample:
-        rec = self.records[index]
-        image = read_rgb(rec.image)
-        sample: Sample = {"image": image, "id": rec.id, "meta": {**self.meta, "path": str(rec.image)}}
-        mask = self.load_mask(index)
-        if mask is not None:
-            check_same_size(image, mask, rec.mask or rec.image)
-            sample["mask"] = mask
-        if rec.coco_id is not None and self.label_source == "annotations":
-            sample["label"] = annotated_label(self.api, rec.coco_id)
-        elif mask is not None:
-            sample["label"] = COCO.label_from_mask(mask)
-        else:
-            raise DataError(rec.image, "no annotation and no mask: no image-level label")
-        return sample
+    def annotation_label(self, rec: Record) -> Tensor | None:
+        if rec.coco_id is None or self.label_source != "annotations":
+            return None
+        return annotated_label(self.api, rec.coco_id)
 
 
 def _image_folder(root: Path, split: str) -> Path:
@@ -187,10 +175,7 @@ def build(
 ) -> Dataset:
     """Samples of one COCO split (every image listed in its instances JSON, else every masked image)."""
     root = Path(root)
-    if split not in SPLITS:
-        raise ValueError(f"dataset '{NAME}' has no split '{split}'; known: {', '.join(SPLITS)}")
-    if label_source not in LABEL_SOURCES:
-        raise ValueError(f"label_source must be one of {', '.join(LABEL_SOURCES)}, got {label_source!r}")
+    check_choices(NAME, split, SPLITS, label_source, LABEL_SOURCES)
     images = _image_folder(root, split)
     masks = _mask_folder(root, split, mask_dir)
     json_path = root / "annotations" / f"instances_{split}.json"
@@ -226,13 +211,4 @@ def detect(root: Path) -> bool:
     )
 
 
-SPEC = DatasetSpec(
-    name=NAME,
-    label_space=COCO,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="MS COCO 2014/2017 instances rasterised to 80 classes + background, crowd ignored",
-    default_split="train2017",
-    patch_size=PATCH_SIZE,
-)
+SPEC = loader_spec(NAME, COCO, build, detect, SPLITS, DESCRIPTION, patch_size=PATCH_SIZE)

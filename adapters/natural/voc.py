@@ -21,11 +21,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from wsss_adapters.loaders import loader_spec
+from wsss_adapters.natural.dataset import NaturalDataset, check_choices
 from wsss_adapters.natural.palette import voc_color, voc_palette
 
-from wsss_domains.data.io import DataError, check_same_size, read_color_mask, read_index_mask, read_rgb
+from wsss_domains.data.io import DataError, read_color_mask, read_index_mask
 from wsss_domains.data.patches import PatchDataset
-from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace, Sample
+from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace, Sample
 
 NAME = "voc2012"
 SPLITS = ("train", "val", "trainval", "trainaug", "all")
@@ -33,6 +35,7 @@ SPLIT_FILES = {"trainaug": ("trainaug.txt", "train_aug.txt")}
 MASK_FOLDERS = ("SegmentationClass", "SegmentationClassAug")
 LABEL_SOURCES = ("auto", "xml", "mask")
 PATCH_SIZE = 224
+DESCRIPTION = "PASCAL VOC 2012 segmentation: 20 object classes + background, 255 void"
 
 VOC_CLASSES = (
     "background",
@@ -114,38 +117,25 @@ class Record:
     xml: Path | None
 
 
-class VocDataset(Dataset):
+class VocDataset(NaturalDataset):
     """Images of one VOC split with their mask (when annotated) and image-level label."""
 
-    def __init__(self, records: list[Record], label_source: str, meta: dict[str, str]) -> None:
-        self.records = records
-        self.label_space = VOC
-        self.label_source = label_source
-        self.meta = meta
-
-    def __len__(self) -> int:
-        return len(self.records)
+    label_space = VOC
+    annotation = "XML annotation"
 
     def load_mask(self, index: int) -> Tensor | None:
         rec = self.records[index]
         return None if rec.mask is None else decode_mask(rec.mask)
 
+    def _uses_xml(self, rec: Record) -> bool:
+        return rec.xml is not None and self.label_source != "mask"
+
+    def annotation_label(self, rec: Record) -> Tensor | None:
+        return label_from_xml(rec.xml) if self._uses_xml(rec) else None  # type: ignore[arg-type]
+
     def __getitem__(self, index: int) -> Sample:
-        rec = self.records[index]
-        image = read_rgb(rec.image)
-        sample: Sample = {"image": image, "id": rec.id, "meta": {**self.meta, "path": str(rec.image)}}
-        mask = self.load_mask(index)
-        if mask is not None:
-            check_same_size(image, mask, rec.mask)  # type: ignore[arg-type]
-            sample["mask"] = mask
-        use_xml = rec.xml is not None and self.label_source != "mask"
-        if use_xml:
-            sample["label"] = label_from_xml(rec.xml)  # type: ignore[arg-type]
-        elif mask is not None:
-            sample["label"] = VOC.label_from_mask(mask)
-        else:
-            raise DataError(rec.image, "no XML annotation and no mask: no image-level label")
-        sample["meta"]["label_source"] = "xml" if use_xml else "mask"
+        sample = super().__getitem__(index)
+        sample["meta"]["label_source"] = "xml" if self._uses_xml(self.records[index]) else "mask"
         return sample
 
 
@@ -195,10 +185,7 @@ def build(
 ) -> Dataset:
     """Samples of one VOC 2012 split."""
     root = Path(root)
-    if split not in SPLITS:
-        raise ValueError(f"dataset '{NAME}' has no split '{split}'; known: {', '.join(SPLITS)}")
-    if label_source not in LABEL_SOURCES:
-        raise ValueError(f"label_source must be one of {', '.join(LABEL_SOURCES)}, got {label_source!r}")
+    check_choices(NAME, split, SPLITS, label_source, LABEL_SOURCES)
     voc = voc_root(root)
     if voc is None:
         raise DataError(root, "no VOC2012 folder with JPEGImages/ found (expected VOCdevkit/VOC2012)")
@@ -219,13 +206,4 @@ def detect(root: Path) -> bool:
     return voc is not None and any((voc / sub).is_dir() for sub in (*MASK_FOLDERS, "ImageSets/Segmentation"))
 
 
-SPEC = DatasetSpec(
-    name=NAME,
-    label_space=VOC,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="PASCAL VOC 2012 segmentation: 20 object classes + background, 255 void",
-    default_split="train",
-    patch_size=PATCH_SIZE,
-)
+SPEC = loader_spec(NAME, VOC, build, detect, SPLITS, DESCRIPTION, patch_size=PATCH_SIZE)

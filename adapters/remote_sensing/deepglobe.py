@@ -17,19 +17,12 @@ import re
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.loading import (
-    TILE,
-    TileOptions,
-    any_matching,
-    finish,
-    matching,
-    request_split,
-)
+from wsss_adapters.remote_sensing.loading import any_matching, build_split, matching, tile_spec
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import ColorCode
-from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
+from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace
 
 NAME = "deepglobe"
 SPLITS = ("train", "valid", "test")
@@ -38,6 +31,7 @@ PALETTE = ((0, 255, 255), (255, 255, 0), (255, 0, 255), (0, 255, 0), (0, 0, 255)
 UNKNOWN = (0, 0, 0)
 LABEL_SPACE = LabelSpace(CLASSES, PALETTE, BackgroundMode.NONE, ignore_color=UNKNOWN)
 CODE = ColorCode({**{c: i for i, c in enumerate(PALETTE)}, UNKNOWN: IGNORE_INDEX}, threshold=128)
+DESCRIPTION = "DeepGlobe 2018 land cover (6 classes; unknown = ignore); hold out with train[80%:]"
 
 _SAT = re.compile(r"^(?P<id>.+)_sat\.jpg$", re.IGNORECASE)
 
@@ -61,33 +55,15 @@ def scenes(root: Path, split: str) -> list[Scene]:
     return out
 
 
-def build(
-    root: Path | str,
-    split: str | None = None,
-    **options: object,
-) -> Dataset:
+def _listed(root: Path, split: str) -> tuple[list[Scene], ColorCode]:
+    return scenes(root, split), CODE
+
+
+def build(root: Path | str, split: str | None = None, **options: object) -> Dataset:
     """One split's samples; ``options``: :class:`TileOptions` (the rest are ignored)."""
-    root = Path(root)
-    request = request_split(split, "train", SPLITS, NAME)
-    return finish(
-        scenes(root, request.base),
-        request,
-        LABEL_SPACE,
-        CODE,
-        where=root / request.base,
-        split=split,
-        options=TileOptions.pick(options),
+    return build_split(
+        Path(root), split, options, NAME, SPLITS, LABEL_SPACE, _listed, where=lambda r, s: r / s
     )
 
 
-SPEC = DatasetSpec(
-    native_slices=True,
-    name=NAME,
-    label_space=LABEL_SPACE,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="DeepGlobe 2018 land cover (6 classes; unknown = ignore); hold out with train[80%:]",
-    default_split="train",
-    patch_size=TILE,
-)
+SPEC = tile_spec(NAME, LABEL_SPACE, build, detect, SPLITS, DESCRIPTION)

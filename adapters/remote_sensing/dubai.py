@@ -20,13 +20,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.loading import TILE, TileOptions, finish, matching
+from wsss_adapters.remote_sensing.loading import TileOptions, finish, matching, tile_spec
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import ColorCode
 from wsss_domains.data.splits import SplitRequest, parse_split
-from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
+from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace
 
 NAME = "dubai-aerial"
 FOLDER = "Semantic segmentation dataset"
@@ -37,6 +37,9 @@ UNLABELED = (155, 155, 155)
 STRAY = (0, 0, 0)
 LABEL_SPACE = LabelSpace(CLASSES, PALETTE, BackgroundMode.NONE, ignore_color=UNLABELED)
 CODE = ColorCode({**{c: i for i, c in enumerate(PALETTE)}, UNLABELED: IGNORE_INDEX, STRAY: IGNORE_INDEX})
+DESCRIPTION = (
+    "Dubai aerial (Humans in the Loop); 5 classes, unlabeled = ignore; split 'all' or 'Tile 1,Tile 2'"
+)
 
 _TILE = re.compile(r"^tile\s*(?P<k>\d+)$", re.IGNORECASE)
 _JPG = re.compile(r"^.+\.jpe?g$", re.IGNORECASE)
@@ -93,11 +96,7 @@ def scenes(root: Path, keys: Sequence[str], found: dict[str, Path]) -> list[Scen
     return out
 
 
-def build(
-    root: Path | str,
-    split: str | None = None,
-    **options: object,
-) -> Dataset:
+def build(root: Path | str, split: str | None = None, **options: object) -> Dataset:
     """One split's samples; ``options``: :class:`TileOptions` (the rest are ignored)."""
     root = Path(root)
     found = tiles(root)
@@ -116,14 +115,4 @@ def build(
     )
 
 
-SPEC = DatasetSpec(
-    native_slices=True,
-    name=NAME,
-    label_space=LABEL_SPACE,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="Dubai aerial (Humans in the Loop); 5 classes, unlabeled = ignore; split 'all' or 'Tile 1,Tile 2'",
-    default_split="all",
-    patch_size=TILE,
-)
+SPEC = tile_spec(NAME, LABEL_SPACE, build, detect, SPLITS, DESCRIPTION)

@@ -23,19 +23,12 @@ import re
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.loading import (
-    TILE,
-    TileOptions,
-    any_matching,
-    finish,
-    matching,
-    request_split,
-)
+from wsss_adapters.remote_sensing.loading import any_matching, build_split, matching, tile_spec, with_masks
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import ColorCode, IdCode, MaskCode
-from wsss_domains.domains.contract import BackgroundMode, DatasetSpec, LabelSpace
+from wsss_domains.domains.contract import BackgroundMode, LabelSpace
 
 NAME = "isaid"
 SPLITS = ("train", "val", "test")
@@ -79,6 +72,7 @@ LABEL_SPACE = LabelSpace(CLASSES, PALETTE, BackgroundMode.THRESHOLD, background_
 COLOR_CODE = ColorCode({c: i for i, c in enumerate(PALETTE)})
 ID_CODE = IdCode.identity(len(CLASSES))
 MASK_SUFFIX = "_instance_color_RGB.png"
+DESCRIPTION = "iSAID semantic masks (15 object classes + threshold background); official or mmseg crops"
 
 _IMAGE = re.compile(r"^P\d+\.png$", re.IGNORECASE)
 _CROP = re.compile(r"^P\d+_\d+_\d+_\d+_\d+\.png$", re.IGNORECASE)
@@ -112,44 +106,13 @@ def scenes(root: Path, split: str) -> tuple[list[Scene], MaskCode]:
             raise DataError(missing, f"has no semantic mask ({missing.stem}{MASK_SUFFIX}) while others do")
         meta = {"split": split}
         return [Scene(i.stem, i, m, meta) for i, m in zip(images, masks, strict=True)], COLOR_CODE
-    ann = root / "ann_dir" / split
-    out = []
-    for image in matching(root / "img_dir" / split, _CROP):
-        mask = ann / (image.stem + MASK_SUFFIX)
-        if ann.is_dir() and not mask.is_file():
-            raise DataError(image, f"has no annotation (looked for {mask})")
-        out.append(Scene(image.stem, image, mask if ann.is_dir() else None, {"split": split}))
-    return out, ID_CODE
+    images = matching(root / "img_dir" / split, _CROP)
+    return with_masks(images, root / "ann_dir" / split, {"split": split}, MASK_SUFFIX, "annotation"), ID_CODE
 
 
-def build(
-    root: Path | str,
-    split: str | None = None,
-    **options: object,
-) -> Dataset:
+def build(root: Path | str, split: str | None = None, **options: object) -> Dataset:
     """One split's samples; ``options``: :class:`TileOptions` (the rest are ignored)."""
-    root = Path(root)
-    request = request_split(split, "train", SPLITS, NAME)
-    found, code = scenes(root, request.base)
-    return finish(
-        found,
-        request,
-        LABEL_SPACE,
-        code,
-        where=root,
-        split=split,
-        options=TileOptions.pick(options),
-    )
+    return build_split(Path(root), split, options, NAME, SPLITS, LABEL_SPACE, scenes)
 
 
-SPEC = DatasetSpec(
-    native_slices=True,
-    name=NAME,
-    label_space=LABEL_SPACE,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="iSAID semantic masks (15 object classes + threshold background); official or mmseg crops",
-    default_split="train",
-    patch_size=TILE,
-)
+SPEC = tile_spec(NAME, LABEL_SPACE, build, detect, SPLITS, DESCRIPTION)

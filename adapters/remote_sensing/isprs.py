@@ -31,19 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.loading import (
-    TILE,
-    TileOptions,
-    any_matching,
-    finish,
-    matching,
-    request_split,
-)
+from wsss_adapters.remote_sensing.loading import any_matching, build_split, matching, tile_spec, with_masks
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import ColorCode, IdCode, MaskCode
-from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
+from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace
 
 SPLITS = ("train", "val")
 CLASSES = ("impervious_surface", "building", "low_vegetation", "tree", "car", "clutter")
@@ -97,14 +90,8 @@ def _pick_label(sample_id: str, labels: dict[tuple[str, bool], Path], eroded: bo
 
 
 def _converted(root: Path, split: str, pattern: re.Pattern[str]) -> list[Scene]:
-    masks = root / "ann_dir" / split
-    out = []
-    for image in matching(root / "img_dir" / split, pattern):
-        mask = masks / image.name
-        if masks.is_dir() and not mask.is_file():
-            raise DataError(image, f"has no annotation (looked for {mask})")
-        out.append(Scene(image.stem, image, mask if masks.is_dir() else None, {"split": split}))
-    return out
+    images = matching(root / "img_dir" / split, pattern)
+    return with_masks(images, root / "ann_dir" / split, {"split": split}, what="annotation")
 
 
 def potsdam_scenes(
@@ -169,48 +156,32 @@ def _detect(official: re.Pattern[str], converted: re.Pattern[str]) -> Callable[[
 
 def _builder(name: str, lister: Callable[..., tuple[list[Scene], MaskCode]]) -> Callable[..., Dataset]:
     def build(
-        root: Path | str,
-        split: str | None = None,
-        eroded: bool | None = None,
-        **options: object,
+        root: Path | str, split: str | None = None, eroded: bool | None = None, **options: object
     ) -> Dataset:
-        root = Path(root)
-        request = request_split(split, "train", SPLITS, name)
         extra = {"modality": options.get("modality")} if name == "potsdam" else {}
-        found, code = lister(root, request.base, eroded=eroded, **extra)
-        return finish(
-            found,
-            request,
-            LABEL_SPACE,
-            code,
-            where=root,
-            split=split,
-            options=TileOptions.pick(options),
-        )
+
+        def listed(folder: Path, base: str) -> tuple[list[Scene], MaskCode]:
+            return lister(folder, base, eroded=eroded, **extra)
+
+        return build_split(Path(root), split, options, name, SPLITS, LABEL_SPACE, listed)
 
     build.__doc__ = f"The {name} dataset of a split (see the module docstring for the options)."
     return build
 
 
-POTSDAM = DatasetSpec(
-    native_slices=True,
-    name="potsdam",
-    label_space=LABEL_SPACE,
-    build=_builder("potsdam", potsdam_scenes),
-    detect=_detect(_POTSDAM_IMAGE, _POTSDAM_TILE),
-    splits=SPLITS,
-    description="ISPRS Potsdam (official RGB/IRRG/RGBIR tifs or mmseg); 6 classes, eroded boundary = ignore",
-    default_split="train",
-    patch_size=TILE,
+POTSDAM = tile_spec(
+    "potsdam",
+    LABEL_SPACE,
+    _builder("potsdam", potsdam_scenes),
+    _detect(_POTSDAM_IMAGE, _POTSDAM_TILE),
+    SPLITS,
+    "ISPRS Potsdam (official RGB/IRRG/RGBIR tifs or mmseg); 6 classes, eroded boundary = ignore",
 )
-VAIHINGEN = DatasetSpec(
-    native_slices=True,
-    name="vaihingen",
-    label_space=LABEL_SPACE,
-    build=_builder("vaihingen", vaihingen_scenes),
-    detect=_detect(_VAIHINGEN_FILE, _VAIHINGEN_TILE),
-    splits=SPLITS,
-    description="ISPRS Vaihingen (official IRRG tifs or mmseg); 6 classes, eroded boundary = ignore",
-    default_split="train",
-    patch_size=TILE,
+VAIHINGEN = tile_spec(
+    "vaihingen",
+    LABEL_SPACE,
+    _builder("vaihingen", vaihingen_scenes),
+    _detect(_VAIHINGEN_FILE, _VAIHINGEN_TILE),
+    SPLITS,
+    "ISPRS Vaihingen (official IRRG tifs or mmseg); 6 classes, eroded boundary = ignore",
 )

@@ -1,20 +1,24 @@
 """What every remote-sensing loader shares: split resolution, file discovery, the final dataset.
 
 A loader lists the :class:`Scene` records of a split; :func:`finish` applies the split's slice
-(see :mod:`splits`), and the shared options, and returns the dataset.
+(see :mod:`splits`), and the shared options, and returns the dataset. :func:`build_split` is the
+whole ``build`` of a loader with a plain split list, and :data:`tile_spec` its declaration.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from torch.utils.data import Dataset
+from wsss_adapters.loaders import LoaderOptions, loader_spec
 from wsss_adapters.remote_sensing.datasets import build_dataset
 from wsss_adapters.remote_sensing.scene import ReadOptions, Scene
 
+from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import MaskCode
 from wsss_domains.data.raster import Scaling
 from wsss_domains.data.splits import SplitRequest, parse_split
@@ -22,6 +26,9 @@ from wsss_domains.domains.contract import LabelSpace
 
 # Default tile side for --labels-from-masks: the common crop size of remote-sensing WSSS.
 TILE = 256
+
+# Lists a split's scenes under a root and says how their masks are coded.
+SceneLister = Callable[[Path, str], tuple[Sequence[Scene], MaskCode]]
 
 
 def request_split(split: str | None, default: str, known: Sequence[str], dataset: str) -> SplitRequest:
@@ -43,6 +50,24 @@ def matching(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and pattern.match(p.name))
 
 
+def with_masks(
+    images: Iterable[Path], masks: Path, meta: Mapping[str, str], suffix: str = "", what: str = "mask"
+) -> list[Scene]:
+    """Scenes of ``images``, each with its file in ``masks`` (same name, or stem + ``suffix``).
+
+    No ``masks`` folder means an unannotated split; a folder missing one image's mask is an error,
+    so a half-copied split never passes for a smaller one.
+    """
+    annotated = masks.is_dir()
+    out = []
+    for image in images:
+        mask = masks / (image.stem + suffix if suffix else image.name)
+        if annotated and not mask.is_file():
+            raise DataError(image, f"has no {what} (looked for {mask})")
+        out.append(Scene(image.stem, image, mask if annotated else None, meta))
+    return out
+
+
 def any_matching(folders: Iterable[Path], pattern: re.Pattern[str]) -> bool:
     """Whether any of ``folders`` holds a file named like ``pattern`` (stops at the first)."""
     for folder in folders:
@@ -52,7 +77,7 @@ def any_matching(folders: Iterable[Path], pattern: re.Pattern[str]) -> bool:
 
 
 @dataclass(frozen=True)
-class TileOptions:
+class TileOptions(LoaderOptions):
     """The keyword options every remote-sensing loader's ``build`` understands.
 
     ``labels_from_masks``: tiles of ``patch_size`` (default 256) labelled from their masks, with
@@ -67,12 +92,6 @@ class TileOptions:
     scaling: Scaling = "auto"
     overlap: int = 0
     min_fraction: float = 0.0
-
-    @classmethod
-    def pick(cls, options: Mapping[str, object]) -> TileOptions:
-        """The shared options among a loader's keyword options (the rest are its own, or unused)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in options.items() if k in known})  # type: ignore[arg-type]
 
 
 def finish(
@@ -103,3 +122,29 @@ def finish(
         default_patch_size=TILE,
         overlap=options.overlap,
     )
+
+
+def build_split(
+    root: Path,
+    split: str | None,
+    options: Mapping[str, object],
+    dataset: str,
+    splits: Sequence[str],
+    label_space: LabelSpace,
+    scenes: SceneLister,
+    where: Callable[[Path, str], Path] | None = None,
+) -> Dataset:
+    """A loader's whole ``build``: resolve the split (default ``train``), list its scenes, finish.
+
+    ``where``: the folder errors name, from the root and the split (default: the root).
+    """
+    request = request_split(split, "train", splits, dataset)
+    found, code = scenes(root, request.base)
+    folder = root if where is None else where(root, request.base)
+    return finish(
+        found, request, label_space, code, where=folder, split=split, options=TileOptions.pick(options)
+    )
+
+
+# Every remote-sensing loader slices its splits itself and tiles at ``TILE`` by default.
+tile_spec = partial(loader_spec, patch_size=TILE, native_slices=True)

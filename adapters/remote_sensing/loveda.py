@@ -19,19 +19,11 @@ import re
 from pathlib import Path
 
 from torch.utils.data import Dataset
-from wsss_adapters.remote_sensing.loading import (
-    TILE,
-    TileOptions,
-    any_matching,
-    finish,
-    matching,
-    request_split,
-)
+from wsss_adapters.remote_sensing.loading import any_matching, build_split, matching, tile_spec, with_masks
 from wsss_adapters.remote_sensing.scene import Scene
 
-from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import IdCode
-from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, DatasetSpec, LabelSpace
+from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace
 
 NAME = "loveda"
 SPLITS = ("train", "val", "test")
@@ -49,6 +41,7 @@ PALETTE = (
 )
 LABEL_SPACE = LabelSpace(CLASSES, PALETTE, BackgroundMode.NONE, ignore_color=(0, 0, 0))
 CODE = IdCode({0: IGNORE_INDEX, **{i + 1: i for i in range(len(CLASSES))}})
+DESCRIPTION = "LoveDA (official Train/Val/Test or mmseg img_dir/ann_dir); 7 classes, 0 = no-data"
 
 _PNG = re.compile(r"^\d+\.png$")
 
@@ -66,17 +59,6 @@ def detect(root: Path) -> bool:
     return is_official(root) or any_matching((root / "img_dir" / s for s in SPLITS), _PNG)
 
 
-def _pair(images: list[Path], masks: Path, meta: dict[str, str]) -> list[Scene]:
-    annotated = masks.is_dir()
-    out = []
-    for image in images:
-        mask = masks / image.name
-        if annotated and not mask.is_file():
-            raise DataError(image, f"has no mask (looked for {mask})")
-        out.append(Scene(image.stem, image, mask if annotated else None, meta))
-    return out
-
-
 def scenes(root: Path, split: str, scene: str | None = None) -> list[Scene]:
     """The scenes of a split in whichever layout ``root`` holds (official preferred)."""
     if scene is not None and scene.capitalize() not in SCENES:
@@ -88,42 +70,21 @@ def scenes(root: Path, split: str, scene: str | None = None) -> list[Scene]:
                 continue
             folder = _official(root, split) / name
             meta = {"split": split, "scene": name.lower()}
-            out.extend(_pair(matching(folder / "images_png", _PNG), folder / "masks_png", meta))
+            out.extend(with_masks(matching(folder / "images_png", _PNG), folder / "masks_png", meta))
         return out
     if scene is not None:
         raise ValueError("scene= needs the official LoveDA layout (Urban/Rural folders)")
     images = matching(root / "img_dir" / split, _PNG)
-    return _pair(images, root / "ann_dir" / split, {"split": split})
+    return with_masks(images, root / "ann_dir" / split, {"split": split})
 
 
-def build(
-    root: Path | str,
-    split: str | None = None,
-    scene: str | None = None,
-    **options: object,
-) -> Dataset:
-    """One split's samples; ``options``: :class:`TileOptions` (the rest are ignored)."""
-    root = Path(root)
-    request = request_split(split, "train", SPLITS, NAME)
-    return finish(
-        scenes(root, request.base, scene),
-        request,
-        LABEL_SPACE,
-        CODE,
-        where=root,
-        split=split,
-        options=TileOptions.pick(options),
-    )
+def build(root: Path | str, split: str | None = None, scene: str | None = None, **options: object) -> Dataset:
+    """One split's samples (``scene``: urban or rural only); ``options``: :class:`TileOptions`."""
+
+    def listed(folder: Path, base: str) -> tuple[list[Scene], IdCode]:
+        return scenes(folder, base, scene), CODE
+
+    return build_split(Path(root), split, options, NAME, SPLITS, LABEL_SPACE, listed)
 
 
-SPEC = DatasetSpec(
-    native_slices=True,
-    name=NAME,
-    label_space=LABEL_SPACE,
-    build=build,
-    detect=detect,
-    splits=SPLITS,
-    description="LoveDA (official Train/Val/Test or mmseg img_dir/ann_dir); 7 classes, 0 = no-data",
-    default_split="train",
-    patch_size=TILE,
-)
+SPEC = tile_spec(NAME, LABEL_SPACE, build, detect, SPLITS, DESCRIPTION)
