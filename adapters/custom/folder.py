@@ -26,6 +26,7 @@ from wsss_adapters.custom.classes import class_file, read_label_space
 from wsss_adapters.custom.labels_csv import read_labels_csv
 
 from wsss_domains.data.io import DataError, check_same_size, read_color_mask, read_index_mask, read_rgb
+from wsss_domains.data.large_images import ImageFile
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains.contract import DatasetSpec, LabelSpace, Sample
 
@@ -94,6 +95,18 @@ class FolderDataset(Dataset):
 
     def load_mask(self, index: int) -> Tensor | None:
         return self._masks(index)[0]
+
+    def image_file(self, index: int) -> ImageFile | None:
+        """The image's file and labels without decoding it (large images go window by window).
+
+        None where an exclude mask applies: that path reads masks whole.
+        """
+        rec = self.records[index]
+        if rec.exclude is not None:
+            return None
+        label = rec.label.clone() if rec.label is not None and self.label_source != "mask" else None
+        mask = rec.mask if self.label_source != "csv" else None
+        return ImageFile(rec.id, rec.image, label, mask)
 
     def __getitem__(self, index: int) -> Sample:
         rec = self.records[index]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from torch import Tensor
 from wsss_adapters.histo import bcss_wsss, glas, luad_histoseg, wsss4luad
@@ -34,15 +35,19 @@ _KEEP_WHITE = (bcss_wsss.LABEL_SPACE,)
 class HistoDomain(DomainPlugin):
     """WSSS4LUAD, LUAD-HistoSeg, BCSS-WSSS and GlaS; glass excluded by colour, SAM via LiteMedSAM.
 
-    ``stain_normalize=True`` makes :meth:`preprocess` Macenko-normalise every image. Loaders take
-    the same option (``build(..., stain_normalize=True)``); enable it in one place, not both.
+    Option ``stain="macenko"`` (``--domain-option stain=macenko``) makes :meth:`preprocess`
+    Macenko-normalise every image (MONAI) before the networks see it, in training and in every later
+    stage, since runs record it. Loaders take a similar option (``build(..., stain_normalize=True)``);
+    enable it in one place, not both.
     """
 
     name = "histo"
     description = "Histopathology (H&E): WSSS4LUAD, LUAD-HistoSeg, BCSS-WSSS, GlaS"
 
-    def __init__(self, stain_normalize: bool = False) -> None:
-        self.stain_normalize = stain_normalize
+    def __init__(self, stain: Literal["none", "macenko"] = "none") -> None:
+        self.stain = stain
+        # read by code written before the option had a name
+        self.stain_normalize = stain == "macenko"
 
     def datasets(self) -> Mapping[str, DatasetSpec]:
         specs = (wsss4luad.SPEC, luad_histoseg.SPEC, bcss_wsss.SPEC, glas.SPEC)

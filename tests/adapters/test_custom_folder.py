@@ -170,3 +170,17 @@ def test_demo_round_trip(tmp_path):
         sample = train[i]
         # labels.csv was written from the masks, so both label sources agree
         assert torch.equal(sample["label"], space.label_from_mask(sample["mask"]))
+
+
+def test_image_file_names_pixels_and_labels_without_decoding(tmp_path, monkeypatch):
+    write_masked(tmp_path)
+    (tmp_path / "labels.csv").write_text("image,labels\na.jpg,crack\n")
+    ds = folder.build(tmp_path, "all")
+    monkeypatch.setattr(folder, "read_rgb", lambda path: pytest.fail(f"{path} decoded"))
+    a, b = ds.image_file(0), ds.image_file(1)
+    assert (a.id, a.path.name, a.mask.name, a.label.tolist()) == ("a", "a.jpg", "a.png", [1.0, 0.0])
+    assert (b.id, b.label, b.mask.name) == ("b", None, "b.png")  # labels come from the mask
+    assert folder.build(tmp_path, "all", label_source="mask").image_file(0).label is None
+    (tmp_path / "exclude").mkdir()
+    Image.fromarray(np.zeros((2, 2), dtype=np.uint8), mode="L").save(tmp_path / "exclude" / "b.png")
+    assert folder.build(tmp_path, "all").image_file(1) is None  # exclude masks: decoded whole

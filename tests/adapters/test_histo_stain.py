@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from histo_fixtures import make_wsss4luad
@@ -9,12 +13,14 @@ from wsss_adapters.histo import HistoDomain
 from wsss_adapters.histo.demo import _render
 from wsss_adapters.histo.stain import normalize_stains
 
+import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
+from wsss_domains.cli import main
+from wsss_domains.domains import get_domain
+
 pytestmark = pytest.mark.slow
 
 
 def _he_like() -> torch.Tensor:
-    import numpy as np
-
     ids = np.zeros((64, 64), dtype=np.uint8)
     ids[:, 32:] = 1  # tumour and stroma textures of the demo generator
     rgb = _render(np.random.default_rng(0), ids)
@@ -42,4 +48,66 @@ def test_stain_option_of_loader_and_plugin(tmp_path):
     assert plain["meta"]["stain_normalized"] is False and normed["meta"]["stain_normalized"] is True
     assert torch.allclose(normed["image"], normalize_stains(plain["image"]))
     img = _he_like()
-    assert torch.equal(HistoDomain(stain_normalize=True).preprocess(img), normalize_stains(img))
+    assert torch.equal(HistoDomain(stain="macenko").preprocess(img), normalize_stains(img))
+
+
+def _stain_columns(rgb: np.ndarray) -> np.ndarray:
+    """The two unit stain vectors (optical density, 3x2) MONAI estimates, H and E in a fixed order."""
+    from monai.apps.pathology.transforms import ExtractHEStains
+
+    he = ExtractHEStains()(rgb)
+    return he[:, np.argsort(he[1])]  # order by the green component: Macenko's own order is not stable
+
+
+def test_the_stain_option_maps_the_image_onto_monais_reference_stains():
+    """Checked against MONAI called directly, not through the project's helper: the plugin's output is
+    MONAI's Macenko normalisation of the image, and its stain basis is MONAI's reference H&E basis
+    while the raw image's is not."""
+    from monai.apps.pathology.transforms import NormalizeHEStains
+
+    img = _he_like()
+    rgb = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    out = get_domain("histo", stain="macenko").preprocess(img)
+    assert torch.equal(get_domain("histo").preprocess(img), img)  # off by default
+    out_rgb = (out * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert np.array_equal(out_rgb, NormalizeHEStains()(rgb))
+    assert np.abs(out_rgb.astype(int) - rgb.astype(int)).mean() > 5  # the colours did change
+    reference = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+    reference = reference[:, np.argsort(reference[1])]
+    assert np.abs(_stain_columns(out_rgb) - reference).max() < 0.05
+    assert np.abs(_stain_columns(rgb) - reference).max() > 0.1
+
+
+TINY = ["--backbone", "test_efficientnet", "--weights", "random", "--image-size", "32", "--batch-size", "2"]
+TINY += ["--arch", "fpn", "--encoder-weights", "random", "--seg-batch-size", "2", "--max-steps", "2"]
+TINY += ["--device", "cpu", "--no-progress", "--runtime", "torch", "--method", "cam"]
+
+
+def test_run_with_stain_macenko_normalises_in_every_stage_and_records_it(tmp_path: Path, monkeypatch, capsys):
+    """``run --domain-option stain=macenko``: the option reaches HistoDomain, is saved in run.json and
+    segmenter.json, and a later stage that reloads the run normalises its images again."""
+    import wsss_adapters.histo.plugin as plugin
+
+    calls: list[str] = []
+
+    def recorded(image: torch.Tensor) -> torch.Tensor:
+        calls.append("macenko")
+        return normalize_stains(image)
+
+    monkeypatch.setattr(plugin, "normalize_stains", recorded)
+    root = make_wsss4luad(tmp_path / "WSSS4LUAD")
+    job = tmp_path / "job"
+    args = ["run", "--domain", "histo", "--domain-option", "stain=macenko", "--data", str(root)]
+    args += ["--train-split", "training", "--test-split", "validation", "--out", str(job)]
+    assert main([*args, *TINY]) == 0, capsys.readouterr().err
+    assert calls  # the option reached HistoDomain.preprocess
+    assert json.loads((job / "classifier" / "run.json").read_text())["domain_options"] == {"stain": "macenko"}
+    assert json.loads((job / "segmenter" / "segmenter.json").read_text())["domain_options"] == {
+        "stain": "macenko"
+    }
+    assert json.loads((job / "report.json").read_text())["settings"]["domain_options"] == {"stain": "macenko"}
+
+    calls.clear()
+    pl = ["pseudo-labels", "--run", str(job / "classifier"), "--data", str(root), "--split", "validation"]
+    assert main([*pl, "--out", str(tmp_path / "pl"), "--no-progress", "--runtime", "torch"]) == 0
+    assert len(calls) >= 2  # both validation images, normalised as in training

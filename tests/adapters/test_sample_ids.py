@@ -17,16 +17,16 @@ class Counting:
     """A dataset whose records carry ids; counts how often a sample is decoded."""
 
     def __init__(self, ids: list[str]) -> None:
-        self.ids = ids
+        self.names = ids
         self.records: list[object] = [SimpleNamespace(id=i) for i in ids]
         self.reads = 0
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
         self.reads += 1
-        return {"id": self.ids[index]}
+        return {"id": self.names[index]}
 
 
 def test_records_give_the_ids_without_reading_samples():
@@ -36,6 +36,8 @@ def test_records_give_the_ids_without_reading_samples():
     dataset.records = [object() for _ in range(3)]
     assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 3
     dataset.records = [SimpleNamespace(id="x")]
+    assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 6
+    dataset.ids = ["b", "a", "c"]  # a list of ids, one per sample (image folders), is trusted too
     assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 6
 
 

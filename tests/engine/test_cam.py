@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from wsss_domains.cam.extract import CamExtractor, normalize_per_class
+from wsss_domains.cam.extract import CamExtractor, balanced_tile, normalize_per_class
 from wsss_domains.models.classifier import CamClassifier
 
 
@@ -133,3 +133,12 @@ def test_raw_maps_is_the_override_point():
     torch.testing.assert_close(cams[0], torch.ones(8, 8))
     assert cams[1].max() == 1.0 and cams[1].min() >= 0
     torch.testing.assert_close(cams[1], cams[1].flip(-1))
+
+
+def test_tiles_are_balanced_so_the_last_one_wastes_no_work():
+    assert balanced_tile(2560, 1280, 64) == 896  # three tiles: 2688 pixels, not 3 x 1280
+    assert balanced_tile(1000, 1280, 64) == 1000 and balanced_tile(1280, 1280, 64) == 1280
+    model = LocalCam()
+    CamExtractor(model, scales=(1.0,), flip=False, tile_size=64, tile_overlap=8)(torch.rand(3, 70, 40))
+    # 70 rows: two balanced tiles of ceil(62 / 2) + 8 = 39 rows, at rows 0 and 31
+    assert model.inputs == [(39, 40), (39, 40)]

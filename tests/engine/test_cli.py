@@ -428,6 +428,20 @@ def test_bad_scales_and_a_file_in_the_way_of_out_are_one_line(
             scales,
         )
         assert_one_error(code, err, "--scales must lie in (0, 8]")
+    code, _, err = cli(
+        capsys,
+        "pseudo-labels",
+        "--run",
+        run,
+        "--data",
+        root,
+        "--out",
+        tmp_path / "pl",
+        "--max-image-pixels",
+        "-1",
+    )
+    assert_one_error(code, err, "--max-image-pixels must be >= 0")
+    assert not (tmp_path / "pl").exists()
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     code, _, err = cli(

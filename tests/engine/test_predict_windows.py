@@ -188,3 +188,40 @@ def test_a_slide_at_a_coarser_resolution(segmenter: Path, tmp_path: Path):
     [mpp] = predict_slides(segmenter, slide, tmp_path / "mpp", mpp=1.5, options=options, windowed=windowed)
     assert (level1.height, level1.width) == (128, 192) and level1.extra["mpp"] == 1.0
     assert (mpp.height, mpp.width) == (85, 128) and mpp.extra["level"] == 1  # 1.0 µm/px resampled to 1.5
+
+
+def test_a_large_image_in_a_folder_is_predicted_window_by_window_as_it_would_be_whole(tmp_path: Path):
+    from PIL import Image
+
+    from wsss_domains.data.io import read_index_mask
+    from wsss_domains.segmentation.writer import ImageFolder, predict_images
+
+    domain = get_domain("histo")
+    label_space = domain.dataset("wsss4luad").label_space
+    (tmp_path / "images").mkdir()
+    Image.fromarray(tissue_image(192, 288)).save(tmp_path / "images" / "big.png")
+    Image.fromarray(tissue_image(64, 64, seed=2)).save(tmp_path / "images" / "small.png")
+    predictor = SegmenterPredictor(
+        ShallowNet(3), histo_config(), InferenceOptions(window=320, runtime="torch")
+    )
+    decoded: list[str] = []
+
+    class Spy(ImageFolder):
+        def __getitem__(self, index: int):
+            decoded.append(self.ids[index])
+            return super().__getitem__(index)
+
+    def run(out: Path, limit: int | None):
+        return predict_images(
+            predictor, Spy(tmp_path / "images"), domain, label_space, out, progress=False,
+            max_image_pixels=limit, windowed=WindowedOptions(window=64, margin=16),
+        )  # fmt: skip
+
+    windowed = run(tmp_path / "windowed", 100 * 100)
+    assert windowed.windowed == ["big.png"] and windowed.written == 2
+    assert "small" in decoded and "big" not in decoded  # the large image is never decoded whole
+    run(tmp_path / "whole", None)
+    for name in ("big.png", "small.png"):
+        got = read_index_mask(tmp_path / "windowed" / name).numpy()
+        assert np.array_equal(got, read_index_mask(tmp_path / "whole" / name).numpy())
+    assert not (tmp_path / "windowed" / ".large").exists()

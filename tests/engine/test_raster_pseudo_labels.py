@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.cli import EXIT_USAGE, main
 from wsss_domains.data.io import DataError, read_index_mask
+from wsss_domains.data.large_images import ImageFile, stage_image
 from wsss_domains.data.raster import ImageRaster
 from wsss_domains.domains.contract import IMAGENET_MEAN, IMAGENET_STD
 from wsss_domains.methods.base import Method
@@ -31,7 +32,7 @@ from wsss_domains.models.classifier import CamClassifier
 from wsss_domains.pseudo_labels import raster as raster_mod
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
 from wsss_domains.pseudo_labels.raster import RasterOptions, plan_windows, pseudo_label_raster
-from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, write_pseudo_labels
+from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, PseudoLabelSummary, write_pseudo_labels
 from wsss_domains.training.data import normalize
 from wsss_domains.training.run import RunConfig, save_model
 
@@ -589,3 +590,152 @@ def test_cli_refuses_raster_and_data_together(capsys, run_dir: Path, tif: Path, 
         )
     assert exc.value.code == EXIT_USAGE
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# -- the first pass's maps, kept on disk -------------------------------------------------------
+
+
+class CountingPixelwise(Pixelwise):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def cams(self, x: Tensor, rectify: bool = True) -> Tensor:
+        self.calls += 1
+        return super().cams(x, rectify)
+
+
+def test_second_pass_reads_the_first_pass_maps_back_instead_of_recomputing(
+    tif: Path, config: RunConfig, tmp_path: Path
+):
+    cached, recomputed = CountingPixelwise(), CountingPixelwise()
+    with_cache = pseudo_label_raster(
+        config, cached, Method(), tif, tmp_path / "a.tif", labels=["red", "blue"], options=options()
+    )
+    without = pseudo_label_raster(
+        config,
+        recomputed,
+        Method(),
+        tif,
+        tmp_path / "b.tif",
+        labels=["red", "blue"],
+        options=options(map_cache_gb=0.0),
+    )
+    windows = with_cache.windows  # one CAM pass (one scale, flips batched) per window and pass
+    assert (cached.calls, recomputed.calls) == (windows, 2 * windows)
+    assert (read_labels(tmp_path / "a.tif") == read_labels(tmp_path / "b.tif")).all()
+    assert with_cache.class_maxima == without.class_maxima
+    assert not list(tmp_path.glob(".*.maps-*"))  # the cache is gone once the output is written
+
+
+# -- ordinary image files above the size limit ------------------------------------------------
+
+
+class FileDataset:
+    """Samples decoded whole from PNG files, which can also name their files (``image_file``)."""
+
+    def __init__(self, root: Path, labels: dict[str, Tensor | None], masks: dict[str, Path] | None = None):
+        self.root, self.labels, self.masks = root, labels, masks or {}
+        self.decoded: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _name(self, index: int) -> str:
+        return sorted(self.labels)[index]
+
+    def __getitem__(self, index: int) -> dict:
+        name = self._name(index)
+        self.decoded.append(name)
+        image = torch.from_numpy(np.asarray(Image.open(self.root / f"{name}.png").convert("RGB")).copy())
+        sample = {"image": image.permute(2, 0, 1).float() / 255, "id": name}
+        return sample | ({"label": self.labels[name]} if self.labels[name] is not None else {})
+
+    def image_file(self, index: int) -> ImageFile:
+        name = self._name(index)
+        return ImageFile(name, self.root / f"{name}.png", self.labels[name], self.masks.get(name))
+
+
+def scene_png(folder: Path) -> Path:
+    """The test scene without its no-data corner (a PNG has none), as an RGB PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = scene()
+    data[(slice(None), *NODATA)] = 120
+    Image.fromarray(data.transpose(1, 2, 0)).save(folder / "scene.png")
+    Image.fromarray(np.full((40, 30, 3), 120, np.uint8)).save(folder / "small.png")
+    return folder / "scene.png"
+
+
+def write_split(dataset: FileDataset, config: RunConfig, out: Path, **kw: object) -> PseudoLabelSummary:
+    base: dict[str, object] = {
+        "overlays": False,
+        "progress": False,
+        "max_image_pixels": 100 * 100,
+        "window": WINDOW,
+        "margin": MARGIN,
+    }
+    return write_pseudo_labels(
+        dataset,  # type: ignore[arg-type]
+        CamExtractor(Pixelwise(), scales=(1.0,), flip=True),
+        Method(),
+        fakes.FakeDomain(),
+        fakes.LABEL_SPACE,
+        config.mean,
+        config.std,
+        out,
+        PseudoLabelOptions(**(base | kw)),  # type: ignore[arg-type]
+        config=config,
+    )
+
+
+def test_a_large_image_is_labelled_window_by_window_as_it_would_be_whole(config: RunConfig, tmp_path: Path):
+    scene_png(tmp_path / "images")
+    labels = {"scene": torch.tensor([1.0, 1.0]), "small": torch.tensor([0.0, 0.0])}
+    windowed = FileDataset(tmp_path / "images", labels)
+    summary = write_split(windowed, config, tmp_path / "windowed", overlays=True)
+    whole = FileDataset(tmp_path / "images", labels)
+    write_split(whole, config, tmp_path / "whole", max_image_pixels=None)
+    assert summary.windowed == ["scene.png"] and summary.written == 2
+    assert windowed.decoded == ["small"]  # the large image is never decoded whole
+    assert whole.decoded == ["scene", "small"]
+    got = read_index_mask(tmp_path / "windowed" / "scene.png").numpy()
+    assert (got == read_index_mask(tmp_path / "whole" / "scene.png").numpy()).all()
+    assert set(np.unique(got)) == {0, 1, 2}
+    with Image.open(tmp_path / "windowed" / "scene.png") as png:  # a palette PNG in the class colours
+        assert png.mode == "P" and png.getpalette()[3:9] == [
+            *fakes.LABEL_SPACE.palette[1],
+            *fakes.LABEL_SPACE.palette[2],
+        ]
+    assert (tmp_path / "windowed" / "overlays" / "scene.png").is_file()
+    leftovers = [p.name for p in (tmp_path / "windowed").rglob("*") if p.name.startswith(".")]
+    assert leftovers == []  # staged GeoTIFF, label GeoTIFF, map cache: all removed
+    again = write_split(windowed, config, tmp_path / "windowed")
+    assert again.skipped == 2 and again.written == 0
+
+
+def test_a_large_image_takes_its_labels_from_its_mask_or_the_classifier(config: RunConfig, tmp_path: Path):
+    scene_png(tmp_path / "images")
+    Image.fromarray(np.where(truth() == 2, 0, truth())).save(tmp_path / "mask.png")  # red only
+    labels = {"scene": None}
+    from_mask = write_split(
+        FileDataset(tmp_path / "images", labels, {"scene": tmp_path / "mask.png"}), config, tmp_path / "m"
+    )
+    ids = read_index_mask(tmp_path / "m" / "scene.png").numpy()
+    assert from_mask.predicted_label_images == 0 and (ids == 1).any() and not (ids == 2).any()
+    predicted = write_split(
+        FileDataset(tmp_path / "images", labels), config, tmp_path / "p", label_source="predicted"
+    )
+    ids = read_index_mask(tmp_path / "p" / "scene.png").numpy()
+    assert predicted.predicted_label_images == 1 and {1, 2} <= set(np.unique(ids))
+    with pytest.raises(DataError, match="scene.png: no image-level label and no mask"):
+        write_split(FileDataset(tmp_path / "images", labels), config, tmp_path / "x")
+
+
+def test_stage_image_copies_a_png_into_a_tiled_geotiff(tmp_path: Path):
+    png = scene_png(tmp_path / "images")
+    staged = stage_image(png, tmp_path / "stage")
+    assert staged != png and stage_image(png, tmp_path / "stage") == staged  # reused, not rewritten
+    with rasterio.open(staged) as src:
+        assert src.driver == "GTiff" and src.block_shapes[0] == (256, 256)
+        assert (src.read() == np.asarray(Image.open(png)).transpose(2, 0, 1)).all()
+    assert stage_image(staged, tmp_path / "stage") == staged  # a TIFF is read in place

@@ -1,4 +1,4 @@
-"""Argument groups every subcommand shares (data, tiles, methods); the API does the work.
+"""Argument groups every subcommand shares (data, tiles, methods, domain options); the API does the work.
 
 ``open_dataset``, ``resolve_device`` and friends live in :mod:`wsss_domains.pipeline.data` and are
 re-exported here for the subcommands.
@@ -79,19 +79,45 @@ def add_method_arguments(
     parser.add_argument("--clip-weights", type=Path, help="local open_clip checkpoint for CLIP-based methods")
 
 
-def method_options(args: argparse.Namespace) -> dict[str, object]:
-    """Options from --method-option KEY=VALUE plus the dedicated SAM / CLIP flags."""
+def key_values(items: list[str], flag: str) -> dict[str, object]:
+    """``KEY=VALUE`` items as a dict, values JSON-decoded where they parse (``0.7``, ``true``, ``[1,2]``)
+    and kept as text otherwise (``macenko``); the API checks names and types."""
     import json
 
     options: dict[str, object] = {}
-    for item in args.method_option:
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise CliError(f"--method-option expects KEY=VALUE, got '{item}'")
+            raise CliError(f"{flag} expects KEY=VALUE, got '{item}'")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
+    return options
+
+
+def add_domain_option_argument(parser: argparse.ArgumentParser) -> None:
+    """``--domain-option KEY=VALUE`` of the commands that build the domain for a new run."""
+    parser.add_argument(
+        "--domain-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the domain plugin, repeatable (values parsed as JSON when possible), e.g. "
+        "stain=macenko for histo (Macenko stain normalisation of every image). Recorded in the run, so "
+        "pseudo-labels, segment and predict prepare images the same way; each domain's options: "
+        "`wsss-domains domains`",
+    )
+
+
+def domain_options(args: argparse.Namespace) -> dict[str, object]:
+    """Options from --domain-option KEY=VALUE (checked against the plugin by the API)."""
+    return key_values(getattr(args, "domain_option", []), "--domain-option")
+
+
+def method_options(args: argparse.Namespace) -> dict[str, object]:
+    """Options from --method-option KEY=VALUE plus the dedicated SAM / CLIP flags."""
+    options = key_values(args.method_option, "--method-option")
     for flag in ("sam_checkpoint", "clip_model", "clip_weights"):
         value = getattr(args, flag, None)
         if value is not None:

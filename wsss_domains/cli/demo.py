@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,13 +14,19 @@ DEMO_MINUTES = 2.0
 DEMO_SEGMENTER_MINUTES = 1.0
 
 
-def run_demo(domain_name: str, out: Path | None, settings: RunSettings) -> RunReport:
+def run_demo(
+    domain_name: str,
+    out: Path | None,
+    settings: RunSettings,
+    domain_options: Mapping[str, object] | None = None,
+) -> RunReport:
     """Generate the domain's demo set under ``out`` and run the whole job on it.
 
     Training budgets left unset become the demo's (2 minutes for the classifier, 1 for the
-    segmenter), so the demo finishes in about five minutes on two CPU cores.
+    segmenter), so the demo finishes in about five minutes on two CPU cores. ``domain_options``
+    are checked here, before the demo set is written.
     """
-    domain = get_domain(domain_name)
+    domain = get_domain(domain_name, **(domain_options or {}))
     out = Path(out or Path("runs") / f"{domain_name}-demo")
     demo = domain.demo(out / "demo-data")
     if demo is None:
@@ -45,6 +52,7 @@ def run_demo(domain_name: str, out: Path | None, settings: RunSettings) -> RunRe
         test_split=demo.eval_split,
         dataset=demo.dataset,
         settings=replace(settings, classifier=classifier, segmenter=segmenter),
+        domain_options=domain_options,
     )
     from wsss_domains.cli.run import print_summary
 

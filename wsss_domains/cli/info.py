@@ -28,6 +28,8 @@ def run_domains(args: argparse.Namespace) -> int:
                 f"    --dataset {spec.name:<14} splits: {', '.join(spec.splits)}; "
                 f"{ls.num_classes} classes ({', '.join(ls.classes)}); background: {ls.background_mode.value}"
             )
+        for option in type(domain).option_specs().values():
+            print(f"    --domain-option {option.describe()}")
     return 0
 
 

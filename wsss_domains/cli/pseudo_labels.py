@@ -21,6 +21,7 @@ from wsss_domains.cli.common import (
     resolve_device,
     tile_options,
 )
+from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS
 from wsss_domains.models.runtime import RUNTIMES
 from wsss_domains.pipeline.pseudo_labels import pseudo_label_raster_file, pseudo_label_split
 from wsss_domains.pseudo_labels.raster import DEFAULT_MARGIN, DEFAULT_WINDOW, NORMALIZATIONS, RasterOptions
@@ -75,6 +76,14 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
         choices=RUNTIMES,
         default="auto",
         help="where the CAM pass runs: auto (ONNX Runtime on the CPU, same maps, ~4x faster), torch, onnx",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=LARGE_IMAGE_PIXELS,
+        metavar="N",
+        help="images above N pixels (where the loader names their files, e.g. the folder loader) are "
+        "labelled window by window in bounded memory, as --raster does; 0: every image whole",
     )
     p.add_argument("--no-progress", action="store_true")
     add_raster_arguments(p)
@@ -238,6 +247,8 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
     for flag in RASTER_FLAGS:
         if hasattr(args, flag[2:].replace("-", "_")):
             raise CliError(f"{flag} applies to --raster, not to --data")
+    if args.max_image_pixels < 0:
+        raise CliError(f"--max-image-pixels must be >= 0 (0: every image whole), got {args.max_image_pixels}")
     summary = pseudo_label_split(
         args.run,
         None,
@@ -258,7 +269,13 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         dataset_options=tile_options(args.tiles),
         runtime=args.runtime,
+        max_image_pixels=args.max_image_pixels or None,
     )
+    if summary.windowed:
+        print(
+            f"{len(summary.windowed)} image(s) above {args.max_image_pixels} pixels were labelled window by "
+            "window"
+        )
     if summary.predicted_label_images:
         print(
             f"note: {summary.predicted_label_images} image(s) carry no image-level labels in this split; "

@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 
 from wsss_domains.cli import command_help
-from wsss_domains.cli.common import CliError, add_method_arguments, method_options
+from wsss_domains.cli.common import (
+    CliError,
+    add_domain_option_argument,
+    add_method_arguments,
+    domain_options,
+    method_options,
+)
 from wsss_domains.cli.predict import add_inference_arguments, inference_options
 from wsss_domains.cli.segment import add_segmenter_arguments, segmenter_settings
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
@@ -30,6 +36,7 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--domain", required=True, help="domain plugin name (see `wsss-domains domains`)")
+    add_domain_option_argument(p)
     p.add_argument("--dataset", metavar="NAME", help="loader name; recognised from --data if omitted")
     p.add_argument(
         "--data", type=Path, metavar="DIR", help="dataset folder (none: the domain's synthetic demo set)"
@@ -107,7 +114,7 @@ def run_run(args: argparse.Namespace) -> int:
     if demo:
         from wsss_domains.cli.demo import run_demo
 
-        run_demo(args.domain, args.out, settings)
+        run_demo(args.domain, args.out, settings, domain_options(args))
         return 0
     report = run_pipeline(
         args.domain,
@@ -117,6 +124,7 @@ def run_run(args: argparse.Namespace) -> int:
         test_split=args.test_split,
         dataset=args.dataset,
         settings=settings,
+        domain_options=domain_options(args),
     )
     print_summary(report, args.out)
     return 0

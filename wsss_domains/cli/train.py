@@ -6,7 +6,14 @@ import argparse
 from pathlib import Path
 
 from wsss_domains.cli import command_help
-from wsss_domains.cli.common import add_data_arguments, add_method_arguments, method_options, run_options
+from wsss_domains.cli.common import (
+    add_data_arguments,
+    add_domain_option_argument,
+    add_method_arguments,
+    domain_options,
+    method_options,
+    run_options,
+)
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 
@@ -24,6 +31,7 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--domain", required=True, help="domain plugin name (see `wsss-domains domains`)")
+    add_domain_option_argument(p)
     add_data_arguments(p, data_required=False)
     p.add_argument(
         "--labels-from-masks",
@@ -115,7 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
             progress=classifier.progress,
         )
         settings = RunSettings(classifier, segmenter, method=args.method, progress=classifier.progress)
-        run_demo(args.domain, args.out, settings)
+        run_demo(args.domain, args.out, settings, domain_options(args))
         return 0
     out = args.out or Path("runs") / args.domain
     trained = train_classifier(
@@ -125,6 +133,7 @@ def run_train(args: argparse.Namespace) -> int:
         split=args.split,
         dataset=args.dataset,
         settings=classifier_settings(args),
+        domain_options=domain_options(args),
     )
     if trained.is_global_zero:
         print(f"model: {out / 'model.pt'}  (config {out / 'run.json'}, log {out / 'logs' / 'metrics.csv'})")

@@ -106,10 +106,13 @@ def sample_ids(dataset: Any) -> list[str]:
     """Every sample's id, in index order, without decoding images where the dataset allows.
 
     The built-in datasets keep one record per sample (``records``, or ``scenes`` for whole
-    rasters) whose ``id`` is the sample's id, so slicing a split of large images costs no reads;
-    any other dataset is read sample by sample.
+    rasters) whose ``id`` is the sample's id, or the ids themselves (``ids``), so slicing a split
+    of large images costs no reads; any other dataset is read sample by sample.
     """
     n = len(dataset)
+    ids = getattr(dataset, "ids", None)
+    if isinstance(ids, list) and len(ids) == n:
+        return [str(sample_id) for sample_id in ids]
     for attribute in ("records", "scenes"):
         entries = getattr(dataset, attribute, None)
         if entries is not None and len(entries) == n and all(hasattr(entry, "id") for entry in entries):

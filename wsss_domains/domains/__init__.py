@@ -14,7 +14,14 @@ from wsss_domains.domains.contract import (
     Sample,
     SamStrategy,
 )
-from wsss_domains.domains.registry import ENTRY_POINT_GROUP, get_domain, list_domains, register_domain
+from wsss_domains.domains.registry import (
+    ENTRY_POINT_GROUP,
+    check_domain_options,
+    domain_class,
+    get_domain,
+    list_domains,
+    register_domain,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -30,6 +37,8 @@ __all__ = [
     "Recipe",
     "Sample",
     "SamStrategy",
+    "check_domain_options",
+    "domain_class",
     "get_domain",
     "list_domains",
     "register_domain",

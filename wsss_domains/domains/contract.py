@@ -32,6 +32,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
+    from wsss_domains.methods.options import OptionSpec
+
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -214,10 +216,30 @@ class MetricResult:
 
 
 class DomainPlugin(ABC):
-    """Base class of every domain plugin. Subclass, declare datasets, override hooks as needed."""
+    """Base class of every domain plugin. Subclass, declare datasets, override hooks as needed.
+
+    Options (``--domain-option KEY=VALUE``, ``get_domain(name, **options)``) are the constructor's
+    typed keyword parameters with defaults, as for methods; a plugin without ``__init__`` takes none.
+    Runs record them, so every later stage rebuilds the plugin with the same options.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+
+    # -- options -----------------------------------------------------------------------------
+    @classmethod
+    def option_specs(cls) -> dict[str, OptionSpec]:
+        """The options this plugin takes: its constructor's keyword parameters (see methods/options.py)."""
+        from wsss_domains.methods.options import constructor_options
+
+        return constructor_options(cls, stop=DomainPlugin)
+
+    @classmethod
+    def checked_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` converted to their declared types; an unknown name or a bad value is an OptionError."""
+        from wsss_domains.methods.options import check_options
+
+        return check_options(cls.name, cls.option_specs(), options, what="domain")
 
     # -- datasets ----------------------------------------------------------------------------
     @abstractmethod

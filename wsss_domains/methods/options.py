@@ -1,4 +1,5 @@
-"""A method's options are its constructor's keyword parameters: named, typed, with defaults.
+"""A method's (or a domain plugin's) options are its constructor's keyword parameters: named, typed,
+with defaults.
 
 Why: options arrive as text (``--method-option fuse_weight=0.7``, bench cells, run.json), and a
 misspelt name (``fuse_wieght``) or a value of the wrong type must fail at once, naming the method
@@ -9,6 +10,9 @@ no separate option table to forget when a parameter is added.
 A constructor that forwards ``**options`` to its base class (``PPC(gamma, **seam_options)``) takes
 its base's parameters too; the walk along the class hierarchy stops at the first constructor without
 ``**`` or at :class:`~wsss_domains.methods.base.Method` itself, which takes none.
+
+Domain plugins declare their options the same way (``HistoDomain(stain="macenko")``, from
+``--domain-option stain=macenko``); :mod:`wsss_domains.domains.registry` checks them with this module.
 """
 
 from __future__ import annotations
@@ -23,8 +27,12 @@ from typing import Any
 from wsss_domains.errors import UserError
 
 
-class MethodOptionError(UserError, ValueError):
-    """An option the method does not take, or a value of the wrong type."""
+class OptionError(UserError, ValueError):
+    """An option the method (or domain) does not take, or a value of the wrong type."""
+
+
+# The name this error has always had; domain options raise the same class.
+MethodOptionError = OptionError
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,8 @@ def type_name(annotation: Any) -> str:
     """A short readable name of a type hint (``float``, ``list[int]``, ``str | None``)."""
     if annotation is Any:
         return "any"
+    if typing.get_origin(annotation) is typing.Literal:
+        return " | ".join(repr(arg) for arg in typing.get_args(annotation))
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
     return str(annotation).replace("typing.", "").replace("collections.abc.", "")
@@ -88,13 +98,13 @@ def check_options(
 ) -> dict[str, Any]:
     """``options`` with every value converted to its parameter's type; unknown names refused.
 
-    ``owner`` names the method in messages. Values arrive JSON-decoded (numbers, strings, lists,
+    ``owner`` names the method (or domain: ``what``) in messages. Values arrive JSON-decoded (numbers, strings, lists,
     booleans), so an integer is accepted where a float is declared and a list where a sequence is.
     """
     unknown = [name for name in options if name not in specs]
     if unknown:
         known = "; ".join(spec.describe() for spec in specs.values()) or "none"
-        raise MethodOptionError(
+        raise OptionError(
             f"{what} '{owner}' has no option {', '.join(repr(n) for n in unknown)}; its options: {known}"
         )
     checked: dict[str, Any] = {}
@@ -103,7 +113,7 @@ def check_options(
         try:
             checked[name] = convert(value, annotation)
         except (TypeError, ValueError):
-            raise MethodOptionError(
+            raise OptionError(
                 f"{what} '{owner}': option '{name}' expects {type_name(annotation)}, got {value!r}"
             ) from None
     return checked

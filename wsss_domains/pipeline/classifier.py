@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wsss_domains.data.patches import pair
+from wsss_domains.domains import check_domain_options
 from wsss_domains.errors import UserError
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
 from wsss_domains.pipeline.data import open_dataset, resolve_device, validate_dataset
@@ -55,15 +57,19 @@ def train_classifier(
     split: str | None = None,
     dataset: str | None = None,
     settings: ClassifierSettings | None = None,
+    domain_options: Mapping[str, object] | None = None,
     demo: bool = False,
     log: bool = True,
 ) -> TrainedClassifier:
     """Train on ``split`` of the dataset at ``data``; everything goes to the run folder ``out``.
 
-    Re-running with the same ``out`` resumes from its last checkpoint.
+    ``domain_options`` build the domain plugin (e.g. ``{"stain": "macenko"}`` for histo); they are
+    checked first and recorded in ``run.json``, so later stages rebuild the same plugin. Re-running
+    with the same ``out`` resumes from its last checkpoint.
     """
     settings = settings or ClassifierSettings()
     settings.check()
+    domain_options = check_domain_options(domain, domain_options)
     if settings.image_size is not None and settings.image_size < 16:
         raise UserError(f"--image-size must be at least 16 pixels, got {settings.image_size}")
     device = resolve_device(settings.device)
@@ -72,6 +78,7 @@ def train_classifier(
         dataset,
         data,
         split,
+        domain_options=domain_options,
         labels_from_masks=settings.labels_from_masks,
         patch_size=settings.patch_size,
         random_patches=settings.random_patches if settings.labels_from_masks else None,
@@ -91,6 +98,7 @@ def train_classifier(
         dataset=opened.spec.name,
         classes=list(label_space.classes),
         foreground=list(label_space.foreground_names),
+        domain_options=domain_options,
         backbone=settings.backbone,
         weights=settings.weights,
         output_stride=settings.output_stride,
@@ -111,9 +119,10 @@ def train_classifier(
     )
     options = replace(settings, device=device)
     if log:
+        note = " (domain options: " + ", ".join(f"{k}={v}" for k, v in domain_options.items()) + ")"
         print(
             f"training {settings.backbone} ({settings.method}) on {opened.spec.name}/{opened.split}: "
-            f"{len(opened.dataset)} samples -> {out}"  # type: ignore[arg-type]
+            f"{len(opened.dataset)} samples{note if domain_options else ''} -> {out}"  # type: ignore[arg-type]
         )
     trainer = train(config, opened.domain, opened.dataset, Path(out), options)
     return TrainedClassifier(Path(out), config, trainer.is_global_zero)

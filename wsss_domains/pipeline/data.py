@@ -7,6 +7,7 @@ segmenter, prediction and evaluation all open their data through it, so they agr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
 
+from wsss_domains.data.large_images import large_image_file
 from wsss_domains.data.patches import PatchDataset, RandomPatchDataset
 from wsss_domains.data.splits import SplitRequest, parse_split, sample_ids
 from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, get_domain
@@ -43,18 +45,24 @@ def open_dataset(
     dataset_name: str | None,
     data: Path,
     split: str | None,
+    *,
+    domain_options: Mapping[str, object] | None = None,
     **options: object,
 ) -> OpenedData:
     """Resolve domain, loader (by name or by recognising the folder) and split; build the dataset.
 
-    ``random_patches=K`` with ``labels_from_masks`` draws K random windows per image instead of the
-    loader's fixed grid (see :class:`RandomPatchDataset`); meant for training.
+    ``domain_options`` build the domain plugin (``--domain-option``; a run records them), the other
+    ``options`` go to the loader. ``random_patches=K`` with ``labels_from_masks`` draws K random
+    windows per image instead of the loader's fixed grid (see :class:`RandomPatchDataset`); meant
+    for training.
     """
     random_patches = options.pop("random_patches", None)
     if random_patches and options.get("labels_from_masks"):
         options.pop("labels_from_masks")
         patch_size = options.pop("patch_size", None)
-        opened = open_dataset(domain_name, dataset_name, data, split, **options)
+        opened = open_dataset(
+            domain_name, dataset_name, data, split, domain_options=domain_options, **options
+        )
         opened.dataset = RandomPatchDataset(
             opened.dataset,
             opened.label_space,
@@ -62,7 +70,7 @@ def open_dataset(
             per_image=int(random_patches),  # type: ignore[call-overload]
         )
         return opened
-    domain = get_domain(domain_name)
+    domain = get_domain(domain_name, **(domain_options or {}))
     if not Path(data).exists():
         raise UserError(f"{data}: data folder does not exist")
     spec = domain.dataset(dataset_name) if dataset_name else domain.detect_dataset(Path(data))
@@ -93,21 +101,35 @@ def _sliced_dataset(spec: DatasetSpec, root: Path, request: SplitRequest, **opti
     return PatchDataset(subset, spec.label_space_for(root), patch_size or spec.patch_size)  # type: ignore[arg-type]
 
 
-def validate_dataset(dataset: Dataset, progress: bool = True, label_space: LabelSpace | None = None) -> None:
-    """Read every sample once so bad files fail before anything is written.
+def validate_dataset(
+    dataset: Dataset,
+    progress: bool = True,
+    label_space: LabelSpace | None = None,
+    max_image_pixels: int | None = None,
+) -> int:
+    """Read every sample once so bad files fail before anything is written; returns how many are large.
 
     With ``label_space``, label vectors of the wrong length are refused here too: later they would
     only surface as a shape error deep inside batching or after earlier images were written.
+    Images above ``max_image_pixels`` (processed window by window) are checked by their header
+    only, never decoded whole.
     """
     names = label_space.foreground_names if label_space is not None else ()
+    large_images = 0
     for i in tqdm(range(len(dataset)), desc="checking data", unit="img", disable=not progress, leave=False):  # type: ignore[arg-type]
-        sample = dataset[i]
+        large = large_image_file(dataset, i, max_image_pixels)
+        if large is not None:
+            large_images += 1
+            sample = {"id": large.id, "label": large.label} if large.label is not None else {}
+        else:
+            sample = dataset[i]
         label = sample.get("label")
         if label_space is not None and label is not None and label.numel() != len(names):
             raise UserError(
                 f"sample {sample['id']}: label vector has {label.numel()} entries, "
                 f"expected {len(names)} ({', '.join(names)})"
             )
+    return large_images
 
 
 def resolve_device(name: str) -> str:

@@ -18,9 +18,14 @@ def evaluate_split(
     pred: Path,
     progress: bool = True,
     dataset_options: Mapping[str, object] | None = None,
+    *,
+    domain_options: Mapping[str, object] | None = None,
 ) -> EvaluationReport:
-    """``dataset_options`` must match the ones the predictions were written with (same sample ids)."""
-    opened = open_dataset(domain, dataset, data, split, **(dataset_options or {}))
+    """``dataset_options`` must match the ones the predictions were written with (same sample ids);
+    ``domain_options`` build the domain plugin (whose exclude masks and metrics score the split)."""
+    opened = open_dataset(
+        domain, dataset, data, split, domain_options=domain_options, **(dataset_options or {})
+    )
     return evaluate_predictions(opened.domain, opened.label_space, opened.dataset, pred, progress=progress)
 
 

@@ -64,7 +64,13 @@ def predict_split(
     from wsss_domains.segmentation.writer import PixelsOnly
 
     def dataset_of(loaded: LoadedSegmenter) -> Dataset:
-        opened = open_dataset(loaded.config.domain, dataset or loaded.config.dataset, data, split)
+        opened = open_dataset(
+            loaded.config.domain,
+            dataset or loaded.config.dataset,
+            data,
+            split,
+            domain_options=loaded.config.domain_options,
+        )
         if list(opened.label_space.classes) != list(loaded.config.classes):
             raise UserError(
                 f"the segmenter predicts {loaded.config.classes}, but {opened.spec.name} has "

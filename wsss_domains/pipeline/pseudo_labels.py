@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from wsss_domains.cam.extract import DEFAULT_SCALES, CamExtractor
 from wsss_domains.data.io import DataError
+from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS
 from wsss_domains.data.patches import PatchDataset, pair
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
@@ -32,6 +33,16 @@ from wsss_domains.training.run import MODEL_FILE, RunConfig, load_run, run_label
 
 # Exported networks (ONNX) are cached in the run folder.
 RUNTIME_CACHE = "inference"
+
+
+def recorded_domain_options(config: RunConfig, domain_name: str | None = None) -> dict[str, object]:
+    """The run's domain options where ``domain_name`` is the run's domain (or None); else none.
+
+    A run's images must be prepared as in training (stain normalisation, ...), so the plugin is
+    rebuilt with the options ``run.json`` recorded; another domain's plugin would refuse them.
+    """
+    same = domain_name is None or domain_name == config.domain
+    return dict(config.domain_options) if same else {}
 
 
 def pseudo_label_split(
@@ -55,6 +66,7 @@ def pseudo_label_split(
     dataset_options: Mapping[str, object] | None = None,
     runtime: str = "auto",
     predicted_labels: bool = False,
+    max_image_pixels: int | None = LARGE_IMAGE_PIXELS,
 ) -> PseudoLabelSummary:
     """Pseudo-label every image of ``split`` with the run at ``run`` into PNGs in ``out``.
 
@@ -62,9 +74,17 @@ def pseudo_label_split(
     ``runtime``: where the CAM pass runs (``auto``: ONNX Runtime on the CPU, see
     :mod:`wsss_domains.models.runtime`). ``predicted_labels``: ignore the split's image-level labels
     and use the classifier's predictions (label-free pseudo-labels of unlabelled images).
+    ``max_image_pixels``: larger images are labelled window by window in bounded memory (None: never).
     """
     config, model, modules = load_run(run, device)
-    opened = open_dataset(domain_name or config.domain, dataset, data, split, **(dataset_options or {}))
+    opened = open_dataset(
+        domain_name or config.domain,
+        dataset,
+        data,
+        split,
+        domain_options=recorded_domain_options(config, domain_name),
+        **(dataset_options or {}),
+    )
     label_space = opened.label_space
     if list(label_space.foreground_names) != config.foreground:
         raise UserError(
@@ -72,7 +92,7 @@ def pseudo_label_split(
             f"{list(label_space.foreground_names)}"
         )
     # Bad files fail here, before the first pseudo-label is written.
-    validate_dataset(opened.dataset, progress, label_space)
+    large_images = validate_dataset(opened.dataset, progress, label_space, max_image_pixels)
     name = method_name or config.method
     merged = {**(config.method_options if name == config.method else {}), **(options or {})}
     method = create_method(name, **merged)
@@ -81,7 +101,10 @@ def pseudo_label_split(
     extractor = method.extractor(
         model, modules, scales=scales, flip=flip, base_scale=config.base_scale, normalization=cam_norm
     )
-    extractor.use_runtime(resolve_runtime(runtime, device), cache=Path(run) / RUNTIME_CACHE)
+    # ONNX Runtime's arena keeps its largest allocation: faster, but unbounded for large images' windows.
+    extractor.use_runtime(
+        resolve_runtime(runtime, device), cache=Path(run) / RUNTIME_CACHE, arena=large_images == 0
+    )
     fit_on_training_split(method, config, run, extractor, opened.domain, label_space, progress)
     options = PseudoLabelOptions(
         label_source="predicted" if predicted_labels else "masks" if labels_from_masks else "auto",
@@ -90,9 +113,19 @@ def pseudo_label_split(
         overlays=overlays,
         device=device,
         progress=progress,
+        max_image_pixels=max_image_pixels,
     )
     return write_pseudo_labels(
-        opened.dataset, extractor, method, opened.domain, label_space, config.mean, config.std, out, options
+        opened.dataset,
+        extractor,
+        method,
+        opened.domain,
+        label_space,
+        config.mean,
+        config.std,
+        out,
+        options,
+        config=config,
     )
 
 
@@ -127,6 +160,7 @@ def fit_on_training_split(
         config.dataset,
         Path(config.data),
         config.split,
+        domain_options=config.domain_options,
         labels_from_masks=config.labels_from_masks,
         patch_size=tuple(config.patch_size) if config.patch_size else None,
     )
@@ -160,7 +194,13 @@ def _window_factory(config: RunConfig) -> Callable[[], Dataset]:
     """The run's annotated training images as overlapping mask-labelled windows of its patch size."""
 
     def build() -> Dataset:
-        opened = open_dataset(config.domain, config.dataset, Path(config.data), config.split)
+        opened = open_dataset(
+            config.domain,
+            config.dataset,
+            Path(config.data),
+            config.split,
+            domain_options=config.domain_options,
+        )
         patch = pair(tuple(config.patch_size))  # type: ignore[arg-type]
         stride = (max(1, patch[0] // 4), max(1, patch[1] // 4))
         return PatchDataset(opened.dataset, opened.label_space, patch, stride=stride)
@@ -249,11 +289,16 @@ def pseudo_label_and_score(
         **options,
     )
     seconds = time.perf_counter() - start
+    domain_options = recorded_domain_options(RunConfig.load(run), domain_name)
     if score is None:
-        opened = open_dataset(domain_name, dataset, data, split, **dict(dataset_options or {}))
+        opened = open_dataset(
+            domain_name, dataset, data, split, domain_options=domain_options, **dict(dataset_options or {})
+        )
         score = len(opened.dataset) > 0 and "mask" in opened.dataset[0]  # type: ignore[arg-type]
     if not score:
         return ScoredPseudoLabels(summary, None, seconds)
     start = time.perf_counter()
-    report = evaluate_split(domain_name, dataset, data, split, out, progress, dataset_options)
+    report = evaluate_split(
+        domain_name, dataset, data, split, out, progress, dataset_options, domain_options=domain_options
+    )
     return ScoredPseudoLabels(summary, report, seconds, time.perf_counter() - start)

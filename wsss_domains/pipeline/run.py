@@ -26,12 +26,13 @@ Every stage resumes: re-running into the same ``out`` continues where a killed r
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from wsss_domains.cam.extract import DEFAULT_SCALES
-from wsss_domains.domains import Recipe, get_domain
+from wsss_domains.domains import Recipe, check_domain_options, get_domain
 from wsss_domains.evaluation import EvaluationReport
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 from wsss_domains.pipeline.data import open_dataset, resolve_device
@@ -102,12 +103,18 @@ def run_pipeline(
     test_split: str,
     dataset: str | None = None,
     settings: RunSettings | None = None,
+    domain_options: Mapping[str, object] | None = None,
     log: Any = print,
 ) -> RunReport:
-    """Run every stage on ``data`` (train on ``train_split``, segment ``test_split``) into ``out``."""
+    """Run every stage on ``data`` (train on ``train_split``, segment ``test_split``) into ``out``.
+
+    ``domain_options`` build the domain plugin; checked before any work, recorded in the classifier
+    run (and the report), and so reused by every later stage.
+    """
     settings = settings or RunSettings()
     out = Path(out)
-    plugin = get_domain(domain)
+    domain_options = check_domain_options(domain, domain_options)
+    plugin = get_domain(domain, **domain_options)
     spec = plugin.dataset(dataset) if dataset else plugin.detect_dataset(Path(data))
     recipe: Recipe = plugin.recipe(spec.name)
     method = settings.method or recipe.method
@@ -136,6 +143,7 @@ def run_pipeline(
             "segmenter": asdict(segmenter),
             "scales": list(settings.scales),
             "inference": asdict(inference),
+            "domain_options": domain_options,
         },
     )
     progress = settings.progress
@@ -152,7 +160,13 @@ def run_pipeline(
         "classifier",
         run_dir,
         lambda: train_classifier(
-            domain, data, run_dir, split=train_split, dataset=spec.name, settings=classifier
+            domain,
+            data,
+            run_dir,
+            split=train_split,
+            dataset=spec.name,
+            settings=classifier,
+            domain_options=domain_options,
         ),
     )
     if not trained.is_global_zero:
@@ -193,7 +207,7 @@ def run_pipeline(
         note=f"method {method}, {granularity}",
     )
     report.stages[-1].evaluation = None if scored.report is None else scored.report.to_dict()
-    test_opened = open_dataset(domain, spec.name, data, test_split)
+    test_opened = open_dataset(domain, spec.name, data, test_split, domain_options=domain_options)
     test_masks = _has_masks(test_opened.dataset)
     if settings.test_pseudo_labels and test_masks:
         test_pl = out / "pseudo-labels" / "test"
@@ -248,7 +262,7 @@ def run_pipeline(
     )
     if test_masks:
         report.stages[-1].evaluation = evaluate_split(
-            domain, spec.name, data, test_split, predictions, progress
+            domain, spec.name, data, test_split, predictions, progress, domain_options=domain_options
         ).to_dict()
     if settings.test_pseudo_labels and test_masks:
         label_free = out / "pseudo-labels" / "test-predicted-labels"

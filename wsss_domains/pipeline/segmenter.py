@@ -75,8 +75,9 @@ def fit_segmenter(
 ) -> SegmenterConfig:
     """Train a segmenter on the pseudo-labels ``pseudo_labels`` of ``split``; saved in ``out``.
 
-    ``run`` is the classifier run the pseudo-labels came from: it gives the domain, the label space,
-    the default encoder and crop size. ``dataset_options`` must be those the pseudo-labels were
+    ``run`` is the classifier run the pseudo-labels came from: it gives the domain (with its
+    recorded options, which the segmenter records in turn), the label space, the default encoder
+    and crop size. ``dataset_options`` must be those the pseudo-labels were
     written with (``--tiles``), so sample ids match. ``val_split``: an annotated split of the same
     data scored every epoch for monitoring (``val/miou``); nothing is chosen by it. Re-running into
     ``out`` resumes.
@@ -85,7 +86,12 @@ def fit_segmenter(
     settings.check()
     config_run = RunConfig.load(run)
     opened = open_dataset(
-        config_run.domain, dataset or config_run.dataset, data, split, **dict(dataset_options or {})
+        config_run.domain,
+        dataset or config_run.dataset,
+        data,
+        split,
+        domain_options=config_run.domain_options,
+        **dict(dataset_options or {}),
     )
     label_space = opened.label_space
     if list(label_space.foreground_names) != config_run.foreground:
@@ -100,6 +106,7 @@ def fit_segmenter(
         domain=config_run.domain,
         dataset=opened.spec.name,
         classes=list(label_space.classes),
+        domain_options=dict(config_run.domain_options),
         arch=settings.arch or DEFAULT_ARCH,
         encoder=settings.encoder or config_run.backbone,
         weights=settings.weights,
@@ -121,7 +128,9 @@ def fit_segmenter(
         )
     validation = None
     if val_split is not None:
-        validation = open_dataset(config_run.domain, opened.spec.name, data, val_split).dataset
+        validation = open_dataset(
+            config_run.domain, opened.spec.name, data, val_split, domain_options=config_run.domain_options
+        ).dataset
     train_segmenter(
         config,
         opened.domain,

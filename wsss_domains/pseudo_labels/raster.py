@@ -14,11 +14,13 @@ image. Over a raster seen window by window that maximum is known only once every
 seen, hence two modes:
 
 * ``"global"`` (default): a first pass computes the same maps on the same windows and keeps only
-  the per-class maxima over the cores (K numbers); the second pass recomputes the maps and divides
-  by them. Every window has the same divisor, so normalisation adds no jump at a seam: labels
+  the per-class maxima over the cores (K numbers); the second pass divides the same maps by
+  them, read back from disk where they fit (:class:`MapCache`, ``map_cache_gb``), else recomputed. Every window has the same divisor, so normalisation adds no jump at a seam: labels
   change across a seam only where the raw maps of the two contexts differ (see Margin). Wherever
   the raw maps do not depend on the windowing, the result equals the whole-image pseudo-label
-  computed in memory (the tests check this exactly on a pixel-wise model). Cost: CAMs twice.
+  computed in memory (the tests check this exactly on a pixel-wise model). Cost: the CAMs once
+  and ``K x context`` float32 values a window written to disk and read back (CAMs twice where the
+  disk budget is too small).
 * ``"window"``: each window's maps are divided by their own maximum over its context; one pass.
   The divisor then jumps at every seam: a class barely present in one window is stretched to 1
   there and wins pixels it loses in the next window (with a threshold background, foreground
@@ -28,7 +30,7 @@ seen, hence two modes:
 the map. Measured: with a tiny CNN it agrees with the whole-image labels on 98 % of the pixels
 against 90 % per window (tests), and across the window seams of the benchmark's 4096² raster its
 labels change at 41.0 % of pixel pairs against 44.9 % per window (random head; see Margin for
-why both are high). ``"window"`` halves the time. Both concern the classic max normalisation; with
+why both are high). ``"window"`` writes no maps to disk. Both concern the classic max normalisation; with
 ``cam_norm="sigmoid"`` (a sigmoid of the averaged pixel logits) nothing depends on other windows
 and one pass suffices in either mode.
 
@@ -72,6 +74,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -142,6 +145,8 @@ class RasterOptions:
     cam_norm: str = "max"
     bg_threshold: float | None = None
     labels_per_window: bool = False
+    # Disk the first pass may fill with raw maps so the second need not recompute them (see MapCache).
+    map_cache_gb: float = 8.0
     overview: Path | None = None
     overview_size: int = OVERVIEW_SIZE
     compress: str = "deflate"
@@ -164,6 +169,8 @@ class RasterOptions:
             )
         if not self.scales or min(self.scales) <= 0:
             raise ValueError(f"scales must be positive numbers, got {self.scales}")
+        if self.map_cache_gb < 0:
+            raise ValueError(f"map_cache_gb must be >= 0, got {self.map_cache_gb}")
         if self.overview_size < 1:
             raise ValueError(f"overview_size must be positive, got {self.overview_size}")
 
@@ -230,6 +237,55 @@ def mask_code(info: RasterInfo, label_space: LabelSpace) -> MaskCode:
     return IdCode.identity(label_space.num_classes, label_space.ignore_index)
 
 
+class MapCache:
+    """The first pass's raw context maps on disk, so that the second pass reads them back.
+
+    Global normalisation needs every window's maps twice: for the per-class maxima, then for the
+    labels. Kept as float32 ``.npy`` files (``K x context`` pixels each, 4 bytes a value) they are
+    read back bit for bit, which halves the time; a window's file is deleted once its labels are
+    written. The folder is named after the job's fingerprint, so a resumed job reuses only maps of
+    the same inputs.
+    """
+
+    def __init__(self, out: Path, fingerprint: str) -> None:
+        self.folder = out.with_name(f".{out.name}.maps-{fingerprint[:16]}")
+        for other in out.parent.glob(f".{out.name}.maps-*"):
+            if other != self.folder:
+                shutil.rmtree(other, ignore_errors=True)
+
+    @staticmethod
+    def fits(plan: Sequence[WindowPair], k: int, out: Path, budget_gb: float) -> bool:
+        """Whether every window's maps fit within ``budget_gb`` and half the free disk."""
+        context = plan[0].context
+        need = len(plan) * k * context.height * context.width * 4
+        free = shutil.disk_usage(out.parent).free
+        return need <= budget_gb * 1e9 and 2 * need <= free
+
+    def _path(self, index: int) -> Path:
+        return self.folder / f"{index}.npy"
+
+    def save(self, index: int, maps: Tensor) -> None:
+        self.folder.mkdir(exist_ok=True)
+        array = maps.float().cpu().numpy()
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, array)
+
+        atomic_write(self._path(index), write)
+
+    def load(self, index: int) -> Tensor | None:
+        path = self._path(index)
+        return torch.from_numpy(np.load(path)) if path.is_file() else None
+
+    def drop(self, indices: Sequence[int]) -> None:
+        for index in indices:
+            self._path(index).unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 class _Job:
     """One raster, one run: reads a window, computes its maps, labels its core."""
 
@@ -255,6 +311,7 @@ class _Job:
         self.options = options
         self.bg = bg_threshold
         self.k = len(label_space.foreground)
+        self.cache: MapCache | None = None
 
     def read(self, window: TileWindow) -> tuple[Tensor, Tensor, Tensor | None]:
         """Raw ``3 x h x w`` in [0, 1], normalised network input, no-data (or None)."""
@@ -296,14 +353,15 @@ class _Job:
         return torch.from_numpy((counts[list(self.label_space.foreground)] >= 1).astype(np.float32))
 
     def labels(
-        self, pair: WindowPair, present: Tensor | None, maxima: Tensor | None
+        self, pair: WindowPair, present: Tensor | None, maxima: Tensor | None, maps: Tensor | None = None
     ) -> tuple[np.ndarray, Tensor]:
-        """Class ids of a core (uint8) and the labels used for it."""
+        """Class ids of a core (uint8) and the labels used for it; ``maps``: its raw maps, if known."""
         raw, x, nodata = self.read(pair.context)
         if maxima is None:  # the extractor's own normalisation, over this context
             cams = self.extractor(x)
         else:
-            cams = self.raw_maps(x) / maxima.to(x.device).clamp_min(EPS)[:, None, None]
+            maps = self.raw_maps(x) if maps is None else maps.to(x.device)
+            cams = maps / maxima.to(x.device).clamp_min(EPS)[:, None, None]
             # Only the margin can pass 1: its maps came from another context than its own core's.
             cams = cams.clamp_max(1.0)
         if present is None:
@@ -331,17 +389,23 @@ def pseudo_label_raster(
     out: Path | str,
     *,
     modules: nn.ModuleDict | None = None,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str] | Tensor | None = None,
     mask: Path | str | None = None,
     options: RasterOptions | None = None,
+    extractor: CamExtractor | None = None,
 ) -> RasterSummary:
     """Pseudo-label ``raster`` with a trained run into a single-band uint8 palette GeoTIFF ``out``.
 
-    ``labels``: the raster's class names; else ``mask``, a mask raster of the same size; else the
-    classifier's predictions (see the module docstring). No-data pixels get the ignore index.
+    ``labels``: the raster's class names (or their multi-hot vector); else ``mask``, a mask raster
+    of the same size; else the classifier's predictions (see the module docstring). No-data pixels
+    get the ignore index. ``extractor``: a CAM extractor already built (and perhaps running in ONNX
+    Runtime); its scales, flip and normalisation replace those of ``options``.
     """
     started = time.monotonic()
     options = options or RasterOptions()
+    if extractor is not None:
+        options.scales, options.flip = extractor.scales, extractor.flip
+        options.cam_norm = extractor.normalization
     options.check()
     out = Path(out)
     if labels is not None and mask is not None:
@@ -359,21 +423,33 @@ def pseudo_label_raster(
                 raise DataError(
                     mask, f"mask size {mask_raster.info.size} does not match raster size {image.info.size}"
                 )
-        given = None if labels is None else labels_from_names(labels, label_space)
+        given = (
+            labels.float().cpu()
+            if isinstance(labels, Tensor)
+            else None
+            if labels is None
+            else labels_from_names(labels, label_space)
+        )
+        if given is not None and given.numel() != len(label_space.foreground):
+            raise ValueError(
+                f"{given.numel()} labels given, the run has {len(label_space.foreground)} classes "
+                f"({', '.join(label_space.foreground_names)})"
+            )
         bg = options.bg_threshold
         if label_space.background_mode is BackgroundMode.THRESHOLD and bg is None:
             bg = domain.background_threshold(label_space)
         plan = plan_windows(*image.info.size, options.window, options.margin)
         span = max(plan[0].context.height, plan[0].context.width)
-        extractor = method.extractor(
-            model,
-            modules if modules is not None else nn.ModuleDict(),
-            scales=options.scales,
-            flip=options.flip,
-            base_scale=config.base_scale,
-            normalization=options.cam_norm,
-            tile_size=max(span, 1024),  # no tiling inside a context at scale 1
-        )
+        if extractor is None:
+            extractor = method.extractor(
+                model,
+                modules if modules is not None else nn.ModuleDict(),
+                scales=options.scales,
+                flip=options.flip,
+                base_scale=config.base_scale,
+                normalization=options.cam_norm,
+                tile_size=max(span, 1024),  # no tiling inside a context at scale 1
+            )
         method.setup(domain, config.mean, config.std)
         job = _Job(config, extractor, method, domain, label_space, image, mask_raster, options, bg)
         summary = RasterSummary(
@@ -404,6 +480,13 @@ def pseudo_label_raster(
             return finished
         out.parent.mkdir(parents=True, exist_ok=True)
         progress = load_progress(progress_path, summary.fingerprint) if options.resume else None
+        if options.normalization == "global" and options.cam_norm == "max":
+            job.cache = MapCache(out, summary.fingerprint)
+            if not options.resume:
+                job.cache.remove()
+            if not MapCache.fits(plan, job.k, out, options.map_cache_gb):
+                job.cache.remove()
+                job.cache = None
         state = _first_pass(job, plan, given, progress_path, summary.fingerprint, progress)
         labelfile, crs = label_file(
             tmp,
@@ -435,6 +518,8 @@ def pseudo_label_raster(
         os.replace(tmp, out)
         atomic_write(summary_path, lambda p: p.write_text(text))
         progress_path.unlink(missing_ok=True)
+        if job.cache is not None:
+            job.cache.remove()
         return summary
 
 
@@ -456,7 +541,8 @@ def _second_pass(
     try:
         for row in rows_of_windows(plan, todo):
             for i in row:
-                ids, used = job.labels(plan[i], present, maxima)
+                maps = job.cache.load(i) if job.cache is not None and maxima is not None else None
+                ids, used = job.labels(plan[i], present, maxima, maps)
                 labelfile.write(ids, plan[i].core)
                 union = torch.maximum(union, used)
                 done.add(i)
@@ -464,6 +550,8 @@ def _second_pass(
             labelfile.checkpoint()
             state["union"] = union.tolist()
             save_progress(progress_path, fingerprint, state, second=sorted(done))
+            if job.cache is not None:
+                job.cache.drop(row)
     finally:
         bar.close()
         labelfile.close()
@@ -541,8 +629,12 @@ def _first_pass(
                 if need_maxima or need_predictions:
                     _, x, _ = job.read(pair.context)
                     if need_maxima:
-                        peak = job.raw_maps(x, pair).flatten(1).amax(dim=1).cpu()
+                        maps = job.raw_maps(x)
+                        rows, cols = pair.crop
+                        peak = maps[:, rows, cols].flatten(1).amax(dim=1).cpu()
                         state["maxima"] = torch.maximum(torch.tensor(state["maxima"]), peak).tolist()
+                        if job.cache is not None:
+                            job.cache.save(i, maps)
                     if need_predictions:
                         union = torch.maximum(torch.tensor(state["predicted"]), job.predict(x, pair))
                         state["predicted"] = union.tolist()

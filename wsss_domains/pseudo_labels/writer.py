@@ -2,10 +2,16 @@
 
 Each image's label PNG is written last and atomically, so its presence marks the image done: a
 re-run skips finished images and a killed run resumes where it stopped, with no half-written file.
+
+Images above ``max_image_pixels`` (where the loader can name their files, see
+:mod:`wsss_domains.data.large_images`) are labelled window by window by the raster engine, so
+memory depends on the window, not on the image; their overlay is a downsampled label picture and
+their raw CAMs are not saved (they would be as large as the problem).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,13 +23,24 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
-from wsss_domains.data.io import atomic_write, output_folder, save_palette_png
+from wsss_domains.data.io import DataError, atomic_write, output_folder, save_palette_png
+from wsss_domains.data.large_images import (
+    LARGE_IMAGE_PIXELS,
+    SCRATCH_FOLDER,
+    WINDOW_TILE_SIZE,
+    ImageFile,
+    geotiff_to_png,
+    large_image_file,
+    remove_scratch,
+    stage_image,
+)
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.evaluate import pred_filename
 from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits
 from wsss_domains.pseudo_labels.overlay import render_overlay, save_overlay
 from wsss_domains.training.data import normalize
+from wsss_domains.training.run import RunConfig
 
 SUMMARY_FILE = "pseudo-labels.json"
 
@@ -37,6 +54,11 @@ class PseudoLabelOptions:
     max_overlays: int | None = 200
     device: str = "cpu"
     progress: bool = True
+    # Larger images go window by window (None: never); needs the run's config, see write_pseudo_labels.
+    max_image_pixels: int | None = LARGE_IMAGE_PIXELS
+    # Their windows' side and context margin (the raster engine's defaults, 1024 and 128).
+    window: int | None = None
+    margin: int | None = None
 
 
 @dataclass
@@ -48,6 +70,7 @@ class PseudoLabelSummary:
     predicted_label_images: int = 0
     bg_threshold: float | None = None
     files: list[str] = field(default_factory=list)
+    windowed: list[str] = field(default_factory=list)  # images labelled window by window
 
 
 def image_labels(sample: Sample, label_space: LabelSpace, source: str) -> Tensor | None:
@@ -74,8 +97,13 @@ def write_pseudo_labels(
     std: tuple[float, ...],
     out: Path,
     options: PseudoLabelOptions,
+    config: RunConfig | None = None,
 ) -> PseudoLabelSummary:
-    """Pseudo-label every sample not yet done in ``out`` (a killed job resumes where it stopped)."""
+    """Pseudo-label every sample not yet done in ``out`` (a killed job resumes where it stopped).
+
+    ``config``: the run's configuration, which the window-by-window path of large images needs;
+    without it every image is labelled whole.
+    """
     with output_folder(out) as out:
         method.setup(domain, mean, std)
         bg = options.bg_threshold
@@ -86,7 +114,21 @@ def write_pseudo_labels(
         n = len(dataset)  # type: ignore[arg-type]
         if n == 0:
             raise ValueError("the split holds no images")
+        limit = options.max_image_pixels if config is not None else None
         for index in tqdm(range(n), desc="pseudo-labels", unit="img", disable=not options.progress):
+            large = large_image_file(dataset, index, limit)
+            if large is not None:
+                assert config is not None
+                name = pred_filename(large.id)
+                summary.files.append(name)
+                summary.windowed.append(name)
+                if (out / name).is_file():
+                    summary.skipped += 1
+                    continue
+                predicted = _label_large_image(large, config, extractor, method, out / name, bg, options)
+                summary.predicted_label_images += predicted
+                summary.written += 1
+                continue
             sample: Sample = dataset[index]
             name = pred_filename(sample["id"])
             label_path = out / name
@@ -153,3 +195,58 @@ def write_pseudo_labels(
         text = json.dumps(asdict(summary) | {"files": len(summary.files)}, indent=2)
         atomic_write(out / SUMMARY_FILE, lambda tmp: tmp.write_text(text))
         return summary
+
+
+def _label_large_image(
+    file: ImageFile,
+    config: RunConfig,
+    extractor: CamExtractor,
+    method: Method,
+    label_path: Path,
+    bg: float | None,
+    options: PseudoLabelOptions,
+) -> bool:
+    """One image above the size limit, window by window, into its palette PNG; True if labels were predicted.
+
+    The image is staged as a tiled GeoTIFF where its format cannot read windows, labelled by the
+    raster engine into a GeoTIFF beside the output (resumable), then streamed into the PNG.
+    """
+    from wsss_domains.pseudo_labels.raster import RasterOptions, pseudo_label_raster
+
+    label, mask = file.label, None
+    if options.label_source == "predicted":
+        label = None
+    elif options.label_source == "masks" or label is None:
+        if file.mask is None:
+            raise DataError(file.path, "no image-level label and no mask to derive one from")
+        label, mask = None, file.mask
+    scratch = label_path.parent / SCRATCH_FOLDER
+    staged = stage_image(file.path, scratch)
+    tif = scratch / f"{label_path.stem}.tif"
+    overview = None
+    if options.overlays:
+        overview = label_path.parent / "overlays" / label_path.name
+        overview.parent.mkdir(parents=True, exist_ok=True)
+    raster_options = RasterOptions(
+        bg_threshold=bg, overview=overview, device=options.device, progress=options.progress
+    )
+    if options.window is not None:
+        raster_options.window = options.window
+    if options.margin is not None:
+        raster_options.margin = options.margin
+    windowed = copy.copy(extractor)
+    windowed.tile_size = min(extractor.tile_size, WINDOW_TILE_SIZE)
+    pseudo_label_raster(
+        config,
+        extractor.model,
+        method,
+        staged,
+        tif,
+        labels=label,
+        mask=mask,
+        options=raster_options,
+        extractor=windowed,
+    )
+    atomic_write(label_path, lambda tmp: geotiff_to_png(tif, tmp))
+    remove_scratch(file.path, staged, tif)
+    return label is None and mask is None

@@ -40,6 +40,9 @@ class SegmenterConfig:
     domain: str
     dataset: str
     classes: list[str]  # every class of the label space: the network's output channels
+    # The domain plugin's options, copied from the classifier run: predict rebuilds the plugin with
+    # them so images are prepared as in training. Absent from older segmenter.json: none.
+    domain_options: dict[str, object] = field(default_factory=dict)
     arch: str = DEFAULT_ARCH
     encoder: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
@@ -75,7 +78,9 @@ class SegmenterConfig:
         """The domain and label space the segmenter predicts (classes checked against the domain's)."""
         from wsss_domains.domains.registry import recorded_label_space
 
-        domain, label_space = recorded_label_space(self.domain, self.dataset, self.data, "the segmenter")
+        domain, label_space = recorded_label_space(
+            self.domain, self.dataset, self.data, "the segmenter", self.domain_options
+        )
         if list(label_space.classes) != list(self.classes):
             raise UserError(
                 f"the segmenter predicts classes {self.classes}, but {self.dataset} has {list(label_space.classes)}"

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -22,11 +22,24 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from wsss_domains.data.io import DataError, atomic_write, output_folder, read_rgb, save_palette_png
+from wsss_domains.data.large_images import (
+    LARGE_IMAGE_PIXELS,
+    SCRATCH_FOLDER,
+    ImageFile,
+    geotiff_to_png,
+    image_file_of,
+    large_image_file,
+    remove_scratch,
+    stage_image,
+)
 from wsss_domains.data.splits import sample_ids
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.evaluate import pred_filename
 from wsss_domains.pseudo_labels.overlay import render_overlay, save_overlay
 from wsss_domains.segmentation.inference import SegmenterPredictor
+
+if TYPE_CHECKING:
+    from wsss_domains.segmentation.raster import WindowedOptions
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 SUMMARY_FILE = "predictions.json"
@@ -57,6 +70,9 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> Sample:
         return {"image": read_rgb(self.files[index]), "id": self.ids[index]}
 
+    def image_file(self, index: int) -> ImageFile:
+        return ImageFile(self.ids[index], self.files[index])
+
 
 class PixelsOnly(Dataset):
     """The pixels and id of each sample of ``base``: labels, masks and exclude masks are dropped."""
@@ -72,6 +88,10 @@ class PixelsOnly(Dataset):
         sample = self.base[index]
         return {"image": sample["image"], "id": sample["id"]}
 
+    def image_file(self, index: int) -> ImageFile | None:
+        file = image_file_of(self.base, index)
+        return None if file is None else ImageFile(file.id, file.path)
+
 
 @dataclass
 class PredictionSummary:
@@ -80,6 +100,7 @@ class PredictionSummary:
     skipped: int = 0
     model: str = ""
     options: dict[str, Any] | None = None
+    windowed: list[str] = field(default_factory=list)  # images segmented window by window
 
 
 class PredictTask(L.LightningModule):
@@ -165,13 +186,28 @@ def predict_images(
     overlays: int = MAX_OVERLAYS,
     progress: bool = True,
     model_name: str = "",
+    max_image_pixels: int | None = LARGE_IMAGE_PIXELS,
+    windowed: WindowedOptions | None = None,
 ) -> PredictionSummary:
-    """Predict every image of ``dataset`` not yet predicted in ``out``; returns what was done."""
+    """Predict every image of ``dataset`` not yet predicted in ``out``; returns what was done.
+
+    Images above ``max_image_pixels`` whose files the dataset can name are segmented window by
+    window (memory bounded by the window) before the others, in this process; with ``devices > 1``
+    every image goes through the sharded loop whole. ``windowed``: their window and margin.
+    """
     with output_folder(out) as out:
         ids = sample_ids(dataset)
         todo = [i for i, sample_id in enumerate(ids) if not (out / pred_filename(sample_id)).is_file()]
         summary = PredictionSummary(str(out), skipped=len(ids) - len(todo), model=model_name)
         summary.options = {k: v for k, v in asdict(predictor.options).items() if k != "device"}
+        if devices == 1:
+            for i in list(todo):
+                file = large_image_file(dataset, i, max_image_pixels)
+                if file is not None:
+                    png = out / pred_filename(ids[i])
+                    predict_large_image(predictor, domain, label_space, file, png, progress, windowed)
+                    summary.windowed.append(pred_filename(ids[i]))
+                    todo.remove(i)
         if todo:
             trainer = predict_trainer(predictor, devices, strategy, progress)
             loader = DataLoader(
@@ -227,3 +263,24 @@ def shard_items(
     trainer = predict_trainer(predictor, devices, strategy, progress=False)
     loader = DataLoader(_Items(items), batch_size=1, collate_fn=list)
     return trainer.predict(_ItemTask(predictor, work), loader) or []  # type: ignore[return-value]
+
+
+def predict_large_image(
+    predictor: SegmenterPredictor,
+    domain: DomainPlugin,
+    label_space: LabelSpace,
+    file: ImageFile,
+    png: Path,
+    progress: bool,
+    windowed: WindowedOptions | None = None,
+) -> None:
+    """One image above the size limit, window by window as a raster, into its palette PNG."""
+    from wsss_domains.segmentation.raster import RasterSource, WindowedOptions, predict_windows
+
+    scratch = png.parent / SCRATCH_FOLDER
+    staged = stage_image(file.path, scratch)
+    tif = scratch / f"{png.stem}.tif"
+    options = replace(windowed or WindowedOptions(), pyramid=False, overview=None, progress=progress)
+    predict_windows(predictor, domain, label_space, RasterSource(staged), tif, options)
+    atomic_write(png, lambda tmp: geotiff_to_png(tif, tmp))
+    remove_scratch(file.path, staged, tif)

@@ -30,6 +30,9 @@ class RunConfig:
     dataset: str
     classes: list[str]
     foreground: list[str]
+    # The domain plugin's options (``--domain-option``): every stage that reloads the run rebuilds
+    # the plugin with them, so its preprocessing matches training. Absent from older run.json: none.
+    domain_options: dict[str, object] = field(default_factory=dict)
     backbone: str = DEFAULT_BACKBONE
     weights: str = "imagenet"
     output_stride: int = 16
@@ -69,7 +72,7 @@ class RunConfig:
 
 
 def run_label_space(config: RunConfig) -> tuple[DomainPlugin, LabelSpace]:
-    """The domain and label space a run was trained in, without opening its data set.
+    """The domain (with the run's options) and label space a run was trained in, without its data set.
 
     Pseudo-labelling a raster has no data folder to recognise, so the classes come from the run's
     ``domain`` and ``dataset``; a dataset that declares its classes in its data folder still needs
@@ -77,7 +80,9 @@ def run_label_space(config: RunConfig) -> tuple[DomainPlugin, LabelSpace]:
     """
     from wsss_domains.domains.registry import recorded_label_space
 
-    domain, label_space = recorded_label_space(config.domain, config.dataset, config.data)
+    domain, label_space = recorded_label_space(
+        config.domain, config.dataset, config.data, domain_options=config.domain_options
+    )
     if list(label_space.foreground_names) != list(config.foreground):
         raise ValueError(
             f"the run was trained on classes {config.foreground}, but {config.dataset} has "
