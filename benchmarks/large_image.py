@@ -36,14 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from raster_windowed import GEN_WINDOW, Texture, cpu_model
-from torch import nn
-
-from wsss_domains.training.run import RunConfig, build_model, save_model
+from raster_windowed import CLASSES, GEN_WINDOW, Texture, build_run, cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "large_image.md"
-CLASSES = ("urban", "agriculture", "rangeland", "forest", "water", "barren")
 GB = 1e9
 
 
@@ -59,25 +55,6 @@ def write_dataset(folder: Path, size: int, seed: int) -> Path:
             h, w = min(GEN_WINDOW, size - row), min(GEN_WINDOW, size - col)
             pixels[row : row + h, col : col + w] = texture.window(row, col, h, w).transpose(1, 2, 0)
     Image.fromarray(pixels).save(folder / "images" / "scene.png", compress_level=1)
-    return folder
-
-
-def build_run(folder: Path, data: Path) -> Path:
-    """A run folder as ``train`` on ``data`` leaves it for the folder loader, Lite0 with a random head."""
-    config = RunConfig(
-        domain="custom",
-        dataset="folder",
-        classes=list(CLASSES),
-        foreground=list(CLASSES),
-        weights="imagenet",
-        data=str(data),
-        split="all",
-    )
-    torch.manual_seed(0)
-    model = build_model(config)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.save(folder)
-    save_model(model, nn.ModuleDict(), folder)
     return folder
 
 
@@ -128,7 +105,7 @@ def main() -> None:
         if not (data / "images" / "scene.png").is_file():
             print(f"writing a {size}² PNG ...", flush=True)
             write_dataset(data, size, seed=size)
-    run = build_run(work / "run", work / "data-256")
+    run = build_run(work / "run", "custom", "folder", work / "data-256")
     load_before = os.getloadavg()[0]
     figures: dict[int, tuple[float, int]] = {}
     command = ""

@@ -144,14 +144,21 @@ def write_raster(path: Path, size: int, seed: int) -> Path:
     return path
 
 
-def build_run(folder: Path) -> Path:
-    """A run folder as ``train`` leaves it, with ImageNet Lite0 and a seeded random 6-class head."""
+def build_run(
+    folder: Path, domain: str = "remote-sensing", dataset: str = "deepglobe", data: Path | None = None
+) -> Path:
+    """A run folder as ``train`` leaves it, with ImageNet Lite0 and a seeded random 6-class head.
+
+    ``data``: the training folder the run records (needed where the loader's classes live there).
+    """
     config = RunConfig(
-        domain="remote-sensing",
-        dataset="deepglobe",
+        domain=domain,
+        dataset=dataset,
         classes=list(CLASSES),
         foreground=list(CLASSES),
         weights="imagenet",
+        data=None if data is None else str(data),
+        split=None if data is None else "all",
     )
     torch.manual_seed(0)
     model = build_model(config)

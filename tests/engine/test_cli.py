@@ -11,16 +11,16 @@ import fakes
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_one_error, cli
 from PIL import Image
 
 # Imported here, not first inside a capsys test: Lightning's log handler keeps the stderr it sees first.
 import wsss_domains.training.fit  # noqa: F401
-from wsss_domains.cli import EXIT_USAGE, main
+from wsss_domains.cli import main
 from wsss_domains.data.io import read_index_mask
 
 FAST = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32", "--batch-size", "2"]
 FAST += ["--max-steps", "2", "--device", "cpu", "--no-progress"]
-ERROR = "wsss-domains: error: "
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,23 +42,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run = root.parent / "run"
     assert main(["train", "--domain", fakes.FAKE_DOMAIN, "--data", str(root), "--out", str(run), *FAST]) == 0
     return root, run
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_error(code: int, err: str, *fragments: str) -> str:
-    """Exit code 2, one error line holding every fragment, no traceback."""
-    assert code == EXIT_USAGE
-    lines = [line for line in err.splitlines() if line.startswith(ERROR)]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 # -- listing ---------------------------------------------------------------------------------
@@ -414,33 +397,15 @@ def test_bad_scales_and_a_file_in_the_way_of_out_are_one_line(
     capsys, trained: tuple[Path, Path], tmp_path: Path
 ):
     root, run = trained
-    for scales in ("0", "1,-0.5"):
+    for flag, value, message in (
+        ("--scales", "0", "--scales must lie in (0, 8]"),
+        ("--scales", "1,-0.5", "--scales must lie in (0, 8]"),
+        ("--max-image-pixels", "-1", "--max-image-pixels must be >= 0"),
+    ):
         code, _, err = cli(
-            capsys,
-            "pseudo-labels",
-            "--run",
-            run,
-            "--data",
-            root,
-            "--out",
-            tmp_path / "pl",
-            "--scales",
-            scales,
+            capsys, "pseudo-labels", "--run", run, "--data", root, "--out", tmp_path / "pl", flag, value
         )
-        assert_one_error(code, err, "--scales must lie in (0, 8]")
-    code, _, err = cli(
-        capsys,
-        "pseudo-labels",
-        "--run",
-        run,
-        "--data",
-        root,
-        "--out",
-        tmp_path / "pl",
-        "--max-image-pixels",
-        "-1",
-    )
-    assert_one_error(code, err, "--max-image-pixels must be >= 0")
+        assert_one_error(code, err, message)
     assert not (tmp_path / "pl").exists()
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -10,10 +10,10 @@ from typing import Any, Literal
 
 import fakes
 import pytest
+from cli_helpers import assert_one_error, cli
 from torch import Tensor
 
 import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
-from wsss_domains.cli import EXIT_USAGE, main
 from wsss_domains.domains import check_domain_options, domain_class, get_domain, register_domain
 from wsss_domains.domains.registry import _RUNTIME
 from wsss_domains.errors import UserError
@@ -25,7 +25,6 @@ FAST = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size"
 FAST += ["--max-steps", "2", "--device", "cpu", "--no-progress"]
 SEG_FAST = ["--arch", "fpn", "--encoder-weights", "random", "--seg-batch-size", "2", "--max-steps", "2"]
 SEG_FAST += ["--device", "cpu", "--no-progress"]
-ERROR = "wsss-domains: error: "
 TINTED = "fake-tinted"
 
 
@@ -62,22 +61,6 @@ def domains() -> Iterator[None]:
     fakes.unregister()
     _RUNTIME.pop(TINTED, None)
     _RUNTIME.pop(Forwarding.name, None)
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_error(code: int, err: str, *fragments: str) -> None:
-    """Exit code 2, one error line holding every fragment, no traceback."""
-    assert code == EXIT_USAGE
-    lines = [line for line in err.splitlines() if line.startswith(ERROR)]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # -- the API ---------------------------------------------------------------------------------
@@ -171,14 +154,14 @@ def test_bad_domain_options_end_in_one_line_before_anything_is_written(
     if command == "run":
         args += ["--train-split", "train", "--test-split", "val"]
     code, _, err = cli(capsys, command, *args, *FAST)
-    one_error(code, err, *fragments)
+    assert_one_error(code, err, *fragments)
     assert not out.exists()
 
 
 def test_the_demo_checks_domain_options_before_writing_its_data(capsys, tmp_path: Path):
     out = tmp_path / "demo"
     code, _, err = cli(capsys, "run", "--domain", "histo", "--domain-option", "stain=1", "--out", out)
-    one_error(code, err, "option 'stain' expects 'none' | 'macenko', got 1")
+    assert_one_error(code, err, "option 'stain' expects 'none' | 'macenko', got 1")
     assert not out.exists()
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from cli_helpers import cli
 from PIL import Image
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import from_origin
@@ -487,12 +488,6 @@ def run_dir(config: RunConfig, tmp_path: Path) -> Path:
 
 
 FAST = ["--window", str(WINDOW), "--margin", str(MARGIN), "--scales", "1", "--no-flip", "--no-progress"]
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_writes_the_raster_pseudo_label(capsys, run_dir: Path, tif: Path, tmp_path: Path):
