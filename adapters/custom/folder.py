@@ -105,8 +105,7 @@ class FolderDataset(Dataset):
         if rec.exclude is not None:
             return None
         label = rec.label.clone() if rec.label is not None and self.label_source != "mask" else None
-        mask = rec.mask if self.label_source != "csv" else None
-        return ImageFile(rec.id, rec.image, label, mask)
+        return ImageFile(rec.id, rec.image, label, rec.mask)
 
     def __getitem__(self, index: int) -> Sample:
         rec = self.records[index]

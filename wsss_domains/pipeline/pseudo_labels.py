@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from wsss_domains.cam.extract import DEFAULT_SCALES, CamExtractor
 from wsss_domains.data.io import DataError
-from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS
+from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS, large_image_file
 from wsss_domains.data.patches import PatchDataset, pair
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
@@ -294,7 +294,7 @@ def pseudo_label_and_score(
         opened = open_dataset(
             domain_name, dataset, data, split, domain_options=domain_options, **dict(dataset_options or {})
         )
-        score = len(opened.dataset) > 0 and "mask" in opened.dataset[0]  # type: ignore[arg-type]
+        score = len(opened.dataset) > 0 and _has_mask(opened.dataset)
     if not score:
         return ScoredPseudoLabels(summary, None, seconds)
     start = time.perf_counter()
@@ -302,3 +302,9 @@ def pseudo_label_and_score(
         domain_name, dataset, data, split, out, progress, dataset_options, domain_options=domain_options
     )
     return ScoredPseudoLabels(summary, report, seconds, time.perf_counter() - start)
+
+
+def _has_mask(dataset: Dataset) -> bool:
+    """Whether the first sample carries a mask, read from its file list where it is a large image."""
+    large = large_image_file(dataset, 0, LARGE_IMAGE_PIXELS)
+    return large.mask is not None if large is not None else "mask" in dataset[0]  # type: ignore[index]
