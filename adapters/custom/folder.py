@@ -19,13 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_adapters.custom.classes import class_file, read_label_space
 from wsss_adapters.custom.labels_csv import read_labels_csv
 
-from wsss_domains.data.io import DataError, check_same_size, read_color_mask, read_index_mask, read_rgb
+from wsss_domains.data.io import DataError, check_same_size, read_index_mask, read_mask, read_rgb
 from wsss_domains.data.large_images import ImageFile
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains.contract import DatasetSpec, LabelSpace, Sample
@@ -48,16 +47,9 @@ class Record:
 
 def decode_mask(path: Path, label_space: LabelSpace) -> Tensor:
     """Class ids from an index PNG, or from an RGB PNG in the class colours."""
-    try:
-        with Image.open(path) as image:
-            mode = image.mode
-    except (OSError, SyntaxError) as exc:
-        raise DataError(path, f"unreadable mask ({exc})") from exc
-    if mode in ("RGB", "RGBA"):
-        colors = {rgb: i for i, rgb in enumerate(label_space.palette)}
-        colors.setdefault(label_space.ignore_color, label_space.ignore_index)
-        return read_color_mask(path, colors)
-    ids = read_index_mask(path)
+    colors = {rgb: i for i, rgb in enumerate(label_space.palette)}
+    colors.setdefault(label_space.ignore_color, label_space.ignore_index)
+    ids = read_mask(path, colors)
     bad = (ids >= label_space.num_classes) & (ids != label_space.ignore_index)
     if bad.any():
         raise DataError(

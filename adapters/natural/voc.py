@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_adapters.loaders import loader_spec
 from wsss_adapters.natural.dataset import NaturalDataset, check_choices
 from wsss_adapters.natural.palette import voc_color, voc_palette
 
-from wsss_domains.data.io import DataError, read_color_mask, read_index_mask
+from wsss_domains.data.io import DataError, read_mask
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace, Sample
 
@@ -80,14 +79,7 @@ def voc_root(root: Path) -> Path | None:
 
 def decode_mask(path: Path) -> Tensor:
     """A palette / grey id PNG (or an RGB rendering in VOC colours) as ids 0..20 and 255."""
-    try:
-        with Image.open(path) as image:
-            mode = image.mode
-    except (OSError, SyntaxError) as exc:
-        raise DataError(path, f"unreadable mask ({exc})") from exc
-    if mode in ("RGB", "RGBA"):
-        return read_color_mask(path, _COLORS)
-    ids = read_index_mask(path)
+    ids = read_mask(path, _COLORS)
     bad = (ids >= VOC.num_classes) & (ids != IGNORE_INDEX)
     if bad.any():
         raise DataError(path, f"holds class id {int(ids[bad][0])}; VOC ids are 0..20 and 255 (void)")

@@ -122,6 +122,7 @@ def run_predict(args: argparse.Namespace) -> int:
             f"-> {args.out}"
         )
         return 0
+    sharding = api.Sharding(devices=args.devices, strategy=args.strategy, num_workers=args.num_workers)
     if args.slide is not None:
         summaries = api.predict_slides(
             args.model,
@@ -131,8 +132,7 @@ def run_predict(args: argparse.Namespace) -> int:
             mpp=args.mpp,
             options=options,
             windowed=_windowed(args),
-            devices=args.devices,
-            strategy=args.strategy,
+            sharding=sharding,
         )
         for s in summaries:
             state = "already written" if s.already_done else f"{s.seconds:.1f} s"
@@ -141,11 +141,9 @@ def run_predict(args: argparse.Namespace) -> int:
                 f"{s.windows} windows hold tissue ({state}) -> {s.out} (thumbnail {s.overview})"
             )
         return 0
-    common = dict(options=options, devices=args.devices, strategy=args.strategy, num_workers=args.num_workers)
+    common = dict(options=options, sharding=sharding, progress=not args.no_progress)
     if args.images is not None:
-        summary = api.predict_folder(
-            args.model, args.images, args.out, progress=not args.no_progress, **common
-        )
+        summary = api.predict_folder(args.model, args.images, args.out, **common)
     else:
         summary = api.predict_split(
             args.model,
@@ -153,7 +151,6 @@ def run_predict(args: argparse.Namespace) -> int:
             args.out,
             split=args.split,
             dataset=args.dataset,
-            progress=not args.no_progress,
             **common,
         )
     print(f"predictions: {summary.written} written, {summary.skipped} already done -> {args.out}")

@@ -90,6 +90,20 @@ def read_color_mask(
     return torch.from_numpy(out)
 
 
+def read_mask(path: Path | str, colors: Mapping[tuple[int, int, int], int]) -> Tensor:
+    """A mask stored either way datasets ship them: class ids in a palette / grey PNG, or an RGB
+    rendering in the class colours (``colors`` maps each colour to its id)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            mode = image.mode
+    except (OSError, SyntaxError) as exc:
+        raise DataError(path, f"unreadable mask ({exc})") from exc
+    if mode in ("RGB", "RGBA"):
+        return read_color_mask(path, colors)
+    return read_index_mask(path)
+
+
 def check_same_size(image: Tensor, mask: Tensor, path: Path | str) -> None:
     if tuple(image.shape[-2:]) != tuple(mask.shape[-2:]):
         raise DataError(

@@ -61,12 +61,8 @@ class ClipEs(Method):
         return self._text[key]
 
     def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
-        image, present, domain, label_space = (
-            context.image,
-            context.present,
-            context.domain,
-            context.label_space,
-        )
+        image, present = context.image, context.present
+        domain, label_space = context.domain, context.label_space
         from wsss_domains.clip.clip_es import clip_es_cams
 
         keep = present.bool()

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -76,6 +76,14 @@ SSC_STRIDE = 4
 def to_uint8_rgb(image: Tensor) -> Any:
     """``H x W x 3`` uint8 array of a [0, 1] image, exactly as SamSegmenter's everything mode makes it."""
     return (image.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+class _TargetSetup(NamedTuple):
+    """What every image of a training batch shares when its SAM targets are made."""
+
+    segmenter: SamSegmenter
+    strategy: SamStrategy
+    with_cpm: bool
 
 
 @register_method
@@ -161,17 +169,12 @@ class S2C(SeplRefinement):
         if with_cpm or box_only:
             cams = multiscale_cams(model, images, labels, self.cpm_scales)
         raw = denormalize(images.detach(), self.mean, self.std).clamp(0.0, 1.0)
+        setup = _TargetSetup(segmenter, strategy, with_cpm)
+        targets_of = self._box_targets if box_only else self._point_targets
         seg_maps, targets = [], []
         for i in range(images.shape[0]):
             cam_i = cams[i] if cams is not None else None
-            if box_only:
-                masks, scores, target = self._box_targets(
-                    segmenter, raw[i], cam_i, labels[i], strategy, with_cpm
-                )
-            else:
-                masks, scores, target = self._point_targets(
-                    segmenter, raw[i], cam_i, labels[i], strategy, with_cpm
-                )
+            masks, scores, target = targets_of(setup, raw[i], cam_i, labels[i])
             seg_maps.append(segment_index_map(masks, scores if self.segment_order == "score" else None))
             targets.append(target)
         stride = self.ssc_stride
@@ -189,22 +192,16 @@ class S2C(SeplRefinement):
 
     @torch.no_grad()
     def _box_targets(
-        self,
-        segmenter: SamSegmenter,
-        image: Tensor,
-        cams: Tensor | None,
-        labels: Tensor,
-        strategy: SamStrategy,
-        with_cpm: bool,
+        self, setup: _TargetSetup, image: Tensor, cams: Tensor | None, labels: Tensor
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Box-only SAM: one mask per CAM-region box; the masks (and scores) are also SSC's segments."""
         from wsss_domains.sam.s2c import cpm_target
 
         assert cams is not None
-        out = segmenter.segment(
-            image, cams, replace(strategy, prompt=PromptKind.BOXES), labels=labels, return_logits=True
+        out = setup.segmenter.segment(
+            image, cams, replace(setup.strategy, prompt=PromptKind.BOXES), labels=labels, return_logits=True
         )
-        if not with_cpm:
+        if not setup.with_cpm:
             return out.masks, out.scores, None
         assert out.logits is not None
         k = cams.shape[0]
@@ -231,28 +228,22 @@ class S2C(SeplRefinement):
 
     @torch.no_grad()
     def _point_targets(
-        self,
-        segmenter: SamSegmenter,
-        image: Tensor,
-        cams: Tensor | None,
-        labels: Tensor,
-        strategy: SamStrategy,
-        with_cpm: bool,
+        self, setup: _TargetSetup, image: Tensor, cams: Tensor | None, labels: Tensor
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """Point-capable SAM: everything-mode segments; one multi-point prompt per present class."""
         from wsss_domains.sam.s2c import cpm_target
 
         target = None
         rgb = to_uint8_rgb(image)
-        if with_cpm:
+        if setup.with_cpm:
             assert cams is not None
-            predictor = segmenter.predictor
+            predictor = setup.segmenter.predictor
             predictor.set_image(rgb)  # the same encoder input as everything mode's: encoded once
             k = cams.shape[0]
             h, w = image.shape[-2:]
             logits = torch.full((k, h, w), float("-inf"))
             for c in torch.nonzero(labels > 0).flatten().tolist():
-                peaks = self.point_prompts(cams[c].cpu(), strategy)
+                peaks = self.point_prompts(cams[c].cpu(), setup.strategy)
                 if not len(peaks):
                     continue
                 coords = predictor.transform.apply_coords_torch(peaks.to(predictor.device), (h, w))[None]
@@ -260,5 +251,7 @@ class S2C(SeplRefinement):
                 masks, _, _ = predictor.predict_torch(coords, ones, multimask_output=True, return_logits=True)
                 logits[c] = masks[0, self.cpm_mask_index].cpu()
             target = cpm_target(logits, cams.cpu(), background=k)
-        everything = segmenter.segment(image, None, replace(strategy, prompt=PromptKind.EVERYTHING))
+        everything = setup.segmenter.segment(
+            image, None, replace(setup.strategy, prompt=PromptKind.EVERYTHING)
+        )
         return everything.masks, everything.scores, target

@@ -123,12 +123,8 @@ class SamProto(SamMethod):
         from wsss_domains.sam.prototypes import class_prototypes, prototype_cams
         from wsss_domains.sam.sepl import sepl_assign
 
-        image, present, domain, label_space = (
-            context.image,
-            context.present,
-            context.domain,
-            context.label_space,
-        )
+        image, present = context.image, context.present
+        domain, label_space = context.domain, context.label_space
         if not self.use_prototypes(domain):
             if not self._warned_off:
                 log.warning(

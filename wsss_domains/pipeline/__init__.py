@@ -28,6 +28,7 @@ _EXPORTS = {
     "pseudo_label_raster_file": "pseudo_labels",
     "SegmenterSettings": "segmenter",
     "fit_segmenter": "segmenter",
+    "Sharding": "predict",
     "predict_split": "predict",
     "predict_folder": "predict",
     "predict_raster": "predict",

@@ -28,6 +28,16 @@ if TYPE_CHECKING:
 CACHE_FOLDER = "inference"
 
 
+@dataclass(frozen=True)
+class Sharding:
+    """How prediction spreads over processes: ``devices`` (GPUs or CPU processes, Lightning's
+    ``strategy``) and ``num_workers`` data-loading workers per process."""
+
+    devices: int = 1
+    strategy: str = "auto"
+    num_workers: int = 0
+
+
 @dataclass
 class LoadedSegmenter:
     folder: Path
@@ -55,9 +65,7 @@ def predict_split(
     split: str | None = None,
     dataset: str | None = None,
     options: InferenceOptions | None = None,
-    devices: int = 1,
-    strategy: str = "auto",
-    num_workers: int = 0,
+    sharding: Sharding | None = None,
     progress: bool = True,
 ) -> PredictionSummary:
     """One prediction PNG per image of a dataset split (only the images' pixels are read)."""
@@ -78,7 +86,7 @@ def predict_split(
             )
         return PixelsOnly(opened.dataset)
 
-    return _predict_dataset(model, dataset_of, out, options, devices, strategy, num_workers, progress)
+    return _predict_dataset(model, dataset_of, out, options, sharding, progress)
 
 
 def predict_folder(
@@ -87,17 +95,13 @@ def predict_folder(
     out: Path,
     *,
     options: InferenceOptions | None = None,
-    devices: int = 1,
-    strategy: str = "auto",
-    num_workers: int = 0,
+    sharding: Sharding | None = None,
     progress: bool = True,
 ) -> PredictionSummary:
     """One prediction PNG per image file under ``images`` (any folder layout, no labels)."""
     from wsss_domains.segmentation.writer import ImageFolder
 
-    return _predict_dataset(
-        model, lambda _: ImageFolder(images), out, options, devices, strategy, num_workers, progress
-    )
+    return _predict_dataset(model, lambda _: ImageFolder(images), out, options, sharding, progress)
 
 
 def _predict_dataset(
@@ -105,23 +109,22 @@ def _predict_dataset(
     dataset_of: Callable[[LoadedSegmenter], Dataset],
     out: Path,
     options: InferenceOptions | None,
-    devices: int,
-    strategy: str,
-    num_workers: int,
+    sharding: Sharding | None,
     progress: bool,
 ) -> PredictionSummary:
     from wsss_domains.segmentation.writer import predict_images
 
     loaded = load_predictor(model, options)
+    sharding = sharding or Sharding()
     return predict_images(
         loaded.predictor,
         dataset_of(loaded),
         loaded.domain,
         loaded.label_space,
         out,
-        devices=devices,
-        strategy=strategy,
-        num_workers=num_workers,
+        devices=sharding.devices,
+        strategy=sharding.strategy,
+        num_workers=sharding.num_workers,
         progress=progress,
         model_name=str(model),
     )
@@ -208,21 +211,22 @@ def predict_slides(
     mpp: float | None = None,
     options: InferenceOptions | None = None,
     windowed: WindowedOptions | None = None,
-    devices: int = 1,
-    strategy: str = "auto",
+    sharding: Sharding | None = None,
 ) -> list[WindowedSummary]:
     """Whole-slide images (one file, or every slide in a folder) segmented over tissue.
 
     Each slide gives ``OUT/<name>.tif`` (pyramidal palette TIFF at the chosen level or resolution)
-    and ``OUT/<name>.png`` (labels over the slide's thumbnail). Slides shard across ``devices``.
+    and ``OUT/<name>.png`` (labels over the slide's thumbnail). Slides shard across processes
+    (``sharding.devices``).
     """
     found = find_slides(slides)
     loaded = load_predictor(model, options)
     windowed = windowed or WindowedOptions()
+    sharding = sharding or Sharding()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_parts(out)
-    if devices == 1:
+    if sharding.devices == 1:
         return [predict_one_slide(loaded, slide, out, level, mpp, windowed) for slide in found]
     from wsss_domains.segmentation.writer import shard_items
 
@@ -230,6 +234,6 @@ def predict_slides(
         found,
         lambda slide: predict_one_slide(loaded, slide, out, level, mpp, windowed),
         loaded.predictor,
-        devices=devices,
-        strategy=strategy,
+        devices=sharding.devices,
+        strategy=sharding.strategy,
     )

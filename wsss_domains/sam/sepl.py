@@ -86,16 +86,14 @@ def sepl_refine(
     num_classes: int,
     ignore_index: int = 255,
     background_index: int | None = None,
-    majority: float = MAJORITY,
-    coverage: float = COVERAGE,
     keep_ignore: bool = True,
 ) -> Tensor:
     """Refine a CAM pseudo-label (``HxW`` int64) with SAM masks (``NxHxW`` bool); returns ``HxW``.
 
     The merge of ``MaxIoU_IMP2.merge`` (SAM_WSSS ``merge/max_iou_imp2.py``): starting from
     ``background_index``, each foreground class ``i`` in index order paints the masks it claims
-    (:func:`sepl_assign`) and its CAM pixels that no mask still unclaimed before ``i`` covers;
-    later classes paint over earlier ones. Pixels of masks no class claims become background.
+    (:func:`sepl_assign` at the official thresholds) and its CAM pixels that no mask still unclaimed
+    before ``i`` covers; later classes paint over earlier ones. Pixels of masks no class claims become background.
 
     Beyond the official code, for inputs it never sees (its pseudo-labels hold class ids only):
 
@@ -105,9 +103,7 @@ def sepl_refine(
       exclude mask or no-data) stay ignored; ``keep_ignore=False`` lets the merge paint them as
       the official code would paint any non-class pixel.
     """
-    classes = sepl_assign(
-        pseudo_label, masks, num_classes, ignore_index, background_index, majority, coverage
-    )
+    classes = sepl_assign(pseudo_label, masks, num_classes, ignore_index, background_index)
     label = pseudo_label.to(masks.device).long()
     start = ignore_index if background_index is None else background_index
     out = torch.full_like(label, start)

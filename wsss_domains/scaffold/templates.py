@@ -72,7 +72,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_domains.data.io import DataError, check_same_size, read_index_mask, read_rgb
 from wsss_domains.data.patches import PatchDataset
-from wsss_domains.domains.contract import BackgroundMode, LabelSpace, Sample
+from wsss_domains.domains import BackgroundMode, LabelSpace, Sample
 
 NAME = "folder"
 SPLITS = ("train", "val", "all")
@@ -153,7 +153,7 @@ METRICS = '''"""An extra score reported next to the engine's mIoU: mean class ac
 from __future__ import annotations
 
 from torch import Tensor
-from wsss_domains.domains.contract import LabelSpace, MetricResult
+from wsss_domains.domains import LabelSpace, MetricResult
 
 
 def mean_class_accuracy(confusion: Tensor, label_space: LabelSpace) -> MetricResult:
@@ -224,14 +224,7 @@ from importlib import resources
 from pathlib import Path
 
 from torch import Tensor
-from wsss_domains.domains.contract import (
-    ClipPrompts,
-    DatasetSpec,
-    DemoData,
-    DomainPlugin,
-    LabelSpace,
-    MetricResult,
-)
+from wsss_domains.domains import ClipPrompts, DatasetSpec, DemoData, DomainPlugin, LabelSpace, MetricResult
 
 from $package import loader
 from $package.demo import write_demo
