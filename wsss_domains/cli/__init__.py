@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from wsss_domains import __version__
 
@@ -106,7 +107,27 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                 built.add((module, adder))
         else:
             sub.add_parser(name, help=text)
+    for name, subparser in sub.choices.items():
+        if command is None or name == command:
+            subparser.add_argument(
+                "--config",
+                type=Path,
+                metavar="FILE.yaml",
+                help="options from a YAML file (option: value; options typed here win); "
+                "the options a run used are saved as config.yaml in its folder",
+            )
     return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommand parsers by name (argparse keeps them in a private action)."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    return dict(sub.choices) if sub is not None else {}
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of one subcommand of :func:`build_parser`'s parser."""
+    return _subcommands(parser)[name]
 
 
 def _user_error(exc: BaseException) -> bool:
@@ -119,12 +140,48 @@ def _user_error(exc: BaseException) -> bool:
     return isinstance(exc, (UserError, DataError, WeightsNotFound, OSError, ValueError, KeyError))
 
 
+def _parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.ArgumentParser | None]:
+    """The namespace, with a ``--config`` file's options placed before the typed ones, and the
+    subcommand's parser (None for a command name argparse will reject)."""
+    from wsss_domains.cli.config_file import config_tokens, split_config_argument
+
+    argv, config = split_config_argument(argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command if command in COMMANDS else "")
+    if command not in COMMANDS:
+        return parser.parse_args(argv), None
+    subparser = subcommand_parser(parser, command)
+    at = argv.index(command) + 1
+    while (nested := _nested(subparser, argv[at:])) is not None:  # e.g. `prompts learn`
+        subparser, at = nested, argv.index(nested.prog.split()[-1], at) + 1
+    if config is not None:
+        argv = [*argv[:at], *config_tokens(subparser, config), *argv[at:]]
+    return parser.parse_args(argv), subparser
+
+
+def _nested(parser: argparse.ArgumentParser, rest: list[str]) -> argparse.ArgumentParser | None:
+    """The sub-subcommand parser named by the first positional token of ``rest``, if any."""
+    name = next((a for a in rest if not a.startswith("-")), None)
+    return _subcommands(parser).get(name) if name is not None else None
+
+
+def _save_config(subparser: argparse.ArgumentParser | None, args: argparse.Namespace) -> None:
+    """``config.yaml`` in the folder the command wrote (its ``--out``), for a rerun with ``--config``."""
+    from wsss_domains.cli.config_file import save_effective_config
+
+    out = getattr(args, "out", None)
+    if subparser is not None and isinstance(out, Path) and out.is_dir():
+        save_effective_config(subparser, args, out)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), "")
-    args = build_parser(command if command in COMMANDS else "").parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        args, subparser = _parse(argv)
+        code = int(args.func(args) or 0)
+        if code == 0:
+            _save_config(subparser, args)
+        return code
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -14,6 +14,11 @@ DEMO_MINUTES = 2.0
 DEMO_SEGMENTER_MINUTES = 1.0
 
 
+def demo_folder(domain_name: str) -> Path:
+    """Where a demo run goes when ``--out`` is not given."""
+    return Path("runs") / f"{domain_name}-demo"
+
+
 def run_demo(
     domain_name: str,
     out: Path | None,
@@ -27,7 +32,7 @@ def run_demo(
     are checked here, before the demo set is written.
     """
     domain = get_domain(domain_name, **(domain_options or {}))
-    out = Path(out or Path("runs") / f"{domain_name}-demo")
+    out = Path(out or demo_folder(domain_name))
     demo = domain.demo(out / "demo-data")
     if demo is None:
         raise CliError(f"domain '{domain.name}' has no built-in demo set; pass --data DIR")

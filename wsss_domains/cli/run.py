@@ -112,8 +112,9 @@ def run_run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if demo:
-        from wsss_domains.cli.demo import run_demo
+        from wsss_domains.cli.demo import demo_folder, run_demo
 
+        args.out = args.out or demo_folder(args.domain)  # named, so config.yaml lands there
         run_demo(args.domain, args.out, settings, domain_options(args))
         return 0
     report = run_pipeline(

@@ -108,7 +108,7 @@ def classifier_settings(args: argparse.Namespace) -> ClassifierSettings:
 
 def run_train(args: argparse.Namespace) -> int:
     if args.data is None:
-        from wsss_domains.cli.demo import run_demo
+        from wsss_domains.cli.demo import demo_folder, run_demo
         from wsss_domains.pipeline.run import RunSettings
         from wsss_domains.pipeline.segmenter import SegmenterSettings
 
@@ -123,9 +123,10 @@ def run_train(args: argparse.Namespace) -> int:
             progress=classifier.progress,
         )
         settings = RunSettings(classifier, segmenter, method=args.method, progress=classifier.progress)
+        args.out = args.out or demo_folder(args.domain)  # named, so config.yaml lands there
         run_demo(args.domain, args.out, settings, domain_options(args))
         return 0
-    out = args.out or Path("runs") / args.domain
+    out = args.out = args.out or Path("runs") / args.domain
     trained = train_classifier(
         args.domain,
         args.data,

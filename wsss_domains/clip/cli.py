@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from wsss_domains.cli import command_help
+from wsss_domains.cli.common import add_domain_option_argument, domain_options
 
 DEFAULT_CLIP = "ViT-B-16"
 
@@ -43,6 +44,7 @@ def add_prompts_subcommand(subparsers: argparse._SubParsersAction) -> argparse.A
         "learn", help="learn context + background prompts (and LoRA) from image labels"
     )
     learn.add_argument("--domain", required=True, help="domain plugin name (e.g. remote-sensing)")
+    add_domain_option_argument(learn)
     add_clip_arguments(learn)
     learn.add_argument(
         "--dataset", default=None, help="dataset loader name (detected from --data if omitted)"
@@ -85,7 +87,7 @@ def run_learn(args: argparse.Namespace) -> int:
     if args.data is None:
         return _fail("prompts learn needs --data DIR with images and image-level labels")
     try:
-        domain = get_domain(args.domain)
+        domain = get_domain(args.domain, **domain_options(args))
         spec = domain.dataset(args.dataset) if args.dataset else domain.detect_dataset(args.data)
     except (KeyError, ValueError, FileNotFoundError) as err:
         return _fail(str(err.args[0]) if err.args else str(err))
