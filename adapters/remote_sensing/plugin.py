@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from torch import Tensor
-from wsss_adapters.remote_sensing import deepglobe, dubai, isaid, isprs, loveda
+from wsss_adapters.remote_sensing import deepglobe, dubai, isaid, isprs, loveda, torchgeo_layouts
 from wsss_adapters.remote_sensing.augment import flip_rotate
 from wsss_adapters.remote_sensing.metrics import agreement_metrics
 from wsss_adapters.remote_sensing.prompts import clip_prompts_for
@@ -22,11 +22,23 @@ from wsss_domains.domains.contract import (
     SamStrategy,
 )
 
-_SPECS = (deepglobe.SPEC, loveda.SPEC, isprs.POTSDAM, isprs.VAIHINGEN, isaid.SPEC, dubai.SPEC)
+# The torchgeo layouts come last: a label space names its dataset (prompts) by its first loader.
+_SPECS = (
+    deepglobe.SPEC,
+    loveda.SPEC,
+    isprs.POTSDAM,
+    isprs.VAIHINGEN,
+    isaid.SPEC,
+    dubai.SPEC,
+    *torchgeo_layouts.SPECS,
+)
 
 
 class RemoteSensingDomain(DomainPlugin):
     """DeepGlobe, LoveDA, ISPRS Potsdam/Vaihingen, iSAID and Dubai aerial; rasters read by window.
+
+    DeepGlobe, LoveDA, Potsdam and Vaihingen are also read in torchgeo's own layouts
+    (``torchgeo-deepglobe``, ``torchgeo-loveda``, ... : see :mod:`torchgeo_layouts`).
 
     Every loader takes, besides ``labels_from_masks`` and ``patch_size`` (tile side, or height and
     width, of the mask-labelled tiles): ``bands`` (1-based bands to use as R, G, B), ``scaling``

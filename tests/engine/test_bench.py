@@ -26,6 +26,7 @@ from wsss_domains.bench.report import (
     plot_heatmap,
     render_markdown,
     where_methods_hurt,
+    write_outputs,
 )
 from wsss_domains.cli import EXIT_USAGE, build_parser, main
 from wsss_domains.cli.common import CliError
@@ -154,6 +155,7 @@ def test_one_domain_two_methods_writes_table_json_and_heatmap(tmp_path, data_roo
 
     with Image.open(out / "heatmap.png") as png:
         assert png.format == "PNG" and png.width > 100 and png.height > 100
+    assert "Method comparison" in (out / "matrix.html").read_text()
 
     # Different settings in the same folder are refused rather than mixed into the table.
     with pytest.raises(CliError, match="other settings.*budget_minutes"):
@@ -337,6 +339,25 @@ def test_report_tables_and_heatmap_from_hand_values(tmp_path):
     no_hurt = {"d1": {"cam": ok("cam", 0.4), "par": ok("par", 0.4)}}
     matrix = build_matrix(no_hurt, ["d1"], ["cam", "par"], "cmd", machine, presets, 3.0)
     assert "No method scored below plain CAM" in render_markdown(matrix)
+
+
+def test_matrix_html_holds_comparison_costs_heatmap_and_machine(tmp_path):
+    presets = {d: DEFAULT_PRESETS["histo"].to_dict() for d in HAND_CELLS}
+    machine = {"nproc": 2, "cpu_count": 64, "cpu_model": "Test <CPU>", "device": "cpu"}
+    machine |= {"torch": torch.__version__, "torch_threads": 2, "platform": "test"}
+    methods, domains = ["cam", "par", "crf", "sepl"], ["d1", "d2"]
+    command = "wsss-domains bench --methods cam,par,crf,sepl --out 'a&b'"
+    matrix = build_matrix(HAND_CELLS, domains, methods, command, machine, presets, 3.0)
+    paths = write_outputs(tmp_path, matrix)
+    assert paths["html"] == tmp_path / "matrix.html"
+    page = paths["html"].read_text()
+    assert '<span class="bad">-10.0</span>' in page and '<span class="good">+5.0</span>' in page
+    assert '<th class="num">training s</th>' in page and '<th class="num">wall s</th>' in page
+    assert '<th class="num">scoring s</th>' not in page  # a cost no cell has gets no column
+    assert "<li><code>crf</code> on <code>d1</code>: -10.0 mIoU points" in page  # where methods hurt
+    assert "FileNotFoundError: no SAM checkpoint" in page  # failed cells
+    assert "data:image/png;base64," in page  # the heatmap, embedded
+    assert "Test &lt;CPU&gt;" in page and "--out &#x27;a&amp;b&#x27;</pre>" in page
 
 
 # -- the command line -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,12 @@ def test_run_on_the_demo_data_trains_both_networks_and_reports_both_figures(tmp_
     assert len(list((out / "predictions" / "test").glob("*.png"))) == 12
     assert (out / "segmenter" / "model.pt").is_file() and (out / "classifier" / "model.pt").is_file()
     page = (out / "report.html").read_text()
-    assert "<table>" in page and "data:image/png;base64," in page  # self-contained, with overlays
+    assert "<table>" in page and "data:image/jpeg;base64," in page  # self-contained, with overlays
+    # The gallery: the test images worst first by the segmenter's per-image mIoU, with CAM heat maps.
+    per_image = stages["segmentation (test split, no labels)"]["evaluation"]["per_image_miou"]
+    assert re.findall(r"<figcaption>#\d+ ([^<]+)<", page) == sorted(per_image, key=per_image.get)
+    assert page.count('class="confusion"') == 3 and "per-class CAM heat maps" in page
+    assert report["command"] and report["environment"]["wsss-domains"]
     assert "| segmentation (test split, no labels) |" in (out / "report.md").read_text()
 
 

@@ -37,7 +37,7 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
             "For every (domain, method) cell: train within the budget (post-hoc methods reuse the domain's "
             "plain-CAM run), pseudo-label the domain's scoring split (a hold-out of its development data), "
             "evaluate. Writes cells/<domain>__<method>.json as each cell finishes, then matrix.md, "
-            "matrix.json and heatmap.png. Re-running with the same --out skips finished cells and resumes "
+            "matrix.json, heatmap.png and the self-contained matrix.html. Re-running with the same --out skips finished cells and resumes "
             "unfinished training from its checkpoint. A failing cell is recorded and the matrix goes on. "
             f"Domains: {', '.join(DEFAULT_PRESETS)}."
         ),
@@ -200,7 +200,9 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
     cells = run_matrix(domains, methods, settings, presets, on_cell=report)
     paths = report(cells)
     failed = sum(c["status"] != "ok" for row in cells.values() for c in row.values())
-    print(f"matrix: {paths['markdown']}  ({paths['json'].name}, {paths['heatmap'].name})")
+    print(
+        f"matrix: {paths['markdown']}  ({paths['json'].name}, {paths['heatmap'].name}, {paths['html'].name})"
+    )
     if failed:
         print(f"{failed} of {len(domains) * len(methods)} cells failed; see {paths['markdown']}")
     return 0

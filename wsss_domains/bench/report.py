@@ -1,4 +1,4 @@
-"""The matrix as people read it: Markdown tables, ``matrix.json`` and a gain heatmap.
+"""The matrix as people read it: Markdown tables, ``matrix.json``, a gain heatmap and ``matrix.html``.
 
 Gains are differences of mIoU against the plain-CAM cell of the same domain (same classifier for
 post-hoc methods), so a negative number means the method made the pseudo-labels worse there. The
@@ -16,7 +16,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import wsss_domains
 from wsss_domains.data.io import atomic_write
+from wsss_domains.reports.environment import cpu_model, usable_cpus
+from wsss_domains.reports.html import (
+    Html,
+    code_spans,
+    embed,
+    environment_block,
+    esc,
+    join,
+    page,
+    section,
+    table,
+    tag,
+)
 
 BASELINE = "cam"
 Cell = Mapping[str, Any]
@@ -78,24 +92,16 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     """What the timings depend on: usable CPUs (as ``nproc`` counts them), CPU model, torch, device."""
     import torch
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     info: dict[str, Any] = {
-        "nproc": usable,
+        "nproc": usable_cpus(),
         "cpu_count": os.cpu_count(),
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "device": device,
+        "wsss_domains": wsss_domains.__version__,
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -281,13 +287,141 @@ def plot_heatmap(matrix: Mapping[str, Any], path: Path | str) -> Path:
     return path
 
 
+# -- HTML --------------------------------------------------------------------------------------
+
+# Cost columns of a cell, shown where some cell of the matrix has them.
+COST_COLUMNS = (
+    ("train_seconds", "training s"),
+    ("pseudo_label_seconds", "pseudo-labelling s"),
+    ("evaluate_seconds", "scoring s"),
+    ("wall_seconds", "wall s"),
+)
+
+
+def _gain_cell(g: float | None, method: str) -> Html:
+    if method == BASELINE:
+        return Html("base")
+    if g is None:
+        return esc("\u2014")
+    return tag("span", f"{100 * g:+.1f}", class_="good" if g > 0 else "bad" if g < 0 else None)
+
+
+def _grid_cell(cell: Cell | None, g: float | None, method: str) -> Html:
+    """mIoU and gain, on a background from red (worse than cam) to blue (better)."""
+    text = _miou_cell(cell, g, method)
+    if g is None or method == BASELINE:
+        return esc(text)
+    alpha = min(abs(g) / 0.10, 1.0) * 0.6  # full colour at 10 mIoU points
+    rgb = "33,102,172" if g > 0 else "214,96,77"
+    return tag("span", text, style=f"background:rgba({rgb},{alpha:.2f});padding:1px 4px")
+
+
+def render_html(matrix: Mapping[str, Any], heatmap: Path | None = None) -> str:
+    """The matrix as one self-contained page: comparison, costs, heatmap, where methods hurt, data,
+    command and machine."""
+    domains, methods, cells = matrix["domains"], matrix["methods"], matrix["cells"]
+    gains = matrix["gains_vs_cam"]
+    grid = [
+        [tag("code", m), *(_grid_cell(cells[d].get(m), gains[d].get(m), m) for d in domains)] for m in methods
+    ]
+    ok_cells = [c for d in domains for c in cells[d].values() if _ok(c)]
+    costs = [(key, title) for key, title in COST_COLUMNS if any(key in c for c in ok_cells)]
+    counted = any("n_images" in c for c in ok_cells)
+    detail = []
+    for d in domains:
+        for m in methods:
+            c = cells[d].get(m)
+            if c is None:
+                continue
+            ok = _ok(c)
+            detail.append(
+                [
+                    d,
+                    tag("code", m),
+                    f"{100 * c['miou']:.1f}" if ok and c.get("miou") is not None else "\u2014",
+                    _gain_cell(gains[d].get(m), m) if ok else "\u2014",
+                    *(_seconds(float(c[k])) if ok and k in c else "\u2014" for k, _ in costs),
+                    *([str(c.get("n_images", "")) if ok else ""] if counted else []),
+                    "ok" if ok else tag("span", "failed", class_="bad"),
+                ]
+            )
+    hurt = matrix["where_methods_hurt"]
+    hurt_list = (
+        tag("ul", join(tag("li", code_spans(line)) for line in hurt))
+        if hurt
+        else tag("p", "No method scored below plain CAM on any domain in this run.")
+    )
+    failed = [(d, m, cells[d][m]) for m in methods for d in domains if m in cells[d] and not _ok(cells[d][m])]
+    presets = []
+    for d in domains:
+        p = matrix["presets"][d]
+        presets.append(
+            [d, p.get("dataset", ""), p.get("train_split", ""), p.get("score_split", ""), p.get("note", "")]
+        )
+    parts: list[object] = [
+        tag("h1", "Domain-transfer matrix"),
+        tag(
+            "p",
+            f"Created {matrix['created']}. Training budget {matrix['budget_minutes']:g} min per (domain, training "
+            "method) run; post-hoc methods reuse the domain's plain-CAM run. mIoU (%) of the pseudo-labels on "
+            "each domain's scoring split, in brackets the gain over plain CAM in mIoU points (negative: the "
+            "method made the pseudo-labels worse).",
+            class_="lead",
+        ),
+        section("Method comparison", table(["method", *domains], grid, numeric=range(1, len(domains) + 1))),
+        section(
+            "Cells: mIoU, gain over cam and cost",
+            table(
+                [
+                    "domain",
+                    "method",
+                    "mIoU %",
+                    "gain (points)",
+                    *(t for _, t in costs),
+                    *(["images"] if counted else []),
+                    "status",
+                ],
+                detail,
+                numeric=range(2, 4 + len(costs) + counted),
+            ),
+        ),
+    ]
+    if heatmap is not None and Path(heatmap).is_file():
+        parts.append(section("Transfer heatmap", embed(Path(heatmap), alt="mIoU gain over cam per cell")))
+    parts.append(section("Where methods hurt", hurt_list))
+    if failed:
+        parts.append(
+            section(
+                "Failed cells",
+                tag(
+                    "ul",
+                    join(
+                        tag("li", tag("code", m), " on ", tag("code", d), ": ", c.get("error") or "")
+                        for d, m, c in failed
+                    ),
+                ),
+            )
+        )
+    parts.append(section("Data", table(["domain", "dataset", "train", "score", "notes"], presets)))
+    parts.append(environment_block(matrix["command"], {k: v for k, v in matrix["machine"].items()}))
+    return page("wsss-domains bench: domain-transfer matrix", *parts)
+
+
 def write_outputs(out: Path | str, matrix: Mapping[str, Any]) -> dict[str, Path]:
-    """``matrix.md``, ``matrix.json`` and ``heatmap.png`` under ``out``, each written atomically."""
+    """``matrix.md``, ``matrix.json``, ``heatmap.png`` and ``matrix.html`` under ``out``, each written
+    atomically."""
     out = Path(out)
-    paths = {"markdown": out / "matrix.md", "json": out / "matrix.json", "heatmap": out / "heatmap.png"}
+    paths = {
+        "markdown": out / "matrix.md",
+        "json": out / "matrix.json",
+        "heatmap": out / "heatmap.png",
+        "html": out / "matrix.html",
+    }
     text = render_markdown(matrix)
     atomic_write(paths["markdown"], lambda tmp: tmp.write_text(text))
     data = json.dumps(matrix, indent=2, allow_nan=False)
     atomic_write(paths["json"], lambda tmp: tmp.write_text(data))
     plot_heatmap(matrix, paths["heatmap"])
+    page_text = render_html(matrix, paths["heatmap"])
+    atomic_write(paths["html"], lambda tmp: tmp.write_text(page_text))
     return paths

@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 
 from wsss_domains.cli import command_help
-from wsss_domains.cli.common import add_data_arguments, add_tiles_argument, tile_options
+from wsss_domains.cli.common import (
+    add_data_arguments,
+    add_domain_option_argument,
+    add_tiles_argument,
+    domain_options,
+    tile_options,
+)
 from wsss_domains.pipeline.evaluate import evaluate_split, write_report
 
 
@@ -22,11 +28,18 @@ def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--domain", required=True)
+    add_domain_option_argument(p)
     add_data_arguments(p)
     add_tiles_argument(p)
     p.add_argument("--pred", type=Path, required=True, help="folder of <id>.png predictions")
     p.add_argument("--json", type=Path, help="write the report as JSON here")
     p.add_argument("--plot", type=Path, help="write a per-class IoU bar chart (PNG) here")
+    p.add_argument(
+        "--html",
+        type=Path,
+        help="write a self-contained HTML page here: scores, per-class IoU, confusion matrix and the "
+        "worst images (image, ground truth, prediction), the command and the environment",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_evaluate)
 
@@ -40,7 +53,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.pred,
         not args.no_progress,
         dataset_options=tile_options(args.tiles),
+        domain_options=domain_options(args),
+        html=args.html,
     )
     write_report(report, args.json, args.plot)
     print(report.to_table())
+    if args.html is not None:
+        print(f"report: {args.html}")
     return 0

@@ -47,6 +47,8 @@ class ConfusionMatrix(Metric):
         self.add_state(
             "confmat", torch.zeros(num_classes, num_classes + 1, dtype=torch.long), dist_reduce_fx="sum"
         )
+        # The ``C x (C + 1)`` counts the last update added (same layout as ``confmat``).
+        self.last_counts: Tensor = torch.zeros(num_classes, num_classes + 1, dtype=torch.long)
 
     def update(self, pred: Tensor, target: Tensor, exclude: Tensor | None = None) -> None:
         """Add the pixels of one prediction/target pair (any matching shape, e.g. ``HxW``)."""
@@ -76,7 +78,10 @@ class ConfusionMatrix(Metric):
             )
         pr = torch.where(unassigned, torch.full_like(pr, self.num_classes), pr)
         counts = multiclass_confusion_matrix(pr, gt, num_classes=self.num_classes + 1, validate_args=False)
-        self.confmat += counts[: self.num_classes].to(self.confmat)
+        counts = counts[: self.num_classes].to(self.confmat)
+        self.confmat += counts
+        # Kept so a caller updating image by image can score that image without counting it twice.
+        self.last_counts = counts
 
     def compute(self) -> Tensor:
         """The ``CxC`` int64 matrix, rows ground truth, columns prediction."""

@@ -7,7 +7,7 @@ for sample ids containing ``/``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,6 +19,7 @@ from wsss_domains.data.io import DataError, read_index_mask
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.confusion import ConfusionMatrix
 from wsss_domains.evaluation.report import EvaluationReport
+from wsss_domains.evaluation.scores import compute_scores
 
 # Besides letters, digits and "_.-~" (always kept), these are safe in file names everywhere.
 _SAFE = "+,=@"
@@ -75,13 +76,16 @@ def evaluate_predictions(
 
     Pixels whose mask is ``ignore_index`` or whose sample ``exclude`` flag is set are not scored.
     Only ``domain.scored_classes(label_space)`` enter the averages; ``domain.metrics`` adds extras.
+    Each image is also scored on its own (:func:`image_miou`, ``EvaluationReport.per_image``).
     """
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
         raise DataError(pred_dir, "prediction folder not found")
     confusion = ConfusionMatrix(label_space.num_classes, label_space.ignore_index)
+    scored = domain.scored_classes(label_space)
     total = len(dataset) if hasattr(dataset, "__len__") else None
     n_images = 0
+    per_image: dict[str, float] = {}
     for sample in tqdm(_samples(dataset), total=total, desc="evaluate", unit="img", disable=not progress):
         sample_id = sample["id"]
         mask = sample.get("mask")
@@ -95,6 +99,7 @@ def evaluate_predictions(
             confusion.update(pred, mask, None if exclude is None else torch.as_tensor(exclude))
         except ValueError as exc:
             raise ValueError(f"sample '{sample_id}': {exc}") from exc
+        per_image[str(sample_id)] = image_miou(confusion.last_counts, scored)
         n_images += 1
     if n_images == 0:
         raise ValueError("the split is empty: nothing to evaluate")
@@ -102,8 +107,17 @@ def evaluate_predictions(
     return EvaluationReport.from_confusion(
         matrix,
         label_space.classes,
-        domain.scored_classes(label_space),
+        scored,
         unassigned=confusion.compute_unassigned(),
         extra=domain.metrics(matrix.clone(), label_space),
         n_images=n_images,
+        per_image=per_image,
     )
+
+
+def image_miou(counts: torch.Tensor, scored: Sequence[int]) -> float:
+    """One image's mIoU from its ``C x (C + 1)`` counts (last column: unassigned), in the convention of
+    the whole set's mIoU: over the scored classes in the image's ground truth or prediction; NaN when
+    the image has none (all of it ignored or excluded). What the reports' "worst images" sort by."""
+    num_classes = counts.shape[0]
+    return compute_scores(counts[:, :num_classes], scored, counts[:, num_classes]).miou

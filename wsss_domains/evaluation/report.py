@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,9 @@ class EvaluationReport:
     # Per ground-truth class, scored pixels the prediction left as the ignore index.
     unassigned: Tensor
     extra: list[MetricResult] = field(default_factory=list)
+    # Sample id -> that image's own mIoU (see ``evaluate.image_miou``; NaN: nothing scored in it), in
+    # evaluation order. Empty for reports written before it existed.
+    per_image: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_confusion(
@@ -66,6 +69,7 @@ class EvaluationReport:
         unassigned: Tensor | None = None,
         extra: Sequence[MetricResult] = (),
         n_images: int = 0,
+        per_image: Mapping[str, float] | None = None,
     ) -> EvaluationReport:
         """Score an accumulated ``CxC`` confusion matrix whose classes are named ``classes``."""
         if confusion.shape != (len(classes), len(classes)):
@@ -92,7 +96,16 @@ class EvaluationReport:
             confusion=confusion,
             unassigned=unassigned,
             extra=list(extra),
+            per_image=dict(per_image or {}),
         )
+
+    def worst_images(self, limit: int | None = None) -> list[tuple[str, float]]:
+        """(sample id, mIoU) worst first; images with nothing scored (NaN) last, ties in evaluation order."""
+        ranked = sorted(
+            self.per_image.items(),
+            key=lambda item: (math.isnan(item[1]), 0.0 if math.isnan(item[1]) else item[1]),
+        )
+        return ranked if limit is None else ranked[:limit]
 
     @property
     def miou_paper(self) -> float:
@@ -132,6 +145,7 @@ class EvaluationReport:
             "classes": list(self.classes),
             "confusion": self.confusion.tolist(),
             "unassigned": self.unassigned.tolist(),
+            "per_image_miou": per_class(self.per_image),
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -162,6 +176,8 @@ class EvaluationReport:
                 MetricResult(m["name"], _from_json_number(m["value"]), per_class(m["per_class"]))
                 for m in data["extra"]
             ],
+            # Absent from reports written before per-image scores existed.
+            per_image=per_class(data.get("per_image_miou", {})),
         )
 
     @classmethod

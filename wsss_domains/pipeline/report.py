@@ -1,29 +1,44 @@
 """The report of a whole job (``wsss-domains run``): JSON for tools, Markdown and HTML for people.
 
-The HTML page is self-contained (pictures embedded), so it can be mailed or archived as one file:
-the headline figures, per-class IoU of every scored stage, and a few prediction overlays.
+The HTML page is self-contained (pictures embedded, no external resource), so it can be mailed or
+archived as one file: the headline figures, each scored stage's per-class IoU and confusion matrix,
+the test images the segmenter did worst on, and the command and environment that made it.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from wsss_domains.data.io import atomic_write
 from wsss_domains.domains.contract import LabelSpace
+from wsss_domains.evaluation.report import EvaluationReport
+from wsss_domains.reports.html import (
+    DEFAULT_SHOWN,
+    Colour,
+    GalleryItem,
+    environment_block,
+    evaluation_section,
+    gallery,
+    legend,
+    page,
+    score,
+    section,
+    table,
+    tag,
+)
+from wsss_domains.reports.pictures import first_images, gallery_items
 
 if TYPE_CHECKING:
     from wsss_domains.pipeline.run import RunReport
 
-MAX_PICTURES = 6
-PICTURE_WIDTH = 900
+# The gallery holds this many test images (worst first); its filter shows fewer at first.
+MAX_PICTURES = 24
+SEGMENTATION_STAGE = "segmentation (test split, no labels)"
 
 
 def _fmt(value: float | None) -> str:
@@ -62,99 +77,139 @@ def markdown(report: RunReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def comparison_pictures(
-    dataset: Any, label_space: LabelSpace, folders: dict[str, Path], limit: int = MAX_PICTURES
-) -> list[tuple[str, Image.Image]]:
-    """Side by side for the first images of a split: the image, its ground truth, then each folder's
-    labels (pseudo-labels, predictions) blended over it; unscored pixels stay bare."""
-    from wsss_domains.data.io import read_index_mask
-    from wsss_domains.evaluation.evaluate import pred_filename
-
-    palette = np.asarray(label_space.flat_palette(), dtype=np.float32).reshape(-1, 3)
-    pictures = []
-    for i in range(min(limit, len(dataset))):
-        sample = dataset[i]
-        rgb = (sample["image"].permute(1, 2, 0).numpy() * 255).astype(np.float32)
-        maps = {"ground truth": sample.get("mask")}
-        for title, folder in folders.items():
-            path = Path(folder) / pred_filename(sample["id"])
-            maps[title] = read_index_mask(path) if path.is_file() else None
-        panels = [rgb]
-        titles = ["image"]
-        for title, ids in maps.items():
-            if ids is None:
-                continue
-            ids = ids.numpy()
-            scored = (ids != label_space.ignore_index)[..., None]
-            panels.append(np.where(scored, 0.45 * rgb + 0.55 * palette[ids], rgb))
-            titles.append(title)
-        h, w = rgb.shape[:2]
-        canvas = Image.new("RGB", (w * len(panels), h + 14), (255, 255, 255))
-        draw = ImageDraw.Draw(canvas)
-        for k, (panel, title) in enumerate(zip(panels, titles, strict=True)):
-            canvas.paste(Image.fromarray(panel.astype(np.uint8)), (k * w, 14))
-            draw.text((k * w + 2, 1), title, fill=(0, 0, 0))
-        pictures.append((str(sample["id"]), canvas))
-    return pictures
+def stage_evaluations(report: RunReport) -> list[tuple[str, EvaluationReport]]:
+    """Every scored stage's evaluation, rebuilt from the report's JSON-ready dicts."""
+    return [(name, EvaluationReport.from_dict(ev)) for name, ev in _scored(report)]
 
 
-def _picture(source: Path | Image.Image) -> str:
-    image = source if isinstance(source, Image.Image) else Image.open(source)
-    image = image.convert("RGB")
-    if image.width > PICTURE_WIDTH:
-        image = image.resize((PICTURE_WIDTH, round(image.height * PICTURE_WIDTH / image.width)))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+def run_gallery(
+    report: RunReport,
+    dataset: Any,
+    label_space: LabelSpace,
+    folders: Mapping[str, Path],
+    heat_maps: Path | None = None,
+    limit: int = MAX_PICTURES,
+) -> list[GalleryItem]:
+    """The test images worst first by the segmenter's per-image mIoU (else by the last scored stage
+    that has per-image scores), beside their ground truth, each folder's labels and the CAM heat
+    maps; the first images, unscored, where nothing was scored."""
+    ranked: list[tuple[str, float | None]] = []
+    for name in (SEGMENTATION_STAGE, *reversed([n for n, _ in _scored(report)])):
+        stage = report.stage(name)
+        if stage is not None and stage.evaluation is not None:
+            scores = EvaluationReport.from_dict(stage.evaluation)
+            if scores.per_image:
+                ranked = list(scores.worst_images(limit))
+                break
+    if not ranked:
+        ranked = first_images(dataset, limit)
+    return gallery_items(dataset, label_space, folders, ranked, heat_maps)
 
 
-def html_page(report: RunReport, out: Path, pictures: list[tuple[str, Image.Image]] | None = None) -> str:
-    """A self-contained page: the tables of :func:`markdown` and pictures of the test images (the
-    given comparisons, else the prediction overlays)."""
-    esc = html.escape
-    rows = "".join(
-        f"<tr><td>{esc(s.name)}</td><td>{_fmt(s.evaluation['miou']) if s.evaluation else 'not scored'}</td>"
-        f"<td>{s.seconds:.0f}</td><td>{esc(s.note)}</td></tr>"
-        for s in report.stages
-    )
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>wsss-domains run: {esc(report.domain)} / {esc(report.dataset)}</title>",
-        "<style>body{font-family:sans-serif;margin:2em;max-width:1000px}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}img{max-width:100%;margin:4px 0}</style>",
-        "</head><body>",
-        f"<h1>{esc(report.domain)} / {esc(report.dataset)}</h1>",
-        f"<p>Trained on <code>{esc(report.train_split)}</code>, segmented <code>{esc(report.test_split)}</code> "
-        f"without labels. Data: <code>{esc(report.data)}</code>. Method: <code>{esc(report.recipe['method'])}</code>"
-        f" &mdash; {esc(str(report.recipe.get('why', '')))}.</p>",
-        "<table><tr><th>stage</th><th>mIoU</th><th>seconds</th><th>note</th></tr>",
-        rows,
-        "</table>",
+def _overlay_items(out: Path) -> list[GalleryItem]:
+    """Without masks: the prediction writer's overlays of the first test images, unscored."""
+    items = []
+    for path in sorted((out / "predictions" / "test" / "overlays").glob("*.png"))[:DEFAULT_SHOWN]:
+        with Image.open(path) as picture:
+            panel = ("image | prediction", picture.convert("RGB"))
+            items.append(GalleryItem(path.stem, None, [panel], panel_width=440))  # two panels in one
+    return items
+
+
+def _stage_rows(report: RunReport) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for s in report.stages:
+        ev = s.evaluation
+        rows.append(
+            [
+                s.name,
+                _fmt(ev["miou"]) if ev else "not scored",
+                str(ev["n_images"]) if ev else "",
+                f"{s.seconds:.0f}",
+                s.note,
+            ]
+        )
+    return rows
+
+
+def html_page(
+    report: RunReport,
+    out: Path,
+    items: list[GalleryItem] | None = None,
+    colours: Mapping[str, Colour] | None = None,
+) -> str:
+    """A self-contained page: the stage table, per-class IoU of every scored stage with its confusion
+    matrix, the test images worst first, the command and the environment."""
+    method = report.recipe["method"]
+    why = report.recipe.get("why", "")
+    parts: list[object] = [
+        tag("h1", f"{report.domain} / {report.dataset}"),
+        tag(
+            "p",
+            "Trained on ",
+            tag("code", report.train_split),
+            ", segmented ",
+            tag("code", report.test_split),
+            " without labels. Data: ",
+            tag("code", report.data),
+            ". Pseudo-labelling method: ",
+            tag("code", method),
+            f" \u2014 {why}." if why else ".",
+            class_="lead",
+        ),
+        section(
+            "Stages",
+            table(["stage", "mIoU", "images", "seconds", "note"], _stage_rows(report), numeric=(1, 2, 3)),
+        ),
     ]
-    scored = _scored(report)
-    if scored:
-        classes = list(scored[0][1]["per_class_iou"])
-        parts.append("<h2>Per-class IoU</h2><table><tr><th>stage</th>")
-        parts += [f"<th>{esc(c)}</th>" for c in classes]
-        parts.append("</tr>")
-        for name, ev in scored:
-            cells = "".join(f"<td>{_fmt(ev['per_class_iou'].get(c))}</td>" for c in classes)
-            parts.append(f"<tr><td>{esc(name)}</td>{cells}</tr>")
-        parts.append("</table>")
-    shown: list[tuple[str, Path | Image.Image]] = list(pictures or [])
-    if not shown:
-        overlays = sorted((out / "predictions" / "test" / "overlays").glob("*.png"))[:MAX_PICTURES]
-        shown = [(path.stem, path) for path in overlays]
-    if shown:
-        parts.append("<h2>Test images: segmentation without labels</h2>")
-        for name, picture in shown:
-            parts.append(f"<p>{esc(name)}<br><img src='data:image/png;base64,{_picture(picture)}'></p>")
-    parts.append("</body></html>")
-    return "".join(parts)
+    evaluations = stage_evaluations(report)
+    if evaluations:
+        classes = list(evaluations[0][1].per_class_iou)
+        rows = [[name, *(score(ev.per_class_iou.get(c)) for c in classes)] for name, ev in evaluations]
+        parts.append(
+            section("Per-class IoU", table(["stage", *classes], rows, numeric=range(1, len(classes) + 1)))
+        )
+        details = [
+            tag(
+                "details",
+                tag("summary", f"{name}: mIoU {score(ev.miou)}, {ev.n_images} images"),
+                evaluation_section(ev, colours),
+                open="open" if name == SEGMENTATION_STAGE or len(evaluations) == 1 else None,
+            )
+            for name, ev in evaluations
+        ]
+        parts.append(section("Scores, per-class IoU and confusion of each scored stage", *details))
+    items = list(items or []) or _overlay_items(Path(out))
+    if items:
+        scored = any(item.score is not None for item in items)
+        lead = (
+            "The test images the segmenter did worst on first (per-image mIoU), each beside its ground "
+            "truth, the labels of each stage and, where pseudo-labelling drew them, its per-class CAM heat maps."
+            if scored
+            else "The first test images with the segmenter's labels (no masks to score them against)."
+        )
+        parts.append(
+            section(
+                "Test images: segmentation without labels",
+                tag("p", lead, class_="muted"),
+                legend(colours) if colours else "",
+                gallery(items, of_total=_test_images(report)),
+            )
+        )
+    parts.append(environment_block(report.command, report.environment))
+    return page(f"wsss-domains run: {report.domain} / {report.dataset}", *parts)
+
+
+def _test_images(report: RunReport) -> int | None:
+    stage = report.stage(SEGMENTATION_STAGE)
+    return None if stage is None or stage.evaluation is None else int(stage.evaluation["n_images"])
 
 
 def write_run_report(
-    report: RunReport, out: Path, pictures: list[tuple[str, Image.Image]] | None = None
+    report: RunReport,
+    out: Path,
+    items: list[GalleryItem] | None = None,
+    colours: Mapping[str, Colour] | None = None,
 ) -> None:
     """``report.json``, ``report.md`` and ``report.html`` in ``out``."""
     out = Path(out)
@@ -162,5 +217,5 @@ def write_run_report(
     atomic_write(out / "report.json", lambda tmp: tmp.write_text(data))
     text = markdown(report)
     atomic_write(out / "report.md", lambda tmp: tmp.write_text(text))
-    page = html_page(report, out, pictures)
-    atomic_write(out / "report.html", lambda tmp: tmp.write_text(page))
+    text = html_page(report, out, items, colours)
+    atomic_write(out / "report.html", lambda tmp: tmp.write_text(text))

@@ -39,8 +39,10 @@ from wsss_domains.pipeline.data import open_dataset, resolve_device
 from wsss_domains.pipeline.evaluate import evaluate_split
 from wsss_domains.pipeline.predict import predict_split
 from wsss_domains.pipeline.pseudo_labels import ScoredPseudoLabels, pseudo_label_and_score
-from wsss_domains.pipeline.report import comparison_pictures, write_run_report
+from wsss_domains.pipeline.report import SEGMENTATION_STAGE, run_gallery, write_run_report
 from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
+from wsss_domains.reports.environment import command_line, environment
+from wsss_domains.reports.pictures import colours
 from wsss_domains.segmentation.inference import InferenceOptions
 
 LABEL_FREE_STAGE = "pseudo-labels (test split, predicted labels: no labels)"
@@ -82,6 +84,9 @@ class RunReport:
     recipe: dict[str, Any]
     settings: dict[str, Any]
     stages: list[StageResult] = field(default_factory=list)
+    # The command line of the process that ran the job, and the machine it ran on.
+    command: str = ""
+    environment: dict[str, str] = field(default_factory=dict)
 
     def stage(self, name: str) -> StageResult | None:
         return next((s for s in self.stages if s.name == name), None)
@@ -145,6 +150,8 @@ def run_pipeline(
             "inference": asdict(inference),
             "domain_options": domain_options,
         },
+        command=command_line(),
+        environment=environment(),
     )
     progress = settings.progress
 
@@ -222,7 +229,7 @@ def run_pipeline(
                 test_split,
                 test_pl,
                 labels_from_masks=True,
-                overlays=False,
+                overlays=not pl_options,  # whole images: their CAM heat maps go in the report
                 score=True,
                 **common,
             ),  # fmt: skip
@@ -247,7 +254,7 @@ def run_pipeline(
     )
     predictions = out / "predictions" / "test"
     timed(
-        "segmentation (test split, no labels)",
+        SEGMENTATION_STAGE,
         predictions,
         lambda: predict_split(
             seg_dir,
@@ -275,16 +282,16 @@ def run_pipeline(
             note=f"method {method}, whole images, the classifier's predicted image labels",
         )
         report.stages[-1].evaluation = scored.report.to_dict()
-    pictures = None
+    items = None
     if test_masks:
-        folders = {
-            "pseudo-label (labels given)": out / "pseudo-labels" / "test",
-            "segmenter (no labels)": predictions,
-        }
+        # The test pseudo-labels' overlays hold the CAM heat maps shown beside each image.
+        test_pl = out / "pseudo-labels" / "test"
+        folders = {"pseudo-label (labels given)": test_pl, "segmenter (no labels)": predictions}
         if pl_options:  # patch pseudo-labels have no whole-image file to show
             folders.pop("pseudo-label (labels given)")
-        pictures = comparison_pictures(test_opened.dataset, test_opened.label_space, folders)
-    write_run_report(report, out, pictures)
+        heat_maps = test_pl if settings.test_pseudo_labels and not pl_options else None
+        items = run_gallery(report, test_opened.dataset, test_opened.label_space, folders, heat_maps)
+    write_run_report(report, out, items, colours(test_opened.label_space))
     return report
 
 
