@@ -18,7 +18,7 @@ from PIL import Image
 import wsss_domains.training.fit  # noqa: F401
 from wsss_domains.bench import matrix as bench_matrix
 from wsss_domains.bench.cli import run_bench, scoped_method_options
-from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset
+from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset, load_presets
 from wsss_domains.bench.report import (
     build_matrix,
     compute_gains,
@@ -30,6 +30,7 @@ from wsss_domains.bench.report import (
 )
 from wsss_domains.cli import EXIT_USAGE, build_parser, main
 from wsss_domains.cli.common import CliError
+from wsss_domains.errors import UserError
 from wsss_domains.methods import Method
 from wsss_domains.methods.options import MethodOptionError
 from wsss_domains.methods.registry import _METHODS, register_method
@@ -412,6 +413,23 @@ def test_presets_score_tiles_only_where_asked():
     assert DEFAULT_PRESETS["remote-sensing"].score_options() == {"labels_from_masks": True, "patch_size": 256}
     assert DEFAULT_PRESETS["histo"].score_options() == {}
     assert DEFAULT_PRESETS["histo"].train_options() == {"labels_from_masks": True, "patch_size": 224}
+
+
+def test_a_presets_file_of_ones_own_and_its_errors(tmp_path):
+    own = tmp_path / "presets.yaml"
+    own.write_text(
+        "mine:\n  domain: histo\n  dataset: wsss4luad\n  path: my/rois\n  train_split: a\n"
+        "  score_split: b\n  scales: [1, 0.5]\n  patch_size: 128\n  labels_from_masks: true\n"
+    )
+    [(name, preset)] = load_presets(own).items()
+    assert name == "mine" and preset.scales == (1.0, 0.5) and preset.data(tmp_path) == tmp_path / "my/rois"
+    assert preset.train_options() == {"labels_from_masks": True, "patch_size": 128}
+    own.write_text("mine:\n  domain: histo\n  datset: wsss4luad\n")
+    with pytest.raises(UserError, match="preset 'mine': unknown field.s. datset; missing dataset, path"):
+        load_presets(own)
+    own.write_text("- histo\n")
+    with pytest.raises(UserError, match="maps preset names to their fields"):
+        load_presets(own)
 
 
 def test_random_patches_reach_training_and_its_fingerprint_only_when_set(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss_domains.bench.matrix import MatrixSettings, ordered_methods, run_matrix
-from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset
+from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset, load_presets
 from wsss_domains.bench.report import build_matrix, machine_info, write_outputs
 from wsss_domains.cli import command_help
 from wsss_domains.cli.common import CliError, resolve_device
@@ -39,7 +39,7 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
             "evaluate. Writes cells/<domain>__<method>.json as each cell finishes, then matrix.md, "
             "matrix.json, heatmap.png and the self-contained matrix.html. Re-running with the same --out skips finished cells and resumes "
             "unfinished training from its checkpoint. A failing cell is recorded and the matrix goes on. "
-            f"Domains: {', '.join(DEFAULT_PRESETS)}."
+            f"Built-in domain presets: {', '.join(DEFAULT_PRESETS)} (--presets FILE.yaml for your own)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -55,6 +55,12 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         type=int,
         metavar="K",
         help="train every mask-labelled domain on K random windows per image and epoch instead of its grid",
+    )
+    p.add_argument(
+        "--presets",
+        type=Path,
+        metavar="FILE.yaml",
+        help="domain presets of your own (the keys of the built-in presets.yaml; default: the built-in ones)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="matrix folder (resumable)")
     p.add_argument("--data-root", type=Path, default=default_data_root(), help="development data root")
@@ -152,6 +158,8 @@ def bench_command(args: argparse.Namespace) -> str:
     argv += ["--data-root", str(args.data_root), "--device", args.device]
     if getattr(args, "random_patches", None):
         argv += ["--random-patches", str(args.random_patches)]
+    if getattr(args, "presets", None) is not None:
+        argv += ["--presets", str(args.presets)]
     for item in args.method_option:
         argv += ["--method-option", item]
     for flag in MODEL_FLAGS:
@@ -164,6 +172,8 @@ def bench_command(args: argparse.Namespace) -> str:
 
 def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFAULT_PRESETS) -> int:
     """Validate, run every cell (resuming), rewrite the report after each; presets are injectable."""
+    if getattr(args, "presets", None) is not None:
+        presets = load_presets(args.presets)
     methods = ordered_methods(parse_names(args.methods, list_methods(), "method", chains=True))
     domains = parse_names(args.domains, list(presets), "domain")
     if not args.budget_minutes > 0:

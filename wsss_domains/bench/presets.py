@@ -3,17 +3,19 @@
 Each preset trains on one slice of a domain's development data and scores another slice of the same
 data (a hold-out: the two never share an image, see :mod:`wsss_domains.data.splits`), so every
 column of the matrix is scored on images its classifier never saw. Paths are relative to a data
-root (``../shared/data`` beside the checkout by default).
+root (``../shared/data`` beside the checkout by default). The presets are data, not code:
+``presets.yaml`` beside this module holds the built-in ones, ``bench --presets FILE.yaml`` a user's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from wsss_domains.cam.extract import DEFAULT_SCALES
+from wsss_domains.errors import UserError
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
 
 
@@ -72,56 +74,39 @@ class CellPreset:
         return data
 
 
-# Splits checked against ../shared/data (see its README): every slice below is non-empty and the
-# train and score slices of a preset are disjoint.
-DEFAULT_PRESETS: Mapping[str, CellPreset] = {
-    "histo": CellPreset(
-        domain="histo",
-        dataset="wsss4luad",
-        path="histo/WSSS4LUAD",
-        train_split="validation[0:20]",  # 20 annotated ROIs cut into 224 px patches (native magnification)
-        score_split="validation[20:]",  # the other 11 ROIs, scored whole
-        labels_from_masks=True,
-        patch_size=224,
-        note="WSSS4LUAD 2.validation (31 ROIs): tumour, stroma, normal; glass excluded",
-    ),
-    "driving": CellPreset(
-        domain="driving",
-        dataset="camvid",
-        path="driving/CamVid",
-        train_split="train",  # 367 frames cut into 120x160 crops labelled from their masks
-        score_split="val",  # 101 frames, scored whole (480x360)
-        labels_from_masks=True,
-        note="CamVid (SegNet layout): 11 classes, frames from other sequences in val",
-    ),
-    "remote-sensing": CellPreset(
-        domain="remote-sensing",
-        dataset="deepglobe",
-        path="remote_sensing/deepglobe-sample",
-        train_split="train[0:6]",  # 6 scenes of 2448x2448 in 256 px tiles
-        score_split="train[6:]",  # the other 2 scenes, scored tile by tile
-        labels_from_masks=True,
-        patch_size=256,
-        score_tiles=True,
-        note="DeepGlobe 2018 land cover sample (8 scenes): 6 classes, unknown ignored",
-    ),
-    "dubai": CellPreset(
-        domain="remote-sensing",
-        dataset="dubai-aerial",
-        path="remote_sensing/dubai-aerial",
-        train_split="all[:80%]",  # ids sort tile group by tile group: the last images of tile 5 ...
-        score_split="all[80%:]",  # ... are held out, so train and score regions stay apart
-        labels_from_masks=True,
-        patch_size=256,
-        score_tiles=True,
-        note="Dubai aerial (tiles 1-5, 45 images): 5 classes + unlabeled ignored",
-    ),
-    "coco": CellPreset(
-        domain="coco",
-        dataset="coco",
-        path="natural/coco128",
-        train_split="train2017[0:48]",  # whole images with their instance-derived image labels
-        score_split="train2017[48:]",  # the other 16 images
-        note="coco128 (64 images): 80 categories + background by threshold",
-    ),
-}
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+
+
+def load_presets(path: Path | str = PRESETS_FILE) -> dict[str, CellPreset]:
+    """The presets of a YAML file (name -> :class:`CellPreset` fields); unknown or missing fields fail."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read the presets file ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"{path}: a presets file maps preset names to their fields")
+    names = {f.name for f in fields(CellPreset)}
+    required = {f.name for f in fields(CellPreset) if f.default is MISSING}
+    presets = {}
+    for name, entry in data.items():
+        if not isinstance(entry, dict):
+            raise UserError(f"{path}: preset '{name}' must be a mapping of fields")
+        unknown, missing = sorted(set(entry) - names), sorted(required - set(entry))
+        if unknown or missing:
+            problem = f"unknown field(s) {', '.join(unknown)}" if unknown else ""
+            problem += ("; " if unknown and missing else "") + (
+                f"missing {', '.join(missing)}" if missing else ""
+            )
+            raise UserError(f"{path}: preset '{name}': {problem} (fields: {', '.join(sorted(names))})")
+        if "scales" in entry:
+            entry = {**entry, "scales": tuple(float(s) for s in entry["scales"])}
+        presets[str(name)] = CellPreset(**entry)
+    return presets
+
+
+DEFAULT_PRESETS: Mapping[str, CellPreset] = load_presets()

@@ -4,6 +4,7 @@ from wsss_domains.methods import cam_proto as _cam_proto  # noqa: F401  (registe
 from wsss_domains.methods import clip_methods as _clip_methods  # noqa: F401  (registers clip-es, clip-es-learned)
 from wsss_domains.methods import dupl as _dupl  # noqa: F401  (training-time methods register on import)
 from wsss_domains.methods import label_probe as _label_probe  # noqa: F401  (registers label-probe)
+from wsss_domains.methods import lpcam as _lpcam  # noqa: F401  (registers lpcam)
 from wsss_domains.methods import ppc as _ppc  # noqa: F401
 from wsss_domains.methods import refinement as _refinement  # noqa: F401  (registers refined-CAM methods)
 from wsss_domains.methods import s2c as _s2c  # noqa: F401  (registers s2c)
