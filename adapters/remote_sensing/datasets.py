@@ -4,7 +4,7 @@
 * :class:`TileDataset`: one sample per tile (window) of every scene, each labelled by the classes
   present in its own window of the mask, the usual tile-level protocol of remote-sensing WSSS.
   Tiles are read from disk window by window (small PNG/JPEG scenes, which cannot be read by
-  window efficiently, are decoded once and cached: see :mod:`raster`).
+  window efficiently, are decoded once and cached: see :mod:`wsss_domains.data.raster_reader`).
 * :class:`RasterTiles`: every tile of one (possibly huge) raster, none dropped, with the window
   in ``meta`` so predictions can be stitched back into a full-size map.
 
@@ -22,7 +22,7 @@ from wsss_adapters.remote_sensing.scene import ReadOptions, Scene, SceneReader
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import IdCode, MaskCode
-from wsss_domains.data.raster import Scaling, TileWindow, iter_windows
+from wsss_domains.data.raster_reader import Scaling, TileWindow, iter_windows
 from wsss_domains.domains.contract import LabelSpace, Sample
 
 # Whole scenes above this many pixels are refused: read them as tiles instead.

@@ -20,7 +20,7 @@ from wsss_adapters.remote_sensing.scene import ReadOptions, Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import MaskCode
-from wsss_domains.data.raster import Scaling
+from wsss_domains.data.raster_reader import Scaling
 from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains.contract import LabelSpace
 
@@ -83,7 +83,7 @@ class TileOptions(LoaderOptions):
     ``labels_from_masks``: tiles of ``patch_size`` (default 256) labelled from their masks, with
     ``overlap`` pixels between neighbours; a class counts in a tile from ``min_fraction`` of its
     scored pixels. ``bands``: 1-based raster bands to read (default: the first three).
-    ``scaling``: how raster values become [0, 1] (see :mod:`wsss_domains.data.raster`).
+    ``scaling``: how raster values become [0, 1] (see :mod:`wsss_domains.data.raster_reader`).
     """
 
     labels_from_masks: bool = False

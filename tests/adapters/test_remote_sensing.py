@@ -25,7 +25,7 @@ from wsss_adapters.remote_sensing.metrics import cohen_kappa, overall_accuracy
 from wsss_adapters.remote_sensing.prompts import clip_prompts_for
 
 from wsss_domains.clip import prompt_files
-from wsss_domains.data import raster
+from wsss_domains.data import raster_reader as raster
 from wsss_domains.data.io import DataError
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.data.splits import parse_split

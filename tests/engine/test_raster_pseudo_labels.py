@@ -26,7 +26,7 @@ from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.cli import EXIT_USAGE, main
 from wsss_domains.data.io import DataError, read_index_mask
 from wsss_domains.data.large_images import ImageFile, stage_image
-from wsss_domains.data.raster import ImageRaster
+from wsss_domains.data.raster_reader import ImageRaster
 from wsss_domains.domains.contract import IMAGENET_MEAN, IMAGENET_STD
 from wsss_domains.methods.base import Method
 from wsss_domains.models.classifier import CamClassifier

@@ -213,7 +213,7 @@ def test_box_only_sam_is_prompted_with_the_domains_boxes(tiny_sam):
 
 
 def test_sepl_with_the_tiny_sam_matches_sepl_on_the_same_masks(tiny_sam, tmp_path):
-    from wsss_domains.sam.sepl import sepl_refine
+    from wsss_domains.sam.sepl_merge import sepl_refine
 
     method = create_method("sepl", sam=tiny_sam, sam_cache=str(tmp_path / "cache"), **EVERYTHING_FAST)
     image = torch.rand(3, 24, 24)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from wsss_domains.sam.sepl import sepl_assign, sepl_refine
+from wsss_domains.sam.sepl_merge import sepl_assign, sepl_refine
 
 U = 255
 

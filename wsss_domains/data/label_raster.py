@@ -25,7 +25,7 @@ from rasterio.io import DatasetWriter
 from torch import nn
 
 from wsss_domains.data.io import atomic_write, save_palette_png
-from wsss_domains.data.raster import TileWindow
+from wsss_domains.data.raster_reader import TileWindow
 from wsss_domains.domains.contract import LabelSpace
 
 # GDAL's block cache counts in resident memory; its default (5 % of RAM) would dwarf one window.

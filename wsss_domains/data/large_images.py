@@ -32,7 +32,7 @@ from torch.utils.data import Subset
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.label_raster import GDAL_CACHE_MB
-from wsss_domains.data.raster import SEQUENTIAL_DRIVERS, open_raster, raster_info
+from wsss_domains.data.raster_reader import SEQUENTIAL_DRIVERS, open_raster, raster_info
 
 # Above this many pixels an image is processed window by window (about 0.1-0.5 GB of CAM work at
 # 2048², growing with the square of the side; below it the whole-image path is faster).

@@ -34,7 +34,7 @@ reference: its 256 x 256 logits resized bilinearly) and the prompting CAMs resiz
 The image SAM sees is the batch de-normalised with the run's mean and std (after augmentation, so
 masks and features stay aligned). At pseudo-label time S2C is plain multi-scale CAM followed by
 SEPL: the reference's README sends its CAMs to SEPL's code (SAM_WSSS), whose default merge
-(``merge/max_iou_imp2.py``) :func:`~wsss_domains.sam.sepl.sepl_refine` follows.
+(``merge/max_iou_imp2.py``) :func:`~wsss_domains.sam.sepl_merge.sepl_refine` follows.
 
 Cost: per training image one SAM image-encoder pass, the prompt decoder for each prompted class
 (plus SAM's automatic mask generator, 32 x 32 point grid, for point-capable SAMs) and four extra

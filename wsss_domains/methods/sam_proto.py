@@ -121,7 +121,7 @@ class SamProto(SamMethod):
 
     def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
         from wsss_domains.sam.prototypes import class_prototypes, prototype_cams
-        from wsss_domains.sam.sepl import sepl_assign
+        from wsss_domains.sam.sepl_merge import sepl_assign
 
         image, present = context.image, context.present
         domain, label_space = context.domain, context.label_space

@@ -3,7 +3,7 @@
 Pseudo-label time only; training is plain CAM. SAM segments the image without classes
 (everything mode; boxes from the CAMs for a box-only SAM such as LiteMedSAM) and the masks are merged
 with the CAM pseudo-label by the official SEPL rule (SAM_WSSS ``merge/max_iou_imp2.py``, see
-:func:`~wsss_domains.sam.sepl.sepl_refine`): a mask goes to the first foreground class that holds
+:func:`~wsss_domains.sam.sepl_merge.sepl_refine`): a mask goes to the first foreground class that holds
 more than half of it or whose region it covers for 85 %; the output starts as background, each class
 paints its masks and its CAM pixels no unclaimed mask covers, later classes over earlier ones.
 Excluded (ignore) pixels stay ignored.
@@ -25,7 +25,7 @@ class SeplRefinement(SamMethod):
     """
 
     def refine_labels(self, labels: Tensor, cams: Tensor, context: RefineContext) -> Tensor:
-        from wsss_domains.sam.sepl import sepl_refine
+        from wsss_domains.sam.sepl_merge import sepl_refine
 
         label_space = context.label_space
         masks = self.segments(context.image, cams, context.present, context.domain)

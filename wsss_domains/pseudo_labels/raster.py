@@ -64,7 +64,7 @@ Finished windows (and the first pass's results) are recorded in a sidecar JSON a
 windows, so a killed run resumes where it stopped; a finished output whose summary (``OUT.tif.json``
 beside it) records the same inputs is not recomputed.
 
-Pixels are read through the engine's windowed readers in :mod:`wsss_domains.data.raster`
+Pixels are read through the engine's windowed readers in :mod:`wsss_domains.data.raster_reader`
 (``ImageRaster``, ``MaskRaster``: band choice, scaling of 12/16-bit data, the no-data rule), the same
 ones the remote-sensing loaders use; no-data pixels get the ignore index.
 """
@@ -108,7 +108,7 @@ from wsss_domains.data.label_raster import (
     write_overview,
 )
 from wsss_domains.data.mask_codes import ColorCode, IdCode, MaskCode
-from wsss_domains.data.raster import (
+from wsss_domains.data.raster_reader import (
     ImageRaster,
     MaskRaster,
     RasterInfo,

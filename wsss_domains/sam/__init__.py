@@ -21,7 +21,7 @@ from wsss_domains.sam.prototypes import (
 )
 from wsss_domains.sam.registry import CHECKPOINT_FLAG, LoadedSam, create_sam, list_sam_models
 from wsss_domains.sam.segmenter import SamMasks, SamSegmenter
-from wsss_domains.sam.sepl import sepl_assign, sepl_refine
+from wsss_domains.sam.sepl_merge import sepl_assign, sepl_refine
 
 __all__ = [
     "CHECKPOINT_FLAG",

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from wsss_domains.data import label_raster
 from wsss_domains.data.io import atomic_write
-from wsss_domains.data.raster import TileWindow
+from wsss_domains.data.raster_reader import TileWindow
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
 from wsss_domains.segmentation.inference import SegmenterPredictor
@@ -211,7 +211,7 @@ class RasterSource:
     """A raster (GeoTIFF, anything rasterio reads) through the engine's windowed reader."""
 
     def __init__(self, path: Path, bands: tuple[int, ...] | None = None, scaling: str = "auto") -> None:
-        from wsss_domains.data.raster import ImageRaster
+        from wsss_domains.data.raster_reader import ImageRaster
 
         self.image = ImageRaster(path, bands, scaling)  # type: ignore[arg-type]
         self.path = self.image.path
