@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -61,6 +60,7 @@ from wsss_domains.cam.extract import DEFAULT_SCALES, CamExtractor, normalize_per
 from wsss_domains.data.io import read_rgb
 from wsss_domains.domains.contract import IMAGENET_MEAN, IMAGENET_STD
 from wsss_domains.models.classifier import CamClassifier
+from wsss_domains.reports.environment import cpu_model
 from wsss_domains.training.data import normalize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,16 +120,6 @@ def gradcam_maps(gradcam: RawGradCAM, image: Tensor, scales: tuple[float, ...]) 
             cam = cam[0, 0] + cam[1, 0].flip(-1)
             raw[k] += F.interpolate(cam[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
     return normalize_per_class(returned), normalize_per_class(raw)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def frozen_copy(model: CamClassifier) -> CamClassifier:

@@ -1,7 +1,9 @@
 """WSSS methods behind one registry."""
 
+from wsss_domains.methods import cam_fusion as _cam_fusion  # noqa: F401  (registers cam-fusion)
 from wsss_domains.methods import cam_proto as _cam_proto  # noqa: F401  (registers cam-proto)
 from wsss_domains.methods import clip_methods as _clip_methods  # noqa: F401  (registers clip-es, clip-es-learned)
+from wsss_domains.methods import cpn as _cpn  # noqa: F401  (registers cpn)
 from wsss_domains.methods import dupl as _dupl  # noqa: F401  (training-time methods register on import)
 from wsss_domains.methods import label_probe as _label_probe  # noqa: F401  (registers label-probe)
 from wsss_domains.methods import lpcam as _lpcam  # noqa: F401  (registers lpcam)

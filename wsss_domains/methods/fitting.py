@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
@@ -71,3 +74,42 @@ def extractor_settings(extractor: CamExtractor) -> dict[str, Any]:
         "base_scale": extractor.base_scale,
         "normalization": extractor.normalization,
     }
+
+
+@dataclass
+class FitSample:
+    """One training sample as a fit reads it."""
+
+    sample: dict[str, Any]
+    present: Tensor  # multi-hot image-level labels over the foreground classes
+    prepared: Tensor  # the image in [0, 1] after the domain's preprocessing (stain normalisation)
+    x: Tensor  # ``prepared`` normalised for the classifier
+    exclude: Tensor | None  # pixels not to learn from (white glass, no-data)
+
+
+def draw_fit_samples(
+    context: FitContext,
+    dataset: Any,
+    fit_images: int,
+    generator: torch.Generator,
+    wanted: Callable[[Tensor], bool],
+    desc: str,
+) -> Iterator[FitSample]:
+    """Up to ``fit_images`` samples of ``dataset`` (drawn with ``generator``, read in index order)
+    whose image-level labels are ``wanted``, each preprocessed once for both CAMs and features."""
+    from wsss_domains.pseudo_labels.writer import image_labels
+    from wsss_domains.training.data import normalize
+
+    order = torch.randperm(len(dataset), generator=generator)[:fit_images].sort().values.tolist()
+    domain, label_space = context.domain, context.label_space
+    for index in tqdm(order, desc=desc, unit="img", disable=not context.progress):
+        sample = dataset[index]
+        present = image_labels(sample, label_space, "auto")
+        if present is None or not wanted(present):
+            continue
+        raw = sample["image"]
+        prepared = domain.preprocess(raw)
+        exclude = sample.get("exclude")
+        if exclude is None:
+            exclude = domain.exclude_mask(raw, label_space)
+        yield FitSample(sample, present, prepared, normalize(prepared, context.mean, context.std), exclude)

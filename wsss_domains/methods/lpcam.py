@@ -52,11 +52,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor, normalize_per_class
 from wsss_domains.methods.base import Method, RefineContext
-from wsss_domains.methods.fitting import FitContext
+from wsss_domains.methods.fitting import FitContext, draw_fit_samples
 from wsss_domains.methods.registry import register_method
 from wsss_domains.methods.sam_proto import fuse_prototype_cams
 from wsss_domains.training.data import normalize
@@ -329,22 +328,16 @@ class Lpcam(Method):
         self, context: FitContext, generator: torch.Generator
     ) -> Iterator[tuple[Tensor, Tensor, Any]]:
         """``(x, present, exclude)`` of up to ``fit_images`` labelled training samples (seeded draw)."""
-        from wsss_domains.pseudo_labels.writer import image_labels
-
-        dataset: Any = context.dataset
-        n = len(dataset)
-        order = torch.randperm(n, generator=generator)[: self.fit_images].sort().values.tolist()
-        domain, label_space = context.domain, context.label_space
-        for index in tqdm(order, desc=f"{self.name} fit", unit="img", disable=not context.progress):
-            sample = dataset[index]
-            present = image_labels(sample, label_space, "auto")
-            if present is None or not present.bool().any():
-                continue
-            raw = sample["image"]
-            exclude = sample.get("exclude")
-            if exclude is None:
-                exclude = domain.exclude_mask(raw, label_space)
-            yield normalize(domain.preprocess(raw), context.mean, context.std), present, exclude
+        samples = draw_fit_samples(
+            context,
+            context.dataset,
+            self.fit_images,
+            generator,
+            lambda p: bool(p.bool().any()),
+            f"{self.name} fit",
+        )
+        for s in samples:
+            yield s.x, s.present, s.exclude
 
     @torch.no_grad()
     def collect_features(self, context: FitContext) -> tuple[list[Tensor], list[Tensor]]:

@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
 from wsss_domains.methods.base import Method, RefineContext
-from wsss_domains.methods.fitting import FitContext
+from wsss_domains.methods.fitting import FitContext, FitSample, draw_fit_samples
 from wsss_domains.models.stages import stage_at_stride
 from wsss_domains.training.data import normalize
 
@@ -71,17 +69,6 @@ def new_probe(
         nn.init.normal_(probe.linear.weight, std=0.01, generator=generator)
         probe.linear.bias.zero_()
     return probe, torch.optim.Adam(probe.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
-
-
-@dataclass
-class FitSample:
-    """One training sample as a probe's fit reads it."""
-
-    sample: dict[str, Any]
-    present: Tensor  # multi-hot image-level labels over the foreground classes
-    prepared: Tensor  # the image in [0, 1] after the domain's preprocessing (stain normalisation)
-    x: Tensor  # ``prepared`` normalised for the classifier
-    exclude: Tensor | None  # pixels not to learn from (white glass, no-data)
 
 
 class StageProbe(Method):
@@ -165,25 +152,9 @@ class StageProbe(Method):
         generator: torch.Generator,
         wanted: Callable[[Tensor], bool],
     ) -> Iterator[FitSample]:
-        """Up to ``fit_images`` samples of ``dataset`` (drawn with ``generator``, read in index order)
-        whose labels are ``wanted``, each preprocessed once for both the CAMs and the features."""
-        from wsss_domains.pseudo_labels.writer import image_labels
-
-        n = len(dataset)
-        order = torch.randperm(n, generator=generator)[: self.fit_images].sort().values.tolist()
-        domain, label_space = context.domain, context.label_space
-        for index in tqdm(order, desc=f"{self.name} fit", unit="img", disable=not context.progress):
-            sample = dataset[index]
-            present = image_labels(sample, label_space, "auto")
-            if present is None or not wanted(present):
-                continue
-            raw = sample["image"]
-            prepared = domain.preprocess(raw)
-            exclude = sample.get("exclude")
-            if exclude is None:
-                exclude = domain.exclude_mask(raw, label_space)
-            x = normalize(prepared, context.mean, context.std)
-            yield FitSample(sample, present, prepared, x, exclude)
+        """Up to ``fit_images`` samples of ``dataset`` whose labels are ``wanted`` (see
+        :func:`~wsss_domains.methods.fitting.draw_fit_samples`)."""
+        return draw_fit_samples(context, dataset, self.fit_images, generator, wanted, f"{self.name} fit")
 
     def _load(self, path: Path | None, outputs: int) -> bool:
         """Restore a cached fit; False where there is none."""
