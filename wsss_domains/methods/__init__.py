@@ -2,6 +2,7 @@
 
 from wsss_domains.methods import cam_fusion as _cam_fusion  # noqa: F401  (registers cam-fusion)
 from wsss_domains.methods import cam_proto as _cam_proto  # noqa: F401  (registers cam-proto)
+from wsss_domains.methods import clims as _clims  # noqa: F401  (registers clims)
 from wsss_domains.methods import clip_methods as _clip_methods  # noqa: F401  (registers clip-es, clip-es-learned)
 from wsss_domains.methods import cpn as _cpn  # noqa: F401  (registers cpn)
 from wsss_domains.methods import dupl as _dupl  # noqa: F401  (training-time methods register on import)
