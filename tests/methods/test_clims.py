@@ -131,7 +131,8 @@ def test_losses_follow_the_official_formulas(tiny_weights):
     reference = cams.clone().requires_grad_(True)
     official, _ = _official_losses(clip, tokenizer, image, reference, label, texts, background, threshold)
     sum(weights[k] * v for k, v in official.items()).backward()
-    assert torch.allclose(given.grad, reference.grad, rtol=1e-3, atol=1e-6)
+    scale = float(reference.grad.abs().max())
+    assert scale > 0 and torch.allclose(given.grad, reference.grad, rtol=1e-3, atol=1e-4 * scale)
 
 
 def test_background_words_from_the_domain_else_the_official_voc_list(tiny_weights):
@@ -146,10 +147,10 @@ def test_no_clims_loss_before_start_progress_or_without_present_classes(tiny_wei
     method = _method(tiny_weights)  # default start_progress 0.25
     cams = torch.randn(2, 2, 4, 4, requires_grad=True)
     batch = {"image": torch.randn(2, 3, 32, 32), "label": torch.ones(2, 2), "progress": torch.tensor(0.1)}
-    assert all(float(v) == 0 for v in method.training_losses(None, None, batch, {"cams": cams}).values())
+    assert all(float(v.detach()) == 0 for v in method.training_losses(None, None, batch, {"cams": cams}).values())
     assert method._loaded is None  # CLIP not even loaded
     batch = {**batch, "label": torch.zeros(2, 2), "progress": torch.tensor(0.9)}
-    assert all(float(v) == 0 for v in method.training_losses(None, None, batch, {"cams": cams}).values())
+    assert all(float(v.detach()) == 0 for v in method.training_losses(None, None, batch, {"cams": cams}).values())
 
 
 def test_training_lowers_the_loss_and_moves_only_the_classifier(tiny_weights):

@@ -96,17 +96,22 @@ def key_values(items: list[str], flag: str) -> dict[str, object]:
     return options
 
 
-def add_domain_option_argument(parser: argparse.ArgumentParser) -> None:
-    """``--domain-option KEY=VALUE`` of the commands that build the domain for a new run."""
+def add_domain_option_argument(parser: argparse.ArgumentParser, recorded: bool = True) -> None:
+    """``--domain-option KEY=VALUE`` of the commands that build the domain themselves; ``recorded``
+    for those that start a run (train, run), whose later stages reuse what the run recorded."""
+    after = (
+        "Recorded in the run, so pseudo-labels, segment and predict prepare images the same way"
+        if recorded
+        else "Give the options the run was trained with"
+    )
     parser.add_argument(
         "--domain-option",
         action="append",
         default=[],
         metavar="KEY=VALUE",
         help="an option of the domain plugin, repeatable (values parsed as JSON when possible), e.g. "
-        "stain=macenko for histo (Macenko stain normalisation of every image). Recorded in the run, so "
-        "pseudo-labels, segment and predict prepare images the same way; each domain's options: "
-        "`wsss-domains domains`",
+        f"stain=macenko for histo (Macenko stain normalisation of every image). {after}; each domain's "
+        "options: `wsss-domains domains`",
     )
 
 

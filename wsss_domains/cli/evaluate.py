@@ -28,7 +28,7 @@ def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--domain", required=True)
-    add_domain_option_argument(p)
+    add_domain_option_argument(p, recorded=False)
     add_data_arguments(p)
     add_tiles_argument(p)
     p.add_argument("--pred", type=Path, required=True, help="folder of <id>.png predictions")

@@ -44,7 +44,7 @@ def add_prompts_subcommand(subparsers: argparse._SubParsersAction) -> argparse.A
         "learn", help="learn context + background prompts (and LoRA) from image labels"
     )
     learn.add_argument("--domain", required=True, help="domain plugin name (e.g. remote-sensing)")
-    add_domain_option_argument(learn)
+    add_domain_option_argument(learn, recorded=False)
     add_clip_arguments(learn)
     learn.add_argument(
         "--dataset", default=None, help="dataset loader name (detected from --data if omitted)"
