@@ -68,7 +68,9 @@ def _official_losses(clip, tokenizer, image, cams, label, texts, background, thr
     pixels = (pixels - torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]) / torch.tensor(OPENAI_DATASET_STD)[
         :, None, None
     ]
-    cam_224 = F.interpolate(x, (size, size), mode="bilinear", align_corners=True).reshape(n * k, 1, size, size)
+    cam_224 = F.interpolate(x, (size, size), mode="bilinear", align_corners=True).reshape(
+        n * k, 1, size, size
+    )
     img_224 = F.interpolate(pixels, (size, size), mode="bilinear", align_corners=True)
     fg_indices = torch.nonzero(label.reshape(-1) == 1, as_tuple=False).squeeze()
     temp_idx = torch.nonzero(label == 1, as_tuple=False)
@@ -112,7 +114,9 @@ def test_losses_follow_the_official_formulas(tiny_weights):
     background = [f"a photo of {w}." for w in ("ground", "sky", "wall")]
     # A threshold in the middle of the similarities, so the CBS mask keeps some pairs and drops others.
     _, sims = _official_losses(clip, tokenizer, image, cams, label, texts, background, 0.0)
-    threshold = float(sims.median())
+    ordered = sims.flatten().sort().values
+    middle = ordered.numel() // 2
+    threshold = float(ordered[middle - 1] + ordered[middle]) / 2  # between two similarities, not on one
     expected, sims = _official_losses(clip, tokenizer, image, cams, label, texts, background, threshold)
     assert 0 < int((sims > threshold).sum()) < sims.numel()
 
@@ -132,7 +136,7 @@ def test_losses_follow_the_official_formulas(tiny_weights):
     official, _ = _official_losses(clip, tokenizer, image, reference, label, texts, background, threshold)
     sum(weights[k] * v for k, v in official.items()).backward()
     scale = float(reference.grad.abs().max())
-    assert scale > 0 and torch.allclose(given.grad, reference.grad, rtol=1e-3, atol=1e-4 * scale)
+    assert scale > 0 and torch.allclose(given.grad, reference.grad, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_background_words_from_the_domain_else_the_official_voc_list(tiny_weights):
@@ -147,10 +151,14 @@ def test_no_clims_loss_before_start_progress_or_without_present_classes(tiny_wei
     method = _method(tiny_weights)  # default start_progress 0.25
     cams = torch.randn(2, 2, 4, 4, requires_grad=True)
     batch = {"image": torch.randn(2, 3, 32, 32), "label": torch.ones(2, 2), "progress": torch.tensor(0.1)}
-    assert all(float(v.detach()) == 0 for v in method.training_losses(None, None, batch, {"cams": cams}).values())
+    assert all(
+        float(v.detach()) == 0 for v in method.training_losses(None, None, batch, {"cams": cams}).values()
+    )
     assert method._loaded is None  # CLIP not even loaded
     batch = {**batch, "label": torch.zeros(2, 2), "progress": torch.tensor(0.9)}
-    assert all(float(v.detach()) == 0 for v in method.training_losses(None, None, batch, {"cams": cams}).values())
+    assert all(
+        float(v.detach()) == 0 for v in method.training_losses(None, None, batch, {"cams": cams}).values()
+    )
 
 
 def test_training_lowers_the_loss_and_moves_only_the_classifier(tiny_weights):
@@ -210,7 +218,8 @@ def test_classes_must_be_known(tiny_weights):
     name, path = tiny_weights
     method = create_method("clims", clip_model=name, clip_weights=str(path))
     method.setup(_Domain(), MEAN, STD)
-    with pytest.raises(ValueError, match="classes="):
-        method.texts(2)
+    batch = {"image": torch.randn(1, 3, 32, 32), "label": torch.ones(1, 2), "progress": torch.tensor(0.0)}
+    with pytest.raises(ValueError, match="classes="):  # at the first step, before the CLIMS terms start
+        method.training_losses(None, None, batch, {"cams": torch.randn(1, 2, 4, 4)})
     with pytest.raises(ValueError, match="classes names 2 classes"):
         _method(tiny_weights).texts(3)

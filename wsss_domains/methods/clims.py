@@ -32,6 +32,10 @@ The returned losses are already weighted (``otm`` is ``10·L_OTM``, ...). The ba
 from the domain's :meth:`~wsss_domains.domains.contract.DomainPlugin.clip_prompts` (its
 ``background``) where it gives some, else the official VOC list; a class's text uses the first
 name the domain's prompts give it (the official code has one name per class and one template).
+The built-in ``voc`` domain gives CLIP-ES's 25 background words, so a VOC run uses those, not the
+official 10. The classifier's classes are the domain's one label space with as many foreground
+classes; where several differ (or the classes are read from the data folder) the ``classes``
+option names them in order, and the first training step fails until it does.
 
 Deviations (also :attr:`Clims.deviations`): the official code trains in two runs, a plain CAM
 (5 epochs) whose weights initialise a CLIMS run without classification loss (15 epochs, SGD, poly
@@ -176,6 +180,7 @@ class Clims(Method):
         self.start_progress = float(start_progress)
         self.classes = None if classes is None else tuple(classes)
         self._loaded: Any = None
+        self._words: dict[int, tuple[list[str], list[str]]] = {}
         self._texts: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
 
     def setup(self, domain: DomainPlugin, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -183,6 +188,8 @@ class Clims(Method):
 
         super().setup(domain, mean, std)
         resolve_clip_weights(self.clip_model, self.clip_weights)  # fail fast, no network
+        self._words.clear()
+        self._texts.clear()
 
     # -- CLIP and its texts ------------------------------------------------------------------
     def _clip(self, device: torch.device) -> Any:
@@ -219,12 +226,18 @@ class Clims(Method):
 
     def texts(self, num_classes: int) -> tuple[list[str], list[str]]:
         """The class texts (one per classifier output) and the background texts."""
-        assert self.domain is not None
-        space = self.label_space(num_classes)
-        prompts = self.domain.clip_prompts(space)
-        names = [(prompts.class_names.get(c) or (c,))[0] for c in space.foreground_names]
-        words = tuple(prompts.background) or VOC_BACKGROUND
-        return [self.template.format(n) for n in names], [self.template.format(w) for w in words]
+        if num_classes not in self._words:
+            space = self.label_space(num_classes)
+            assert self.domain is not None
+            prompts = self.domain.clip_prompts(space)
+            names = [(prompts.class_names.get(c) or (c,))[0] for c in space.foreground_names]
+            words = tuple(prompts.background) or VOC_BACKGROUND
+            self._words[num_classes] = (
+                [self.template.format(n) for n in names],
+                [self.template.format(w) for w in words],
+            )
+        classes, background = self._words[num_classes]
+        return list(classes), list(background)
 
     def text_features(self, loaded: Any, num_classes: int, device: torch.device) -> tuple[Tensor, Tensor]:
         key = (num_classes, str(device))
@@ -257,6 +270,7 @@ class Clims(Method):
         labels = batch["label"]
         zero = cams.sum() * 0.0
         names = ("otm", "btm", "cbs", "reg")
+        self.texts(cams.shape[1])  # an unknown class list fails at the first step, not when CLIMS starts
         progress = batch.get("progress")
         if (progress is not None and float(progress) < self.start_progress) or not bool((labels > 0.5).any()):
             return dict.fromkeys(names, zero)
