@@ -26,7 +26,7 @@ from wsss_domains.data.io import read_index_mask  # noqa: E402
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace, PromptKind, SamStrategy  # noqa: E402
 from wsss_domains.methods import create_method, list_methods  # noqa: E402
 from wsss_domains.methods.base import Method, RefineContext  # noqa: E402
-from wsss_domains.methods.s2c import S2C  # noqa: E402
+from wsss_domains.methods.s2c import S2C, _TargetSetup  # noqa: E402
 from wsss_domains.methods.sam_base import SAM_CACHE_ENV, sam_cache_dir  # noqa: E402
 from wsss_domains.methods.sam_proto import fuse_prototype_cams  # noqa: E402
 from wsss_domains.models.classifier import CamClassifier  # noqa: E402
@@ -580,8 +580,9 @@ def test_s2c_point_prompts_are_the_official_peaks_and_take_the_third_mask(tiny_s
     encoder = tiny_sam.model.image_encoder
     encodes = []
     monkeypatch.setattr(encoder, "forward", lambda x, f=encoder.forward: encodes.append(1) or f(x))
+    setup = _TargetSetup(segmenter, method.strategy(), with_cpm=True)
     segments, scores, target = method._point_targets(
-        segmenter, torch.rand(3, 64, 64), two_bump_cams(), torch.tensor([0.0, 1.0]), method.strategy(), True
+        setup, torch.rand(3, 64, 64), two_bump_cams(), torch.tensor([0.0, 1.0])
     )
     prompt_calls = [c for c in calls if c[0].shape[0] == 1]
     assert len(prompt_calls) == 1  # one prompt for class 1 holding all its peaks; class 0 absent
@@ -607,9 +608,8 @@ def test_s2c_domain_peak_rule_restores_the_capped_relative_peaks(tiny_sam, monke
     method = s2c_method(tiny_sam, min_peak_distance=8, peak_rule="domain")
     segmenter, calls = prompt_spy(method, monkeypatch)
     cams = two_bump_cams()
-    method._point_targets(
-        segmenter, torch.rand(3, 64, 64), cams, torch.tensor([0.0, 1.0]), method.strategy(), True
-    )
+    setup = _TargetSetup(segmenter, method.strategy(), with_cpm=True)
+    method._point_targets(setup, torch.rand(3, 64, 64), cams, torch.tensor([0.0, 1.0]))
     strategy = fakes.FakeDomain().sam_strategy()  # peak_threshold 0.7 of the maximum, at most 4
     former = cam_peaks(cams[1], strategy.peak_threshold, 8, strategy.max_prompts_per_class)
     size_sam = tiny_sam.model.image_encoder.img_size
@@ -654,9 +654,8 @@ def test_s2c_box_only_sam_uses_its_box_masks_as_segments_and_targets(tiny_sam):
     cams[0, 2:10, 2:10] = 1.0
     cams[0, 20:30, 20:30] = 0.8
     image = torch.rand(3, 32, 32)
-    segments, scores, target = method._box_targets(
-        segmenter, image, cams, torch.tensor([1.0, 0.0]), method.strategy(), True
-    )
+    setup = _TargetSetup(segmenter, method.strategy(), with_cpm=True)
+    segments, scores, target = method._box_targets(setup, image, cams, torch.tensor([1.0, 0.0]))
     out = segmenter.segment(
         image, cams, BoxDomain().sam_strategy(), labels=torch.tensor([1.0, 0.0]), return_logits=True
     )
