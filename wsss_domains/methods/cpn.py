@@ -168,20 +168,6 @@ class RegionCorrelationModule(PixelCorrelationModule):
         self.key = nn.Conv2d(64 + 128 + 3, KEY_CHANNELS, kernel_size=1, bias=False)
         nn.init.xavier_uniform_(self.key.weight, gain=4)
 
-    def inputs(self, image: Tensor, low: Tensor, mid: Tensor, size: tuple[int, int]) -> Tensor:
-        """``f = [image↓, relu(f8_3(conv4)), relu(f8_4(conv5))]`` at ``size`` (before ``f9``)."""
-
-        def at_size(x: Tensor) -> Tensor:
-            return (
-                x
-                if x.shape[-2:] == size
-                else F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-            )
-
-        low = at_size(F.relu(self.low(low.detach())))
-        mid = at_size(F.relu(self.mid(mid.detach())))
-        return torch.cat([at_size(image), low, mid], dim=1)
-
     def region_correlation(self, seeds: Tensor, f: Tensor, embedded: Tensor) -> Tensor:
         """``Net.PRCM(spatial_gather(f, seeds), f)``: ``B x (K+1) x h x w``, a softmax over the pixels."""
         b, channels = seeds.shape[:2]

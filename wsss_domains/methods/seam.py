@@ -182,8 +182,8 @@ class PixelCorrelationModule(nn.Module):
         nn.init.kaiming_normal_(self.mid.weight)
         nn.init.xavier_uniform_(self.embed.weight, gain=4)
 
-    def features(self, image: Tensor, low: Tensor, mid: Tensor, size: tuple[int, int]) -> Tensor:
-        """The PCM's per-pixel embedding at ``size`` (the CAM resolution)."""
+    def inputs(self, image: Tensor, low: Tensor, mid: Tensor, size: tuple[int, int]) -> Tensor:
+        """``[image↓, relu(f8_3(conv4)), relu(f8_4(conv5))]`` at ``size`` (the CAM resolution), before ``f9``."""
 
         def at_size(x: Tensor) -> Tensor:
             return (
@@ -194,7 +194,11 @@ class PixelCorrelationModule(nn.Module):
 
         low = at_size(F.relu(self.low(low.detach())))
         mid = at_size(F.relu(self.mid(mid.detach())))
-        return self.embed(torch.cat([at_size(image), low, mid], dim=1))
+        return torch.cat([at_size(image), low, mid], dim=1)
+
+    def features(self, image: Tensor, low: Tensor, mid: Tensor, size: tuple[int, int]) -> Tensor:
+        """The PCM's per-pixel embedding at ``size`` (``f9`` of :meth:`inputs`)."""
+        return self.embed(self.inputs(image, low, mid, size))
 
     def forward(self, cams: Tensor, image: Tensor, low: Tensor, mid: Tensor) -> Tensor:
         """PCM-refined maps ``B x (K+1) x h x w`` (background first) from raw CAMs ``B x K x h x w``."""
