@@ -101,10 +101,10 @@ def pooled_miou(rows: list[dict], stage: str, preset: Preset) -> list[float]:
     """Per seed: the mIoU of the confusion matrices of ``stage`` summed over that seed's folds."""
     import torch
 
-    from wsss_domains.domains import get_domain
+    from wsss_domains.domains import create_domain
     from wsss_domains.evaluation.report import EvaluationReport
 
-    domain = get_domain(preset.domain)
+    domain = create_domain(preset.domain)
     space = domain.dataset(preset.dataset).label_space
     out = []
     for seed in sorted({r["seed"] for r in rows}):

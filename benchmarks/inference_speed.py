@@ -62,7 +62,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from wsss_domains.cam.extract import CamExtractor
-    from wsss_domains.domains import get_domain
+    from wsss_domains.domains import create_domain
     from wsss_domains.models.classifier import CamClassifier
     from wsss_domains.pseudo_labels.assemble import cams_to_labels
     from wsss_domains.segmentation.inference import InferenceOptions, SegmenterPredictor
@@ -70,7 +70,7 @@ def main() -> None:
     from wsss_domains.training.data import normalize
 
     images, source = load_images(args.images)
-    domain = get_domain("driving")
+    domain = create_domain("driving")
     label_space = domain.dataset("camvid").label_space
     mean, std = domain.normalization()
     inputs = [normalize(x, mean, std) for x in images]

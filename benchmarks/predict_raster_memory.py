@@ -57,12 +57,12 @@ def main() -> None:
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
 
-    from wsss_domains.domains import get_domain
+    from wsss_domains.domains import create_domain
     from wsss_domains.segmentation.model import SegmenterConfig, build_segmenter, save_segmenter
 
     work = Path(tempfile.mkdtemp(prefix="wsss-raster-mem-"))
     seg = work / "segmenter"
-    space = get_domain("remote-sensing").dataset("deepglobe").label_space
+    space = create_domain("remote-sensing").dataset("deepglobe").label_space
     config = SegmenterConfig("remote-sensing", "deepglobe", list(space.classes))
     save_segmenter(build_segmenter(config), config, seg)
     rows = []

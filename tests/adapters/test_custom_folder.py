@@ -14,7 +14,7 @@ from wsss_adapters.custom.classes import read_label_space
 from wsss_adapters.custom.labels_csv import parse_labels
 
 from wsss_domains.data.io import DataError
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 from wsss_domains.domains.contract import BackgroundMode
 
 
@@ -157,7 +157,7 @@ def test_patches_and_detection(tmp_path):
 
 
 def test_demo_round_trip(tmp_path):
-    domain = get_domain("custom")
+    domain = create_domain("custom")
     demo = domain.demo(tmp_path)
     name, root = demo.dataset, demo.root
     assert (demo.train_split, demo.eval_split) == ("train", "val")

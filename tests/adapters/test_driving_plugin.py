@@ -13,12 +13,12 @@ from wsss_adapters.driving.labels import CAMVID, CITYSCAPES, label_ids_to_train_
 
 from wsss_domains.clip.prompt_files import prompt_file_domains
 from wsss_domains.data.io import read_index_mask
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 from wsss_domains.domains.contract import BackgroundMode, ClipPrompts, PromptKind
 
 
 def test_registered_with_both_datasets():
-    domain = get_domain("driving")
+    domain = create_domain("driving")
     assert set(domain.datasets()) == {"cityscapes", "camvid"}
     assert domain.dataset("camvid").patch_size == (120, 160)
     for spec in domain.datasets().values():
@@ -27,7 +27,7 @@ def test_registered_with_both_datasets():
 
 
 def test_detects_each_layout(tmp_path):
-    domain = get_domain("driving")
+    domain = create_domain("driving")
     (tmp_path / "cs" / "leftImg8bit" / "val").mkdir(parents=True)
     (tmp_path / "cv" / "valannot").mkdir(parents=True)
     (tmp_path / "cv" / "val.txt").write_text("")
@@ -42,7 +42,7 @@ def test_prompts_fall_back_to_readable_class_names(monkeypatch):
         raise FileNotFoundError("no prompt file")
 
     monkeypatch.setattr(prompts_module, "clip_prompts_from_file", missing)
-    prompts = get_domain("driving").clip_prompts(CAMVID)
+    prompts = create_domain("driving").clip_prompts(CAMVID)
     assert set(prompts.class_names) == set(CAMVID.classes)
     assert prompts.class_names["SignSymbol"][0] == "traffic sign"
     assert prompts.class_names["Car"] == ("car",)
@@ -57,7 +57,7 @@ def test_prompts_from_the_packaged_file(space, monkeypatch):
         return ClipPrompts(class_names={c: (c,) for c in class_names}, templates=("a street with {}.",))
 
     monkeypatch.setattr(prompts_module, "clip_prompts_from_file", from_file)
-    prompts = get_domain("driving").clip_prompts(space)
+    prompts = create_domain("driving").clip_prompts(space)
     assert calls == [("driving", "camvid" if space is CAMVID else "cityscapes", space.foreground_names)]
     assert tuple(prompts.templates) == ("a street with {}.",)
 
@@ -68,18 +68,18 @@ def test_prompt_file_covers_every_class():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a class missing from the file warns
         for space in (CITYSCAPES, CAMVID):
-            prompts = get_domain("driving").clip_prompts(space)
+            prompts = create_domain("driving").clip_prompts(space)
             assert set(prompts.class_names) == set(space.foreground_names)
 
 
 def test_sam_uses_point_prompts():
-    assert get_domain("driving").sam_strategy().prompt is PromptKind.POINTS
+    assert create_domain("driving").sam_strategy().prompt is PromptKind.POINTS
 
 
 @pytest.mark.realdata
 def test_real_camvid(shared_data):
     root = shared_data / "driving" / "CamVid"
-    domain = get_domain("driving")
+    domain = create_domain("driving")
     spec = domain.detect_dataset(root)
     assert spec.name == "camvid"
     train = spec.build(root, "train")
@@ -104,7 +104,7 @@ def test_real_camvid(shared_data):
 @pytest.mark.realdata
 def test_real_cityscapes_sample(shared_data):
     root = shared_data / "driving" / "cityscapes-sample"
-    spec = get_domain("driving").detect_dataset(root)
+    spec = create_domain("driving").detect_dataset(root)
     assert spec.name == "cityscapes"
     (sample,) = [spec.build(root, "val")[0]]
     assert sample["id"] == "frankfurt_000000_000294" and sample["image"].shape == (3, 128, 256)

@@ -18,7 +18,7 @@ from wsss_adapters.histo import HistoDomain
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.patches import PatchDataset
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def domain() -> HistoDomain:
 
 
 def test_registered_under_entry_point():
-    plugin = get_domain("histo")
+    plugin = create_domain("histo")
     assert isinstance(plugin, HistoDomain)
     assert set(plugin.datasets()) == {"wsss4luad", "luad-histoseg", "bcss-wsss", "glas"}
 

@@ -15,7 +15,7 @@ from wsss_adapters.histo.stain import normalize_stains
 
 import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
 from wsss_domains.cli import main
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +67,8 @@ def test_the_stain_option_maps_the_image_onto_monais_reference_stains():
 
     img = _he_like()
     rgb = (img * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    out = get_domain("histo", stain="macenko").preprocess(img)
-    assert torch.equal(get_domain("histo").preprocess(img), img)  # off by default
+    out = create_domain("histo", stain="macenko").preprocess(img)
+    assert torch.equal(create_domain("histo").preprocess(img), img)  # off by default
     out_rgb = (out * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(out_rgb, NormalizeHEStains()(rgb))
     assert np.abs(out_rgb.astype(int) - rgb.astype(int)).mean() > 5  # the colours did change

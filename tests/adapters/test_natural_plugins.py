@@ -9,13 +9,13 @@ import torch
 from wsss_adapters.natural import CocoDomain, VocDomain, plugins
 
 from wsss_domains.clip.prompt_files import prompt_file_domains
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 from wsss_domains.domains.contract import BackgroundMode
 
 
 @pytest.mark.parametrize(("name", "loader", "classes"), [("voc", "voc2012", 21), ("coco", "coco", 81)])
 def test_registered_threshold_domains(name, loader, classes):
-    domain = get_domain(name)
+    domain = create_domain(name)
     spec = domain.dataset(loader)
     assert spec.label_space.num_classes == classes
     assert spec.label_space.background_mode is BackgroundMode.THRESHOLD
@@ -29,7 +29,7 @@ def test_protocol_is_documented_and_threshold_fixed():
     for cls in (VocDomain, CocoDomain):
         assert "never chosen on the split being scored" in (cls.__doc__ or "")
         assert 0.2 <= cls.BACKGROUND_THRESHOLD <= 0.4
-    assert get_domain("coco").dataset("coco").splits == ("train2017", "val2017", "train2014", "val2014")
+    assert create_domain("coco").dataset("coco").splits == ("train2017", "val2017", "train2014", "val2014")
 
 
 def test_prompts_without_the_prompt_file(monkeypatch):
@@ -47,7 +47,7 @@ def test_prompts_without_the_prompt_file(monkeypatch):
 def test_prompt_files_cover_every_class(name, loader):
     if name not in prompt_file_domains():
         pytest.skip(f"prompts/{name}/prompts.json not present")
-    domain = get_domain(name)
+    domain = create_domain(name)
     space = domain.dataset(loader).label_space
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a class missing from the file warns
@@ -58,7 +58,7 @@ def test_prompt_files_cover_every_class(name, loader):
 @pytest.mark.realdata
 def test_real_voc_sample(shared_data):
     root = shared_data / "natural" / "voc-sample"
-    domain = get_domain("voc")
+    domain = create_domain("voc")
     spec = domain.detect_dataset(root)
     ds = spec.build(root, "all")
     assert len(ds) == 1
@@ -72,7 +72,7 @@ def test_real_voc_sample(shared_data):
 @pytest.mark.realdata
 def test_real_coco128(shared_data):
     root = shared_data / "natural" / "coco128"
-    domain = get_domain("coco")
+    domain = create_domain("coco")
     spec = domain.detect_dataset(root)
     ds = spec.build(root, "train2017")
     assert len(ds) == 64

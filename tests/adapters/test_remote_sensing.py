@@ -30,7 +30,7 @@ from wsss_domains.data.io import DataError
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.data.splits import parse_split
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace, PromptKind
-from wsss_domains.domains.registry import get_domain
+from wsss_domains.domains.registry import create_domain
 
 # ---------------------------------------------------------------------------------------------
 # writing tiny rasters
@@ -531,7 +531,7 @@ def test_detection_none_and_ambiguous(tmp_path):
     _dubai(tmp_path)
     with pytest.raises(ValueError, match="ambiguous between deepglobe, dubai-aerial"):
         domain.detect_dataset(tmp_path)
-    assert isinstance(get_domain("remote-sensing"), RemoteSensingDomain)
+    assert isinstance(create_domain("remote-sensing"), RemoteSensingDomain)
 
 
 def test_kappa_and_overall_accuracy_by_hand():

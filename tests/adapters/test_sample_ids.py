@@ -10,7 +10,7 @@ from histo_fixtures import make_wsss4luad
 from test_driving_camvid import write_camvid
 
 from wsss_domains.data.splits import sample_ids
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 
 
 class Counting:
@@ -45,9 +45,9 @@ def test_records_give_the_ids_without_reading_samples():
 def test_record_ids_are_the_sample_ids_of_the_built_in_loaders(tmp_path: Path, case: str):
     if case == "wsss4luad":
         root = make_wsss4luad(tmp_path / "WSSS4LUAD")
-        dataset = get_domain("histo").dataset("wsss4luad").build(root, "validation")
+        dataset = create_domain("histo").dataset("wsss4luad").build(root, "validation")
     else:
         write_camvid(tmp_path, stems=("0001TP_006720", "0001TP_006690", "Seq05VD_f00000"))
-        dataset = get_domain("driving").dataset("camvid").build(tmp_path, "train")
+        dataset = create_domain("driving").dataset("camvid").build(tmp_path, "train")
     read = [dataset[i]["id"] for i in range(len(dataset))]
     assert sample_ids(dataset) == read and len(read) >= 2

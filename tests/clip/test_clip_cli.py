@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 
 import pytest
 from clip_testdata import ColourSquares
@@ -66,9 +67,16 @@ class _SquaresDomain(DomainPlugin):
         )
 
 
-def test_learn_end_to_end_then_list(tiny_checkpoint, tmp_path, monkeypatch, capsys, no_network):
+@pytest.fixture
+def squares_domain() -> Iterator[type[DomainPlugin]]:
+    with registry.DOMAINS.registered(_SquaresDomain.name, _SquaresDomain):
+        yield _SquaresDomain
+
+
+def test_learn_end_to_end_then_list(
+    tiny_checkpoint, squares_domain, tmp_path, monkeypatch, capsys, no_network
+):
     name, path, _ = tiny_checkpoint
-    monkeypatch.setitem(registry._RUNTIME, _SquaresDomain.name, _SquaresDomain)
     monkeypatch.setattr(artefacts, "prompts_root", lambda: tmp_path / "package-prompts")
     monkeypatch.setenv("WSSS_DATA_HOME", str(tmp_path / "user"))
     argv = ["prompts", "learn", "--domain", _SquaresDomain.name, "--clip", name, "--clip-weights", str(path)]

@@ -28,9 +28,8 @@ from torch.utils.data import Dataset
 
 from wsss_domains.data.io import DataError, check_same_size, read_index_mask, read_rgb
 from wsss_domains.data.patches import PatchDataset
-from wsss_domains.domains import register_domain
+from wsss_domains.domains import DOMAINS, register_domain
 from wsss_domains.domains.contract import BackgroundMode, DatasetSpec, DomainPlugin, LabelSpace, Sample
-from wsss_domains.domains.registry import _RUNTIME
 
 FAKE_DOMAIN = "fake"
 DATASET = "shapes"
@@ -158,7 +157,7 @@ def register() -> None:
 
 
 def unregister() -> None:
-    _RUNTIME.pop(FAKE_DOMAIN, None)
+    DOMAINS.unregister(FAKE_DOMAIN)
 
 
 # -- on-disk fixture data --------------------------------------------------------------------

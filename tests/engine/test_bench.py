@@ -33,7 +33,7 @@ from wsss_domains.cli.common import CliError
 from wsss_domains.errors import UserError
 from wsss_domains.methods import Method
 from wsss_domains.methods.options import MethodOptionError
-from wsss_domains.methods.registry import _METHODS, register_method
+from wsss_domains.methods.registry import METHODS, register_method
 from wsss_domains.models.weights import WeightsNotFound
 
 DOMAIN = "fake"
@@ -82,7 +82,7 @@ def registered() -> Iterator[None]:
         register_method(cls)
     yield
     for cls in TEST_METHODS:
-        _METHODS.pop(cls.name, None)
+        METHODS.unregister(cls.name)
     fakes.unregister()
 
 

@@ -143,7 +143,7 @@ def train_args(shapes: Path, out: Path, **changes: str | None) -> list[str | Pat
     ("changes", "fragments"),
     [
         ({"--weights": "/nope.pth"}, ("weights file /nope.pth does not exist (--weights)",)),
-        ({"--domain": "nope"}, ("unknown domain 'nope'; installed domains:", "histo")),
+        ({"--domain": "nope"}, ("unknown domain 'nope'; available:", "histo")),
         ({"--dataset": "nope"}, ("domain 'fake' has no dataset 'nope'; known: shapes, shapes-declared",)),
         ({"--split": "nope"}, ("split 'nope' not found",)),
         ({"--max-minutes": "-1"}, ("--max-minutes must be positive, got -1.0",)),

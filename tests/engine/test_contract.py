@@ -18,7 +18,7 @@ from wsss_domains.domains import (
     DatasetSpec,
     DomainPlugin,
     LabelSpace,
-    get_domain,
+    create_domain,
     list_domains,
     register_domain,
 )
@@ -180,14 +180,14 @@ def test_label_space_for_reads_a_declared_label_space(tmp_path: Path):
 
 def test_entry_points_list_the_histo_plugin_with_its_loaders():
     assert "histo" in list_domains()
-    histo = get_domain("histo")
+    histo = create_domain("histo")
     assert histo.name == "histo"
     assert {"wsss4luad", "glas"} <= set(histo.datasets())
 
 
 def test_unknown_domain_names_the_installed_ones():
-    with pytest.raises(KeyError, match=r"unknown domain 'no-such-domain'; installed domains: .*histo"):
-        get_domain("no-such-domain")
+    with pytest.raises(KeyError, match=r"unknown domain 'no-such-domain'; available: .*histo"):
+        create_domain("no-such-domain")
 
 
 def test_runtime_registration_is_listed_and_instantiated():
@@ -195,9 +195,9 @@ def test_runtime_registration_is_listed_and_instantiated():
     try:
         assert register_domain(fakes.FakeDomain) is fakes.FakeDomain  # usable as a decorator
         assert fakes.FAKE_DOMAIN in list_domains()
-        plugin = get_domain(fakes.FAKE_DOMAIN)
+        plugin = create_domain(fakes.FAKE_DOMAIN)
         assert isinstance(plugin, fakes.FakeDomain)
-        assert plugin is not get_domain(fakes.FAKE_DOMAIN)  # a fresh instance per call
+        assert plugin is not create_domain(fakes.FAKE_DOMAIN)  # a fresh instance per call
     finally:
         fakes.unregister()
     assert fakes.FAKE_DOMAIN not in list_domains()
@@ -216,6 +216,6 @@ class NotAPlugin:
 )
 def test_broken_entry_points_are_refused(monkeypatch, ep_name, target, message):
     eps = {ep_name: EntryPoint(ep_name, target, ENTRY_POINT_GROUP)}
-    monkeypatch.setattr(registry_module, "_entry_points", lambda: eps)
+    monkeypatch.setattr(registry_module.DOMAINS, "entry_points", lambda: eps)
     with pytest.raises(TypeError, match=message):
-        get_domain(ep_name)
+        create_domain(ep_name)

@@ -14,8 +14,7 @@ from cli_helpers import assert_one_error, cli
 from torch import Tensor
 
 import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
-from wsss_domains.domains import check_domain_options, domain_class, get_domain, register_domain
-from wsss_domains.domains.registry import _RUNTIME
+from wsss_domains.domains import DOMAINS, check_domain_options, create_domain, domain_class, register_domain
 from wsss_domains.errors import UserError
 from wsss_domains.methods.options import OptionError
 from wsss_domains.segmentation.model import SegmenterConfig
@@ -59,8 +58,8 @@ def domains() -> Iterator[None]:
     register_domain(Forwarding)
     yield
     fakes.unregister()
-    _RUNTIME.pop(TINTED, None)
-    _RUNTIME.pop(Forwarding.name, None)
+    DOMAINS.unregister(TINTED)
+    DOMAINS.unregister(Forwarding.name)
 
 
 # -- the API ---------------------------------------------------------------------------------
@@ -70,10 +69,10 @@ def test_options_are_the_constructor_parameters_checked_and_converted():
     assert list(TintedDomain.option_specs()) == ["tint", "mode"]
     assert list(Forwarding.option_specs()) == ["strength", "tint", "mode"]
     assert fakes.FakeDomain.option_specs() == {}  # no constructor: no options
-    plugin = get_domain(TINTED, tint=1, mode="mul")
+    plugin = create_domain(TINTED, tint=1, mode="mul")
     assert isinstance(plugin, TintedDomain) and plugin.mode == "mul"
     assert plugin.tint == 1.0 and isinstance(plugin.tint, float)  # JSON's 1 where a float is declared
-    assert get_domain(Forwarding.name, strength=3, tint=0.5).tint == 0.5
+    assert create_domain(Forwarding.name, strength=3, tint=0.5).tint == 0.5
     assert check_domain_options(TINTED, None) == {}
 
 
@@ -92,7 +91,7 @@ def test_options_are_the_constructor_parameters_checked_and_converted():
 def test_unknown_or_ill_typed_options_fail_naming_the_option(options: dict[str, object], message: str):
     name = TINTED if "anything" not in options else fakes.FAKE_DOMAIN
     with pytest.raises(OptionError) as caught:
-        get_domain(name, **options)
+        create_domain(name, **options)
     assert str(caught.value).startswith(message)
     assert isinstance(caught.value, UserError)
 
@@ -100,9 +99,9 @@ def test_unknown_or_ill_typed_options_fail_naming_the_option(options: dict[str, 
 def test_histo_declares_its_stain_option_without_importing_monai():
     specs = domain_class("histo").option_specs()
     assert list(specs) == ["stain"] and specs["stain"].default == "none"
-    plugin = get_domain("histo", stain="macenko")
+    plugin = create_domain("histo", stain="macenko")
     assert plugin.stain == "macenko"  # type: ignore[attr-defined]
-    assert get_domain("histo").stain == "none"  # type: ignore[attr-defined]
+    assert create_domain("histo").stain == "none"  # type: ignore[attr-defined]
 
 
 def test_a_run_and_a_segmenter_rebuild_the_domain_with_their_recorded_options(tmp_path: Path):

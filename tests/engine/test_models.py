@@ -27,7 +27,7 @@ from wsss_domains.models.weights import (
     verify_checksum,
 )
 
-LITE0 = PACKAGED_WEIGHTS["tf_efficientnet_lite0"]
+LITE0 = PACKAGED_WEIGHTS.get("tf_efficientnet_lite0")
 
 
 def headless(name: str = fakes.FAST_BACKBONE) -> torch.nn.Module:
@@ -78,11 +78,12 @@ def test_corrupted_packaged_weights_are_refused(tmp_path: Path, monkeypatch):
         fh.write(bytes([byte[0] ^ 0xFF]))
     fake_package(tmp_path, monkeypatch, "corrupt_lite0_weights", LITE0.relative_path, corrupt)
     entry = dataclasses.replace(LITE0, module="corrupt_lite0_weights")
-    monkeypatch.setitem(PACKAGED_WEIGHTS, "tf_efficientnet_lite0", entry)
-    with pytest.raises(
-        ValueError, match=rf"sha256 [0-9a-f]{{64}} does not match the expected {LITE0.sha256}"
+    with (
+        PACKAGED_WEIGHTS.registered("tf_efficientnet_lite0", entry),
+        pytest.raises(ValueError, match=rf"sha256 [0-9a-f]{{64}} does not match the expected {LITE0.sha256}"),
     ):
         CamClassifier(3, backbone="tf_efficientnet_lite0", weights="imagenet")
+    assert PACKAGED_WEIGHTS.get("tf_efficientnet_lite0") is LITE0  # restored after the block
 
 
 def test_checksum_prefix_in_the_file_name_is_checked_when_no_full_hash_is_recorded(tmp_path: Path):

@@ -18,7 +18,7 @@ import torch
 from rasterio.transform import from_origin
 from torch import nn
 
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 from wsss_domains.segmentation.inference import InferenceOptions, SegmenterPredictor
 from wsss_domains.segmentation.model import SegmenterConfig, build_segmenter, save_segmenter
 from wsss_domains.segmentation.raster import RasterSource, WindowedOptions, predict_windows
@@ -63,7 +63,7 @@ def tissue_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def test_a_raster_predicted_window_by_window_equals_the_whole_image_prediction(tmp_path: Path):
-    domain = get_domain("histo")
+    domain = create_domain("histo")
     label_space = domain.dataset("wsss4luad").label_space
     h, w = 192, 288  # multiples of the 32-pixel stride: no path pads the image, so borders agree too
     pixels = tissue_image(h, w)
@@ -196,7 +196,7 @@ def test_a_large_image_in_a_folder_is_predicted_window_by_window_as_it_would_be_
     from wsss_domains.data.io import read_index_mask
     from wsss_domains.segmentation.writer import ImageFolder, predict_images
 
-    domain = get_domain("histo")
+    domain = create_domain("histo")
     label_space = domain.dataset("wsss4luad").label_space
     (tmp_path / "images").mkdir()
     Image.fromarray(tissue_image(192, 288)).save(tmp_path / "images" / "big.png")

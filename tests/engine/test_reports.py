@@ -20,9 +20,8 @@ from cli_helpers import assert_one_error, cli
 from torch import Tensor
 
 from wsss_domains.data.io import save_palette_png
-from wsss_domains.domains import register_domain
+from wsss_domains.domains import DOMAINS, register_domain
 from wsss_domains.domains.contract import IGNORE_INDEX, DatasetSpec, DomainPlugin, LabelSpace
-from wsss_domains.domains.registry import _RUNTIME
 from wsss_domains.evaluation import EvaluationReport, evaluate_predictions, pred_filename
 from wsss_domains.pipeline.report import SEGMENTATION_STAGE, html_page, run_gallery
 from wsss_domains.pipeline.run import RunReport, StageResult
@@ -226,7 +225,7 @@ def fake_domains() -> Iterator[None]:
     fakes.register()
     register_domain(NoBackground)
     yield
-    _RUNTIME.pop(NoBackground.name, None)
+    DOMAINS.unregister(NoBackground.name)
     fakes.unregister()
 
 

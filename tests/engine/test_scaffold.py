@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from wsss_domains.domains import registry
-from wsss_domains.domains.registry import ENTRY_POINT_GROUP, get_domain
+from wsss_domains.domains.registry import ENTRY_POINT_GROUP, create_domain
 from wsss_domains.scaffold import plugin_names, scaffold_domain
 from wsss_domains.scaffold.cli import add_new_domain_subcommand
 
@@ -116,12 +116,12 @@ def test_editable_install_registers_the_entry_point(tmp_path, monkeypatch, forge
     subprocess.run(install, check=True, capture_output=True, text=True)
     try:
         importlib.invalidate_caches()
-        registry._entry_points.cache_clear()
+        registry.DOMAINS.refresh()
         found = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
         assert found[name] == f"{names.package}:{names.class_name}"
         # .pth files of the new install only take effect in new interpreters: import from source here
         monkeypatch.syspath_prepend(str(project))
-        domain = get_domain(name)
+        domain = create_domain(name)
         assert type(domain).__name__ == names.class_name
         demo = domain.demo(tmp_path / "data")
         dataset_name, root = demo.dataset, demo.root
@@ -129,8 +129,8 @@ def test_editable_install_registers_the_entry_point(tmp_path, monkeypatch, forge
         assert len(loader) == 4 and loader[0]["label"].sum() >= 1
         # a fresh interpreter finds and loads it purely through the installation
         probe = (
-            "from wsss_domains.domains import get_domain, list_domains; import sys;"
-            f"d = get_domain({name!r}); m = d.demo(__import__('pathlib').Path(sys.argv[1]));"
+            "from wsss_domains.domains import create_domain, list_domains; import sys;"
+            f"d = create_domain({name!r}); m = d.demo(__import__('pathlib').Path(sys.argv[1]));"
             "ds = d.dataset(m.dataset).build(m.root, 'train'); print(len(ds), sorted(ds[0]))"
         )
         out = subprocess.run(
@@ -171,6 +171,6 @@ def test_editable_install_registers_the_entry_point(tmp_path, monkeypatch, forge
         assert tests.returncode == 0, tests.stdout + tests.stderr
     finally:
         subprocess.run([*pip, "uninstall", "-y", "-q", names.dist], check=False, capture_output=True)
-        registry._entry_points.cache_clear()
+        registry.DOMAINS.refresh()
         importlib.invalidate_caches()
     assert name not in {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}

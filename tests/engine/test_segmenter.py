@@ -15,7 +15,7 @@ import torch
 import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
 from wsss_domains.cli import EXIT_USAGE, main
 from wsss_domains.data.io import read_index_mask, save_palette_png
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 from wsss_domains.errors import UserError
 from wsss_domains.evaluation.evaluate import pred_filename
 from wsss_domains.segmentation.data import PseudoLabelledDataset, SegmentationView, crop_or_pad
@@ -101,7 +101,7 @@ def test_crops_pad_with_ignore_and_the_augmentation_moves_the_mask_with_the_imag
     crop = crop_or_pad({"image": image, "mask": mask}, (4, 4), 255)
     assert crop["image"].shape == (3, 4, 4) and crop["mask"].shape == (4, 4)
     assert torch.equal(crop["mask"][:2, :3], mask) and bool((crop["mask"][2:] == 255).all())
-    domain = get_domain(fakes.FAKE_DOMAIN)
+    domain = create_domain(fakes.FAKE_DOMAIN)
     for seed in range(6):  # the default augmentation flips image and mask together (or neither)
         torch.manual_seed(seed)
         out = domain.train_augment({"image": image, "mask": mask})

@@ -116,10 +116,15 @@ def test_a_method_installed_through_an_entry_point_is_listed_and_built(monkeypat
 
     installed = EntryPoint(name="test-leaf", value=f"{__name__}:Leaf", group=registry.ENTRY_POINT_GROUP)
     wrong = EntryPoint(name="test-misnamed", value=f"{__name__}:Leaf", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "_entry_points", lambda: {"test-leaf": installed, "test-misnamed": wrong})
-    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
-    assert {"test-leaf", "test-misnamed"} <= set(list_methods())
-    method = create_method("test-leaf", alpha=2)
-    assert type(method) is Leaf and method.options["alpha"] == 2.0
-    with pytest.raises(ValueError, match="names must agree"):
-        method_class("test-misnamed")
+    monkeypatch.setattr(
+        registry.METHODS, "entry_points", lambda: {"test-leaf": installed, "test-misnamed": wrong}
+    )
+    try:
+        assert {"test-leaf", "test-misnamed"} <= set(list_methods())
+        method = create_method("test-leaf", alpha=2)
+        assert type(method) is Leaf and method.options["alpha"] == 2.0
+        assert registry.METHODS.source("test-leaf") == f"{__name__}:Leaf"
+        with pytest.raises(ValueError, match="names must agree"):
+            method_class("test-misnamed")
+    finally:
+        registry.METHODS.refresh()  # forget what the fake entry point loaded

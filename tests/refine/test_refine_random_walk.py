@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 from wsss_domains.methods import create_method
 from wsss_domains.methods.base import RefineContext
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
@@ -172,7 +172,7 @@ def test_refiner_matches_irn_normalisation_and_background_on_fixed_inputs():
 
 def test_method_labels_are_irn_labels_in_a_threshold_domain():
     """Through the method and the engine's threshold rule (VOC, t = 0.3): IRN's ``keys[rw_pred]``."""
-    domain = get_domain("voc")
+    domain = create_domain("voc")
     space = domain.dataset("voc2012").label_space
     threshold = domain.background_threshold(space)
     image, cams, _ = _fixed_walk_inputs()

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("pydensecrf.densecrf")
 
-from wsss_domains.domains import get_domain  # noqa: E402
+from wsss_domains.domains import create_domain  # noqa: E402
 from wsss_domains.methods import create_method  # noqa: E402
 from wsss_domains.methods.base import RefineContext  # noqa: E402
 from wsss_domains.methods.refinement import threshold_scores  # noqa: E402
@@ -30,7 +30,7 @@ def _voc_style(h: int = 48, w: int = 64) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 def test_crf_on_a_one_class_voc_image_keeps_background():
-    domain = get_domain("voc")
+    domain = create_domain("voc")
     space = domain.dataset("voc2012").label_space
     threshold = domain.background_threshold(space)
     image, cam, obj = _voc_style()

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from wsss_domains.cli.common import CliError
-from wsss_domains.domains import get_domain
+from wsss_domains.domains import create_domain
 from wsss_domains.pipeline.run import RunReport, RunSettings, run_pipeline
 
 DEMO_MINUTES = 2.0
@@ -31,7 +31,7 @@ def run_demo(
     segmenter), so the demo finishes in about five minutes on two CPU cores. ``domain_options``
     are checked here, before the demo set is written.
     """
-    domain = get_domain(domain_name, **(domain_options or {}))
+    domain = create_domain(domain_name, **(domain_options or {}))
     out = Path(out or demo_folder(domain_name))
     demo = domain.demo(out / "demo-data")
     if demo is None:

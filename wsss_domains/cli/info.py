@@ -6,19 +6,19 @@ import argparse
 import textwrap
 
 from wsss_domains.cli import command_help
-from wsss_domains.domains import get_domain, list_domains
-from wsss_domains.domains.registry import _entry_points
+from wsss_domains.domains import create_domain, list_domains
+from wsss_domains.domains.registry import DOMAINS
 from wsss_domains.methods import list_methods, method_class
 
 
 def run_domains(args: argparse.Namespace) -> int:
     for name in list_domains():
         try:
-            domain = get_domain(name)
+            domain = create_domain(name)
         except Exception as exc:  # a broken third-party plugin must not hide the others
             print(f"{name}: failed to load ({type(exc).__name__}: {exc})")
             continue
-        source = getattr(_entry_points().get(name), "value", "registered at run time")
+        source = DOMAINS.source(name)
         print(f"{name}  ({source})")
         if domain.description:
             print(f"    {domain.description}")

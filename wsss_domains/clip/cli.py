@@ -78,7 +78,7 @@ def run_learn(args: argparse.Namespace) -> int:
     from wsss_domains.clip.artefacts import artefact_dir, save_learned_prompts
     from wsss_domains.clip.learned_prompts import PromptTrainConfig, train_prompts
     from wsss_domains.clip.loading import ClipUnsupported, ClipWeightsMissing, load_clip, resolve_clip_weights
-    from wsss_domains.domains import get_domain
+    from wsss_domains.domains import create_domain
 
     try:
         weights = resolve_clip_weights(args.clip, args.clip_weights)
@@ -87,7 +87,7 @@ def run_learn(args: argparse.Namespace) -> int:
     if args.data is None:
         return _fail("prompts learn needs --data DIR with images and image-level labels")
     try:
-        domain = get_domain(args.domain, **domain_options(args))
+        domain = create_domain(args.domain, **domain_options(args))
         spec = domain.dataset(args.dataset) if args.dataset else domain.detect_dataset(args.data)
     except (KeyError, ValueError, FileNotFoundError) as err:
         return _fail(str(err.args[0]) if err.args else str(err))

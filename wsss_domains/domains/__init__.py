@@ -15,15 +15,17 @@ from wsss_domains.domains.contract import (
     SamStrategy,
 )
 from wsss_domains.domains.registry import (
+    DOMAINS,
     ENTRY_POINT_GROUP,
     check_domain_options,
+    create_domain,
     domain_class,
-    get_domain,
     list_domains,
     register_domain,
 )
 
 __all__ = [
+    "DOMAINS",
     "ENTRY_POINT_GROUP",
     "IGNORE_INDEX",
     "BackgroundMode",
@@ -39,7 +41,7 @@ __all__ = [
     "SamStrategy",
     "check_domain_options",
     "domain_class",
-    "get_domain",
+    "create_domain",
     "list_domains",
     "register_domain",
 ]

@@ -218,7 +218,7 @@ class MetricResult:
 class DomainPlugin(ABC):
     """Base class of every domain plugin. Subclass, declare datasets, override hooks as needed.
 
-    Options (``--domain-option KEY=VALUE``, ``get_domain(name, **options)``) are the constructor's
+    Options (``--domain-option KEY=VALUE``, ``create_domain(name, **options)``) are the constructor's
     typed keyword parameters with defaults, as for methods; a plugin without ``__init__`` takes none.
     Runs record them, so every later stage rebuilds the plugin with the same options.
     """

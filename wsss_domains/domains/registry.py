@@ -1,50 +1,43 @@
-"""Discovery of domain plugins through the ``wsss_domains.domains`` entry-point group."""
+"""The domain registry: plugins installed through the ``wsss_domains.domains`` entry-point group."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import lru_cache
-from importlib.metadata import entry_points
 from typing import Any
 
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.registry import RUNTIME, Registry
 
 ENTRY_POINT_GROUP = "wsss_domains.domains"
 
-# Plugins registered at run time (tests, notebooks); entry points remain the normal route.
-_RUNTIME: dict[str, type[DomainPlugin]] = {}
+
+def _checked_plugin(name: str, loaded: object) -> type[DomainPlugin]:
+    if not (isinstance(loaded, type) and issubclass(loaded, DomainPlugin)):
+        raise TypeError(f"entry point '{name}' does not point to a DomainPlugin subclass: {loaded!r}")
+    if getattr(loaded, "name", None) != name:
+        raise TypeError(f"entry point '{name}' loads a plugin named {getattr(loaded, 'name', None)!r}")
+    return loaded
+
+
+DOMAINS: Registry[type[DomainPlugin]] = Registry("domain", ENTRY_POINT_GROUP, _checked_plugin)
 
 
 def register_domain(plugin: type[DomainPlugin]) -> type[DomainPlugin]:
-    """Register a plugin class without packaging it (usable as a decorator)."""
-    _RUNTIME[plugin.name] = plugin
-    return plugin
+    """Register a plugin class without packaging it (tests, notebooks; usable as a decorator).
 
-
-@lru_cache(maxsize=1)
-def _entry_points() -> dict[str, object]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    Entry points remain the normal route; registering again under the same name replaces.
+    """
+    return DOMAINS.register(plugin.name, plugin, source=RUNTIME, replace=True)
 
 
 def list_domains() -> list[str]:
     """Names of every installed or registered domain, sorted."""
-    return sorted(set(_entry_points()) | set(_RUNTIME))
+    return DOMAINS.names()
 
 
 def domain_class(name: str) -> type[DomainPlugin]:
     """The plugin class registered under ``name`` (not instantiated: its options can be read first)."""
-    if name in _RUNTIME:
-        return _RUNTIME[name]
-    eps = _entry_points()
-    if name not in eps:
-        known = ", ".join(list_domains()) or "none"
-        raise KeyError(f"unknown domain '{name}'; installed domains: {known}")
-    cls = eps[name].load()  # type: ignore[attr-defined]
-    if not (isinstance(cls, type) and issubclass(cls, DomainPlugin)):
-        raise TypeError(f"entry point '{name}' does not point to a DomainPlugin subclass: {cls!r}")
-    if getattr(cls, "name", None) != name:
-        raise TypeError(f"entry point '{name}' loads a plugin named {getattr(cls, 'name', None)!r}")
-    return cls
+    return DOMAINS.get(name)
 
 
 def check_domain_options(name: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -56,7 +49,7 @@ def check_domain_options(name: str, options: Mapping[str, Any] | None) -> dict[s
     return domain_class(name).checked_options(options or {})
 
 
-def get_domain(name: str, **options: Any) -> DomainPlugin:
+def create_domain(name: str, **options: Any) -> DomainPlugin:
     """Instantiate the plugin registered under ``name`` with its (checked) ``options``."""
     cls = domain_class(name)
     return cls(**cls.checked_options(options))
@@ -78,7 +71,7 @@ def recorded_label_space(
     """
     from pathlib import Path
 
-    domain = get_domain(domain_name, **(domain_options or {}))
+    domain = create_domain(domain_name, **(domain_options or {}))
     spec = domain.dataset(dataset)
     if spec.label_space_from is None:
         return domain, spec.label_space

