@@ -16,10 +16,17 @@ from PIL import Image
 
 # Imported here, not first inside a capsys test: Lightning's log handler keeps the stderr it sees first.
 import wsss_domains.training.fit  # noqa: F401
-from wsss_domains.bench import matrix as bench_matrix
-from wsss_domains.bench.cli import run_bench, scoped_method_options
-from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset, load_presets
-from wsss_domains.bench.report import (
+from wsss_domains.cli import EXIT_USAGE, build_parser, main
+from wsss_domains.cli.common import CliError
+from wsss_domains.errors import UserError
+from wsss_domains.methods import Method
+from wsss_domains.methods.options import MethodOptionError
+from wsss_domains.methods.registry import METHODS, register_method
+from wsss_domains.models.weights import WeightsNotFound
+from wsss_domains.transfer_matrix import matrix as bench_matrix
+from wsss_domains.transfer_matrix.cli import run_bench, scoped_method_options
+from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset, load_presets
+from wsss_domains.transfer_matrix.report import (
     build_matrix,
     compute_gains,
     per_class_gain,
@@ -28,13 +35,6 @@ from wsss_domains.bench.report import (
     where_methods_hurt,
     write_outputs,
 )
-from wsss_domains.cli import EXIT_USAGE, build_parser, main
-from wsss_domains.cli.common import CliError
-from wsss_domains.errors import UserError
-from wsss_domains.methods import Method
-from wsss_domains.methods.options import MethodOptionError
-from wsss_domains.methods.registry import METHODS, register_method
-from wsss_domains.models.weights import WeightsNotFound
 
 DOMAIN = "fake"
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wsss_domains.bench.matrix import trains_own_model
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.methods import create_method, method_class
 from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.methods.chain import ChainedMethod, TrainedChain
+from wsss_domains.transfer_matrix.matrix import trains_own_model
 
 TWO = LabelSpace(classes=("a", "b"), palette=((255, 0, 0), (0, 0, 255)))
 

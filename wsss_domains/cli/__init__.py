@@ -62,7 +62,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "write an installable domain-plugin package to start a new domain from",
     ),
     "bench": (
-        "wsss_domains.bench.cli",
+        "wsss_domains.transfer_matrix.cli",
         "add_bench_subcommand",
         "run the domain-transfer matrix: methods x domains, mIoU and gain over plain CAM",
     ),

@@ -10,12 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from wsss_domains.bench.matrix import MatrixSettings, ordered_methods, run_matrix
-from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset, load_presets
-from wsss_domains.bench.report import build_matrix, machine_info, write_outputs
 from wsss_domains.cli import command_help
 from wsss_domains.cli.common import CliError, resolve_device
 from wsss_domains.methods import list_methods, method_class
+from wsss_domains.transfer_matrix.matrix import MatrixSettings, ordered_methods, run_matrix
+from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset, load_presets
+from wsss_domains.transfer_matrix.report import build_matrix, machine_info, write_outputs
 
 DEFAULT_OUT = Path("runs") / "bench"
 MODEL_FLAGS = ("sam_checkpoint", "clip_model", "clip_weights")

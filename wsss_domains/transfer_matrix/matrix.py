@@ -29,14 +29,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from wsss_domains.bench.presets import DEFAULT_PRESETS, CellPreset
-from wsss_domains.bench.report import BASELINE, gain, per_class_gain
 from wsss_domains.data.io import atomic_write
 from wsss_domains.errors import UserError
 from wsss_domains.methods import method_class
 from wsss_domains.methods.base import trains
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 from wsss_domains.pipeline.pseudo_labels import pseudo_label_and_score
+from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset
+from wsss_domains.transfer_matrix.report import BASELINE, gain, per_class_gain
 
 CELLS_DIR = "cells"
 RUNS_DIR = "runs"
