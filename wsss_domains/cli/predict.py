@@ -7,39 +7,23 @@ from pathlib import Path
 
 from wsss_domains.cli import command_help
 from wsss_domains.cli.common import CliError, add_data_arguments, resolve_device
-from wsss_domains.models.runtime import RUNTIMES
-from wsss_domains.segmentation.inference import DEFAULT_WINDOW as NETWORK_WINDOW
+from wsss_domains.cli.settings_arguments import SettingsArguments
 from wsss_domains.segmentation.inference import InferenceOptions
 from wsss_domains.segmentation.raster import DEFAULT_MARGIN, DEFAULT_WINDOW, WindowedOptions
+
+# How the network runs over an image, shared with `run`.
+INFERENCE_OPTIONS = SettingsArguments(
+    InferenceOptions, ("window", "overlap", "flip", "runtime"), flags={"window": "--network-window"}
+)
 
 
 def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     """How the network runs over an image (shared with ``run``)."""
-    g = p.add_argument_group("inference")
-    g.add_argument(
-        "--network-window",
-        type=int,
-        default=NETWORK_WINDOW,
-        help="side of the windows the network sees (sliding window, Gaussian-blended seams)",
-    )
-    g.add_argument("--overlap", type=float, default=0.25, help="overlap of neighbouring network windows")
-    g.add_argument("--no-flip", action="store_true", help="no horizontal-flip test-time augmentation")
-    g.add_argument(
-        "--runtime",
-        choices=RUNTIMES,
-        default="auto",
-        help="auto: ONNX Runtime on the CPU (same outputs, ~4x faster), PyTorch on a GPU",
-    )
+    INFERENCE_OPTIONS.add(p.add_argument_group("inference"))
 
 
 def inference_options(args: argparse.Namespace) -> InferenceOptions:
-    return InferenceOptions(
-        window=args.network_window,
-        overlap=args.overlap,
-        flip=not args.no_flip,
-        runtime=args.runtime,
-        device=resolve_device(args.device),
-    )
+    return InferenceOptions(**INFERENCE_OPTIONS.values(args), device=resolve_device(args.device))
 
 
 def add_predict_subcommand(sub: argparse._SubParsersAction) -> None:

@@ -15,11 +15,20 @@ from wsss_domains.cli.common import (
 )
 from wsss_domains.cli.predict import add_inference_arguments, inference_options
 from wsss_domains.cli.segment import add_segmenter_arguments, segmenter_settings
-from wsss_domains.models.classifier import DEFAULT_BACKBONE
+from wsss_domains.cli.settings_arguments import SettingsArguments
 from wsss_domains.pipeline.classifier import ClassifierSettings
 from wsss_domains.pipeline.run import RunReport, RunSettings, headline, run_pipeline
+from wsss_domains.pipeline.segmenter import SegmenterSettings
 
 DEFAULT_BUDGET = 15.0
+# The classifier's options `run` offers; the budget is --budget-minutes.
+RUN_CLASSIFIER = SettingsArguments(
+    ClassifierSettings, ("labels_from_masks", "patch_size", "backbone", "weights", "image_size", "batch_size")
+)
+# Options both networks share.
+RUN_TRAINING = SettingsArguments(
+    SegmenterSettings, ("max_steps", "seed", "device", "devices", "strategy", "num_workers", "progress")
+)
 
 
 def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -52,31 +61,25 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--segmenter-minutes", type=float, help="the segmenter's budget (default: --budget-minutes)"
     )
-    p.add_argument(
-        "--labels-from-masks",
-        action="store_true",
-        help="train on patches of fully annotated images, each labelled by the classes in its mask",
-    )
-    p.add_argument(
-        "--patch-size", type=int, help="patch size for --labels-from-masks (default: the loader's)"
+    RUN_CLASSIFIER.add(
+        p,
+        helps={
+            "labels_from_masks": "train on patches of fully annotated images, each labelled by the classes in its mask",
+            "backbone": "the classifier's timm backbone",
+            "weights": "the classifier's starting weights",
+            "image_size": "the classifier's input size (default 224)",
+            "batch_size": "the classifier's batch size",
+        },
     )
     add_method_arguments(p, default=None, default_help="the domain's recipe (see the report)")
     p.add_argument("--cam-norm", choices=("max", "sigmoid"), help="CAM normalisation (default: the recipe's)")
-    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="the classifier's timm backbone")
-    p.add_argument("--weights", default="imagenet", help="the classifier's starting weights")
-    p.add_argument("--image-size", type=int, help="the classifier's input size (default 224)")
-    p.add_argument("--batch-size", type=int, default=32, help="the classifier's batch size")
     add_segmenter_arguments(p)
     add_inference_arguments(p)
-    p.add_argument(
-        "--max-steps", type=int, default=-1, help="optimiser step limit of each network (-1: none)"
+    RUN_TRAINING.add(
+        p,
+        helps={"max_steps": "optimiser step limit of each network (-1: none)"},
+        hidden=("devices", "strategy"),
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (mixed precision on cuda)")
-    p.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
-    p.add_argument("--strategy", default="auto", help=argparse.SUPPRESS)
-    p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_run)
 
 
@@ -87,24 +90,12 @@ def run_run(args: argparse.Namespace) -> int:
     if not demo and not (args.train_split and args.test_split and args.out):
         raise CliError("with --data, give --train-split, --test-split and --out")
     budget = args.budget_minutes if args.budget_minutes is not None else (None if demo else DEFAULT_BUDGET)
-    classifier = ClassifierSettings(
-        backbone=args.backbone,
-        weights=args.weights,
-        image_size=args.image_size,
-        labels_from_masks=args.labels_from_masks,
-        patch_size=args.patch_size,
-        max_minutes=budget,
-        max_steps=args.max_steps,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        device=args.device,
-        num_workers=args.num_workers,
-        progress=not args.no_progress,
-    )
+    training = RUN_TRAINING.values(args)
+    classifier = ClassifierSettings(**RUN_CLASSIFIER.values(args), max_minutes=budget, **training)
     segmenter_minutes = args.segmenter_minutes if args.segmenter_minutes is not None else budget
     settings = RunSettings(
         classifier=classifier,
-        segmenter=segmenter_settings(args, segmenter_minutes),
+        segmenter=segmenter_settings(args, max_minutes=segmenter_minutes, **training),
         method=args.method,
         method_options=method_options(args) or None,
         cam_norm=args.cam_norm,

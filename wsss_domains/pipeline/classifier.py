@@ -12,6 +12,7 @@ from wsss_domains.domains import check_domain_options
 from wsss_domains.errors import UserError
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
 from wsss_domains.pipeline.data import open_dataset, resolve_device, validate_dataset
+from wsss_domains.settings import setting
 from wsss_domains.training.fit import TrainOptions, train
 from wsss_domains.training.run import RunConfig
 
@@ -27,18 +28,25 @@ class ClassifierSettings(TrainOptions):
 
     method: str = "cam"
     method_options: dict[str, object] = field(default_factory=dict)
-    backbone: str = DEFAULT_BACKBONE
-    weights: str = "imagenet"
-    # Training input size (long side of patches); None: 224.
-    image_size: int | None = None
-    output_stride: int = 16
-    pooling: str = "gap"
-    # Cut fully annotated images into patches labelled by the classes in their masks.
-    labels_from_masks: bool = False
-    patch_size: int | None = None
-    # With labels_from_masks: K random windows per image and epoch instead of a fixed grid.
-    random_patches: int | None = None
-    seed: int = 0
+    backbone: str = setting(DEFAULT_BACKBONE, help="timm backbone name")
+    weights: str = setting(
+        "imagenet",
+        help="'imagenet' (packaged or locally cached pretrained weights), 'random', or a state-dict path",
+    )
+    image_size: int | None = setting(None, help="training input size in pixels (default 224)")
+    output_stride: int = setting(16, help="backbone output stride", choices=(8, 16, 32))
+    pooling: str = setting("gap", help="CAM-to-logit pooling", choices=("gap", "gmp", "lse"))
+    labels_from_masks: bool = setting(
+        False, help="cut fully annotated images into patches and label each patch by the classes in its mask"
+    )
+    patch_size: int | None = setting(None, help="patch size for --labels-from-masks (default: the loader's)")
+    random_patches: int | None = setting(
+        None,
+        metavar="K",
+        help="with --labels-from-masks: draw K windows per image at random positions every epoch "
+        "(each labelled from its own mask) instead of cutting a fixed grid",
+    )
+    seed: int = setting(0, help="random seed")
 
 
 @dataclass

@@ -12,7 +12,8 @@ from wsss_domains.errors import UserError
 from wsss_domains.pipeline.data import open_dataset, resolve_device
 from wsss_domains.segmentation.data import PseudoLabelledDataset
 from wsss_domains.segmentation.fit import SegmenterTraining, train_segmenter
-from wsss_domains.segmentation.model import DEFAULT_ARCH, SegmenterConfig, check_architecture
+from wsss_domains.segmentation.model import ARCHITECTURES, DEFAULT_ARCH, SegmenterConfig, check_architecture
+from wsss_domains.settings import setting
 from wsss_domains.training.fit import TrainOptions
 from wsss_domains.training.run import RunConfig
 
@@ -27,16 +28,22 @@ class SegmenterSettings(TrainOptions):
     The training budget, learning rate and devices are :class:`TrainOptions`' fields.
     """
 
-    # Architecture (deeplabv3plus, unet, fpn, segformer); None: deeplabv3plus (or the domain's recipe).
-    arch: str | None = None
-    # timm encoder; None: the classifier run's backbone.
-    encoder: str | None = None
-    weights: str = "imagenet"
-    # Training crop side; None: the run's patch size when it trained on patches, else 320.
-    crop_size: int | None = None
+    arch: str | None = setting(
+        None,
+        help="architecture (default: deeplabv3plus, or the domain's recipe)",
+        choices=tuple(ARCHITECTURES),
+    )
+    encoder: str | None = setting(None, help="timm encoder (default: the classifier run's backbone)")
+    weights: str = setting(
+        "imagenet", help="'imagenet' (packaged weights, as the classifier's), 'random', or a state-dict path"
+    )
+    crop_size: int | None = setting(
+        None, help=f"training crop side (default: the run's patch size, else {DEFAULT_CROP})"
+    )
     scale: float = 1.0
-    batch_size: int = 8
-    seed: int = 0
+    batch_size: int = setting(8, help="crops per training batch")
+    lr: float = setting(1e-3, help="decoder learning rate (encoder: 0.1x)")
+    seed: int = setting(0, help="random seed")
 
     def check(self) -> None:
         super().check()

@@ -19,8 +19,9 @@ from torch.nn import functional as F
 
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
-from wsss_domains.models.runtime import fast_forward, resolve_runtime
+from wsss_domains.models.runtime import RUNTIMES, fast_forward, resolve_runtime
 from wsss_domains.segmentation.model import SegmenterConfig
+from wsss_domains.settings import setting
 from wsss_domains.training.data import normalize
 
 DEFAULT_WINDOW = 512
@@ -30,13 +31,19 @@ DEFAULT_WINDOW = 512
 class InferenceOptions:
     """How the segmenter is run over an image."""
 
-    window: int = DEFAULT_WINDOW  # side of the network's input windows, in network pixels
-    overlap: float = 0.25  # share of a window its neighbours overlap
+    window: int = setting(
+        DEFAULT_WINDOW, help="side of the windows the network sees (sliding window, Gaussian-blended seams)"
+    )
+    overlap: float = setting(0.25, help="overlap of neighbouring network windows")
     # Windows per forward pass (each doubled by the flip). One: memory stays bounded by a single
     # window pair; more windows per pass were not faster on the CPU (benchmarks/results/predict_raster_memory.md).
     batch: int = 1
-    flip: bool = True
-    runtime: str = "auto"  # auto | torch | onnx (see wsss_domains.models.runtime)
+    flip: bool = setting(True, help="no horizontal-flip test-time augmentation")
+    runtime: str = setting(
+        "auto",
+        help="auto: ONNX Runtime on the CPU (same outputs, ~4x faster), PyTorch on a GPU",
+        choices=RUNTIMES,
+    )
     device: str = "cpu"
 
     def check(self) -> None:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsss_domains.data.io import atomic_write
 from wsss_domains.domains.contract import DomainPlugin
 from wsss_domains.methods.registry import create_method
+from wsss_domains.settings import setting
 from wsss_domains.training.data import TrainingView
 from wsss_domains.training.run import RunConfig, build_model, save_model
 from wsss_domains.training.task import BudgetCosineSchedule, ClassifierTask
@@ -27,21 +28,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainOptions:
-    max_minutes: float | None = None
-    max_epochs: int | None = None
-    max_steps: int = -1
-    batch_size: int = 32
-    lr: float = 1e-3
-    num_workers: int = 0
-    device: str = "auto"  # cpu | cuda | auto
-    devices: int = 1
-    strategy: str = "auto"
-    progress: bool = True
+    max_minutes: float | None = setting(None, help="wall-clock training budget")
+    max_epochs: int | None = setting(None, help="epoch limit (default: 10 without --max-minutes)")
+    max_steps: int = setting(-1, help="optimiser step limit (-1: none)")
+    batch_size: int = setting(32, help="training batch size")
+    lr: float = setting(1e-3, help="head learning rate (backbone: 0.1x)")
+    num_workers: int = setting(0, help="data-loading worker processes")
+    device: str = setting("auto", help="cpu, cuda or auto (mixed precision on cuda)")
+    devices: int = setting(1, help="processes / GPUs (DDP when > 1)")
+    strategy: str = setting("auto", help="Lightning strategy, e.g. ddp")
+    progress: bool = setting(True, help="no progress bars")
     # Lightning precision; None: bf16 (else fp16) mixed precision on a GPU, full precision on the CPU.
     precision: str | None = None
-    # A checkpoint (checkpoints/last.ckpt) at least this often, besides one per epoch: a killed run
-    # loses at most these minutes of training.
-    checkpoint_minutes: float = 5.0
+    # A killed run loses at most these minutes of training.
+    checkpoint_minutes: float = setting(
+        5.0,
+        help="save checkpoints/last.ckpt at least this often (and every epoch); a killed run resumes from it",
+    )
 
     def check(self) -> None:
         """Refuse budgets and sizes that would train nothing or fail deep inside Lightning."""

@@ -1,0 +1,85 @@
+"""Command-line options derived from the settings dataclasses: one declaration for Python and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import pytest
+
+from wsss_domains.cli.predict import INFERENCE_OPTIONS
+from wsss_domains.cli.segment import SEGMENTER_NETWORK, SEGMENTER_TRAINING
+from wsss_domains.cli.settings_arguments import SettingsArguments
+from wsss_domains.cli.train import CLASSIFIER_OPTIONS
+from wsss_domains.pipeline.classifier import ClassifierSettings
+from wsss_domains.pipeline.segmenter import SegmenterSettings
+from wsss_domains.segmentation.inference import InferenceOptions
+from wsss_domains.settings import setting
+
+
+@dataclass
+class Example:
+    size: int | None = setting(None, help="a size")
+    rate: float = setting(0.5, help="a rate")
+    mode: str = setting("a", help="a mode", choices=("a", "b"))
+    folder: Path | None = setting(None, help="a folder", metavar="DIR")
+    strict: bool = setting(False, help="be strict")
+    colour: bool = setting(True, help="no colour")
+    table: dict | None = None
+
+
+def parse(arguments: SettingsArguments, argv: list[str], **add: object) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    arguments.add(parser, **add)  # type: ignore[arg-type]
+    return parser.parse_args(argv)
+
+
+def test_types_defaults_choices_and_switches_come_from_the_fields():
+    arguments = SettingsArguments(Example, ("size", "rate", "mode", "folder", "strict", "colour"))
+    assert arguments.values(parse(arguments, [])) == {
+        "size": None, "rate": 0.5, "mode": "a", "folder": None, "strict": False, "colour": True,
+    }  # fmt: skip
+    given = parse(
+        arguments, ["--size", "3", "--rate", "2", "--mode", "b", "--folder", "x", "--strict", "--no-colour"]
+    )
+    assert arguments.values(given) == {
+        "size": 3, "rate": 2.0, "mode": "b", "folder": Path("x"), "strict": True, "colour": False,
+    }  # fmt: skip
+    assert Example(**arguments.values(given)).folder == Path("x")
+    with pytest.raises(SystemExit):
+        parse(arguments, ["--mode", "c"])
+    with pytest.raises(SystemExit):
+        parse(arguments, ["--size", "big"])
+
+
+def test_a_command_renames_a_flag_overrides_a_default_and_hides_an_option(capsys):
+    arguments = SettingsArguments(Example, ("rate", "mode"), flags={"rate": "--example-rate"})
+    args = parse(arguments, ["--example-rate", "0.1"], defaults={"mode": "b"})
+    assert arguments.values(args) == {"rate": 0.1, "mode": "b"}
+    parser = argparse.ArgumentParser()
+    arguments.add(parser, helps={"rate": "the example's rate"}, hidden=("mode",))
+    text = parser.format_help()
+    assert "the example's rate" in text and "--mode" not in text and "a rate" not in text
+
+
+def test_fields_a_flag_cannot_carry_and_unknown_names_are_refused():
+    with pytest.raises(TypeError, match=r"Example.table: a command-line option needs"):
+        parse(SettingsArguments(Example, ("table",)), [])
+    with pytest.raises(KeyError, match="Example has no field 'nope'"):
+        parse(SettingsArguments(Example, ("nope",)), [])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "cls"),
+    [
+        (CLASSIFIER_OPTIONS, ClassifierSettings),
+        (SEGMENTER_NETWORK, SegmenterSettings),
+        (SEGMENTER_TRAINING, SegmenterSettings),
+        (INFERENCE_OPTIONS, InferenceOptions),
+    ],
+)
+def test_the_commands_defaults_are_the_api_defaults(arguments, cls):
+    """No flag restates a default: parsing nothing gives the dataclass's own values."""
+    defaults = {item.name: item.default for item in fields(cls) if item.name in arguments.names}
+    assert arguments.values(parse(arguments, [])) == defaults

@@ -1,0 +1,95 @@
+"""Command-line options derived from the API's settings dataclasses (see :mod:`wsss_domains.settings`).
+
+A field ``max_minutes: float | None = setting(None, help=...)`` becomes ``--max-minutes`` of type
+``float`` with that default and help; a ``bool`` field that defaults to ``False`` becomes a switch,
+one that defaults to ``True`` becomes ``--no-<name>``. A command may rename a flag (``segment``'s
+``--seg-batch-size`` for the segmenter's ``batch_size``) or give its own default; the values are read
+back into the same fields with :meth:`SettingsArguments.values`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from wsss_domains.settings import CHOICES, METAVAR, help_of
+
+_SCALARS = (int, float, str, Path)
+
+
+def _scalar_type(annotation: Any, where: str) -> type:
+    """``int`` of ``int | None`` and so on; anything else is not an option a flag can carry."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        kinds = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(kinds) == 1:
+            annotation = kinds[0]
+    if annotation is bool or annotation in _SCALARS:
+        return annotation
+    raise TypeError(
+        f"{where}: a command-line option needs a bool, int, float, str or Path field, not {annotation}"
+    )
+
+
+@dataclass(frozen=True)
+class _Option:
+    name: str  # the field
+    flag: str
+    dest: str
+    negated: bool  # --no-<name> of a field that defaults to True
+
+
+@dataclass(frozen=True)
+class SettingsArguments:
+    """Which fields of ``cls`` a command offers, and under which flags (default: ``--field-name``)."""
+
+    cls: type
+    names: tuple[str, ...]
+    flags: Mapping[str, str] = field(default_factory=dict)
+
+    def _options(self) -> list[_Option]:
+        hints = typing.get_type_hints(self.cls)
+        declared = {item.name: item for item in fields(self.cls)}
+        options = []
+        for name in self.names:
+            if name not in declared:
+                raise KeyError(f"{self.cls.__name__} has no field '{name}'")
+            negated = hints[name] is bool and declared[name].default is True
+            flag = self.flags.get(name) or ("--no-" if negated else "--") + name.replace("_", "-")
+            options.append(_Option(name, flag, flag.lstrip("-").replace("-", "_"), negated))
+        return options
+
+    def add(
+        self,
+        target: argparse.ArgumentParser | argparse._ArgumentGroup,
+        *,
+        defaults: Mapping[str, Any] | None = None,
+        helps: Mapping[str, str] | None = None,
+        hidden: Iterable[str] = (),
+    ) -> None:
+        """Add the options to ``target``; ``defaults`` and ``helps`` override a field's for this command."""
+        hints = typing.get_type_hints(self.cls)
+        declared = {item.name: item for item in fields(self.cls)}
+        defaults, helps, hidden = defaults or {}, helps or {}, set(hidden)
+        for option in self._options():
+            item = declared[option.name]
+            kind = _scalar_type(hints[option.name], f"{self.cls.__name__}.{option.name}")
+            text = argparse.SUPPRESS if option.name in hidden else helps.get(option.name, help_of(item))
+            if kind is bool:
+                target.add_argument(option.flag, dest=option.dest, action="store_true", help=text)
+                continue
+            default = defaults.get(option.name, None if item.default is MISSING else item.default)
+            extra = {key: item.metadata.get(key) for key in (CHOICES, METAVAR) if item.metadata.get(key)}
+            target.add_argument(option.flag, dest=option.dest, type=kind, default=default, help=text, **extra)
+
+    def values(self, args: argparse.Namespace) -> dict[str, Any]:
+        """The fields' values as parsed (a ``--no-`` switch read back as the field's ``False``)."""
+        read = {}
+        for option in self._options():
+            value = getattr(args, option.dest)
+            read[option.name] = not value if option.negated else value
+        return read
