@@ -17,14 +17,14 @@ from PIL import Image
 # Imported here, not first inside a capsys test: Lightning's log handler keeps the stderr it sees first.
 import wsss_domains.training.fit  # noqa: F401
 from wsss_domains.cli import EXIT_USAGE, build_parser, main
-from wsss_domains.cli.common import CliError
+from wsss_domains.cli.common import CliError, domain_options
 from wsss_domains.errors import UserError
 from wsss_domains.methods import Method
-from wsss_domains.methods.options import MethodOptionError
+from wsss_domains.methods.options import MethodOptionError, OptionError
 from wsss_domains.methods.registry import METHODS, register_method
 from wsss_domains.models.weights import WeightsNotFound
 from wsss_domains.transfer_matrix import matrix as bench_matrix
-from wsss_domains.transfer_matrix.cli import run_bench, scoped_method_options
+from wsss_domains.transfer_matrix.cli import run_bench, scoped_domain_options, scoped_method_options
 from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset, load_presets
 from wsss_domains.transfer_matrix.report import (
     build_matrix,
@@ -406,6 +406,30 @@ def test_method_options_are_scoped_and_checked():
         scoped_method_options(["cam-proto"], ["cam-proto.fuse_wieght=0.7"], {})
     with pytest.raises(MethodOptionError, match="option 'stage' expects int, got 'deep'"):
         scoped_method_options(["cam-proto"], ["cam-proto.stage=deep"], {})
+
+
+def test_domain_options_are_scoped_to_columns_checked_and_reach_the_training_command(tmp_path):
+    columns = ["histo", "driving"]
+    expected = {"histo": {"stain": "macenko"}}  # driving takes no option: only histo gets it
+    assert scoped_domain_options(columns, DEFAULT_PRESETS, ["stain=macenko"]) == expected
+    assert scoped_domain_options(columns, DEFAULT_PRESETS, ["histo.stain=macenko"]) == expected
+    assert scoped_domain_options(columns, DEFAULT_PRESETS, []) == {}
+    with pytest.raises(CliError, match="no domain of this matrix takes option 'stian'"):
+        scoped_domain_options(columns, DEFAULT_PRESETS, ["stian=macenko"])
+    with pytest.raises(CliError, match="'coco' is not in this matrix"):
+        scoped_domain_options(columns, DEFAULT_PRESETS, ["coco.stain=macenko"])
+    with pytest.raises(OptionError, match="option 'stain' expects 'none' | 'macenko', got 'reinhard'"):
+        scoped_domain_options(columns, DEFAULT_PRESETS, ["histo.stain=reinhard"])
+    plain = DEFAULT_PRESETS["histo"]
+    stained = replace(plain, domain_options={"stain": "macenko"})
+    settings = bench_matrix.MatrixSettings(out=tmp_path, data_root=tmp_path, budget_minutes=1.0)
+    argv = bench_matrix.train_argv(stained, "cam", tmp_path / "run", settings)
+    assert domain_options(build_parser().parse_args(argv)) == {"stain": "macenko"}  # the recorded command
+    assert bench_matrix.train_config(stained, "cam", settings)["domain_options"] == {"stain": "macenko"}
+    assert "domain_options" not in bench_matrix.train_config(
+        plain, "cam", settings
+    )  # old runs keep their key
+    assert stained.to_dict()["domain_options"] == {"stain": "macenko"}
 
 
 def test_presets_score_tiles_only_where_asked():

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from wsss_domains.cli import command_help
 from wsss_domains.cli.common import CliError, resolve_device
+from wsss_domains.domains import domain_class
 from wsss_domains.methods import list_methods, method_class
 from wsss_domains.transfer_matrix.matrix import MatrixSettings, ordered_methods, run_matrix
 from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset, load_presets
@@ -73,6 +74,15 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         help="a method option, repeatable (JSON values when possible); METHOD. scopes it to one method, "
         "unscoped it goes to every method that takes it (see `wsss-domains methods --details`)",
     )
+    p.add_argument(
+        "--domain-option",
+        action="append",
+        default=[],
+        metavar="[DOMAIN.]KEY=VALUE",
+        help="an option of a column's domain plugin, repeatable, scoped as --method-option: DOMAIN. (a "
+        "column of --domains) scopes it to one column, unscoped it goes to every column whose domain takes "
+        "it; e.g. histo.stain=macenko (see `wsss-domains domains`)",
+    )
     p.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint for SAM-based methods")
     p.add_argument("--clip-model", help="open_clip architecture for CLIP-based methods")
     p.add_argument("--clip-weights", type=Path, help="local open_clip checkpoint for CLIP-based methods")
@@ -109,6 +119,36 @@ def _value(text: str) -> object:
         return text
 
 
+def scoped_options(
+    flag: str, items: Sequence[str], takes: Mapping[str, Collection[str]], scope: str
+) -> dict[str, dict[str, object]]:
+    """``SCOPE.KEY=VALUE`` items for one scope; an unscoped ``KEY=VALUE`` for every scope that takes ``KEY``.
+
+    The one option syntax of ``bench``: ``takes`` maps each scope (a method, a domain column) to
+    the option names it takes; an unscoped option that none takes fails, naming it.
+    """
+    options: dict[str, dict[str, object]] = {name: {} for name in takes}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"{flag} expects [{scope}.]KEY=VALUE, got '{item}'")
+        if ":" in key:
+            raise CliError(f"{flag} '{item}': scope options with a dot, {scope}.KEY=VALUE")
+        prefix, dot, name = key.partition(".")
+        if dot:
+            if prefix not in options:
+                raise CliError(f"{flag} '{item}': '{prefix}' is not in this matrix ({', '.join(takes)})")
+            targets = [prefix]
+        else:
+            name = key
+            targets = [target for target, names in takes.items() if name in names]
+            if not targets:
+                raise CliError(f"{flag} '{item}': no {scope.lower()} of this matrix takes option '{name}'")
+        for target in targets:
+            options[target][name] = _value(value)
+    return options
+
+
 def scoped_method_options(
     methods: Sequence[str], items: Sequence[str], flags: Mapping[str, object | None]
 ) -> dict[str, dict[str, object]]:
@@ -116,31 +156,10 @@ def scoped_method_options(
 
     ``METHOD.KEY=VALUE`` goes to one method of the matrix (for a chain, ``METHOD.PART.KEY``), as
     ``PART.KEY`` does inside a chain; an unscoped ``KEY=VALUE`` goes to every method that takes
-    ``KEY`` and fails when none does. Model flags (``--sam-checkpoint``, ``--clip-*``) go to the
-    methods that take them.
+    ``KEY``. Model flags (``--sam-checkpoint``, ``--clip-*``) go to the methods that take them.
     """
-    options: dict[str, dict[str, object]] = {m: {} for m in methods}
     specs = {m: method_class(m).option_specs() for m in methods}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise CliError(f"--method-option expects [METHOD.]KEY=VALUE, got '{item}'")
-        if ":" in key:
-            raise CliError(f"--method-option '{item}': scope options with a dot, METHOD.KEY=VALUE")
-        scope, dot, name = key.partition(".")
-        if dot:
-            if scope not in options:
-                raise CliError(
-                    f"--method-option '{item}': '{scope}' is not in this matrix ({', '.join(methods)})"
-                )
-            targets = [scope]
-        else:
-            name = key
-            targets = [m for m in methods if name in specs[m]]
-            if not targets:
-                raise CliError(f"--method-option '{item}': no method of this matrix takes option '{name}'")
-        for method in targets:
-            options[method][name] = _value(value)
+    options = scoped_options("--method-option", items, specs, "METHOD")
     for flag, value in flags.items():
         if value is not None:
             for method in methods:
@@ -149,6 +168,16 @@ def scoped_method_options(
     for method, given in options.items():
         method_class(method).checked_options(given)  # a misspelt or ill-typed option fails now, not hours in
     return {m: o for m, o in options.items() if o}
+
+
+def scoped_domain_options(
+    columns: Sequence[str], presets: Mapping[str, CellPreset], items: Sequence[str]
+) -> dict[str, dict[str, object]]:
+    """Domain options per column (``DOMAIN.KEY=VALUE`` or unscoped), checked and typed by each plugin."""
+    classes = {column: domain_class(presets[column].domain) for column in columns}
+    takes = {column: cls.option_specs() for column, cls in classes.items()}
+    options = scoped_options("--domain-option", items, takes, "DOMAIN")
+    return {column: classes[column].checked_options(given) for column, given in options.items() if given}
 
 
 def bench_command(args: argparse.Namespace) -> str:
@@ -162,6 +191,8 @@ def bench_command(args: argparse.Namespace) -> str:
         argv += ["--presets", str(args.presets)]
     for item in args.method_option:
         argv += ["--method-option", item]
+    for item in getattr(args, "domain_option", []):
+        argv += ["--domain-option", item]
     for flag in MODEL_FLAGS:
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -190,6 +221,13 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
         folder = presets[domain].data(args.data_root)
         if not folder.is_dir():
             raise CliError(f"{folder}: data of domain '{domain}' not found (--data-root {args.data_root})")
+    for column, options in scoped_domain_options(
+        domains, presets, getattr(args, "domain_option", [])
+    ).items():
+        presets = {
+            **presets,
+            column: replace(presets[column], domain_options={**presets[column].domain_options, **options}),
+        }
     flags = {flag: getattr(args, flag) for flag in MODEL_FLAGS}
     settings = MatrixSettings(
         out=args.out,

@@ -106,7 +106,9 @@ def train_config(preset: CellPreset, method: str, settings: MatrixSettings) -> d
     keys += ("backbone", "weights", "image_size", "batch_size", "max_steps")
     data = preset.to_dict()
     # Set only when used, so runs recorded before the option existed keep their fingerprint.
-    extra = {"random_patches": preset.random_patches} if preset.random_patches else {}
+    extra: dict[str, Any] = {"random_patches": preset.random_patches} if preset.random_patches else {}
+    if preset.domain_options:
+        extra["domain_options"] = dict(preset.domain_options)
     return {
         **{k: data[k] for k in keys},
         **extra,
@@ -174,6 +176,8 @@ def train_settings(preset: CellPreset, method: str, settings: MatrixSettings) ->
 def train_argv(preset: CellPreset, method: str, run: Path, settings: MatrixSettings) -> list[str]:
     """The `wsss-domains train` arguments of a cell's training run (recorded beside its result)."""
     argv = ["train", "--domain", preset.domain, "--dataset", preset.dataset]
+    for key, value in preset.domain_options.items():
+        argv += ["--domain-option", f"{key}={json.dumps(value)}"]
     argv += ["--data", str(preset.data(settings.data_root)), "--split", preset.train_split]
     if preset.labels_from_masks:
         argv.append("--labels-from-masks")
@@ -233,6 +237,7 @@ def ensure_trained(
             split=preset.train_split,
             dataset=preset.dataset,
             settings=train_settings(preset, method, settings),
+            domain_options=preset.domain_options,
         )
         state["done"] = True
     finally:

@@ -10,7 +10,7 @@ root (``../shared/data`` beside the checkout by default). The presets are data, 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class CellPreset:
     # Optimiser-step cap on top of the time budget (-1: none); tests use a couple of steps.
     max_steps: int = -1
     scales: tuple[float, ...] = DEFAULT_SCALES
+    # Options of the domain plugin (as `--domain-option`), e.g. {"stain": "macenko"} for histo.
+    domain_options: Mapping[str, object] = field(default_factory=dict)
     note: str = ""
 
     def data(self, root: Path) -> Path:
@@ -71,6 +73,7 @@ class CellPreset:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["scales"] = list(self.scales)
+        data["domain_options"] = dict(self.domain_options)
         return data
 
 
@@ -91,7 +94,7 @@ def load_presets(path: Path | str = PRESETS_FILE) -> dict[str, CellPreset]:
     if not isinstance(data, dict) or not data:
         raise UserError(f"{path}: a presets file maps preset names to their fields")
     names = {f.name for f in fields(CellPreset)}
-    required = {f.name for f in fields(CellPreset) if f.default is MISSING}
+    required = {f.name for f in fields(CellPreset) if f.default is MISSING and f.default_factory is MISSING}
     presets = {}
     for name, entry in data.items():
         if not isinstance(entry, dict):
