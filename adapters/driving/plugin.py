@@ -10,19 +10,10 @@ from wsss_adapters.driving.labels import CAMVID, CAMVID_CATEGORIES, CITYSCAPES, 
 from wsss_adapters.driving.metrics import category_miou
 from wsss_adapters.driving.prompts import street_prompts
 
-from wsss_domains.domains.contract import (
-    ClipPrompts,
-    DatasetSpec,
-    DomainPlugin,
-    LabelSpace,
-    MetricResult,
-    PromptKind,
-    Recipe,
-    SamStrategy,
-)
+from wsss_domains.domains import contract
 
 
-class DrivingDomain(DomainPlugin):
+class DrivingDomain(contract.DomainPlugin):
     """Cityscapes and CamVid street scenes (``BackgroundMode.NONE``).
 
     Image-level labels come from crops (``labels_from_masks=True`` with the crop protocol of
@@ -34,29 +25,29 @@ class DrivingDomain(DomainPlugin):
     name = "driving"
     description = "Street scenes: Cityscapes (19 train ids) and CamVid (SegNet, 11 classes)"
 
-    def datasets(self) -> Mapping[str, DatasetSpec]:
+    def datasets(self) -> Mapping[str, contract.DatasetSpec]:
         return {cityscapes.NAME: cityscapes.SPEC, camvid.NAME: camvid.SPEC}
 
-    def recipe(self, dataset: str) -> Recipe:
+    def recipe(self, dataset: str) -> contract.Recipe:
         """cam-proto: the best CamVid pseudo-labels at 15 minutes (label-probe hurts on street crops)."""
-        return Recipe(
+        return contract.Recipe(
             method="cam-proto",
             why="cam-proto gave the best CamVid pseudo-labels (benchmarks/results/domains-15min.md)",
         )
 
-    def metrics(self, confusion: Tensor, label_space: LabelSpace) -> list[MetricResult]:
+    def metrics(self, confusion: Tensor, label_space: contract.LabelSpace) -> list[contract.MetricResult]:
         if label_space.classes == CITYSCAPES.classes:
             return [category_miou(confusion, label_space, CITYSCAPES_CATEGORIES)]
         if label_space.classes == CAMVID.classes:
             return [category_miou(confusion, label_space, CAMVID_CATEGORIES)]
         return []
 
-    def clip_prompts(self, label_space: LabelSpace) -> ClipPrompts:
+    def clip_prompts(self, label_space: contract.LabelSpace) -> contract.ClipPrompts:
         return street_prompts(label_space)
 
-    def sam_strategy(self) -> SamStrategy:
+    def sam_strategy(self) -> contract.SamStrategy:
         # Road, sky and buildings span the frame, so a CAM's box would cover nearly everything;
         # points at CAM peaks localise each class, several per class for repeated objects.
-        return SamStrategy(
-            prompt=PromptKind.POINTS, cam_threshold=0.5, peak_threshold=0.6, max_prompts_per_class=6
+        return contract.SamStrategy(
+            prompt=contract.PromptKind.POINTS, cam_threshold=0.5, peak_threshold=0.6, max_prompts_per_class=6
         )
