@@ -72,7 +72,7 @@ def main() -> None:
     images, source = load_images(args.images)
     domain = create_domain("driving")
     label_space = domain.dataset("camvid").label_space
-    mean, std = domain.normalization()
+    mean, std = domain.input_statistics()
     inputs = [normalize(x, mean, std) for x in images]
     present = torch.ones(len(label_space.foreground))
     cache = Path(tempfile.mkdtemp(prefix="wsss-speed-"))

@@ -15,7 +15,7 @@ memory should not grow with the raster and its time should grow linearly with th
    the windows and the writing are those of a trained run, which is all a speed/memory benchmark
    needs.
 3. Each raster is pseudo-labelled in a fresh subprocess with the command line, all six classes
-   given as labels, default window (1024) and margin (128), default (global, two-pass)
+   given as labels, default window (1024) and margin (128), default (maxima over the raster, two-pass)
    normalisation, a single CAM scale without flip (``--scale``, default 0.5, so that the 16384²
    raster takes minutes on 2 CPU cores); the child's peak RSS comes from ``os.wait4`` (its own
    ``ru_maxrss``), its wall time from the clock, start-up and model loading included.
@@ -287,10 +287,10 @@ def main() -> None:
         if not args.no_full_scale:
             seconds, full, _ = pseudo_label(run, rasters[small], work / "pl-full.tif", 1.0, args.threads, [])
             print(f"{small}² at CAM scale 1: {seconds:.1f} s, peak RSS {full / GB:.2f} GB")
-        seams = {("global", 128): seam_rates(work / f"pl-{small}.tif", 1024)}
-        for mode, margin in (("global", 64), ("global", 256), ("window", 128)):
+        seams = {("raster", 128): seam_rates(work / f"pl-{small}.tif", 1024)}
+        for mode, margin in (("raster", 64), ("raster", 256), ("window", 128)):
             out = work / f"pl-{small}-{mode}-{margin}.tif"
-            extra = ["--normalization", mode, "--margin", str(margin)]
+            extra = ["--cam-max-over", mode, "--margin", str(margin)]
             pseudo_label(run, rasters[small], out, args.scale, args.threads, extra)
             seams[mode, margin] = seam_rates(out, 1024)
         print(
@@ -316,7 +316,7 @@ def main() -> None:
                 f"| {dt.date.today().isoformat()} "
                 f"| `{shlex.join(['.venv/bin/python', 'benchmarks/raster_windowed.py', *sys.argv[1:]])}`; "
                 f"each child: `python {child}` "
-                f"| window 1024, margin 128, global normalisation, CAM scale {args.scale:g}, no flip "
+                f"| window 1024, margin 128, maxima over the raster, CAM scale {args.scale:g}, no flip "
                 f"| {figures[small][1] / GB:.2f} / {figures[large][1] / GB:.2f} "
                 f"(start-up alone {baseline / GB:.2f}) "
                 f"| {figures[small][0]:.1f} / {figures[large][0]:.1f} "

@@ -219,7 +219,7 @@ def test_output_is_a_georeferenced_palette_geotiff_of_the_raster(
     assert (ids[nodata] == U).all() and (ids[~nodata] != U).all()
     assert (ids == truth(faint=False))[~nodata].mean() > 0.99  # the pixel-wise model finds the squares
     assert summary.label_source == "given" and summary.labels == ["red", "blue"]
-    assert summary.windows == 12 and summary.normalization == "global"
+    assert summary.windows == 12 and summary.max_over == "raster"
     assert not list(tmp_path.glob(".*")), "temporary and progress files are gone"
     small = np.asarray(Image.open(overview))
     assert small.shape == (H, W) and (small == ids).all()  # no downsampling needed at this size
@@ -280,7 +280,7 @@ def test_window_normalisation_differs_and_stretches_weak_classes(
         tif,
         out,
         labels=["red", "blue"],
-        options=options(normalization="window"),
+        options=options(max_over="window"),
     )
     ids = read_labels(out)
     expected = in_memory(tif, Pixelwise(), config, torch.tensor([1.0, 1.0]), tmp_path / "memory")
@@ -294,9 +294,7 @@ def test_window_normalisation_divides_each_window_by_its_context_maxima(
     """Checked against a hand computation per window: maps of the context, its maxima, the core cut."""
     model = Pixelwise()
     out = tmp_path / "pl.tif"
-    pseudo_label_raster(
-        config, model, Method(), tif, out, labels=["red"], options=options(normalization="window")
-    )
+    pseudo_label_raster(config, model, Method(), tif, out, labels=["red"], options=options(max_over="window"))
     ids = read_labels(out)
     image = ImageRaster(tif)
     extractor = CamExtractor(model, scales=(1.0,), flip=True)
@@ -323,13 +321,13 @@ def test_a_convolutional_model_agrees_with_the_whole_image_within_tolerance(
     model = CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random").eval()
     expected = in_memory(tif, model, config, torch.tensor([1.0, 1.0]), tmp_path / "memory")
     agreement = {}
-    for mode in ("global", "window"):
+    for mode in ("raster", "window"):
         out = tmp_path / f"{mode}.tif"
-        opts = options(margin=32, normalization=mode)
+        opts = options(margin=32, max_over=mode)
         pseudo_label_raster(config, model, Method(), tif, out, labels=["red", "blue"], options=opts)
         agreement[mode] = (read_labels(out) == expected).mean()
-    assert agreement["global"] >= 0.97, agreement
-    assert agreement["window"] < agreement["global"] - 0.03, agreement
+    assert agreement["raster"] >= 0.97, agreement
+    assert agreement["window"] < agreement["raster"] - 0.03, agreement
     assert len(np.unique(expected)) == 4  # ground, red, blue and no-data all occur: not a trivial map
 
 
@@ -527,7 +525,7 @@ def test_cli_fits_seed_probe_on_the_runs_training_split_before_the_raster(
 
 def test_cli_with_a_mask_raster_and_with_predicted_labels(capsys, run_dir: Path, tif: Path, tmp_path: Path):
     mask = write_tif(tmp_path / "mask.tif", truth()[None])
-    base = ["pseudo-labels", "--run", run_dir, "--raster", tif, *FAST, "--normalization", "window"]
+    base = ["pseudo-labels", "--run", run_dir, "--raster", tif, *FAST, "--cam-max-over", "window"]
     code, stdout, err = cli(capsys, *base, "--raster-mask", mask, "--out", tmp_path / "a.tif")
     assert code == 0, err
     assert f"labels (for the raster, from {mask}): red, blue" in stdout

@@ -24,7 +24,7 @@ from wsss_domains.cli.common import (
 from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS
 from wsss_domains.models.runtime import RUNTIMES
 from wsss_domains.pipeline.pseudo_labels import pseudo_label_raster_file, pseudo_label_split
-from wsss_domains.pseudo_labels.raster import DEFAULT_MARGIN, DEFAULT_WINDOW, NORMALIZATIONS, RasterOptions
+from wsss_domains.pseudo_labels.raster import DEFAULT_MARGIN, DEFAULT_WINDOW, MAX_OVER, RasterOptions
 
 
 def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -98,7 +98,7 @@ RASTER_FLAGS = (
     "--scaling",
     "--window",
     "--margin",
-    "--normalization",
+    "--cam-max-over",
     "--labels-per-window",
     "--overview",
     "--no-resume",
@@ -139,11 +139,11 @@ def add_raster_arguments(p: argparse.ArgumentParser) -> None:
         help=f"context pixels read around each window (default {DEFAULT_MARGIN})",
     )
     g.add_argument(
-        "--normalization",
-        choices=NORMALIZATIONS,
+        "--cam-max-over",
+        choices=MAX_OVER,
         default=quiet,
-        help="per-class CAM maxima over the whole raster (global: two passes, labels consistent across "
-        "window seams; the default) or over each window (window: one pass)",
+        help="each class map is divided by its maximum over the whole raster (raster: two passes, labels "
+        "consistent across window seams; the default) or over each window (window: one pass)",
     )
     g.add_argument(
         "--labels-per-window",
@@ -189,7 +189,7 @@ def run_raster(args: argparse.Namespace, scales: tuple[float, ...]) -> int:
         margin=getattr(args, "margin", DEFAULT_MARGIN),
         bands=None if bands is None else _ints(bands, "--bands"),
         scaling=getattr(args, "scaling", "auto"),
-        normalization=getattr(args, "normalization", "global"),
+        max_over=getattr(args, "cam_max_over", "raster"),
         scales=scales,
         flip=not args.no_flip,
         cam_norm=args.cam_norm,
@@ -215,7 +215,7 @@ def run_raster(args: argparse.Namespace, scales: tuple[float, ...]) -> int:
     else:
         print(
             f"pseudo-label raster: {summary.height}x{summary.width} pixels, {summary.windows} windows of "
-            f"{summary.window} (+{summary.margin} context), {summary.normalization} normalisation, "
+            f"{summary.window} (+{summary.margin} context), class maxima over the {summary.max_over}, "
             f"{summary.seconds:.1f} s -> {args.out}"
         )
         if summary.resumed_windows:

@@ -251,7 +251,7 @@ class DomainPlugin(ABC):
         return None
 
     # -- image handling ----------------------------------------------------------------------
-    def normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    def input_statistics(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
         """Mean and std applied after loading; ImageNet statistics suit ImageNet backbones."""
         return IMAGENET_MEAN, IMAGENET_STD
 

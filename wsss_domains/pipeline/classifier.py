@@ -94,7 +94,7 @@ def train_classifier(
     label_space = opened.label_space
     if os.environ.get("LOCAL_RANK", "0") == "0":
         validate_dataset(opened.dataset, settings.progress, label_space)
-    mean, std = opened.domain.normalization()
+    mean, std = opened.domain.input_statistics()
     image_size = settings.image_size or DEFAULT_IMAGE_SIZE
     patch = pair(settings.patch_size or opened.spec.patch_size) if settings.labels_from_masks else None
     # Patches keep their aspect ratio and are magnified to image_size on their long side; CAMs later

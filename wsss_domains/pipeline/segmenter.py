@@ -108,7 +108,7 @@ def fit_segmenter(
         )
     training = PseudoLabelledDataset(opened.dataset, Path(pseudo_labels), label_space)
     crop = settings.crop_size or default_crop(config_run, training, settings.scale)
-    mean, std = opened.domain.normalization()
+    mean, std = opened.domain.input_statistics()
     config = SegmenterConfig(
         domain=config_run.domain,
         dataset=opened.spec.name,

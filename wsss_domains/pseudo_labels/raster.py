@@ -9,11 +9,11 @@ context has the same size and the network always sees real surroundings). Only t
 written, so a pixel next to a seam is labelled from maps that saw ``margin`` pixels of its
 neighbourhood, not the zero padding of a window border.
 
-Per-class normalisation. The in-memory path divides each class map by its maximum over the whole
-image. Over a raster seen window by window that maximum is known only once every window was
-seen, hence two modes:
+Per-class maxima (``max_over``, ``--cam-max-over``). The in-memory path divides each class map by
+its maximum over the whole image. Over a raster seen window by window that maximum is known only
+once every window was seen, hence two modes:
 
-* ``"global"`` (default): a first pass computes the same maps on the same windows and keeps only
+* ``"raster"`` (default): a first pass computes the same maps on the same windows and keeps only
   the per-class maxima over the cores (K numbers); the second pass divides the same maps by
   them, read back from disk where they fit (:class:`MapCache`, ``map_cache_gb``), else recomputed. Every window has the same divisor, so normalisation adds no jump at a seam: labels
   change across a seam only where the raw maps of the two contexts differ (see Margin). Wherever
@@ -26,7 +26,7 @@ seen, hence two modes:
   there and wins pixels it loses in the next window (with a threshold background, foreground
   appears in windows that hold none).
 
-``"global"`` is the default because it is the whole-image rule and puts no normalisation seam into
+``"raster"`` is the default because it is the whole-image rule and puts no normalisation seam into
 the map. Measured: with a tiny CNN it agrees with the whole-image labels on 98 % of the pixels
 against 90 % per window (tests), and across the window seams of the benchmark's 4096² raster its
 labels change at 41.0 % of pixel pairs against 44.9 % per window (random head; see Margin for
@@ -122,8 +122,8 @@ from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logi
 from wsss_domains.training.data import normalize
 from wsss_domains.training.run import RunConfig, run_label_space
 
-Normalization = Literal["global", "window"]
-NORMALIZATIONS: tuple[str, ...] = ("global", "window")
+MaxOver = Literal["raster", "window"]
+MAX_OVER: tuple[str, ...] = ("raster", "window")
 DEFAULT_WINDOW = 1024
 # Context a side; seams measured in benchmarks/results/raster_windowed.md (see "Margin" above).
 DEFAULT_MARGIN = 128
@@ -138,10 +138,11 @@ class RasterOptions:
     margin: int = DEFAULT_MARGIN
     bands: tuple[int, ...] | None = None
     scaling: Scaling = "auto"
-    normalization: Normalization = "global"
+    # Where each class map's divisor (its maximum) is taken: the whole raster or each window.
+    max_over: MaxOver = "raster"
     scales: tuple[float, ...] = DEFAULT_SCALES
     flip: bool = True
-    # The extractor's own normalisation (``CAM_NORMALIZATIONS``); ``normalization`` above applies to "max".
+    # The extractor's own CAM normalisation (``CAM_NORMALIZATIONS``); ``max_over`` applies to "max".
     cam_norm: str = "max"
     bg_threshold: float | None = None
     labels_per_window: bool = False
@@ -159,10 +160,8 @@ class RasterOptions:
             raise ValueError(f"window must be a multiple of 16 (GeoTIFF blocks are), got {self.window}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(
-                f"normalization must be one of {', '.join(NORMALIZATIONS)}, got {self.normalization!r}"
-            )
+        if self.max_over not in MAX_OVER:
+            raise ValueError(f"max_over must be one of {', '.join(MAX_OVER)}, got {self.max_over!r}")
         if self.cam_norm not in CAM_NORMALIZATIONS:
             raise ValueError(
                 f"cam_norm must be one of {', '.join(CAM_NORMALIZATIONS)}, got {self.cam_norm!r}"
@@ -186,7 +185,7 @@ class RasterSummary:
     window: int
     margin: int
     windows: int
-    normalization: str
+    max_over: str
     label_source: str  # given | mask | predicted
     labels: list[str]  # the raster's labels (per-window labels: their union)
     labels_per_window: bool
@@ -240,7 +239,7 @@ def mask_code(info: RasterInfo, label_space: LabelSpace) -> MaskCode:
 class MapCache:
     """The first pass's raw context maps on disk, so that the second pass reads them back.
 
-    Global normalisation needs every window's maps twice: for the per-class maxima, then for the
+    Maxima over the raster need every window's maps twice: for the per-class maxima, then for the
     labels. Kept as float32 ``.npy`` files (``K x context`` pixels each, 4 bytes a value) they are
     read back bit for bit, which halves the time; a window's file is deleted once its labels are
     written. The folder is named after the job's fingerprint, so a resumed job reuses only maps of
@@ -460,7 +459,7 @@ def pseudo_label_raster(
             window=options.window,
             margin=options.margin,
             windows=len(plan),
-            normalization=options.normalization,
+            max_over=options.max_over,
             label_source="given" if given is not None else "mask" if mask_raster is not None else "predicted",
             labels=[],
             labels_per_window=options.labels_per_window,
@@ -480,7 +479,7 @@ def pseudo_label_raster(
             return finished
         out.parent.mkdir(parents=True, exist_ok=True)
         progress = load_progress(progress_path, summary.fingerprint) if options.resume else None
-        if options.normalization == "global" and options.cam_norm == "max":
+        if options.max_over == "raster" and options.cam_norm == "max":
             job.cache = MapCache(out, summary.fingerprint)
             if not options.resume:
                 job.cache.remove()
@@ -495,7 +494,7 @@ def pseudo_label_raster(
             label_space,
             options.window,
             options.compress,
-            {"normalization": options.normalization, "label_source": summary.label_source},
+            {"max_over": options.max_over, "label_source": summary.label_source},
         )
         resumed = progress.get("second") if progress is not None else None
         done = set(resumed or [])
@@ -594,7 +593,7 @@ def _first_pass(
     fingerprint: str,
     progress: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """Per-class maxima (global normalisation) and the raster's labels where they are derived.
+    """Per-class maxima over the raster and the raster's labels where they are derived.
 
     Returns the state the second pass needs: ``maxima`` (K floats, or None for per-window
     normalisation) and ``present`` (the raster's K-vector, or None for per-window labels).
@@ -603,7 +602,7 @@ def _first_pass(
         return progress["state"]
     options = job.options
     # Only max normalisation depends on the whole raster; a sigmoid of the logits is per pixel.
-    need_maxima = options.normalization == "global" and options.cam_norm == "max"
+    need_maxima = options.max_over == "raster" and options.cam_norm == "max"
     derive = given is None and not options.labels_per_window
     need_counts = derive and job.mask is not None
     need_predictions = derive and job.mask is None
