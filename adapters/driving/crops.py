@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from torch.utils.data import Dataset
 
-from wsss_domains.data.patches import PatchDataset, pair
+from wsss_domains.data.patches import PatchDataset
+from wsss_domains.data.windows import pair
 from wsss_domains.domains.contract import LabelSpace
 
 DEFAULT_MIN_LABEL_FRACTION = 0.01

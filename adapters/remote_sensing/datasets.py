@@ -22,7 +22,8 @@ from wsss_adapters.remote_sensing.scene import ReadOptions, Scene, SceneReader
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import IdCode, MaskCode
-from wsss_domains.data.raster_reader import Scaling, TileWindow, iter_windows
+from wsss_domains.data.raster_reader import Scaling
+from wsss_domains.data.windows import TileWindow, iter_windows
 from wsss_domains.domains.contract import LabelSpace, Sample
 
 # Whole scenes above this many pixels are refused: read them as tiles instead.

@@ -19,7 +19,8 @@ from torch import Tensor
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import MaskCode
 from wsss_domains.data.patches import label_from_crop
-from wsss_domains.data.raster_reader import ImageRaster, MaskRaster, Scaling, TileWindow
+from wsss_domains.data.raster_reader import ImageRaster, MaskRaster, Scaling
+from wsss_domains.data.windows import TileWindow
 from wsss_domains.domains.contract import LabelSpace, Sample
 
 

@@ -8,7 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from wsss_domains.cam.extract import CamExtractor, balanced_tile, normalize_per_class
+from wsss_domains.cam.extract import CamExtractor, normalize_per_class
+from wsss_domains.data.windows import balanced_tile
 from wsss_domains.models.classifier import CamClassifier
 
 

@@ -27,12 +27,13 @@ from wsss_domains.cli import EXIT_USAGE, main
 from wsss_domains.data.io import DataError, read_index_mask
 from wsss_domains.data.large_images import ImageFile, stage_image
 from wsss_domains.data.raster_reader import ImageRaster
+from wsss_domains.data.windows import plan_windows
 from wsss_domains.domains.contract import IMAGENET_MEAN, IMAGENET_STD
 from wsss_domains.methods.base import Method
 from wsss_domains.models.classifier import CamClassifier
 from wsss_domains.pseudo_labels import raster as raster_mod
 from wsss_domains.pseudo_labels.assemble import cams_to_labels
-from wsss_domains.pseudo_labels.raster import RasterOptions, plan_windows, pseudo_label_raster
+from wsss_domains.pseudo_labels.raster import RasterOptions, pseudo_label_raster
 from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, PseudoLabelSummary, write_pseudo_labels
 from wsss_domains.training.data import normalize
 from wsss_domains.training.run import RunConfig, save_model

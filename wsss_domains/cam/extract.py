@@ -8,7 +8,6 @@ per class). Methods that compute maps differently subclass :class:`CamExtractor`
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from wsss_domains.data.patches import grid_starts
+from wsss_domains.data.windows import balanced_tile, grid_starts
 
 DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
 
@@ -28,18 +27,6 @@ def normalize_per_class(cams: Tensor, eps: float = 1e-5) -> Tensor:
 
 
 CAM_NORMALIZATIONS = ("max", "sigmoid")
-
-
-def balanced_tile(length: int, tile: int, overlap: int) -> int:
-    """The side of equal tiles, at most ``tile``, that cover ``length`` with ``overlap`` between them.
-
-    Fixed tiles waste work on the last one: 2560 pixels in tiles of 1280 overlapping by 64 take
-    three tiles (3840 pixels computed); three balanced tiles of 896 compute 2688.
-    """
-    if length <= tile:
-        return length
-    count = math.ceil((length - overlap) / (tile - overlap))
-    return min(tile, math.ceil((length - overlap) / count) + overlap)
 
 
 class CamExtractor:

@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from rasterio.io import DatasetWriter
 from torch import nn
 
 from wsss_domains.data.io import atomic_write, save_palette_png
-from wsss_domains.data.raster_reader import TileWindow
+from wsss_domains.data.windows import TileWindow, WindowPair
 from wsss_domains.domains.contract import LabelSpace
 
 # GDAL's block cache counts in resident memory; its default (5 % of RAM) would dwarf one window.
@@ -33,39 +32,6 @@ GDAL_CACHE_MB = 64
 OVERVIEW_SIZE = 2048
 # GeoTIFF blocks must be multiples of 16; windows are cut on whole blocks.
 BLOCK_SIZES = (512, 256, 128, 64, 32, 16)
-
-
-@dataclass(frozen=True)
-class WindowPair:
-    """A core window (written) and its context window (read and fed to the network)."""
-
-    core: TileWindow
-    context: TileWindow
-
-    @property
-    def crop(self) -> tuple[slice, slice]:
-        """The core's rows and columns inside the context."""
-        r, c = self.core.row - self.context.row, self.core.col - self.context.col
-        return slice(r, r + self.core.height), slice(c, c + self.core.width)
-
-
-def _place(start: int, length: int, span: int, total: int) -> int:
-    """Start of a ``span``-long range holding ``[start, start + length)``, centred, inside ``[0, total)``."""
-    return min(max(start - (span - length) // 2, 0), total - span)
-
-
-def plan_windows(height: int, width: int, window: int, margin: int) -> list[WindowPair]:
-    """Row-major cores of ``window`` pixels tiling the raster, each with its fixed-size context."""
-    span_h, span_w = min(height, window + 2 * margin), min(width, window + 2 * margin)
-    plan = []
-    for row in range(0, height, window):
-        h = min(window, height - row)
-        crow = _place(row, h, span_h, height)
-        for col in range(0, width, window):
-            w = min(window, width - col)
-            ccol = _place(col, w, span_w, width)
-            plan.append(WindowPair(TileWindow(row, col, h, w), TileWindow(crow, ccol, span_h, span_w)))
-    return plan
 
 
 def block_size(window: int) -> int:

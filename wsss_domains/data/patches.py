@@ -18,30 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from wsss_domains.data.windows import grid_starts, pair, random_start
 from wsss_domains.domains.contract import LabelSpace, Sample
-
-
-def grid_starts(length: int, patch: int, stride: int) -> list[int]:
-    """Window starts covering ``[0, length)``; the last window is aligned to the end."""
-    if length <= patch:
-        return [0]
-    starts = list(range(0, length - patch + 1, stride))
-    if starts[-1] != length - patch:
-        starts.append(length - patch)
-    return starts
-
-
-def pair(size: int | tuple[int, int] | list[int], what: str = "patch size") -> tuple[int, int]:
-    """``(height, width)`` from an int (square) or a pair; ValueError for anything not positive."""
-    if isinstance(size, int):
-        hw = (size, size)
-    else:
-        hw = tuple(int(v) for v in size)
-        if len(hw) != 2:
-            raise ValueError(f"{what} must be an int or (height, width), got {size!r}")
-    if min(hw) < 1:
-        raise ValueError(f"{what} must be positive, got {size!r}")
-    return hw  # type: ignore[return-value]
 
 
 def label_from_crop(
@@ -214,8 +192,7 @@ class RandomPatchDataset(Dataset):
         h, w = scored.shape
         ph, pw = min(self.patch_hw[0], h), min(self.patch_hw[1], w)
         for _ in range(self.max_draws):
-            y = int(torch.randint(0, h - ph + 1, ()))
-            x = int(torch.randint(0, w - pw + 1, ()))
+            y, x = random_start(h, ph), random_start(w, pw)
             crop = scored[y : y + ph, x : x + pw]
             if (crop != self.label_space.ignore_index).any():
                 break

@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import numpy as np
 import rasterio
@@ -39,12 +39,11 @@ import torch
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NodataShadowWarning, NotGeoreferencedWarning, RasterioIOError
 from rasterio.io import DatasetReader
-from rasterio.windows import Window
 from torch import Tensor
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import MaskCode, UnknownCode
-from wsss_domains.data.patches import grid_starts, pair
+from wsss_domains.data.windows import TileWindow
 
 Scaling = Literal["auto", "percentile", "dtype"]
 SCALINGS: tuple[str, ...] = ("auto", "percentile", "dtype")
@@ -56,37 +55,6 @@ SEQUENTIAL_DRIVERS = frozenset({"PNG", "JPEG", "GIF", "BMP", "WEBP"})
 # Such files up to this many pixels are decoded whole once (a DeepGlobe 2448^2 scene is 6 M).
 WHOLE_DECODE_PIXELS = 4096 * 4096
 WHOLE_CACHE_BYTES = 256 * 2**20
-
-
-class TileWindow(NamedTuple):
-    """A window of a raster in pixels: top row, left column, height, width."""
-
-    row: int
-    col: int
-    height: int
-    width: int
-
-    def to_rasterio(self) -> Window:
-        return Window(self.col, self.row, self.width, self.height)
-
-
-def iter_windows(
-    height: int, width: int, tile: int | tuple[int, int], overlap: int = 0
-) -> Iterator[TileWindow]:
-    """Row-major windows of at most ``tile`` pixels (side, or height and width) covering a raster.
-
-    Neighbours share ``overlap`` pixels; the last row and column of windows are aligned to the
-    raster's edge (so they may overlap more) and no window ever extends past it, which is what a
-    stitcher needs to paste predictions back at ``(row, col)``.
-    """
-    th, tw = pair(tile, "tile")
-    if not 0 <= overlap < min(th, tw):
-        raise ValueError(f"overlap must lie in [0, tile), got {overlap} for tile {tile}")
-    if height < 1 or width < 1:
-        raise ValueError(f"raster size must be positive, got {height}x{width}")
-    for row in grid_starts(height, th, th - overlap):
-        for col in grid_starts(width, tw, tw - overlap):
-            yield TileWindow(row, col, min(th, height), min(tw, width))
 
 
 @contextmanager

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from wsss_domains.data.patches import pair
+from wsss_domains.data.windows import pair
 from wsss_domains.domains import check_domain_options
 from wsss_domains.errors import UserError
 from wsss_domains.models.classifier import DEFAULT_BACKBONE

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 from wsss_domains.cam.extract import DEFAULT_SCALES, CamExtractor
 from wsss_domains.data.io import DataError
 from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS, large_image_file
-from wsss_domains.data.patches import PatchDataset, pair
+from wsss_domains.data.patches import PatchDataset
+from wsss_domains.data.windows import pair
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
 from wsss_domains.evaluation import EvaluationReport

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from wsss_domains.data.patches import pair
+from wsss_domains.data.windows import pair
 from wsss_domains.errors import UserError
 from wsss_domains.pipeline.data import open_dataset, resolve_device
 from wsss_domains.segmentation.data import PseudoLabelledDataset

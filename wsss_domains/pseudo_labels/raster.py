@@ -96,26 +96,18 @@ from wsss_domains.data.label_raster import (
     GDAL_CACHE_MB,
     OVERVIEW_SIZE,
     LabelFile,
-    WindowPair,
     digest,
     finished_summary,
     label_file,
     load_progress,
-    plan_windows,
     rows_of_windows,
     save_progress,
     sidecars,
     write_overview,
 )
 from wsss_domains.data.mask_codes import ColorCode, IdCode, MaskCode
-from wsss_domains.data.raster_reader import (
-    ImageRaster,
-    MaskRaster,
-    RasterInfo,
-    Scaling,
-    TileWindow,
-    raster_info,
-)
+from wsss_domains.data.raster_reader import ImageRaster, MaskRaster, RasterInfo, Scaling, raster_info
+from wsss_domains.data.windows import TileWindow, WindowPair, plan_windows
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
 from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits

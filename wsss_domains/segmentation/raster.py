@@ -1,6 +1,6 @@
 """Segmenter predictions of one raster or slide of any size, window by window, into a GeoTIFF.
 
-The source is cut into core windows with a context margin (:func:`~wsss_domains.data.label_raster.plan_windows`, shared with
+The source is cut into core windows with a context margin (:func:`~wsss_domains.data.windows.plan_windows`, shared with
 raster pseudo-labelling); each context is segmented by the sliding-window predictor and only its
 core is written into a tiled palette GeoTIFF (:mod:`wsss_domains.data.label_raster`). Memory
 depends on the window, not on the source. A killed run resumes from its progress record; a
@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from wsss_domains.data import label_raster
 from wsss_domains.data.io import atomic_write
-from wsss_domains.data.raster_reader import TileWindow
+from wsss_domains.data.windows import TileWindow, plan_windows
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
 from wsss_domains.segmentation.inference import SegmenterPredictor
@@ -113,7 +113,7 @@ def predict_windows(
     options.check()
     out = Path(out)
     height, width = source.size
-    plan = label_raster.plan_windows(height, width, options.window, options.margin)
+    plan = plan_windows(height, width, options.window, options.margin)
     record = {
         "source": source.identity(),
         "segmenter": segmenter_digest or label_raster.digest(predictor.model),

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from wsss_domains.data.io import DataError, atomic_write
-from wsss_domains.data.raster_reader import TileWindow
+from wsss_domains.data.windows import TileWindow
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
 
