@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -27,6 +28,7 @@ class Example:
     strict: bool = setting(False, help="be strict")
     colour: bool = setting(True, help="no colour")
     table: dict | None = None
+    side: Literal["left", "right"] = setting("left", help="a side")
 
 
 def parse(arguments: SettingsArguments, argv: list[str], **add: object) -> argparse.Namespace:
@@ -83,3 +85,32 @@ def test_the_commands_defaults_are_the_api_defaults(arguments, cls):
     """No flag restates a default: parsing nothing gives the dataclass's own values."""
     defaults = {item.name: item.default for item in fields(cls) if item.name in arguments.names}
     assert arguments.values(parse(arguments, [])) == defaults
+
+
+def test_a_literal_field_offers_its_values_as_choices():
+    arguments = SettingsArguments(Example, ("side",))
+    assert arguments.values(parse(arguments, ["--side", "right"])) == {"side": "right"}
+    with pytest.raises(SystemExit):
+        parse(arguments, ["--side", "up"])
+
+
+def test_options_absent_unless_given_leave_the_dataclass_defaults_and_say_which_were_typed():
+    arguments = SettingsArguments(Example, ("rate", "strict", "colour"))
+    untouched = parse(arguments, [], absent_unless_given=True)
+    assert arguments.values(untouched) == {} and arguments.given(untouched) == []
+    typed = parse(arguments, ["--no-colour", "--rate", "1"], absent_unless_given=True)
+    assert arguments.values(typed) == {"rate": 1.0, "colour": False}
+    assert arguments.given(typed) == ["--rate", "--no-colour"]
+
+
+def test_raster_options_come_from_the_raster_settings():
+    from wsss_domains.cli.pseudo_labels import RASTER_OPTIONS
+    from wsss_domains.pseudo_labels.raster import RasterOptions
+
+    assert (
+        RasterOptions(**RASTER_OPTIONS.values(parse(RASTER_OPTIONS, [], absent_unless_given=True)))
+        == RasterOptions()
+    )
+    typed = parse(RASTER_OPTIONS, ["--cam-max-over", "window", "--no-resume"], absent_unless_given=True)
+    options = RasterOptions(**RASTER_OPTIONS.values(typed))
+    assert options.max_over == "window" and options.resume is False

@@ -21,10 +21,11 @@ from wsss_domains.cli.common import (
     resolve_device,
     tile_options,
 )
+from wsss_domains.cli.settings_arguments import SettingsArguments
 from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS
 from wsss_domains.models.runtime import RUNTIMES
 from wsss_domains.pipeline.pseudo_labels import pseudo_label_raster_file, pseudo_label_split
-from wsss_domains.pseudo_labels.raster import DEFAULT_MARGIN, DEFAULT_WINDOW, MAX_OVER, RasterOptions
+from wsss_domains.pseudo_labels.raster import RasterOptions
 
 
 def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
@@ -90,19 +91,13 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_pseudo_labels)
 
 
-# Options of --raster only; absent from the namespace unless given, so that --data refuses them.
-RASTER_FLAGS = (
-    "--raster-mask",
-    "--labels",
-    "--bands",
-    "--scaling",
-    "--window",
-    "--margin",
-    "--cam-max-over",
-    "--labels-per-window",
-    "--overview",
-    "--no-resume",
+# Options of --raster only: absent from the namespace unless given, so that --data refuses them.
+RASTER_OPTIONS = SettingsArguments(
+    RasterOptions,
+    ("window", "margin", "scaling", "max_over", "labels_per_window", "overview", "resume"),
+    flags={"max_over": "--cam-max-over"},
 )
+RASTER_INPUTS = ("--raster-mask", "--labels", "--bands")  # what the raster holds, not how it is cut
 
 
 def add_raster_arguments(p: argparse.ArgumentParser) -> None:
@@ -120,41 +115,7 @@ def add_raster_arguments(p: argparse.ArgumentParser) -> None:
         "--labels", metavar="NAME,NAME", default=quiet, help="the raster's image-level labels, by class name"
     )
     g.add_argument("--bands", metavar="1,2,3", default=quiet, help="1-based bands used as R,G,B (one: grey)")
-    g.add_argument(
-        "--scaling",
-        choices=("auto", "percentile", "dtype"),
-        default=quiet,
-        help="pixel scaling (default auto: uint8 / 255, other types a 2-98 percentile stretch)",
-    )
-    g.add_argument(
-        "--window",
-        type=int,
-        default=quiet,
-        help=f"side of the windows written, a multiple of 16 (default {DEFAULT_WINDOW})",
-    )
-    g.add_argument(
-        "--margin",
-        type=int,
-        default=quiet,
-        help=f"context pixels read around each window (default {DEFAULT_MARGIN})",
-    )
-    g.add_argument(
-        "--cam-max-over",
-        choices=MAX_OVER,
-        default=quiet,
-        help="each class map is divided by its maximum over the whole raster (raster: two passes, labels "
-        "consistent across window seams; the default) or over each window (window: one pass)",
-    )
-    g.add_argument(
-        "--labels-per-window",
-        action="store_true",
-        default=quiet,
-        help="each window takes its own labels, from its mask window or its own prediction",
-    )
-    g.add_argument(
-        "--overview", type=Path, metavar="PNG", default=quiet, help="also write a downsampled palette PNG"
-    )
-    g.add_argument("--no-resume", action="store_true", default=quiet, help="start afresh, do not resume")
+    RASTER_OPTIONS.add(g, absent_unless_given=True)
 
 
 def _ints(text: str, flag: str) -> tuple[int, ...]:
@@ -185,18 +146,12 @@ def run_raster(args: argparse.Namespace, scales: tuple[float, ...]) -> int:
         )
     bands = getattr(args, "bands", None)
     options = RasterOptions(
-        window=getattr(args, "window", DEFAULT_WINDOW),
-        margin=getattr(args, "margin", DEFAULT_MARGIN),
+        **RASTER_OPTIONS.values(args),
         bands=None if bands is None else _ints(bands, "--bands"),
-        scaling=getattr(args, "scaling", "auto"),
-        max_over=getattr(args, "cam_max_over", "raster"),
         scales=scales,
         flip=not args.no_flip,
         cam_norm=args.cam_norm,
         bg_threshold=args.bg_threshold,
-        labels_per_window=getattr(args, "labels_per_window", False),
-        overview=getattr(args, "overview", None),
-        resume=not getattr(args, "no_resume", False),
         device=resolve_device(args.device),
         progress=not args.no_progress,
     )
@@ -244,9 +199,9 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         raise CliError(f"--scales must lie in (0, 8], got '{args.scales}'")
     if args.raster is not None:
         return run_raster(args, scales)
-    for flag in RASTER_FLAGS:
-        if hasattr(args, flag[2:].replace("-", "_")):
-            raise CliError(f"{flag} applies to --raster, not to --data")
+    given = [flag for flag in RASTER_INPUTS if hasattr(args, flag[2:].replace("-", "_"))]
+    for flag in given + RASTER_OPTIONS.given(args):
+        raise CliError(f"{flag} applies to --raster, not to --data")
     if args.max_image_pixels < 0:
         raise CliError(f"--max-image-pixels must be >= 0 (0: every image whole), got {args.max_image_pixels}")
     summary = pseudo_label_split(

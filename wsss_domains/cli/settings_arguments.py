@@ -22,14 +22,19 @@ from wsss_domains.settings import CHOICES, METAVAR, help_of
 _SCALARS = (int, float, str, Path)
 
 
-def _scalar_type(annotation: Any, where: str) -> type:
-    """``int`` of ``int | None`` and so on; anything else is not an option a flag can carry."""
+def _scalar_type(annotation: Any, where: str) -> tuple[type, tuple[Any, ...] | None]:
+    """``int`` of ``int | None`` and so on, with the choices of a ``Literal``; nothing else fits a flag."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         kinds = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         if len(kinds) == 1:
             annotation = kinds[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        kinds = {type(choice) for choice in choices}
+        if len(kinds) == 1 and kinds <= set(_SCALARS):
+            return kinds.pop(), choices
     if annotation is bool or annotation in _SCALARS:
-        return annotation
+        return annotation, None
     raise TypeError(
         f"{where}: a command-line option needs a bool, int, float, str or Path field, not {annotation}"
     )
@@ -70,26 +75,44 @@ class SettingsArguments:
         defaults: Mapping[str, Any] | None = None,
         helps: Mapping[str, str] | None = None,
         hidden: Iterable[str] = (),
+        absent_unless_given: bool = False,
     ) -> None:
-        """Add the options to ``target``; ``defaults`` and ``helps`` override a field's for this command."""
+        """Add the options to ``target``; ``defaults`` and ``helps`` override a field's for this command.
+
+        ``absent_unless_given``: an option not typed is left out of the parsed namespace (argparse's
+        ``SUPPRESS``), so a command can refuse options that do not apply to the input it was given.
+        """
         hints = typing.get_type_hints(self.cls)
         declared = {item.name: item for item in fields(self.cls)}
         defaults, helps, hidden = defaults or {}, helps or {}, set(hidden)
         for option in self._options():
             item = declared[option.name]
-            kind = _scalar_type(hints[option.name], f"{self.cls.__name__}.{option.name}")
+            kind, literal = _scalar_type(hints[option.name], f"{self.cls.__name__}.{option.name}")
             text = argparse.SUPPRESS if option.name in hidden else helps.get(option.name, help_of(item))
+            quiet = {"default": argparse.SUPPRESS} if absent_unless_given else {}
             if kind is bool:
-                target.add_argument(option.flag, dest=option.dest, action="store_true", help=text)
+                target.add_argument(option.flag, dest=option.dest, action="store_true", help=text, **quiet)
                 continue
             default = defaults.get(option.name, None if item.default is MISSING else item.default)
             extra = {key: item.metadata.get(key) for key in (CHOICES, METAVAR) if item.metadata.get(key)}
-            target.add_argument(option.flag, dest=option.dest, type=kind, default=default, help=text, **extra)
+            if literal and CHOICES not in extra:
+                extra[CHOICES] = literal
+            extra = {"default": default, **extra, **quiet}
+            target.add_argument(option.flag, dest=option.dest, type=kind, help=text, **extra)
 
     def values(self, args: argparse.Namespace) -> dict[str, Any]:
-        """The fields' values as parsed (a ``--no-`` switch read back as the field's ``False``)."""
+        """The fields' values as parsed (a ``--no-`` switch read back as the field's ``False``).
+
+        Options absent from the namespace (not typed, ``absent_unless_given``) are left out, so the
+        dataclass's defaults apply.
+        """
         read = {}
         for option in self._options():
-            value = getattr(args, option.dest)
-            read[option.name] = not value if option.negated else value
+            if hasattr(args, option.dest):
+                value = getattr(args, option.dest)
+                read[option.name] = not value if option.negated else value
         return read
+
+    def given(self, args: argparse.Namespace) -> list[str]:
+        """The flags of this group present in ``args`` (typed, where ``absent_unless_given``)."""
+        return [option.flag for option in self._options() if hasattr(args, option.dest)]

@@ -111,6 +111,7 @@ from wsss_domains.data.windows import TileWindow, WindowPair, plan_windows
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
 from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits
+from wsss_domains.settings import setting
 from wsss_domains.training.data import normalize
 from wsss_domains.training.run import RunConfig, run_label_space
 
@@ -126,24 +127,35 @@ EPS = 1e-5
 class RasterOptions:
     """How a raster is cut, read, normalised and written (see the module docstring)."""
 
-    window: int = DEFAULT_WINDOW
-    margin: int = DEFAULT_MARGIN
+    window: int = setting(
+        DEFAULT_WINDOW, help=f"side of the windows written, a multiple of 16 (default {DEFAULT_WINDOW})"
+    )
+    margin: int = setting(
+        DEFAULT_MARGIN, help=f"context pixels read around each window (default {DEFAULT_MARGIN})"
+    )
     bands: tuple[int, ...] | None = None
-    scaling: Scaling = "auto"
-    # Where each class map's divisor (its maximum) is taken: the whole raster or each window.
-    max_over: MaxOver = "raster"
+    scaling: Scaling = setting(
+        "auto", help="pixel scaling (default auto: uint8 / 255, other types a 2-98 percentile stretch)"
+    )
+    max_over: MaxOver = setting(
+        "raster",
+        help="each class map is divided by its maximum over the whole raster (raster: two passes, labels "
+        "consistent across window seams; the default) or over each window (window: one pass)",
+    )
     scales: tuple[float, ...] = DEFAULT_SCALES
     flip: bool = True
     # The extractor's own CAM normalisation (``CAM_NORMALIZATIONS``); ``max_over`` applies to "max".
     cam_norm: str = "max"
     bg_threshold: float | None = None
-    labels_per_window: bool = False
+    labels_per_window: bool = setting(
+        False, help="each window takes its own labels, from its mask window or its own prediction"
+    )
     # Disk the first pass may fill with raw maps so the second need not recompute them (see MapCache).
     map_cache_gb: float = 8.0
-    overview: Path | None = None
+    overview: Path | None = setting(None, help="also write a downsampled palette PNG", metavar="PNG")
     overview_size: int = OVERVIEW_SIZE
     compress: str = "deflate"
-    resume: bool = True
+    resume: bool = setting(True, help="start afresh, do not resume")
     device: str = "cpu"
     progress: bool = True
 
