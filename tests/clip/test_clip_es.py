@@ -126,3 +126,54 @@ def test_interpolated_grid_follows_image_size(tiny):
     assert prefix.tokens.shape[1] == 1 + 48
     assert prefix.attn_count == 1  # the last block supplies the second kept map
     assert torch.allclose(prefix.attn_sum.sum(dim=-1), torch.ones(1, 49), atol=1e-5)
+
+
+class _ClipEsScores(torch.nn.Module):
+    """The official CLIP-ES forward as pytorch-grad-cam sees it: pixels -> softmax over the text rows."""
+
+    def __init__(self, model: torch.nn.Module, text: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.text = model, text
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        visual = self.model.visual
+        # The fixture's weights are frozen; a graph is needed, as the official model's trainable weights give.
+        x = visual._embeds(pixels.detach().requires_grad_(True))
+        for block in visual.transformer.resblocks:
+            x = block(x)
+        image = F.normalize(visual.ln_post(x)[:, 1:].mean(dim=1) @ visual.proj, dim=-1)
+        return (self.model.logit_scale.exp() * image @ self.text.T).softmax(dim=-1)
+
+
+def test_batched_gradcam_equals_pytorch_grad_cam_as_the_official_code_calls_it(tiny, tiny_prompts):
+    """CLIP-ES's official code computes its maps with pytorch-grad-cam's GradCAM on the last block's
+    ``ln_1`` (patch tokens reshaped to a grid, the class token dropped); the batched path must agree."""
+    grad_cam = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model, tokenizer = tiny
+    visual = model.visual
+    text = _text(model, tokenizer, tiny_prompts, NAMES)
+    pixels = prepare_pixels(
+        model, torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(3)), (32, 32)
+    )
+    h, w = visual.grid_size
+
+    class GridGradCAM(grad_cam.GradCAM):
+        def get_target_width_height(self, input_tensor):  # maps at the patch grid, as CLIP-ES uses them
+            return w, h
+
+    def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:  # the official reshape_transform
+        return tokens[:, 1:].reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
+
+    scores = _ClipEsScores(model, text)
+    last_ln_1 = visual.transformer.resblocks[-1].ln_1
+    with GridGradCAM(model=scores, target_layers=[last_ln_1], reshape_transform=tokens_to_grid) as cam:
+        official = torch.stack(
+            [torch.from_numpy(cam(pixels, targets=[ClassifierOutputTarget(k)])[0]) for k in range(len(NAMES))]
+        )
+    prefix = run_prefix(visual, pixels, attn_layers=8)
+    batched, _ = gradcam_maps(visual, prefix, text, model.logit_scale.exp().detach(), len(NAMES))
+    assert official.shape == batched.shape == (3, h, w)
+    assert official.amax(dim=(1, 2)).min() > 0.99 and (official - official.roll(1, dims=0)).abs().max() > 1e-2
+    assert (batched - official).abs().max() <= 1e-5
