@@ -74,6 +74,10 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def sample_ids(self) -> list[str]:
+        """Ids in index order, from the records: slicing a split decodes no image."""
+        return [record.id for record in self.records]
+
     def _masks(self, index: int) -> tuple[Tensor | None, Tensor | None]:
         rec = self.records[index]
         mask = None if rec.mask is None else decode_mask(rec.mask, self.label_space)

@@ -69,6 +69,10 @@ class StreetDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def sample_ids(self) -> list[str]:
+        """Ids in index order, from the records: slicing a split decodes no image."""
+        return [record.id for record in self.records]
+
     def load_mask(self, index: int) -> Tensor | None:
         """The decoded mask alone (lets the crop index skip decoding images)."""
         rec = self.records[index]

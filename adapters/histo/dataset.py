@@ -72,6 +72,10 @@ class HistoDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def sample_ids(self) -> list[str]:
+        """Ids in index order, from the records: slicing a split decodes no image."""
+        return [record.id for record in self.records]
+
     def __getitem__(self, index: int) -> Sample:
         rec = self.records[index]
         image = read_rgb(rec.image)

@@ -50,6 +50,10 @@ class NaturalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def sample_ids(self) -> list[str]:
+        """Ids in index order, from the records: slicing a split decodes no image."""
+        return [record.id for record in self.records]
+
     def load_mask(self, index: int) -> Tensor | None:
         """The decoded mask of a record, None where it has none (lets patching skip images)."""
         raise NotImplementedError

@@ -48,6 +48,10 @@ class SceneDataset(Dataset):
     def __len__(self) -> int:
         return len(self.scenes)
 
+    def sample_ids(self) -> list[str]:
+        """Ids in index order, from the scenes: slicing a split reads no raster."""
+        return [scene.id for scene in self.scenes]
+
     def __getitem__(self, index: int) -> Sample:
         reader = SceneReader(self.scenes[index], self.label_space, self.options)
         h, w = reader.size
@@ -100,6 +104,10 @@ class TileDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def sample_ids(self) -> list[str]:
+        """``<scene id>@<row>,<col>`` in index order, from the tile plan (no pixel read)."""
+        return [f"{self.scenes[i].id}@{w.row},{w.col}" for i, w in self.index]
 
     def __getitem__(self, k: int) -> Sample:
         i, window = self.index[k]

@@ -29,7 +29,7 @@ from wsss_domains.data import raster_reader as raster
 from wsss_domains.data.io import DataError
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.data.splits import parse_split
-from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace, PromptKind
+from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace, ListsSampleIds, PromptKind
 from wsss_domains.domains.registry import create_domain
 
 # ---------------------------------------------------------------------------------------------
@@ -165,6 +165,8 @@ def test_tile_index_scans_masks_in_strips_not_whole(tmp_path, monkeypatch):
     assert [tiles[i]["meta"]["offset"] for i in range(len(tiles))] == [
         (r, c) for r in (32, 64) for c in (0, 32)
     ]
+    assert isinstance(tiles, ListsSampleIds)  # a split of tiles is sliced without reading them
+    assert tiles.sample_ids() == [tiles[i]["id"] for i in range(len(tiles))]
 
 
 def test_small_png_and_jpeg_are_decoded_once_for_all_their_tiles(tmp_path, monkeypatch):

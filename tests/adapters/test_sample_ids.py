@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from histo_fixtures import make_wsss4luad
@@ -18,8 +17,10 @@ class Counting:
 
     def __init__(self, ids: list[str]) -> None:
         self.names = ids
-        self.records: list[object] = [SimpleNamespace(id=i) for i in ids]
         self.reads = 0
+
+    def sample_ids(self) -> list[str]:
+        return list(self.names)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -29,16 +30,24 @@ class Counting:
         return {"id": self.names[index]}
 
 
-def test_records_give_the_ids_without_reading_samples():
+def test_a_dataset_that_lists_its_ids_is_not_read():
     dataset = Counting(["b", "a", "c"])
     assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 0
-    # Records without ids, or not one per sample, are not trusted: the samples are read.
-    dataset.records = [object() for _ in range(3)]
+
+
+def test_a_dataset_without_the_listing_is_read_sample_by_sample():
+    class Plain(Counting):
+        sample_ids = None  # type: ignore[assignment]  # no listing: not a ListsSampleIds
+
+    dataset = Plain(["b", "a", "c"])
     assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 3
-    dataset.records = [SimpleNamespace(id="x")]
-    assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 6
-    dataset.ids = ["b", "a", "c"]  # a list of ids, one per sample (image folders), is trusted too
-    assert sample_ids(dataset) == ["b", "a", "c"] and dataset.reads == 6
+
+
+def test_a_listing_of_the_wrong_length_is_refused():
+    dataset = Counting(["b", "a", "c"])
+    dataset.sample_ids = lambda: ["b"]  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match=r"sample_ids\(\) gave 1 ids for 3 samples"):
+        sample_ids(dataset)
 
 
 @pytest.mark.parametrize("case", ["wsss4luad", "camvid"])

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from wsss_domains.domains.contract import ListsSampleIds
+
 T = TypeVar("T")
 
 _SLICED = re.compile(r"^(?P<base>.*?)\s*\[(?P<start>[^\[\]:]*):(?P<stop>[^\[\]:]*)\]\s*$")
@@ -105,16 +107,14 @@ def parse_split(split: str) -> SplitRequest:
 def sample_ids(dataset: Any) -> list[str]:
     """Every sample's id, in index order, without decoding images where the dataset allows.
 
-    The built-in datasets keep one record per sample (``records``, or ``scenes`` for whole
-    rasters) whose ``id`` is the sample's id, or the ids themselves (``ids``), so slicing a split
-    of large images costs no reads; any other dataset is read sample by sample.
+    A dataset that lists its ids (:class:`~wsss_domains.domains.contract.ListsSampleIds`, as the
+    built-in loaders do from their file records) costs no reads, so slicing a split of large images
+    is free; any other dataset is read sample by sample.
     """
     n = len(dataset)
-    ids = getattr(dataset, "ids", None)
-    if isinstance(ids, list) and len(ids) == n:
-        return [str(sample_id) for sample_id in ids]
-    for attribute in ("records", "scenes"):
-        entries = getattr(dataset, attribute, None)
-        if entries is not None and len(entries) == n and all(hasattr(entry, "id") for entry in entries):
-            return [str(entry.id) for entry in entries]
+    if isinstance(dataset, ListsSampleIds):
+        ids = [str(sample_id) for sample_id in dataset.sample_ids()]
+        if len(ids) != n:
+            raise ValueError(f"{type(dataset).__name__}.sample_ids() gave {len(ids)} ids for {n} samples")
+        return ids
     return [str(dataset[i]["id"]) for i in range(n)]

@@ -24,7 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -48,6 +48,17 @@ class Sample(TypedDict, total=False):
     exclude: Tensor
     id: str
     meta: dict[str, Any]
+
+
+@runtime_checkable
+class ListsSampleIds(Protocol):
+    """Optional for a loader's dataset: its samples' ids in index order, without decoding images.
+
+    Slicing a split (``train[0:6]``, folds) and the prediction writers need every id; a dataset
+    without this method is read sample by sample to get them.
+    """
+
+    def sample_ids(self) -> list[str]: ...
 
 
 class BackgroundMode(str, enum.Enum):

@@ -97,6 +97,10 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.stems)
 
+    def sample_ids(self) -> list[str]:
+        """The ids in index order, so slicing a split (train[0:6], folds) decodes no image."""
+        return list(self.stems)
+
     def load_mask(self, index: int) -> Tensor:
         """The mask alone, so PatchDataset can index patches without decoding images."""
         path = self.root / "masks" / f"{self.stems[index]}.png"

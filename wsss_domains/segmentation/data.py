@@ -43,6 +43,9 @@ class PseudoLabelledDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def sample_ids(self) -> list[str]:
+        return list(self.ids)
+
     def __getitem__(self, index: int) -> Sample:
         sample = self.base[index]
         path = self.folder / pred_filename(sample["id"])

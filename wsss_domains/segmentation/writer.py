@@ -67,6 +67,9 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def sample_ids(self) -> list[str]:
+        return list(self.ids)
+
     def __getitem__(self, index: int) -> Sample:
         return {"image": read_rgb(self.files[index]), "id": self.ids[index]}
 
@@ -83,6 +86,9 @@ class PixelsOnly(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def sample_ids(self) -> list[str]:
+        return list(self.ids)
 
     def __getitem__(self, index: int) -> Sample:
         sample = self.base[index]
