@@ -33,10 +33,19 @@ class Registry(Generic[T]):
     and returns it; a broken installed package fails when its entry is named, not at start-up.
     """
 
-    def __init__(self, kind: str, group: str, check: Callable[[str, object], T] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        group: str,
+        check: Callable[[str, object], T] | None = None,
+        builtins: Callable[[], object] | None = None,
+    ) -> None:
         self.kind = kind  # in messages: "unknown {kind} 'x'"
         self.group = group  # the entry-point group third-party packages declare
         self._check = check
+        # Imports the modules whose decorators register the project's own entries; run once, at the
+        # first lookup, so importing the kind's package stays cheap.
+        self._builtins = builtins
         self._entries: dict[str, T] = {}
         self._sources: dict[str, str] = {}
         self._lazy: dict[str, EntryPoint] = {}  # the project's own entries that import an optional package
@@ -61,6 +70,11 @@ class Registry(Generic[T]):
         self._entries[name] = entry
         self._sources[name] = source
         return entry
+
+    def _load_builtins(self) -> None:
+        if self._builtins is not None:
+            load, self._builtins = self._builtins, None
+            load()
 
     def register_lazy(self, name: str, target: str) -> None:
         """Add ``name`` as ``"module:attribute"``, imported when first named (an optional dependency)."""
@@ -87,14 +101,17 @@ class Registry(Generic[T]):
                 self.register(name, previous[0], source=previous[1] or BUILT_IN)
 
     def names(self) -> list[str]:
-        """Every registered and installed name, sorted; nothing is imported to list them."""
+        """Every registered and installed name, sorted; no installed package is imported to list them."""
+        self._load_builtins()
         return sorted(set(self._entries) | set(self._lazy) | set(self.entry_points()))
 
     def __contains__(self, name: object) -> bool:
+        self._load_builtins()
         return name in self._entries or name in self._lazy or name in self.entry_points()
 
     def source(self, name: str) -> str:
         """Where ``name`` comes from: ``module:attribute`` of its entry point, or how it was registered."""
+        self._load_builtins()
         if name in self._entries:
             return self._sources[name]
         if name in self._lazy:
@@ -105,6 +122,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """The entry of ``name``; an installed one is loaded and checked the first time it is named."""
+        self._load_builtins()
         if name in self._entries:
             return self._entries[name]
         if name in self._lazy:

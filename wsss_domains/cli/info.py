@@ -8,7 +8,6 @@ import textwrap
 from wsss_domains.cli import command_help
 from wsss_domains.domains import create_domain, list_domains
 from wsss_domains.domains.registry import DOMAINS
-from wsss_domains.methods import list_methods, method_class
 
 
 def run_domains(args: argparse.Namespace) -> int:
@@ -34,6 +33,8 @@ def run_domains(args: argparse.Namespace) -> int:
 
 
 def run_methods(args: argparse.Namespace) -> int:
+    from wsss_domains.methods import list_methods, method_class  # every method module: only here
+
     if not args.details:
         for name in list_methods():
             print(f"{name:<18} {method_class(name).description}")

@@ -1,12 +1,14 @@
 """The method registry (``wsss-domains methods``, ``--method NAME``).
 
-Built-in methods register with :func:`register_method` when their module is imported. A
+Built-in methods register with :func:`register_method` when their module is imported, which the
+registry does at its first lookup (importing ``wsss_domains.methods`` stays cheap). A
 third-party package adds its own through the ``wsss_domains.methods`` entry-point group, as domain
 plugins do (``my-method = "my_package.methods:MyMethod"``); it is loaded when first named.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from wsss_domains.methods.base import Method
@@ -24,7 +26,36 @@ def _checked_method(name: str, loaded: object) -> type[Method]:
     return loaded
 
 
-METHODS: Registry[type[Method]] = Registry("method", ENTRY_POINT_GROUP, _checked_method)
+# The modules of the built-in methods; each registers its methods with @register_method on import.
+BUILT_IN_MODULES = (
+    "cam_fusion",
+    "cam_proto",
+    "clims",
+    "clip_methods",
+    "cpn",
+    "dupl",
+    "label_probe",
+    "lpcam",
+    "ppc",
+    "refinement",
+    "s2c",
+    "sam_proto",
+    "seam",
+    "seed_probe",
+    "sepl",
+    "sipe",
+    "toco",
+)
+
+
+def _import_built_in_methods() -> None:
+    for module in BUILT_IN_MODULES:
+        importlib.import_module(f"wsss_domains.methods.{module}")
+
+
+METHODS: Registry[type[Method]] = Registry(
+    "method", ENTRY_POINT_GROUP, _checked_method, builtins=_import_built_in_methods
+)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
