@@ -144,3 +144,27 @@ def test_labels_must_match_the_prompted_classes(tiny, tiny_prompts):
     bad = [{"image": torch.rand(3, 32, 32), "label": torch.ones(2), "id": "x"}]
     with pytest.raises(ValueError, match="2 labels for 3 prompted classes"):
         train_prompts(model, tokenizer, bad, tiny_prompts, PromptTrainConfig(epochs=1))
+
+
+def test_frozen_text_encodes_each_class_once_and_gives_the_learners_features(tiny, monkeypatch):
+    from wsss_domains.clip.text import FrozenText
+
+    model, tokenizer = tiny
+    learner = PromptLearner(model, tokenizer, CLASSES, ["ground", "blue sky"], ctx_init=None)
+    with torch.no_grad():
+        expected_fg, expected_bg = learner.foreground(list(CLASSES)), learner.background()
+    calls: list[list[str]] = []
+    original = learner.foreground
+    monkeypatch.setattr(
+        learner, "foreground", lambda names=None: calls.append(list(names)) or original(names)
+    )
+    frozen = FrozenText(learner)
+    first = frozen.foreground(["blue thing", "red thing"])
+    again = frozen.foreground(["red thing", "green thing", "blue thing"])
+    assert calls == [["blue thing", "red thing"], ["green thing"]]  # only classes not seen before
+    assert torch.allclose(first, expected_fg[[2, 0]], atol=1e-6)
+    assert torch.allclose(again, expected_fg[[0, 1, 2]], atol=1e-6)
+    assert torch.equal(frozen.background(), frozen.background()) and torch.allclose(
+        frozen.background(), expected_bg
+    )
+    assert not again.requires_grad  # the learner's parameters are out of the graph

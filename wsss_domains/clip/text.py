@@ -98,6 +98,34 @@ class ZeroShotText:
         return self._background
 
 
+class FrozenText:
+    """The features of a text source whose parameters no longer change (learned prompts at
+    pseudo-label time), computed once per class and once for the background, then reused.
+
+    A learned-prompt module runs the text tower on every call; over a split that is one text-tower
+    pass per image (benchmarks/results/clip_methods_speed.md). Each class's prompt is encoded on its
+    own by the tower, so per-class caching gives the features a fresh call would.
+    """
+
+    def __init__(self, source: TextFeatureSource) -> None:
+        self.source = source
+        self._classes: dict[str, Tensor] = {}
+        self._background: Tensor | None = None
+
+    def foreground(self, class_names: Sequence[str]) -> Tensor:
+        missing = [name for name in dict.fromkeys(class_names) if name not in self._classes]
+        if missing:
+            with torch.no_grad():
+                self._classes.update(zip(missing, self.source.foreground(missing), strict=True))
+        return torch.stack([self._classes[name] for name in class_names])
+
+    def background(self) -> Tensor:
+        if self._background is None:
+            with torch.no_grad():
+                self._background = self.source.background()
+        return self._background
+
+
 @dataclass(frozen=True)
 class TextTower:
     """The pieces of an open_clip text transformer needed to encode from token embeddings."""

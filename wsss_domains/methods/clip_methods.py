@@ -102,6 +102,7 @@ class ClipEsLearned(ClipEs):
 
     def text_source(self, loaded: Any, domain: DomainPlugin, label_space: LabelSpace) -> Any:
         from wsss_domains.clip.artefacts import load_learned_prompts
+        from wsss_domains.clip.text import FrozenText
 
         key = label_space.classes
         if key not in self._text:
@@ -111,5 +112,6 @@ class ClipEsLearned(ClipEs):
                     f"no learned prompts for domain '{domain.name}': run `wsss-domains prompts learn` and pass "
                     "--method-option prompts=NAME"
                 )
-            self._text[key] = load_learned_prompts(name, loaded.model, loaded.tokenizer, domain=domain.name)
+            learned = load_learned_prompts(name, loaded.model, loaded.tokenizer, domain=domain.name)
+            self._text[key] = FrozenText(learned)  # fixed while pseudo-labelling: encode each class once
         return self._text[key]

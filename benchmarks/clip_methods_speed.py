@@ -1,0 +1,172 @@
+"""CPU speed of every CLIP method of the registry on a tiny random tower at ViT-B/16 depth.
+
+No CLIP weights exist on this machine, so the tower is open_clip's ``CLIP`` with random weights at
+the depth, patch size and input of ViT-B/16 (12 blocks, 16 px patches, 224 px) but width 64 (the
+tiny tower of the tests, ``wsss_domains.clip.tiny``): the figures show each method's own overhead
+and how it scales with depth, not the cost of a full-width ViT-B/16 (about 12x the width, so far
+slower). Each method is driven through the registry as the engine drives it:
+
+* ``clip-es``: ``Method.refine`` of one 224 px image with three present VOC classes (GradCAM of all
+  classes in one backward, class-aware attention refinement), text embeddings kept across images;
+* ``clip-es-learned``: the same with a CoOp-style ``PromptLearner`` (4 context tokens) as the text
+  source, as a learned-prompt artefact gives;
+* ``clims``: one training step (forward, the engine's loss plus the CLIMS terms, backward) of the
+  EfficientNet-Lite0 classifier on a batch of 8 224 px images, against the same step of plain CAM.
+
+Medians of ``--repeats`` runs after one warm-up. Prints a table and appends it, with the command and
+the machine's load, to benchmarks/results/clip_methods_speed.md.
+
+    python benchmarks/clip_methods_speed.py [--repeats 10] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from wsss_domains.clip.tiny import tiny_clip, tiny_model_config
+from wsss_domains.domains import create_domain
+from wsss_domains.methods import create_method
+from wsss_domains.methods.base import RefineContext
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "clip_methods_speed.md"
+ARCH = "wsss-speed-vitb16-depth"
+TOWER = {"image_size": 224, "patch_size": 16, "layers": 12}
+PRESENT = ("aeroplane", "bird", "person")
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up: lazy loads, text embeddings, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def register_tower(folder: Path) -> Path:
+    """The tower as an open_clip architecture and a random checkpoint file, as a user's would be."""
+    import open_clip
+
+    (folder / f"{ARCH}.json").write_text(json.dumps(tiny_model_config(**TOWER)))
+    open_clip.add_model_config(folder)
+    model, _ = tiny_clip(seed=0, config=tiny_model_config(**TOWER))
+    path = folder / "tower.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def clip_es_refine(name: str, weights: Path, learned: bool) -> Callable[[], object]:
+    domain = create_domain("voc")
+    space = domain.dataset("voc2012").label_space
+    method = create_method(
+        name, clip_model=ARCH, clip_weights=str(weights), **({"prompts": "x"} if learned else {})
+    )
+    method.setup(domain, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    if learned:  # what load_learned_prompts returns for an artefact: a PromptLearner on the tower
+        from wsss_domains.clip.learned_prompts import PromptLearner
+        from wsss_domains.clip.text import FrozenText
+
+        loaded = method._clip(torch.device("cpu"))
+        prompts = domain.clip_prompts(space)
+        learner = PromptLearner(
+            loaded.model, loaded.tokenizer, {c: c for c in space.foreground_names}, list(prompts.background)
+        )
+        method._text[space.classes] = FrozenText(learner)  # as ClipEsLearned.text_source wraps an artefact
+    present = torch.tensor([float(c in PRESENT) for c in space.foreground_names])
+    image = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(0))
+    context = RefineContext.of(image, present, domain, space)
+    cams = torch.rand(len(present), 224, 224)
+    return lambda: method.refine(cams, context)
+
+
+def training_step(method_name: str, weights: Path) -> Callable[[], object]:
+    from wsss_domains.models.classifier import CamClassifier
+
+    domain = create_domain("voc")
+    classes = len(domain.dataset("voc2012").label_space.foreground)
+    options = {"clip_model": ARCH, "clip_weights": str(weights)} if method_name == "clims" else {}
+    method = create_method(method_name, **options)
+    method.setup(domain, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    model = CamClassifier(classes, backbone="tf_efficientnet_lite0", weights="random")
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(8, classes, generator=generator) < 0.15).float()
+    labels[:, 14] = 1.0  # every image holds a person, so the CLIMS terms always run
+    batch = {
+        "image": torch.randn(8, 3, 224, 224, generator=generator),
+        "label": labels,
+        "progress": torch.tensor(0.5),
+    }
+    modules = torch.nn.ModuleDict()
+
+    def step() -> None:
+        model.zero_grad()
+        outputs = model(batch["image"])
+        loss = torch.nn.functional.multilabel_soft_margin_loss(outputs["logits"], labels)
+        extra = method.training_losses(model, modules, batch, outputs)
+        (loss + sum(extra.values())).backward()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as folder:
+        weights = register_tower(Path(folder))
+        rows = [
+            ("clip-es", "pseudo-label one image (3 classes)", median_ms(clip_es_refine("clip-es", weights, False), args.repeats)),
+            ("clip-es-learned", "pseudo-label one image (3 classes)", median_ms(clip_es_refine("clip-es-learned", weights, True), args.repeats)),
+        ]  # fmt: skip
+        cam_step = median_ms(training_step("cam", weights), args.repeats)
+        clims_step = median_ms(training_step("clims", weights), args.repeats)
+        rows.append(("clims", "training step, batch 8 x 224 px", clims_step))
+    lines = [
+        f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
+        f"\nTower: open_clip CLIP, random weights, {TOWER['layers']} blocks, {TOWER['patch_size']} px patches, "
+        f"{TOWER['image_size']} px, width 64. Median of {args.repeats} runs after a warm-up; {platform.machine()}, "
+        f"{args.threads} torch threads, {os.cpu_count()} cores, torch {torch.__version__}; load average (1 min) "
+        f"{load:.2f} at the start.",
+        "\n| method | what is timed | ms |",
+        "|---|---|---|",
+        *[f"| `{name}` | {what} | {ms:.1f} |" for name, what, ms in rows],
+        f"| `cam` (reference) | training step, batch 8 x 224 px | {cam_step:.1f} |",
+        f"\nCLIMS adds {clims_step - cam_step:.1f} ms to a plain-CAM step ({clims_step / cam_step:.2f}x).",
+        "\nCommand:\n",
+        "```",
+        shlex.join(["python", "benchmarks/clip_methods_speed.py", *sys.argv[1:]]),
+        "```",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_record:
+        if not RESULTS.exists():
+            RESULTS.write_text("# CPU speed of the CLIP methods (tiny tower at ViT-B/16 depth)\n")
+        with RESULTS.open("a") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
