@@ -16,7 +16,8 @@ from wsss_domains.domains import domain_class
 from wsss_domains.methods import list_methods, method_class
 from wsss_domains.transfer_matrix.matrix import MatrixSettings, ordered_methods, run_matrix
 from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset, load_presets
-from wsss_domains.transfer_matrix.report import build_matrix, machine_info, write_outputs
+from wsss_domains.transfer_matrix.replicates import aggregate, expand, fold_pool
+from wsss_domains.transfer_matrix.report import BASELINE, build_matrix, machine_info, write_outputs
 
 DEFAULT_OUT = Path("runs") / "bench"
 MODEL_FLAGS = ("sam_checkpoint", "clip_model", "clip_weights")
@@ -51,6 +52,20 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         "--domains", required=True, help=f"comma-separated domain presets ({', '.join(DEFAULT_PRESETS)})"
     )
     p.add_argument("--budget-minutes", type=float, default=3.0, help="training budget per training run")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=1,
+        metavar="K",
+        help="score every cell by K-fold cross-validation over the column's images (the split both its "
+        "slices come from; a column with separate train and score splits keeps them), pooled per seed",
+    )
+    p.add_argument(
+        "--seeds",
+        default="0",
+        metavar="0,1",
+        help="training seeds; with several, each cell shows the mean and spread over seeds",
+    )
     p.add_argument(
         "--random-patches",
         type=int,
@@ -90,6 +105,17 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--progress", action="store_true", help="progress bars for each step")
     p.set_defaults(func=run_bench)
     return p
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0,1`` -> ``[0, 1]``, in order, once each."""
+    try:
+        seeds = list(dict.fromkeys(int(v) for v in text.split(",") if v.strip()))
+    except ValueError as exc:
+        raise CliError(f"--seeds must be comma-separated integers, got '{text}'") from exc
+    if not seeds:
+        raise CliError("--seeds names no seed")
+    return seeds
 
 
 def parse_names(text: str, known: Sequence[str], what: str, chains: bool = False) -> list[str]:
@@ -184,6 +210,8 @@ def bench_command(args: argparse.Namespace) -> str:
     """The command line that reproduces this matrix, every default spelt out."""
     argv = ["wsss-domains", "bench", "--methods", args.methods, "--domains", args.domains]
     argv += ["--budget-minutes", f"{args.budget_minutes:g}", "--out", str(args.out)]
+    if getattr(args, "folds", 1) != 1 or getattr(args, "seeds", "0") != "0":
+        argv += ["--folds", str(args.folds), "--seeds", args.seeds]
     argv += ["--data-root", str(args.data_root), "--device", args.device]
     if getattr(args, "random_patches", None):
         argv += ["--random-patches", str(args.random_patches)]
@@ -229,6 +257,10 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
             column: replace(presets[column], domain_options={**presets[column].domain_options, **options}),
         }
     flags = {flag: getattr(args, flag) for flag in MODEL_FLAGS}
+    folds, seeds = getattr(args, "folds", 1), parse_seeds(getattr(args, "seeds", "0"))
+    if folds < 1:
+        raise CliError(f"--folds must be at least 1, got {folds}")
+    replicated = folds > 1 or seeds != [0]
     settings = MatrixSettings(
         out=args.out,
         data_root=args.data_root,
@@ -241,12 +273,26 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
     command, machine = bench_command(args), machine_info(device)
     preset_dicts = {d: presets[d].to_dict() for d in domains}
 
+    columns, run_presets, replicates = domains, presets, {}
+    if replicated:
+        run_presets, replicates = expand(presets, domains, folds, seeds)
+        columns = list(run_presets)
+        for d in domains:
+            preset_dicts[d].update(
+                folds=folds if fold_pool(presets[d]) else 1, seeds=seeds, pool=fold_pool(presets[d])
+            )
+
+    def shown(cells: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
+        return aggregate(cells, replicates, methods, BASELINE) if replicated else cells
+
     def report(cells: Mapping[str, Mapping[str, Any]]) -> dict[str, Path]:
-        matrix = build_matrix(cells, domains, methods, command, machine, preset_dicts, args.budget_minutes)
+        matrix = build_matrix(
+            shown(cells), domains, methods, command, machine, preset_dicts, args.budget_minutes
+        )
         return write_outputs(args.out, matrix)
 
-    cells = run_matrix(domains, methods, settings, presets, on_cell=report)
-    paths = report(cells)
+    ran = run_matrix(columns, methods, settings, run_presets, on_cell=report)
+    paths, cells = report(ran), shown(ran)
     failed = sum(c["status"] != "ok" for row in cells.values() for c in row.values())
     print(
         f"matrix: {paths['markdown']}  ({paths['json'].name}, {paths['heatmap'].name}, {paths['html'].name})"

@@ -109,6 +109,8 @@ def train_config(preset: CellPreset, method: str, settings: MatrixSettings) -> d
     extra: dict[str, Any] = {"random_patches": preset.random_patches} if preset.random_patches else {}
     if preset.domain_options:
         extra["domain_options"] = dict(preset.domain_options)
+    if preset.seed:
+        extra["seed"] = preset.seed
     return {
         **{k: data[k] for k in keys},
         **extra,
@@ -168,6 +170,7 @@ def train_settings(preset: CellPreset, method: str, settings: MatrixSettings) ->
         max_minutes=settings.budget_minutes,
         max_steps=preset.max_steps,
         batch_size=preset.batch_size,
+        seed=preset.seed,
         device=settings.device,
         progress=settings.progress,
     )
@@ -191,7 +194,7 @@ def train_argv(preset: CellPreset, method: str, run: Path, settings: MatrixSetti
     argv += ["--backbone", preset.backbone, "--weights", preset.weights]
     argv += ["--image-size", str(preset.image_size), "--batch-size", str(preset.batch_size)]
     argv += ["--max-minutes", str(settings.budget_minutes), "--max-steps", str(preset.max_steps)]
-    argv += ["--device", settings.device]
+    argv += ["--seed", str(preset.seed), "--device", settings.device]
     if not settings.progress:
         argv.append("--no-progress")
     return argv

@@ -48,6 +48,8 @@ class CellPreset:
     # Optimiser-step cap on top of the time budget (-1: none); tests use a couple of steps.
     max_steps: int = -1
     scales: tuple[float, ...] = DEFAULT_SCALES
+    # The classifier's training seed (bench --seeds repeats a column over several).
+    seed: int = 0
     # Options of the domain plugin (as `--domain-option`), e.g. {"stain": "macenko"} for histo.
     domain_options: Mapping[str, object] = field(default_factory=dict)
     note: str = ""

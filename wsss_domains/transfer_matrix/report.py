@@ -146,10 +146,15 @@ def _miou_cell(cell: Cell | None, g: float | None, method: str) -> str:
         return "failed"
     if cell["miou"] is None:
         return "n/a"
-    text = f"{100 * cell['miou']:.1f}"
+    text = f"{100 * cell['miou']:.1f}" + _spread(cell.get("miou_sd"))
     if method == BASELINE:
         return text + " (base)"
-    return text + (f" ({100 * g:+.1f})" if g is not None else " (no cam)")
+    return text + (f" ({100 * g:+.1f}{_spread(cell.get('gain_sd'))})" if g is not None else " (no cam)")
+
+
+def _spread(sd: float | None) -> str:
+    """`` ± s`` in mIoU points where a cell was repeated over seeds (bench --seeds)."""
+    return "" if sd is None else f" ± {100 * sd:.1f}"
 
 
 def _time_cell(cell: Cell | None) -> str:
@@ -188,7 +193,9 @@ def render_markdown(matrix: Mapping[str, Any]) -> str:
         "",
         "mIoU (%) of the pseudo-labels on each domain's scoring split (a hold-out the classifier never "
         "saw); in brackets the gain over plain CAM on the same domain, in mIoU points. Negative: the "
-        "method made the pseudo-labels worse.",
+        "method made the pseudo-labels worse. With folds and seeds (see Data): per seed the confusion "
+        "matrices of the held-out folds are summed, then mean ± standard deviation over seeds; the gain "
+        "is the mean of the per-seed differences to plain CAM, ± their spread.",
         "",
     ]
     rows = [
@@ -228,6 +235,14 @@ def render_markdown(matrix: Mapping[str, Any]) -> str:
             else ""
         )
         score = f"`{p['score_split']}`" + (" (tiles)" if p["score_tiles"] else " (whole images)")
+        if p.get("folds", 1) > 1:
+            detail = train[train.index(" (") :] if " (" in train else ""
+            train = f"{p['folds']}-fold cross-validation over `{p['pool']}`{detail}"
+            score = f"each held-out fold of `{p['pool']}`" + (
+                " (tiles)" if p["score_tiles"] else " (whole images)"
+            )
+        if "seeds" in p:
+            score += f"; seeds {', '.join(map(str, p['seeds']))}"
         rows.append([d, f"{p['dataset']} (`{p['path']}`)", train, score, p.get("note", "")])
     lines += _table(["domain", "dataset", "train", "score", "notes"], rows)
     return "\n".join(lines) + "\n"
