@@ -109,7 +109,7 @@ def test_methods_details_lists_each_method_options_with_types_and_defaults(capsy
     assert "options: none" in out[out.index("cam\n") : out.index("cam-proto")]
 
 
-def test_a_method_installed_through_an_entry_point_is_listed_and_built(monkeypatch):
+def test_a_method_installed_through_an_entry_point_is_listed_and_built(monkeypatch, capsys):
     from importlib.metadata import EntryPoint
 
     from wsss_domains.methods import registry
@@ -124,6 +124,10 @@ def test_a_method_installed_through_an_entry_point_is_listed_and_built(monkeypat
         method = create_method("test-leaf", alpha=2)
         assert type(method) is Leaf and method.options["alpha"] == 2.0
         assert registry.METHODS.source("test-leaf") == f"{__name__}:Leaf"
+        assert main(["methods"]) == 0
+        listed = capsys.readouterr().out
+        assert f"[{__name__}:Leaf]" in listed and "[built in]" not in listed  # an installed one's origin
+        assert "test-misnamed" in listed and "failed to load (ValueError" in listed  # listed, not fatal
         with pytest.raises(ValueError, match="names must agree"):
             method_class("test-misnamed")
     finally:

@@ -34,14 +34,24 @@ def run_domains(args: argparse.Namespace) -> int:
 
 def run_methods(args: argparse.Namespace) -> int:
     from wsss_domains.methods import list_methods, method_class  # every method module: only here
+    from wsss_domains.methods.registry import METHODS
+    from wsss_domains.registry import BUILT_IN
 
-    if not args.details:
-        for name in list_methods():
-            print(f"{name:<18} {method_class(name).description}")
-    else:
-        for name in list_methods():
+    def origin(name: str) -> str:
+        """Where an installed method comes from (its entry point); nothing for the built-in ones."""
+        source = METHODS.source(name)
+        return "" if source == BUILT_IN else f" [{source}]"
+
+    for name in list_methods():
+        try:
             cls = method_class(name)
-            print(name)
+        except Exception as exc:  # a broken third-party method must not hide the others
+            print(f"{name:<18} failed to load ({type(exc).__name__}: {exc}){origin(name)}")
+            continue
+        if not args.details:
+            print(f"{name:<18} {cls.description}{origin(name)}")
+        else:
+            print(name + origin(name))
             print(textwrap.indent(textwrap.fill(cls.description, 96), "    "))
             if cls.deviations:
                 print(
