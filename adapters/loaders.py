@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch.utils.data import Dataset
 
@@ -54,3 +54,18 @@ def loader_spec(
         patch_size=patch_size,
         native_slices=native_slices,
     )
+
+
+class RecordsDataset(Dataset):
+    """A loader's dataset holding one record (with an ``id``) per sample, in index order.
+
+    Its length and its ids come from the records, so slicing a split decodes no image.
+    """
+
+    records: Sequence[Any]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def sample_ids(self) -> list[str]:
+        return [record.id for record in self.records]

@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_adapters.custom.classes import class_file, read_label_space
 from wsss_adapters.custom.labels_csv import read_labels_csv
+from wsss_adapters.loaders import RecordsDataset
 
 from wsss_domains.data.io import DataError, check_same_size, read_index_mask, read_mask, read_rgb
 from wsss_domains.data.large_images import ImageFile
@@ -60,7 +61,7 @@ def decode_mask(path: Path, label_space: LabelSpace) -> Tensor:
     return ids
 
 
-class FolderDataset(Dataset):
+class FolderDataset(RecordsDataset):
     """Images of one split of a custom folder, with labels, masks and exclude masks."""
 
     def __init__(
@@ -70,13 +71,6 @@ class FolderDataset(Dataset):
         self.label_space = label_space
         self.label_source = label_source
         self.meta = meta
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def sample_ids(self) -> list[str]:
-        """Ids in index order, from the records: slicing a split decodes no image."""
-        return [record.id for record in self.records]
 
     def _masks(self, index: int) -> tuple[Tensor | None, Tensor | None]:
         rec = self.records[index]

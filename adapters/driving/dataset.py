@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_adapters.driving.crops import DEFAULT_MIN_LABEL_FRACTION, CropProtocol, crop_protocol, make_crops
-from wsss_adapters.loaders import LoaderOptions
+from wsss_adapters.loaders import LoaderOptions, RecordsDataset
 
 from wsss_domains.data.io import DataError, check_same_size, read_rgb
 from wsss_domains.data.patches import label_from_crop
@@ -51,7 +51,7 @@ class Record:
     decode: MaskDecoder | None = None
 
 
-class StreetDataset(Dataset):
+class StreetDataset(RecordsDataset):
     """Whole street images with their masks; labels are the classes present (see crops.py)."""
 
     def __init__(
@@ -65,13 +65,6 @@ class StreetDataset(Dataset):
         self.label_space = label_space
         self.meta = dict(meta)
         self.min_label_fraction = min_label_fraction
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def sample_ids(self) -> list[str]:
-        """Ids in index order, from the records: slicing a split decodes no image."""
-        return [record.id for record in self.records]
 
     def load_mask(self, index: int) -> Tensor | None:
         """The decoded mask alone (lets the crop index skip decoding images)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 from wsss_adapters.histo.stain import normalize_stains
-from wsss_adapters.loaders import LoaderOptions
+from wsss_adapters.loaders import LoaderOptions, RecordsDataset
 
 from wsss_domains.data.io import DataError, check_same_size, read_rgb
 from wsss_domains.data.patches import PatchDataset
@@ -52,7 +52,7 @@ class HistoOptions(LoaderOptions):
     stain_normalize: bool = False
 
 
-class HistoDataset(Dataset):
+class HistoDataset(RecordsDataset):
     """Samples of one split: image, multi-hot label, and mask / exclude where annotated."""
 
     def __init__(
@@ -68,13 +68,6 @@ class HistoDataset(Dataset):
         self.decode_mask = decode_mask
         self.meta = dict(meta)
         self.stain_normalize = stain_normalize
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def sample_ids(self) -> list[str]:
-        """Ids in index order, from the records: slicing a split decodes no image."""
-        return [record.id for record in self.records]
 
     def __getitem__(self, index: int) -> Sample:
         rec = self.records[index]

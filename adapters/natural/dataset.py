@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from torch import Tensor
-from torch.utils.data import Dataset
+from wsss_adapters.loaders import RecordsDataset
 
 from wsss_domains.data.io import DataError, check_same_size, read_rgb
 from wsss_domains.domains.contract import LabelSpace, Sample
@@ -30,7 +30,7 @@ class NaturalRecord(Protocol):
     def mask(self) -> Path | None: ...
 
 
-class NaturalDataset(Dataset):
+class NaturalDataset(RecordsDataset):
     """Images of one split with their mask (when there is one) and image-level label.
 
     Subclasses name their dataset's fixed ``label_space``, decode a mask (:meth:`load_mask`) and
@@ -46,13 +46,6 @@ class NaturalDataset(Dataset):
         self.records = records
         self.label_source = label_source
         self.meta = meta
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def sample_ids(self) -> list[str]:
-        """Ids in index order, from the records: slicing a split decodes no image."""
-        return [record.id for record in self.records]
 
     def load_mask(self, index: int) -> Tensor | None:
         """The decoded mask of a record, None where it has none (lets patching skip images)."""

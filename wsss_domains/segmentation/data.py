@@ -22,16 +22,29 @@ from wsss_domains.evaluation.evaluate import pred_filename
 from wsss_domains.training.data import normalize
 
 
-class PseudoLabelledDataset(Dataset):
+class SampleView(Dataset):
+    """One sample per sample of ``base``, its ids read once (without decoding where ``base`` lists them)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+        self.ids = sample_ids(base)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def sample_ids(self) -> list[str]:
+        return list(self.ids)
+
+
+class PseudoLabelledDataset(SampleView):
     """Samples of ``base`` whose ``mask`` is the pseudo-label in ``folder`` (ground truth dropped)."""
 
     def __init__(self, base: Dataset, folder: Path, label_space: LabelSpace) -> None:
-        self.base = base
+        super().__init__(base)
         self.folder = Path(folder)
         self.label_space = label_space
         if not self.folder.is_dir():
             raise DataError(self.folder, "pseudo-label folder not found")
-        self.ids = sample_ids(base)
         missing = [i for i in self.ids if not (self.folder / pred_filename(i)).is_file()]
         if missing:
             raise DataError(
@@ -39,12 +52,6 @@ class PseudoLabelledDataset(Dataset):
                 f"pseudo-label not found ({len(missing)} of {len(self.ids)} samples have none; were the "
                 "pseudo-labels written for this split with the same --tiles?)",
             )
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def sample_ids(self) -> list[str]:
-        return list(self.ids)
 
     def __getitem__(self, index: int) -> Sample:
         sample = self.base[index]

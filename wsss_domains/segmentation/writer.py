@@ -36,6 +36,7 @@ from wsss_domains.data.splits import sample_ids
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.evaluate import pred_filename
 from wsss_domains.pseudo_labels.overlay import render_overlay, save_overlay
+from wsss_domains.segmentation.data import SampleView
 from wsss_domains.segmentation.inference import SegmenterPredictor
 
 if TYPE_CHECKING:
@@ -77,18 +78,8 @@ class ImageFolder(Dataset):
         return ImageFile(self.ids[index], self.files[index])
 
 
-class PixelsOnly(Dataset):
+class PixelsOnly(SampleView):
     """The pixels and id of each sample of ``base``: labels, masks and exclude masks are dropped."""
-
-    def __init__(self, base: Dataset) -> None:
-        self.base = base
-        self.ids = sample_ids(base)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def sample_ids(self) -> list[str]:
-        return list(self.ids)
 
     def __getitem__(self, index: int) -> Sample:
         sample = self.base[index]
