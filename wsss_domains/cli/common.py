@@ -128,15 +128,3 @@ def method_options(args: argparse.Namespace) -> dict[str, object]:
         if value is not None:
             options[flag] = str(value)
     return options
-
-
-def run_options(args: argparse.Namespace) -> dict[str, object]:
-    """Seed, devices and loading options every training command shares, from its arguments."""
-    return {
-        "seed": args.seed,
-        "device": args.device,
-        "devices": args.devices,
-        "strategy": args.strategy,
-        "num_workers": args.num_workers,
-        "progress": not args.no_progress,
-    }
