@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
-
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsss_domains.domains.contract import DatasetSpec, LabelSpace
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 _Options = TypeVar("_Options", bound="LoaderOptions")
 
@@ -56,10 +57,12 @@ def loader_spec(
     )
 
 
-class RecordsDataset(Dataset):
+class RecordsDataset:
     """A loader's dataset holding one record (with an ``id``) per sample, in index order.
 
-    Its length and its ids come from the records, so slicing a split decodes no image.
+    Its length and its ids come from the records, so slicing a split decodes no image. A map-style
+    dataset (``__len__`` and ``__getitem__``, all torch's ``DataLoader`` needs), not derived from
+    torch's ``Dataset``: `wsss-domains domains` imports every loader and must not load torch.
     """
 
     records: Sequence[Any]

@@ -18,17 +18,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_adapters.custom.classes import class_file, read_label_space
 from wsss_adapters.custom.labels_csv import read_labels_csv
 from wsss_adapters.loaders import RecordsDataset
 
 from wsss_domains.data.io import DataError, check_same_size, read_index_mask, read_mask, read_rgb
-from wsss_domains.data.large_images import ImageFile
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains.contract import DatasetSpec, LabelSpace, Sample
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
+
+    from wsss_domains.data.large_images import ImageFile
 
 NAME = "folder"
 SPLITS = ("all", "train", "val", "test")
@@ -91,6 +95,8 @@ class FolderDataset(RecordsDataset):
 
         None where an exclude mask applies: that path reads masks whole.
         """
+        from wsss_domains.data.large_images import ImageFile  # rasterio: only for large images
+
         rec = self.records[index]
         if rec.exclude is not None:
             return None

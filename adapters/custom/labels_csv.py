@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from wsss_domains.data.io import DataError
 from wsss_domains.domains.contract import LabelSpace
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 def parse_labels(text: str, label_space: LabelSpace) -> Tensor:
     """One ``labels`` cell as a multi-hot foreground vector; ValueError says what is wrong."""
+    import torch
+
     text = text.strip()
     label = torch.zeros(len(label_space.foreground))
     fg = label_space.foreground_names

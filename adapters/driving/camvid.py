@@ -10,15 +10,17 @@ are grey PNGs with ids 0..10 for the 11 classes and 11 for Unlabelled, which bec
 from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_adapters.driving.dataset import Record, build_street
 from wsss_adapters.driving.labels import CAMVID, CAMVID_UNLABELLED
 from wsss_adapters.loaders import loader_spec
 
 from wsss_domains.data.io import DataError, read_index_mask
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
 
 NAME = "camvid"
 SPLITS = ("train", "val", "test")
@@ -29,6 +31,8 @@ DESCRIPTION = "CamVid, SegNet layout: 11 classes, Unlabelled ignored"
 
 def decode_mask(path: Path) -> Tensor:
     """An annotation PNG with Unlabelled (11) turned into the ignore index."""
+    import torch
+
     ids = read_index_mask(path).numpy()  # numpy: cheaper than torch ops for per-file work
     ignore = CAMVID.ignore_index
     bad = (ids > CAMVID_UNLABELLED) & (ids != ignore)

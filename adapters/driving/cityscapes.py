@@ -8,15 +8,18 @@ cityscapesScripts' ``createTrainIdLabelImgs``) and are otherwise derived from th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_adapters.driving.dataset import MaskDecoder, Record, build_street
 from wsss_adapters.driving.labels import CITYSCAPES, label_ids_to_train_ids
 from wsss_adapters.loaders import loader_spec
 
 from wsss_domains.data.io import DataError, read_index_mask
 from wsss_domains.domains.contract import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
 
 NAME = "cityscapes"
 SPLITS = ("train", "val", "test")

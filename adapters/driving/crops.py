@@ -19,12 +19,14 @@ crops and label every crop by the classes it shows:
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from torch.utils.data import Dataset
+from typing import TYPE_CHECKING
 
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.data.windows import pair
 from wsss_domains.domains.contract import LabelSpace
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 DEFAULT_MIN_LABEL_FRACTION = 0.01
 # Crops hold only slices of a few images at a time; whole Cityscapes frames are 25 MB each.

@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_adapters.driving.crops import DEFAULT_MIN_LABEL_FRACTION, CropProtocol, crop_protocol, make_crops
 from wsss_adapters.loaders import LoaderOptions, RecordsDataset
 
@@ -20,8 +18,12 @@ from wsss_domains.data.io import DataError, check_same_size, read_rgb
 from wsss_domains.data.patches import label_from_crop
 from wsss_domains.domains.contract import LabelSpace, Sample
 
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
+
 # Reads one annotation file as class ids with the ignore index; DataError naming the file.
-MaskDecoder = Callable[[Path], Tensor]
+MaskDecoder = Callable[[Path], "Tensor"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class StreetDataset(RecordsDataset):
         return rec.decode(rec.mask)
 
     def __getitem__(self, index: int) -> Sample:
+        import torch
+
         rec = self.records[index]
         image = read_rgb(rec.image)
         sample: Sample = {

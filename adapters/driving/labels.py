@@ -7,13 +7,14 @@ rest) and its category. Only the train ids are scored, so the ids mapped to 255 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class CityscapesLabel(NamedTuple):
@@ -117,6 +118,8 @@ _LUT = _label_id_lut()
 
 def label_ids_to_train_ids(label_ids: Tensor) -> Tensor:
     """Map a Cityscapes ``labelIds`` mask to train ids (0..18), 255 for every unevaluated id."""
+    import torch
+
     ids = label_ids.cpu().numpy()
     if ids.size and (ids.min() < 0 or ids.max() > 255):
         raise ValueError("labelIds must lie in 0..255")

@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from wsss_domains.domains.contract import LabelSpace, MetricResult
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def category_iou(confusion: Tensor, categories: Mapping[str, Sequence[int]]) -> dict[str, float]:
     """IoU of each category (NaN where it is absent from both ground truth and prediction)."""
+    import torch
+
     conf = confusion.double()
     k = conf.shape[0]
     if conf.ndim != 2 or conf.shape[1] != k:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from torch import Tensor
 from wsss_adapters.driving import camvid, cityscapes
 from wsss_adapters.driving.labels import CAMVID, CAMVID_CATEGORIES, CITYSCAPES, CITYSCAPES_CATEGORIES
 from wsss_adapters.driving.metrics import category_miou
 from wsss_adapters.driving.prompts import street_prompts
 
 from wsss_domains.domains import contract
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class DrivingDomain(contract.DomainPlugin):

@@ -9,10 +9,14 @@ eosin pink into haematoxylin purple; a mild brightness shift follows.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor
 
 from wsss_domains.domains.contract import Sample
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SHIFT = 0.04  # shared brightness shift in [-SHIFT, SHIFT]
 # HED jitter: stain concentrations c -> c * U(1 - HED_SCALE, 1 + HED_SCALE) + U(-HED_BIAS, HED_BIAS),

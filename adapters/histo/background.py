@@ -8,9 +8,13 @@ thresholds below were chosen as round values once, on the whole WSSS4LUAD develo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Darkest channel at least this bright (about 200/255): glass, not pale eosin.
 MIN_BRIGHTNESS = 0.78

@@ -11,15 +11,17 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor
-from torch.utils.data import Dataset
-from wsss_adapters.histo.stain import normalize_stains
 from wsss_adapters.loaders import LoaderOptions, RecordsDataset
 
 from wsss_domains.data.io import DataError, check_same_size, read_rgb
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains.contract import LabelSpace, Sample
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -36,7 +38,7 @@ class Record:
 
 
 # Turns a record's mask files into (mask with ignore_index, exclude or None).
-MaskDecoder = Callable[[Record], tuple[Tensor, Tensor | None]]
+MaskDecoder = Callable[[Record], "tuple[Tensor, Tensor | None]"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class HistoDataset(RecordsDataset):
         rec = self.records[index]
         image = read_rgb(rec.image)
         if self.stain_normalize:
+            from wsss_adapters.histo.stain import normalize_stains  # MONAI: only when asked
+
             image = normalize_stains(image)
         sample: Sample = {
             "image": image,

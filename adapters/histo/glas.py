@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_adapters.histo.dataset import IMAGE_SUFFIXES, Record, load_split, resolve_split
 from wsss_adapters.loaders import loader_spec
 
 from wsss_domains.data.io import DataError, read_index_mask, read_rgb
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
 
 NAME = "glas"
 LABEL_SPACE = LabelSpace(

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from wsss_domains.data.io import DataError, read_index_mask
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def read_checked_mask(path: Path, num_ids: int) -> Tensor:
     """Index mask (palette or grey PNG) whose values must lie in ``0..num_ids-1``."""
+    import torch
+
     mask = read_index_mask(path)
     bad = (mask < 0) | (mask >= num_ids)
     if bad.any():

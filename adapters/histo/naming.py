@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from wsss_domains.data.io import DataError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _BRACKETS = re.compile(r"\[([^\[\]]*)\]")
 
 
 def label_from_name(path: Path, num_classes: int) -> Tensor:
     """The multi-hot vector in the last ``[...]`` of the file name; DataError naming the file."""
+    import torch
+
     found = _BRACKETS.findall(path.stem)
     if not found:
         raise DataError(path, "file name holds no image-level label in brackets, e.g. '[1, 0, 1]'")

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from torch import Tensor
 from wsss_adapters.histo import bcss_wsss, glas, luad_histoseg, wsss4luad
-from wsss_adapters.histo.augment import histo_augment
-from wsss_adapters.histo.background import white_mask
 from wsss_adapters.histo.demo import write_demo
 from wsss_adapters.histo.prompts import clip_prompts_for
-from wsss_adapters.histo.stain import normalize_stains
 
 from wsss_domains.domains.contract import (
     BackgroundMode,
@@ -26,6 +22,9 @@ from wsss_domains.domains.contract import (
     Sample,
     SamStrategy,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # Label spaces whose unannotated images should not lose their white regions: white in breast
 # tissue is mostly fat, which BCSS-WSSS does not treat as background.
@@ -72,16 +71,23 @@ class HistoDomain(DomainPlugin):
             why="label-probe gave the best WSSS4LUAD pseudo-labels on held-out ROIs (benchmarks/results/histo.md)",
         )
 
+    # The hooks import their torch code where they run: listing domains must not load torch.
     def preprocess(self, image: Tensor) -> Tensor:
+        from wsss_adapters.histo.stain import normalize_stains
+
         return normalize_stains(image) if self.stain_normalize else image
 
     def train_augment(self, sample: Sample) -> Sample:
+        from wsss_adapters.histo.augment import histo_augment
+
         return histo_augment(sample)
 
     def exclude_mask(self, image: Tensor, label_space: LabelSpace) -> Tensor | None:
         """White / glass pixels where background is excluded by colour (not for BCSS or GlaS)."""
         if label_space.background_mode is not BackgroundMode.EXCLUDE or label_space in _KEEP_WHITE:
             return None
+        from wsss_adapters.histo.background import white_mask
+
         return white_mask(image)
 
     def scored_classes(self, label_space: LabelSpace) -> tuple[int, ...]:

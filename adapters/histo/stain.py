@@ -7,9 +7,13 @@ image and can hurt on images that are mostly glass, where the stain basis is ill
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def normalize_stains(image: Tensor) -> Tensor:

@@ -17,10 +17,9 @@ exclude mask.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_adapters.histo.dataset import Record, list_images, load_split, paired, resolve_split
 from wsss_adapters.histo.masks import exclude_index_to_ignore, read_checked_mask
 from wsss_adapters.histo.naming import label_from_name
@@ -28,6 +27,10 @@ from wsss_adapters.loaders import loader_spec
 
 from wsss_domains.data.io import DataError
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
 
 NAME = "wsss4luad"
 LABEL_SPACE = LabelSpace(

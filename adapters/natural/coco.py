@@ -16,12 +16,9 @@ import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_adapters.loaders import loader_spec
 from wsss_adapters.natural.dataset import NaturalDataset, check_choices
 from wsss_adapters.natural.palette import voc_palette
@@ -29,6 +26,10 @@ from wsss_adapters.natural.palette import voc_palette
 from wsss_domains.data.io import DataError, read_index_mask
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
 
 NAME = "coco"
 SPLITS = ("train2017", "val2017", "train2014", "val2014")
@@ -102,6 +103,8 @@ def rasterise(api: Any, image_id: int) -> np.ndarray:
 
 def annotated_label(api: Any, image_id: int) -> Tensor:
     """Multi-hot foreground label of every category annotated on the image."""
+    import torch
+
     label = torch.zeros(len(COCO.foreground))
     for ann in api.loadAnns(api.getAnnIds(imgIds=[image_id], iscrowd=None)):
         label[CONTIGUOUS[ann["category_id"]] - 1] = 1.0
@@ -134,6 +137,8 @@ class CocoDataset(NaturalDataset):
         self.api = api
 
     def load_mask(self, index: int) -> Tensor | None:
+        import torch
+
         rec = self.records[index]
         if rec.mask is not None:
             return decode_converted(rec.mask)

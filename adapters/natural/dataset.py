@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from torch import Tensor
 from wsss_adapters.loaders import RecordsDataset
 
 from wsss_domains.data.io import DataError, check_same_size, read_rgb
 from wsss_domains.domains.contract import LabelSpace, Sample
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class NaturalRecord(Protocol):

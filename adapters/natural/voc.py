@@ -16,10 +16,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_adapters.loaders import loader_spec
 from wsss_adapters.natural.dataset import NaturalDataset, check_choices
 from wsss_adapters.natural.palette import voc_color, voc_palette
@@ -27,6 +25,10 @@ from wsss_adapters.natural.palette import voc_color, voc_palette
 from wsss_domains.data.io import DataError, read_mask
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace, Sample
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
 
 NAME = "voc2012"
 SPLITS = ("train", "val", "trainval", "trainaug", "all")
@@ -88,6 +90,8 @@ def decode_mask(path: Path) -> Tensor:
 
 def label_from_xml(path: Path) -> Tensor:
     """Multi-hot foreground label from the object names of a VOC XML annotation."""
+    import torch
+
     try:
         tree = ET.parse(path)
     except ET.ParseError as exc:

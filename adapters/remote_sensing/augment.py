@@ -8,10 +8,14 @@ equally sized tiles stay collatable; flips already give the other symmetries.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor
 
 from wsss_domains.domains.contract import Sample
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _SPATIAL = ("image", "mask", "exclude")
 

@@ -15,23 +15,30 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_adapters.remote_sensing.scene import ReadOptions, Scene, SceneReader
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import IdCode, MaskCode
-from wsss_domains.data.raster_reader import Scaling
 from wsss_domains.data.windows import TileWindow, iter_windows
 from wsss_domains.domains.contract import LabelSpace, Sample
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.utils.data import Dataset
+
+    from wsss_domains.data.raster_reader import Scaling
 
 # Whole scenes above this many pixels are refused: read them as tiles instead.
 MAX_SCENE_PIXELS = 8192 * 8192
 
 
-class SceneDataset(Dataset):
-    """Whole scenes as samples; headers are read lazily, so building costs no I/O."""
+class SceneDataset:
+    """Whole scenes as samples; headers are read lazily, so building costs no I/O.
+
+    Map-style, not derived from torch's ``Dataset`` (see ``wsss_adapters.loaders.RecordsDataset``).
+    """
 
     def __init__(
         self,
@@ -68,7 +75,7 @@ class SceneDataset(Dataset):
         return SceneReader(self.scenes[index], self.label_space, self.options).scored_mask()
 
 
-class TileDataset(Dataset):
+class TileDataset:
     """Tiles of every scene, read window by window; tiles with no scored pixel dropped if asked.
 
     Sample ids are ``<scene id>@<row>,<col>``; ``meta`` holds ``parent`` (the scene id),

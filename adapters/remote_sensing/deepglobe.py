@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch.utils.data import Dataset
 from wsss_adapters.remote_sensing.loading import any_matching, build_split, matching, tile_spec
 from wsss_adapters.remote_sensing.scene import Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import ColorCode
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 NAME = "deepglobe"
 SPLITS = ("train", "valid", "test")

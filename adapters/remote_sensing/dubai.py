@@ -18,8 +18,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch.utils.data import Dataset
 from wsss_adapters.remote_sensing.loading import TileOptions, finish, matching, tile_spec
 from wsss_adapters.remote_sensing.scene import Scene
 
@@ -27,6 +27,9 @@ from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import ColorCode
 from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains.contract import IGNORE_INDEX, BackgroundMode, LabelSpace
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 NAME = "dubai-aerial"
 FOLDER = "Semantic segmentation dataset"

@@ -12,17 +12,21 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch.utils.data import Dataset
 from wsss_adapters.loaders import LoaderOptions, loader_spec
 from wsss_adapters.remote_sensing.datasets import build_dataset
 from wsss_adapters.remote_sensing.scene import ReadOptions, Scene
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import MaskCode
-from wsss_domains.data.raster_reader import Scaling
 from wsss_domains.data.splits import SplitRequest, parse_split
 from wsss_domains.domains.contract import LabelSpace
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from wsss_domains.data.raster_reader import Scaling
 
 # Default tile side for --labels-from-masks: the common crop size of remote-sensing WSSS.
 TILE = 256

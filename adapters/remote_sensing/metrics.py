@@ -11,14 +11,17 @@ counts those pixels as wrong.
 from __future__ import annotations
 
 import math
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from wsss_domains.domains.contract import LabelSpace, MetricResult
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
 
 def _square(confusion: Tensor) -> Tensor:
+    import torch
+
     conf = confusion.double()
     if conf.ndim != 2 or conf.shape[1] not in (conf.shape[0], conf.shape[0] + 1):
         raise ValueError(f"confusion matrix must be KxK or Kx(K+1), got shape {tuple(confusion.shape)}")

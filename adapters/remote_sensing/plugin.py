@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from torch import Tensor
 from wsss_adapters.remote_sensing import deepglobe, dubai, isaid, isprs, loveda, torchgeo_layouts
-from wsss_adapters.remote_sensing.augment import flip_rotate
-from wsss_adapters.remote_sensing.metrics import agreement_metrics
 from wsss_adapters.remote_sensing.prompts import clip_prompts_for
 
 from wsss_domains.domains.contract import (
@@ -21,6 +19,9 @@ from wsss_domains.domains.contract import (
     Sample,
     SamStrategy,
 )
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 # The torchgeo layouts come last: a label space names its dataset (prompts) by its first loader.
 _SPECS = (
@@ -53,7 +54,10 @@ class RemoteSensingDomain(DomainPlugin):
     def datasets(self) -> Mapping[str, DatasetSpec]:
         return {spec.name: spec for spec in _SPECS}
 
+    # The hooks import their torch code where they run: listing domains must not load torch.
     def train_augment(self, sample: Sample) -> Sample:
+        from wsss_adapters.remote_sensing.augment import flip_rotate
+
         return flip_rotate(sample)
 
     def recipe(self, dataset: str) -> Recipe:
@@ -69,6 +73,8 @@ class RemoteSensingDomain(DomainPlugin):
         )
 
     def metrics(self, confusion: Tensor, label_space: LabelSpace) -> list[MetricResult]:
+        from wsss_adapters.remote_sensing.metrics import agreement_metrics
+
         return agreement_metrics(confusion, label_space)
 
     def clip_prompts(self, label_space: LabelSpace) -> ClipPrompts:

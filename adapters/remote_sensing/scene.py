@@ -10,18 +10,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import MaskCode
-from wsss_domains.data.patches import label_from_crop
-from wsss_domains.data.raster_reader import ImageRaster, MaskRaster, Scaling
 from wsss_domains.data.windows import TileWindow
 from wsss_domains.domains.contract import LabelSpace, Sample
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from wsss_domains.data.raster_reader import Scaling
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,11 @@ class SceneReader:
     """Reads windows of one scene; opens only the raster headers until asked for pixels."""
 
     def __init__(self, scene: Scene, label_space: LabelSpace, options: ReadOptions) -> None:
+        from wsss_domains.data.raster_reader import (  # rasterio and torch: only when read
+            ImageRaster,
+            MaskRaster,
+        )
+
         self.scene = scene
         self.label_space = label_space
         self.min_fraction = options.min_fraction
@@ -81,11 +87,15 @@ class SceneReader:
             if nodata is not None:
                 mask[nodata] = self.label_space.ignore_index
             sample["mask"] = mask
+            from wsss_domains.data.patches import label_from_crop
+
             sample["label"] = label_from_crop(self.label_space, mask, min_fraction=self.min_fraction)
         return sample
 
     def scored_mask(self) -> Tensor | None:
         """The whole mask with no-data as ignore, without decoding the image (None if unannotated)."""
+        import torch
+
         if self.mask is None:
             return None
         mask = self.mask.read()

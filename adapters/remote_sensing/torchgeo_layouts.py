@@ -55,9 +55,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch.utils.data import Dataset
 from wsss_adapters.remote_sensing import deepglobe, isprs, loveda
 from wsss_adapters.remote_sensing.loading import build_split, matching, tile_spec
 from wsss_adapters.remote_sensing.scene import Scene
@@ -65,6 +64,9 @@ from wsss_adapters.remote_sensing.scene import Scene
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import MaskCode
 from wsss_domains.domains.contract import IGNORE_INDEX, DatasetSpec
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 # torchgeo's ``mask`` id -> this project's class id (IGNORE_INDEX: not scored), per loader.
 _ISPRS_IDS = {0: isprs.CLASSES.index("clutter"), **{i + 1: i for i in range(5)}}

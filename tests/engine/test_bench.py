@@ -20,9 +20,9 @@ from wsss_domains.cli import EXIT_USAGE, build_parser, main
 from wsss_domains.cli.common import CliError, domain_options
 from wsss_domains.errors import UserError
 from wsss_domains.methods import Method
-from wsss_domains.methods.options import MethodOptionError, OptionError
 from wsss_domains.methods.registry import METHODS, register_method
 from wsss_domains.models.weights import WeightsNotFound
+from wsss_domains.options import MethodOptionError, OptionError
 from wsss_domains.transfer_matrix import matrix as bench_matrix
 from wsss_domains.transfer_matrix.cli import run_bench, scoped_domain_options, scoped_method_options
 from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset, load_presets

@@ -16,7 +16,7 @@ from torch import Tensor
 import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
 from wsss_domains.domains import DOMAINS, check_domain_options, create_domain, domain_class, register_domain
 from wsss_domains.errors import UserError
-from wsss_domains.methods.options import OptionError
+from wsss_domains.options import OptionError
 from wsss_domains.segmentation.model import SegmenterConfig
 from wsss_domains.training.run import RunConfig, run_label_space
 

@@ -133,19 +133,16 @@ def test_the_built_in_entries_are_imported_once_at_the_first_lookup():
 
 
 def test_importing_the_methods_package_imports_no_method_module():
-    """`wsss-domains domains` reads domain options (wsss_domains.methods.options) without SAM, CLIP..."""
+    """Importing the package leaves SAM, CLIP and the method modules for the first lookup."""
     import subprocess
 
     code = (
-        "import sys, wsss_domains.methods.options, wsss_domains.methods as m;"
+        "import sys, wsss_domains.methods as m;"
         "print(sorted(k for k in sys.modules if k.startswith('wsss_domains.methods.')), 'segment_anything' in sys.modules);"
         "print(len(m.list_methods()) > 10, 'wsss_domains.methods.seam' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True
     ).stdout.splitlines()
-    assert (
-        out[0]
-        == "['wsss_domains.methods.base', 'wsss_domains.methods.options', 'wsss_domains.methods.registry'] False"
-    )
+    assert out[0] == "['wsss_domains.methods.base', 'wsss_domains.methods.registry'] False"
     assert out[1] == "True True"  # the first lookup imports the built-in methods

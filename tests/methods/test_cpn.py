@@ -39,8 +39,8 @@ from wsss_domains.methods.cpn import (  # noqa: E402
     grid_sign,
     superpixel_sign,
 )
-from wsss_domains.methods.options import MethodOptionError  # noqa: E402
 from wsss_domains.methods.seam import PcmCamExtractor, PixelCorrelationModule  # noqa: E402
+from wsss_domains.options import MethodOptionError  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Transcription of the official code.

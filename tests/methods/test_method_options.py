@@ -11,7 +11,7 @@ import pytest
 from wsss_domains.cli import main
 from wsss_domains.methods import create_method, list_methods, method_class
 from wsss_domains.methods.base import Method
-from wsss_domains.methods.options import MethodOptionError, convert
+from wsss_domains.options import MethodOptionError, convert
 
 
 class Forwarding(Method):

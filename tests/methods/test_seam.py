@@ -8,7 +8,6 @@ from method_training import changed, train_steps
 from torch.nn import functional as F
 
 from wsss_domains.methods import create_method
-from wsss_domains.methods.options import MethodOptionError  # noqa: E402
 from wsss_domains.methods.seam import (
     PcmCamExtractor,
     equivariance_loss,
@@ -19,6 +18,7 @@ from wsss_domains.methods.seam import (
     pixel_correlation,
     top_mean,
 )
+from wsss_domains.options import MethodOptionError  # noqa: E402
 
 EPS = 1e-5
 

@@ -1,4 +1,8 @@
-"""Reading images and masks with errors that name the file, and atomic writes."""
+"""Reading images and masks with errors that name the file, and atomic writes.
+
+torch is imported inside the readers: plugins import this module when `wsss-domains domains`
+only lists what they read, which must not load torch.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 Image.MAX_IMAGE_PIXELS = None  # whole-slide-sized tiles are legitimate input here
 
@@ -49,6 +55,8 @@ def read_rgb(path: Path | str) -> Tensor:
     16-bit, 32-bit integer and float greyscale images are scaled from their own value range
     (minimum to maximum) to [0, 1] and repeated on three channels.
     """
+    import torch
+
     image = _open(Path(path))
     if image.mode in WIDE_MODES:
         values = np.asarray(image, dtype=np.float64)
@@ -65,6 +73,8 @@ def read_rgb(path: Path | str) -> Tensor:
 
 def read_index_mask(path: Path | str) -> Tensor:
     """A single-channel (palette or grey) mask as int64 ``HxW`` holding the stored indices."""
+    import torch
+
     image = _open(Path(path))
     if image.mode not in ("P", "L", "I", "I;16", "1"):
         raise DataError(path, f"expected a palette or greyscale mask, got mode {image.mode}")
@@ -75,6 +85,8 @@ def read_color_mask(
     path: Path | str, colors: Mapping[tuple[int, int, int], int], unknown: int | None = None
 ) -> Tensor:
     """An RGB-coded mask mapped to class ids; unknown colours are an error unless ``unknown`` is set."""
+    import torch
+
     rgb = np.asarray(_open(Path(path)).convert("RGB"), dtype=np.int64)
     code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
     out = np.full(code.shape, -1, dtype=np.int64)

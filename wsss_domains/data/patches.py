@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
 
 from wsss_domains.data.windows import grid_starts, pair, random_start
 from wsss_domains.domains.contract import LabelSpace, Sample
+
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import Dataset
 
 
 def label_from_crop(
@@ -29,6 +32,8 @@ def label_from_crop(
 
     Counted in numpy: indexing builds thousands of crops, and torch's per-op overhead dominates there.
     """
+    import torch  # here, not at the top: the plugins' loaders import this module while listing domains
+
     if not 0.0 <= min_fraction <= 1.0:
         raise ValueError(f"min_fraction must lie in [0, 1], got {min_fraction}")
     ids = mask.detach().cpu().numpy()
@@ -56,8 +61,10 @@ def window_sample(sample: Sample, y: int, x: int, size: tuple[int, int], label: 
     return out
 
 
-class PatchDataset(Dataset):
+class PatchDataset:
     """Patches of the samples of ``base``, each labelled by the classes present in its mask.
+
+    A map-style dataset, not derived from torch's ``Dataset`` (see ``RecordsDataset`` in the plugins).
 
     Patches with no labelled pixel (all ignore / excluded) are dropped. Base samples are cached
     (a small LRU) because consecutive patches come from the same image. When ``base`` has a
@@ -75,6 +82,8 @@ class PatchDataset(Dataset):
         cache_size: int = 64,
         min_fraction: float = 0.0,
     ) -> None:
+        import torch
+
         self.base = base
         self.label_space = label_space
         self.patch_size = patch_size
@@ -134,7 +143,7 @@ class PatchDataset(Dataset):
         return window_sample(self._base(i), y, x, self.patch_hw, label)
 
 
-class RandomPatchDataset(Dataset):
+class RandomPatchDataset:
     """``per_image`` windows drawn at random positions from each image, labelled from their masks.
 
     A grid cuts a 300 px region into a handful of near-identical 224 px patches; drawing fresh

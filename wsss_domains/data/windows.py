@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
-import torch
-
 if TYPE_CHECKING:
+    import torch
     from rasterio.windows import Window
 
 
@@ -56,6 +55,8 @@ def balanced_tile(length: int, tile: int, overlap: int) -> int:
 
 def random_start(length: int, window: int, generator: torch.Generator | None = None) -> int:
     """A uniformly drawn start of a ``window``-long range inside ``[0, length)`` (0 when it does not fit)."""
+    import torch  # here: plugins read this module while `wsss-domains domains` lists them
+
     return int(torch.randint(0, max(length - window, 0) + 1, (), generator=generator))
 
 

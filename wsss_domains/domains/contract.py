@@ -26,13 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypedDict, runtime_checkable
 
-import torch
-from torch import Tensor
-
 if TYPE_CHECKING:
+    from torch import Tensor
     from torch.utils.data import Dataset
 
-    from wsss_domains.methods.options import OptionSpec
+    from wsss_domains.options import OptionSpec
 
 IGNORE_INDEX = 255
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -106,6 +104,8 @@ class LabelSpace:
 
     def label_from_mask(self, mask: Tensor, min_pixels: int = 1) -> Tensor:
         """Multi-hot foreground label vector from the classes present in ``mask``."""
+        import torch  # here, not at the top: `wsss-domains domains` reads this module without torch
+
         counts = torch.bincount(mask[mask != self.ignore_index].flatten().long(), minlength=self.num_classes)
         if counts.numel() > self.num_classes:
             bad = int(torch.nonzero(counts[self.num_classes :])[0]) + self.num_classes
@@ -240,15 +240,15 @@ class DomainPlugin(ABC):
     # -- options -----------------------------------------------------------------------------
     @classmethod
     def option_specs(cls) -> dict[str, OptionSpec]:
-        """The options this plugin takes: its constructor's keyword parameters (see methods/options.py)."""
-        from wsss_domains.methods.options import constructor_options
+        """The options this plugin takes: its constructor's keyword parameters (see wsss_domains/options.py)."""
+        from wsss_domains.options import constructor_options
 
         return constructor_options(cls, stop=DomainPlugin)
 
     @classmethod
     def checked_options(cls, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` converted to their declared types; an unknown name or a bad value is an OptionError."""
-        from wsss_domains.methods.options import check_options
+        from wsss_domains.options import check_options
 
         return check_options(cls.name, cls.option_specs(), options, what="domain")
 
@@ -276,6 +276,8 @@ class DomainPlugin(ABC):
         Spatial changes apply to ``mask`` and ``exclude`` too when the sample has them: the
         segmenter trains on samples whose ``mask`` is a pseudo-label.
         """
+        import torch
+
         if torch.rand(()) < 0.5:
             sample = dict(sample)  # type: ignore[assignment]
             for key in ("image", "mask", "exclude"):

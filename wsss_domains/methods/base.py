@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from torch import Tensor, nn
 
 from wsss_domains.cam.extract import CamExtractor
-from wsss_domains.methods.options import OptionSpec, check_options, constructor_options
+from wsss_domains.options import OptionSpec, check_options, constructor_options
 
 if TYPE_CHECKING:
     from wsss_domains.domains.contract import DomainPlugin, LabelSpace

@@ -22,7 +22,7 @@ from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin
 from wsss_domains.methods.base import Method, RefineContext, trains
 from wsss_domains.methods.fitting import FitContext
-from wsss_domains.methods.options import OptionSpec
+from wsss_domains.options import OptionSpec
 
 SEPARATOR = "+"
 

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from wsss_domains.cam.extract import normalize_per_class
 from wsss_domains.methods.base import Method, RefineContext
-from wsss_domains.methods.options import OptionSpec, constructor_options
 from wsss_domains.methods.registry import register_method
+from wsss_domains.options import OptionSpec, constructor_options
 from wsss_domains.refine import create_refiner, list_refiners, refiner_class
 from wsss_domains.refine.base import Refiner
 
