@@ -56,7 +56,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from wsss_domains.cam.extract import DEFAULT_SCALES, CamExtractor, normalize_per_class
+from wsss_domains.cam.extract import CamExtractor, normalize_per_class
+from wsss_domains.cam.settings import DEFAULT_SCALES
 from wsss_domains.data.io import read_rgb
 from wsss_domains.domains.contract import IMAGENET_MEAN, IMAGENET_STD
 from wsss_domains.models.classifier import CamClassifier

@@ -70,13 +70,14 @@ def add_label_free_stage(
     job: Path, report: dict, domain: str, dataset: str, data: Path, test_split: str
 ) -> None:
     """Score the classifier pipeline with predicted labels on a run recorded before that stage existed."""
+    from wsss_domains.cam.settings import CamSettings
     from wsss_domains.pipeline.run import LABEL_FREE_STAGE, label_free_pseudo_labels
     from wsss_domains.training.run import RunConfig
 
     config = RunConfig.load(job / "classifier")
     patch = config.patch_size
     recipe = report["recipe"]
-    common = dict(method_name=recipe["method"], options=recipe["method_options"], cam_norm=recipe["cam_norm"],
+    common = dict(method_name=recipe["method"], options=recipe["method_options"], cam=CamSettings(cam_norm=recipe["cam_norm"]),
                   device="cpu", progress=False, runtime="auto",
                   dataset_options={"labels_from_masks": True, "patch_size": tuple(patch)} if patch else None)  # fmt: skip
     out = job / "pseudo-labels" / "test-predicted-labels"

@@ -1,7 +1,7 @@
 """Options declared once: a settings dataclass field carries its help text, and the CLI is derived from it.
 
 The API's settings dataclasses (``TrainOptions``, ``ClassifierSettings``, ``SegmenterSettings``,
-``InferenceOptions``) declare each option with :func:`setting`: its type (the annotation), its
+``InferenceOptions``, ``CamSettings``, ``RasterOptions``) declare each option with :func:`setting`: its type (the annotation), its
 default and one line of help. ``wsss_domains.cli.settings_arguments`` turns such fields into
 command-line options, so a default or a help text is written in one place for Python and CLI users.
 """

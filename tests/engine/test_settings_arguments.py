@@ -9,7 +9,9 @@ from typing import Literal
 
 import pytest
 
+from wsss_domains.cam.settings import CamSettings
 from wsss_domains.cli.predict import INFERENCE_OPTIONS
+from wsss_domains.cli.pseudo_labels import CAM_OPTIONS
 from wsss_domains.cli.segment import SEGMENTER_NETWORK, SEGMENTER_TRAINING
 from wsss_domains.cli.settings_arguments import SettingsArguments
 from wsss_domains.cli.train import CLASSIFIER_OPTIONS
@@ -29,6 +31,7 @@ class Example:
     colour: bool = setting(True, help="no colour")
     table: dict | None = None
     side: Literal["left", "right"] = setting("left", help="a side")
+    sizes: tuple[float, ...] = setting((1.0, 0.5), help="sizes")
 
 
 def parse(arguments: SettingsArguments, argv: list[str], **add: object) -> argparse.Namespace:
@@ -79,6 +82,7 @@ def test_fields_a_flag_cannot_carry_and_unknown_names_are_refused():
         (SEGMENTER_NETWORK, SegmenterSettings),
         (SEGMENTER_TRAINING, SegmenterSettings),
         (INFERENCE_OPTIONS, InferenceOptions),
+        (CAM_OPTIONS, CamSettings),
     ],
 )
 def test_the_commands_defaults_are_the_api_defaults(arguments, cls):
@@ -92,6 +96,27 @@ def test_a_literal_field_offers_its_values_as_choices():
     assert arguments.values(parse(arguments, ["--side", "right"])) == {"side": "right"}
     with pytest.raises(SystemExit):
         parse(arguments, ["--side", "up"])
+
+
+def test_a_tuple_field_is_typed_comma_separated_and_shows_its_default(capsys):
+    arguments = SettingsArguments(Example, ("sizes",))
+    assert arguments.values(parse(arguments, [])) == {"sizes": (1.0, 0.5)}
+    assert arguments.values(parse(arguments, ["--sizes", "2,0.25"])) == {"sizes": (2.0, 0.25)}
+    with pytest.raises(SystemExit):
+        parse(arguments, ["--sizes", "1,big"])
+    assert "comma-separated float values, got '1,big'" in capsys.readouterr().err
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    arguments.add(parser)
+    assert "(default: 1,0.5)" in parser.format_help()
+
+
+def test_cam_settings_refuse_scales_outside_the_range_and_unknown_normalisations():
+    with pytest.raises(ValueError, match=r"scales must lie in \(0, 8\]"):
+        CamSettings(scales=(1.0, 0.0))
+    with pytest.raises(ValueError, match="cam_norm must be one of max, sigmoid"):
+        CamSettings(cam_norm="softmax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^--scales must lie in \(0, 8\], got \(1.0, 9.0\)"):
+        CAM_OPTIONS.build(parse(CAM_OPTIONS, ["--scales", "1,9"]))  # the command line names the flag
 
 
 def test_options_absent_unless_given_leave_the_dataclass_defaults_and_say_which_were_typed():

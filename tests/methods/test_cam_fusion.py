@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fakes  # noqa: E402
 from probe_setup import MEAN, STD, TWO, Plain, cached_context, ready  # noqa: E402
 
+from wsss_domains.cam.settings import CamSettings  # noqa: E402
 from wsss_domains.cli import main  # noqa: E402
 from wsss_domains.data.io import read_index_mask  # noqa: E402
 from wsss_domains.domains.contract import LabelSpace  # noqa: E402
@@ -200,7 +201,7 @@ def trained(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
 
 def label(run: Path, data: Path, out: Path, method: str, **options: object) -> list[np.ndarray]:
     summary = pseudo_label_split(
-        run, None, None, data, "val", out, method_name=method, options=options, scales=(1.0, 0.5),
+        run, None, None, data, "val", out, method_name=method, options=options, cam=CamSettings(scales=(1.0, 0.5)),
         overlays=False, progress=False,
     )  # fmt: skip
     assert summary.written == 3

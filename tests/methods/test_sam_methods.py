@@ -22,6 +22,7 @@ import fakes  # noqa: E402
 from sam_fixtures import build_tiny_sam  # noqa: E402
 
 from wsss_domains.cam.extract import CamExtractor  # noqa: E402
+from wsss_domains.cam.settings import CamSettings  # noqa: E402
 from wsss_domains.data.io import read_index_mask  # noqa: E402
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace, PromptKind, SamStrategy  # noqa: E402
 from wsss_domains.methods import create_method, list_methods  # noqa: E402
@@ -756,7 +757,7 @@ def test_pseudo_label_split_with_each_sam_method(tiny_sam, tmp_path, name):
         "val",
         tmp_path / "pl",
         options=options,
-        scales=(1.0,),
+        cam=CamSettings(scales=(1.0,)),
         overlays=False,
         progress=False,
     )

@@ -15,18 +15,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from wsss_domains.cam.settings import CAM_NORMALIZATIONS, DEFAULT_SCALES
 from wsss_domains.data.windows import balanced_tile, grid_starts
-
-DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
 
 
 def normalize_per_class(cams: Tensor, eps: float = 1e-5) -> Tensor:
     """Scale each class map to [0, 1] by its own maximum (maps are already rectified)."""
     peak = cams.flatten(-2).amax(dim=-1).clamp_min(eps)
     return cams / peak[..., None, None]
-
-
-CAM_NORMALIZATIONS = ("max", "sigmoid")
 
 
 class CamExtractor:

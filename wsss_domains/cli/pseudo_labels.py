@@ -8,9 +8,10 @@ or one raster of any size (``--raster PATH``: one palette GeoTIFF written window
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 from pathlib import Path
 
-from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES
+from wsss_domains.cam.settings import CamSettings
 from wsss_domains.cli import command_help
 from wsss_domains.cli.common import (
     CliError,
@@ -60,15 +61,7 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, required=True, help="output folder for the PNGs (with --raster: the .tif file)"
     )
     add_method_arguments(p, default=None)
-    p.add_argument("--scales", default=",".join(str(s) for s in DEFAULT_SCALES), help="CAM scales")
-    p.add_argument("--no-flip", action="store_true", help="no horizontal-flip averaging")
-    p.add_argument(
-        "--cam-norm",
-        choices=CAM_NORMALIZATIONS,
-        default="max",
-        help="per-class max normalisation (classic CAM) or sigmoid of the averaged pixel logits",
-    )
-    p.add_argument("--bg-threshold", type=float, help="background threshold (threshold-background domains)")
+    CAM_OPTIONS.add(p)
     p.add_argument("--save-cams", action="store_true", help="also save raw CAMs (float16 .npz)")
     p.add_argument("--no-overlays", action="store_true", help="skip CAM overlay pictures")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -90,6 +83,8 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
     add_raster_arguments(p)
     p.set_defaults(func=run_pseudo_labels)
 
+
+CAM_OPTIONS = SettingsArguments(CamSettings, ("scales", "flip", "cam_norm", "bg_threshold"))
 
 # Options of --raster only: absent from the namespace unless given, so that --data refuses them.
 RASTER_OPTIONS = SettingsArguments(
@@ -125,7 +120,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
         raise CliError(f"{flag} must be comma-separated integers, got '{text}'") from exc
 
 
-def run_raster(args: argparse.Namespace, scales: tuple[float, ...]) -> int:
+def run_raster(args: argparse.Namespace, cam: CamSettings) -> int:
     """`pseudo-labels --raster PATH --out OUT.tif`: refuses the options of --data, prints what was used."""
     for flag, value in (
         ("--dataset", args.dataset),
@@ -146,12 +141,9 @@ def run_raster(args: argparse.Namespace, scales: tuple[float, ...]) -> int:
         )
     bands = getattr(args, "bands", None)
     options = RasterOptions(
+        **asdict(cam),
         **RASTER_OPTIONS.values(args),
         bands=None if bands is None else _ints(bands, "--bands"),
-        scales=scales,
-        flip=not args.no_flip,
-        cam_norm=args.cam_norm,
-        bg_threshold=args.bg_threshold,
         device=resolve_device(args.device),
         progress=not args.no_progress,
     )
@@ -191,14 +183,9 @@ def run_raster(args: argparse.Namespace, scales: tuple[float, ...]) -> int:
 
 
 def run_pseudo_labels(args: argparse.Namespace) -> int:
-    try:
-        scales = tuple(float(s) for s in args.scales.split(","))
-    except ValueError as exc:
-        raise CliError(f"--scales must be comma-separated numbers, got '{args.scales}'") from exc
-    if not all(0 < s <= 8 for s in scales):
-        raise CliError(f"--scales must lie in (0, 8], got '{args.scales}'")
+    cam = CAM_OPTIONS.build(args)
     if args.raster is not None:
-        return run_raster(args, scales)
+        return run_raster(args, cam)
     given = [flag for flag in RASTER_INPUTS if hasattr(args, flag[2:].replace("-", "_"))]
     for flag in given + RASTER_OPTIONS.given(args):
         raise CliError(f"{flag} applies to --raster, not to --data")
@@ -214,10 +201,7 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         labels_from_masks=args.labels_from_masks,
         method_name=args.method,
         options=method_options(args),
-        scales=scales,
-        flip=not args.no_flip,
-        cam_norm=args.cam_norm,
-        bg_threshold=args.bg_threshold,
+        cam=cam,
         save_cams=args.save_cams,
         overlays=not args.no_overlays,
         device=resolve_device(args.device),

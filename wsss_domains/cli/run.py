@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from wsss_domains.cam.settings import CAM_NORMALIZATIONS
 from wsss_domains.cli import command_help
 from wsss_domains.cli.common import (
     CliError,
@@ -72,7 +73,7 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
         },
     )
     add_method_arguments(p, default=None, default_help="the domain's recipe (see the report)")
-    p.add_argument("--cam-norm", choices=("max", "sigmoid"), help="CAM normalisation (default: the recipe's)")
+    p.add_argument("--cam-norm", choices=CAM_NORMALIZATIONS, help="CAM normalisation (default: the recipe's)")
     add_segmenter_arguments(p)
     add_inference_arguments(p)
     RUN_TRAINING.add(

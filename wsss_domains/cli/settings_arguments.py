@@ -1,7 +1,7 @@
 """Command-line options derived from the API's settings dataclasses (see :mod:`wsss_domains.settings`).
 
 A field ``max_minutes: float | None = setting(None, help=...)`` becomes ``--max-minutes`` of type
-``float`` with that default and help; a ``bool`` field that defaults to ``False`` becomes a switch,
+``float`` with that default and help (a ``tuple[float, ...]`` is typed comma-separated); a ``bool`` field that defaults to ``False`` becomes a switch,
 one that defaults to ``True`` becomes ``--no-<name>``. A command may rename a flag (``segment``'s
 ``--seg-batch-size`` for the segmenter's ``batch_size``) or give its own default; the values are read
 back into the same fields with :meth:`SettingsArguments.values`.
@@ -22,8 +22,26 @@ from wsss_domains.settings import CHOICES, METAVAR, help_of
 _SCALARS = (int, float, str, Path)
 
 
-def _scalar_type(annotation: Any, where: str) -> tuple[type, tuple[Any, ...] | None]:
-    """``int`` of ``int | None`` and so on, with the choices of a ``Literal``; nothing else fits a flag."""
+@dataclass(frozen=True)
+class _CommaSeparated:
+    """argparse ``type`` of a ``tuple[float, ...]`` field: ``--scales 1,0.5`` -> ``(1.0, 0.5)``."""
+
+    item: type
+
+    def __call__(self, text: str) -> tuple[Any, ...]:
+        try:
+            return tuple(self.item(part) for part in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {self.item.__name__} values, got '{text}'"
+            ) from None
+
+
+def _scalar_type(annotation: Any, where: str) -> tuple[Any, tuple[Any, ...] | None]:
+    """``int`` of ``int | None`` and so on, with the choices of a ``Literal``; nothing else fits a flag.
+
+    A ``tuple[float, ...]`` (or of another scalar) is typed comma-separated.
+    """
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         kinds = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
         if len(kinds) == 1:
@@ -35,8 +53,16 @@ def _scalar_type(annotation: Any, where: str) -> tuple[type, tuple[Any, ...] | N
             return kinds.pop(), choices
     if annotation is bool or annotation in _SCALARS:
         return annotation, None
+    args = typing.get_args(annotation)
+    if (
+        typing.get_origin(annotation) is tuple
+        and len(args) == 2
+        and args[1] is Ellipsis
+        and args[0] in _SCALARS
+    ):
+        return _CommaSeparated(args[0]), None
     raise TypeError(
-        f"{where}: a command-line option needs a bool, int, float, str or Path field, not {annotation}"
+        f"{where}: a command-line option needs a bool, int, float, str Path field or a tuple of one of them, not {annotation}"
     )
 
 
@@ -94,6 +120,10 @@ class SettingsArguments:
                 target.add_argument(option.flag, dest=option.dest, action="store_true", help=text, **quiet)
                 continue
             default = defaults.get(option.name, None if item.default is MISSING else item.default)
+            if isinstance(kind, _CommaSeparated) and isinstance(default, tuple):
+                default = ",".join(
+                    f"{value:g}" if isinstance(value, float) else str(value) for value in default
+                )
             extra = {key: item.metadata.get(key) for key in (CHOICES, METAVAR) if item.metadata.get(key)}
             if literal and CHOICES not in extra:
                 extra[CHOICES] = literal
@@ -112,6 +142,21 @@ class SettingsArguments:
                 value = getattr(args, option.dest)
                 read[option.name] = not value if option.negated else value
         return read
+
+    def build(self, args: argparse.Namespace, **extra: Any) -> Any:
+        """``cls`` built from the parsed values (and ``extra`` fields); its checks' errors name the flag.
+
+        A settings class's ``ValueError`` starts with the field's name ("scales must ..."); here
+        the flag replaces it ("--scales must ..."), so a command-line user reads the option they typed.
+        """
+        try:
+            return self.cls(**self.values(args), **extra)
+        except ValueError as exc:
+            message = str(exc)
+            for option in self._options():
+                if message.startswith(f"{option.name} "):
+                    raise ValueError(option.flag + message[len(option.name) :]) from exc
+            raise
 
     def given(self, args: argparse.Namespace) -> list[str]:
         """The flags of this group present in ``args`` (typed, where ``absent_unless_given``)."""

@@ -15,7 +15,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from wsss_domains.cam.extract import DEFAULT_SCALES, CamExtractor
+from wsss_domains.cam.extract import CamExtractor
+from wsss_domains.cam.settings import CamSettings
 from wsss_domains.data.io import DataError
 from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS, large_image_file
 from wsss_domains.data.patches import PatchDataset
@@ -56,10 +57,7 @@ def pseudo_label_split(
     labels_from_masks: bool = False,
     method_name: str | None = None,
     options: dict[str, object] | None = None,
-    scales: tuple[float, ...] = DEFAULT_SCALES,
-    flip: bool = True,
-    cam_norm: str = "max",
-    bg_threshold: float | None = None,
+    cam: CamSettings | None = None,
     save_cams: bool = False,
     overlays: bool = True,
     device: str = "cpu",
@@ -71,12 +69,14 @@ def pseudo_label_split(
 ) -> PseudoLabelSummary:
     """Pseudo-label every image of ``split`` with the run at ``run`` into PNGs in ``out``.
 
+    ``cam``: scales, flips, CAM normalisation and background threshold (default: :class:`CamSettings`).
     ``dataset_options`` go to the loader, e.g. ``labels_from_masks``/``patch_size`` to score tiles.
     ``runtime``: where the CAM pass runs (``auto``: ONNX Runtime on the CPU, see
     :mod:`wsss_domains.models.runtime`). ``predicted_labels``: ignore the split's image-level labels
     and use the classifier's predictions (label-free pseudo-labels of unlabelled images).
     ``max_image_pixels``: larger images are labelled window by window in bounded memory (None: never).
     """
+    cam = cam or CamSettings()
     config, model, modules = load_run(run, device)
     opened = open_dataset(
         domain_name or config.domain,
@@ -100,7 +100,12 @@ def pseudo_label_split(
     if name != config.method:
         modules = method.build_modules(model).to(device)
     extractor = method.extractor(
-        model, modules, scales=scales, flip=flip, base_scale=config.base_scale, normalization=cam_norm
+        model,
+        modules,
+        scales=cam.scales,
+        flip=cam.flip,
+        base_scale=config.base_scale,
+        normalization=cam.cam_norm,
     )
     # ONNX Runtime's arena keeps its largest allocation: faster, but unbounded for large images' windows.
     extractor.use_runtime(
@@ -109,7 +114,7 @@ def pseudo_label_split(
     fit_on_training_split(method, config, run, extractor, opened.domain, label_space, progress)
     options = PseudoLabelOptions(
         label_source="predicted" if predicted_labels else "masks" if labels_from_masks else "auto",
-        bg_threshold=bg_threshold,
+        bg_threshold=cam.bg_threshold,
         save_cams=save_cams,
         overlays=overlays,
         device=device,

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from wsss_domains.cam.extract import DEFAULT_SCALES
+from wsss_domains.cam.settings import DEFAULT_SCALES, CamSettings
 from wsss_domains.domains import Recipe, check_domain_options, create_domain
 from wsss_domains.evaluation import EvaluationReport
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
@@ -190,8 +190,7 @@ def run_pipeline(
     common = dict(
         method_name=method,
         options=method_options,
-        scales=settings.scales,
-        cam_norm=cam_norm,
+        cam=CamSettings(scales=settings.scales, cam_norm=cam_norm),
         device=device,
         progress=progress,
         dataset_options=pl_options,

@@ -90,7 +90,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from wsss_domains.cam.extract import CAM_NORMALIZATIONS, DEFAULT_SCALES, CamExtractor
+from wsss_domains.cam.extract import CamExtractor
+from wsss_domains.cam.settings import CamSettings
 from wsss_domains.data.io import DataError, atomic_write
 from wsss_domains.data.label_raster import (
     GDAL_CACHE_MB,
@@ -124,8 +125,9 @@ EPS = 1e-5
 
 
 @dataclass
-class RasterOptions:
-    """How a raster is cut, read, normalised and written (see the module docstring)."""
+class RasterOptions(CamSettings):
+    """How a raster is cut, read, normalised and written (see the module docstring), besides the CAM
+    settings it extends."""
 
     window: int = setting(
         DEFAULT_WINDOW, help=f"side of the windows written, a multiple of 16 (default {DEFAULT_WINDOW})"
@@ -142,11 +144,6 @@ class RasterOptions:
         help="each class map is divided by its maximum over the whole raster (raster: two passes, labels "
         "consistent across window seams; the default) or over each window (window: one pass)",
     )
-    scales: tuple[float, ...] = DEFAULT_SCALES
-    flip: bool = True
-    # The extractor's own CAM normalisation (``CAM_NORMALIZATIONS``); ``max_over`` applies to "max".
-    cam_norm: str = "max"
-    bg_threshold: float | None = None
     labels_per_window: bool = setting(
         False, help="each window takes its own labels, from its mask window or its own prediction"
     )
@@ -166,12 +163,6 @@ class RasterOptions:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
         if self.max_over not in MAX_OVER:
             raise ValueError(f"max_over must be one of {', '.join(MAX_OVER)}, got {self.max_over!r}")
-        if self.cam_norm not in CAM_NORMALIZATIONS:
-            raise ValueError(
-                f"cam_norm must be one of {', '.join(CAM_NORMALIZATIONS)}, got {self.cam_norm!r}"
-            )
-        if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales must be positive numbers, got {self.scales}")
         if self.map_cache_gb < 0:
             raise ValueError(f"map_cache_gb must be >= 0, got {self.map_cache_gb}")
         if self.overview_size < 1:

@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from wsss_domains.cam.settings import CamSettings
 from wsss_domains.data.io import atomic_write
 from wsss_domains.errors import UserError
 from wsss_domains.methods import method_class
@@ -311,7 +312,7 @@ def run_cell(
             labels_from_masks=preset.score_labels_from_masks,
             method_name=method,
             options=dict(settings.method_options.get(method, {})),
-            scales=preset.scales,
+            cam=CamSettings(scales=preset.scales),
             overlays=False,
             device=settings.device,
             progress=settings.progress,

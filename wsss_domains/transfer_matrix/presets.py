@@ -14,7 +14,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from wsss_domains.cam.extract import DEFAULT_SCALES
+from wsss_domains.cam.settings import DEFAULT_SCALES
 from wsss_domains.errors import UserError
 from wsss_domains.models.classifier import DEFAULT_BACKBONE
 
