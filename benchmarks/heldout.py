@@ -78,7 +78,7 @@ def add_label_free_stage(
     patch = config.patch_size
     recipe = report["recipe"]
     common = dict(method_name=recipe["method"], options=recipe["method_options"], cam=CamSettings(cam_norm=recipe["cam_norm"]),
-                  device="cpu", progress=False, runtime="auto",
+                  device="cpu", runtime="auto",
                   dataset_options={"labels_from_masks": True, "patch_size": tuple(patch)} if patch else None)  # fmt: skip
     out = job / "pseudo-labels" / "test-predicted-labels"
     start = time.perf_counter()
@@ -147,6 +147,7 @@ def main() -> None:
     from wsss_domains.pipeline.classifier import ClassifierSettings
     from wsss_domains.pipeline.run import RunSettings, run_pipeline
     from wsss_domains.pipeline.segmenter import SegmenterSettings
+    from wsss_domains.progress import progress_bars
 
     preset = PRESETS[args.preset]
     data = args.data_root / preset.path
@@ -175,16 +176,13 @@ def main() -> None:
                         max_minutes=args.classifier_minutes,
                         seed=seed,
                         device="cpu",
-                        progress=False,
                     ),
-                    segmenter=SegmenterSettings(
-                        max_minutes=args.segmenter_minutes, seed=seed, progress=False
-                    ),
+                    segmenter=SegmenterSettings(max_minutes=args.segmenter_minutes, seed=seed),
                     method=args.method,
-                    progress=False,
                 )
-                run_pipeline(preset.domain, data, job, train_split=train_split, test_split=test_split,
-                             dataset=preset.dataset, settings=settings)  # fmt: skip
+                with progress_bars(False):  # the log lines are the record
+                    run_pipeline(preset.domain, data, job, train_split=train_split, test_split=test_split,
+                                 dataset=preset.dataset, settings=settings)  # fmt: skip
             report = json.loads(report_path.read_text())
             if not reused:  # the load while the run trained, kept for later invocations that reuse it
                 report["load_at_start"] = list(load)

@@ -86,7 +86,7 @@ TINY += ["--device", "cpu", "--no-progress", "--runtime", "torch", "--method", "
 def test_run_with_stain_macenko_normalises_in_every_stage_and_records_it(tmp_path: Path, monkeypatch, capsys):
     """``run --domain-option stain=macenko``: the option reaches HistoDomain, is saved in run.json and
     segmenter.json, and a later stage that reloads the run normalises its images again."""
-    import wsss_adapters.histo.plugin as plugin
+    import wsss_adapters.histo.stain as stain  # HistoDomain.preprocess imports it where it runs
 
     calls: list[str] = []
 
@@ -94,7 +94,7 @@ def test_run_with_stain_macenko_normalises_in_every_stage_and_records_it(tmp_pat
         calls.append("macenko")
         return normalize_stains(image)
 
-    monkeypatch.setattr(plugin, "normalize_stains", recorded)
+    monkeypatch.setattr(stain, "normalize_stains", recorded)
     root = make_wsss4luad(tmp_path / "WSSS4LUAD")
     job = tmp_path / "job"
     args = ["run", "--domain", "histo", "--domain-option", "stain=macenko", "--data", str(root)]

@@ -269,7 +269,7 @@ def test_evaluate_predictions_on_tiny_dataset(tmp_path: Path) -> None:
     pred_b = PRED.clone()
     pred_b[2, 2] = U  # a (2,2) pair becomes a miss of class 2
     _write_pred(tmp_path, "b", pred_b, palette=False)
-    report = evaluate_predictions(TinyDomain(), LS3, _dataset(), tmp_path, progress=False)
+    report = evaluate_predictions(TinyDomain(), LS3, _dataset(), tmp_path)
     expected = 2 * EXPECTED_CM - t([[1, 0, 0], [0, 0, 0], [0, 0, 1]])
     assert torch.equal(report.confusion, expected)
     assert report.unassigned.tolist() == [0, 0, 1]
@@ -286,7 +286,7 @@ def test_evaluate_predictions_on_tiny_dataset(tmp_path: Path) -> None:
 
 def test_evaluate_uses_domain_scored_classes(tmp_path: Path) -> None:
     _write_pred(tmp_path, "b", PRED)
-    report = evaluate_predictions(TinyDomain((1, 2)), LS3, _dataset()[1:], tmp_path, progress=True)
+    report = evaluate_predictions(TinyDomain((1, 2)), LS3, _dataset()[1:], tmp_path)
     assert list(report.per_class_iou) == ["cat", "dog"]
     assert report.miou == pytest.approx((0.5 + 2 / 3) / 2)
 
@@ -294,14 +294,14 @@ def test_evaluate_uses_domain_scored_classes(tmp_path: Path) -> None:
 def test_evaluate_missing_prediction_names_file(tmp_path: Path) -> None:
     _write_pred(tmp_path, "b", PRED)
     with pytest.raises(DataError, match="not found") as info:
-        evaluate_predictions(TinyDomain(), LS3, _dataset(), tmp_path, progress=False)
+        evaluate_predictions(TinyDomain(), LS3, _dataset(), tmp_path)
     assert info.value.path == tmp_path / pred_filename("site/a")
 
 
 def test_evaluate_size_mismatch(tmp_path: Path) -> None:
     path = _write_pred(tmp_path, "b", t([[0, 1], [1, 0]]))
     with pytest.raises(DataError, match="does not match mask size") as info:
-        evaluate_predictions(TinyDomain(), LS3, _dataset()[1:], tmp_path, progress=False)
+        evaluate_predictions(TinyDomain(), LS3, _dataset()[1:], tmp_path)
     assert info.value.path == path
 
 
@@ -310,7 +310,7 @@ def test_evaluate_class_outside_label_space(tmp_path: Path) -> None:
     bad[1, 1] = 7
     path = _write_pred(tmp_path, "b", bad)
     with pytest.raises(DataError, match="class id 7") as info:
-        evaluate_predictions(TinyDomain(), LS3, _dataset()[1:], tmp_path, progress=False)
+        evaluate_predictions(TinyDomain(), LS3, _dataset()[1:], tmp_path)
     assert info.value.path == path
 
 
@@ -318,11 +318,11 @@ def test_evaluate_without_masks_or_samples(tmp_path: Path) -> None:
     _write_pred(tmp_path, "b", PRED)
     no_mask = [{"id": "b", "image": torch.zeros(3, 3, 3)}]
     with pytest.raises(ValueError, match="no masks to evaluate against"):
-        evaluate_predictions(TinyDomain(), LS3, no_mask, tmp_path, progress=False)
+        evaluate_predictions(TinyDomain(), LS3, no_mask, tmp_path)
     with pytest.raises(ValueError, match="empty"):
-        evaluate_predictions(TinyDomain(), LS3, [], tmp_path, progress=False)
+        evaluate_predictions(TinyDomain(), LS3, [], tmp_path)
     with pytest.raises(DataError, match="prediction folder not found"):
-        evaluate_predictions(TinyDomain(), LS3, _dataset(), tmp_path / "nope", progress=False)
+        evaluate_predictions(TinyDomain(), LS3, _dataset(), tmp_path / "nope")
 
 
 def _toco_pseudo_scores_miou(gts: list[np.ndarray], preds: list[np.ndarray], num_classes: int) -> float:

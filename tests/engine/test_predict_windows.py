@@ -79,7 +79,7 @@ def test_a_raster_predicted_window_by_window_equals_the_whole_image_prediction(t
     image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 255
     whole = predictor.labels(image, domain, label_space).numpy()
     out = tmp_path / "pred.tif"
-    options = WindowedOptions(window=64, margin=16, overview=tmp_path / "overview.png", progress=False)
+    options = WindowedOptions(window=64, margin=16, overview=tmp_path / "overview.png")
     summary = predict_windows(predictor, domain, label_space, RasterSource(raster), out, options)
     with rasterio.open(out) as src:
         windowed = src.read(1)
@@ -130,7 +130,7 @@ def labels(self, *args, **kwargs):
 inference.SegmenterPredictor.labels = labels
 predict_slides(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), level=0,
                options=InferenceOptions(window=64, runtime="torch"),
-               windowed=WindowedOptions(window=64, margin=16, progress=False))
+               windowed=WindowedOptions(window=64, margin=16))
 """
 
 
@@ -146,7 +146,7 @@ def test_a_slide_is_predicted_over_tissue_only_and_resumes_after_a_kill(segmente
     slide = tmp_path / "slide.tif"
     write_slide(slide)
     options = InferenceOptions(window=64, runtime="torch")
-    windowed = WindowedOptions(window=64, margin=16, progress=False)
+    windowed = WindowedOptions(window=64, margin=16)
     reference = tmp_path / "reference"
     [fresh] = predict_slides(segmenter, slide, reference, options=options, windowed=windowed)
     assert (fresh.height, fresh.width, fresh.windows) == (256, 384, 24)
@@ -183,7 +183,7 @@ def test_a_slide_at_a_coarser_resolution(segmenter: Path, tmp_path: Path):
     slide = tmp_path / "slide.tif"
     write_slide(slide)
     options = InferenceOptions(window=64, runtime="torch")
-    windowed = WindowedOptions(window=64, margin=16, progress=False)
+    windowed = WindowedOptions(window=64, margin=16)
     [level1] = predict_slides(segmenter, slide, tmp_path / "l1", level=1, options=options, windowed=windowed)
     [mpp] = predict_slides(segmenter, slide, tmp_path / "mpp", mpp=1.5, options=options, windowed=windowed)
     assert (level1.height, level1.width) == (128, 192) and level1.extra["mpp"] == 1.0
@@ -213,7 +213,7 @@ def test_a_large_image_in_a_folder_is_predicted_window_by_window_as_it_would_be_
 
     def run(out: Path, limit: int | None):
         return predict_images(
-            predictor, Spy(tmp_path / "images"), domain, label_space, out, progress=False,
+            predictor, Spy(tmp_path / "images"), domain, label_space, out,
             max_image_pixels=limit, windowed=WindowedOptions(window=64, margin=16),
         )  # fmt: skip
 

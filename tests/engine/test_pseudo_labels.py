@@ -112,7 +112,7 @@ def write(
         (0.5, 0.5, 0.5),
         (0.25, 0.25, 0.25),
         out,
-        PseudoLabelOptions(progress=False, **options),
+        PseudoLabelOptions(**options),
     )
 
 

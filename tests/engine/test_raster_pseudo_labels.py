@@ -146,7 +146,7 @@ def config() -> RunConfig:
 
 
 def options(**kw: object) -> RasterOptions:
-    base: dict[str, object] = {"window": WINDOW, "margin": MARGIN, "scales": (1.0,), "progress": False}
+    base: dict[str, object] = {"window": WINDOW, "margin": MARGIN, "scales": (1.0,)}
     return RasterOptions(**(base | kw))  # type: ignore[arg-type]
 
 
@@ -171,7 +171,7 @@ def in_memory(
         config.mean,
         config.std,
         tmp,
-        PseudoLabelOptions(overlays=False, progress=False),
+        PseudoLabelOptions(overlays=False),
     )
     return read_index_mask(tmp / "scene.png").numpy().astype(np.uint8)
 
@@ -663,7 +663,6 @@ def scene_png(folder: Path) -> Path:
 def write_split(dataset: FileDataset, config: RunConfig, out: Path, **kw: object) -> PseudoLabelSummary:
     base: dict[str, object] = {
         "overlays": False,
-        "progress": False,
         "max_image_pixels": 100 * 100,
         "window": WINDOW,
         "margin": MARGIN,

@@ -75,7 +75,7 @@ def _write_images(pred_dir: Path) -> list[dict]:
 def evaluated(tmp_path: Path) -> tuple[EvaluationReport, list[dict], Path]:
     dataset = _write_images(tmp_path / "pred")
     return (
-        evaluate_predictions(AllScored(), LS3, dataset, tmp_path / "pred", progress=False),
+        evaluate_predictions(AllScored(), LS3, dataset, tmp_path / "pred"),
         dataset,
         tmp_path / "pred",
     )

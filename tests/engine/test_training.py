@@ -40,7 +40,7 @@ def run_config(seed: int = 0) -> RunConfig:
 
 
 def fit(shapes: Path, out: Path, seed: int = 0, **options):
-    settings = {"batch_size": 2, "device": "cpu", "progress": False, "max_epochs": 1, **options}
+    settings = {"batch_size": 2, "device": "cpu", "max_epochs": 1, **options}
     return train(
         run_config(seed), fakes.FakeDomain(), fakes.build(shapes, "train"), out, TrainOptions(**settings)
     )

@@ -55,7 +55,6 @@ def cached_context(dataset: object, extractor: CamExtractor, cache_dir: Path, **
         mean=MEAN,
         std=STD,
         cache_dir=cache_dir,
-        progress=False,
         settings=extractor_settings(extractor),
         **more,  # type: ignore[arg-type]
     )

@@ -188,7 +188,7 @@ def trained(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
     for name, seed in (("run-a", 0), ("run-b", 1)):
         settings = ClassifierSettings(
             backbone=fakes.FAST_BACKBONE, weights="random", image_size=32, batch_size=2, max_steps=2,
-            device="cpu", progress=False, seed=seed,
+            device="cpu", seed=seed,
         )  # fmt: skip
         runs.append(
             train_classifier(
@@ -202,7 +202,7 @@ def trained(tmp_path_factory) -> Iterator[tuple[Path, Path, Path]]:
 def label(run: Path, data: Path, out: Path, method: str, **options: object) -> list[np.ndarray]:
     summary = pseudo_label_split(
         run, None, None, data, "val", out, method_name=method, options=options, cam=CamSettings(scales=(1.0, 0.5)),
-        overlays=False, progress=False,
+        overlays=False,
     )  # fmt: skip
     assert summary.written == 3
     return [read_index_mask(out / f"val_{k:02d}.png") for k in range(3)]

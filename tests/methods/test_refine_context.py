@@ -44,9 +44,7 @@ def test_the_writer_hands_both_hooks_the_threshold_it_applies_and_the_classifier
     domain = fakes.FakeDomain()
     Recording.contexts.clear()
     Recording.label_contexts.clear()
-    options = PseudoLabelOptions(
-        progress=False, overlays=False, bg_threshold=0.37
-    )  # the user's --bg-threshold
+    options = PseudoLabelOptions(overlays=False, bg_threshold=0.37)  # the user's --bg-threshold
     write_pseudo_labels(
         val,
         CamExtractor(model, scales=(1.0,)),

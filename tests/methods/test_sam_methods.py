@@ -124,7 +124,7 @@ def test_writer_assembles_labels_then_calls_refine_labels_and_writes_its_result(
     val = fakes.build(root, "val")
     model = CamClassifier(2, backbone=fakes.FAST_BACKBONE, weights="random").eval()
     extractor = CamExtractor(model, scales=(1.0,))
-    domain, options = fakes.FakeDomain(), PseudoLabelOptions(progress=False, overlays=False)
+    domain, options = fakes.FakeDomain(), PseudoLabelOptions(overlays=False)
     write_pseudo_labels(
         val, extractor, Method(), domain, fakes.LABEL_SPACE, MEAN, STD, tmp_path / "plain", options
     )
@@ -272,7 +272,7 @@ def test_missing_vit_b_checkpoint_is_a_clear_error_before_any_label_is_written(t
         with pytest.raises(FileNotFoundError) as err:
             write_pseudo_labels(
                 fakes.build(root, "val"), CamExtractor(model), method, fakes.FakeDomain(), fakes.LABEL_SPACE,
-                MEAN, STD, out, PseudoLabelOptions(progress=False),
+                MEAN, STD, out, PseudoLabelOptions(),
             )  # fmt: skip
         assert CHECKPOINT_FLAG in str(err.value) and "sam_vit_b_01ec64.pth" in str(err.value)
         assert not list(out.glob("*.png"))
@@ -759,7 +759,6 @@ def test_pseudo_label_split_with_each_sam_method(tiny_sam, tmp_path, name):
         options=options,
         cam=CamSettings(scales=(1.0,)),
         overlays=False,
-        progress=False,
     )
     assert summary.written == 2
     for k in range(2):

@@ -73,6 +73,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+# Commands that run long loops: each takes --no-progress, which turns every progress bar off.
+WITH_PROGRESS_BARS = ("run", "train", "pseudo-labels", "segment", "predict", "evaluate")
+
 EPILOG = (
     "Errors in your input (a missing or unreadable file, a bad option) end with one line naming the file or "
     "option and exit code 2; anything else is a bug and shows its traceback."
@@ -116,6 +119,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                 help="options from a YAML file (option: value; options typed here win); "
                 "the options a run used are saved as config.yaml in its folder",
             )
+            if name in WITH_PROGRESS_BARS:
+                subparser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -178,7 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, subparser = _parse(argv)
-        code = int(args.func(args) or 0)
+        from wsss_domains.progress import progress_bars
+
+        with progress_bars(not getattr(args, "no_progress", False)):
+            code = int(args.func(args) or 0)
         if code == 0:
             _save_config(subparser, args)
         return code

@@ -40,7 +40,6 @@ def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
         help="write a self-contained HTML page here: scores, per-class IoU, confusion matrix and the "
         "worst images (image, ground truth, prediction), the command and the environment",
     )
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_evaluate)
 
 
@@ -51,7 +50,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
         args.data,
         args.split,
         args.pred,
-        not args.no_progress,
         dataset_options=tile_options(args.tiles),
         domain_options=domain_options(args),
         html=args.html,

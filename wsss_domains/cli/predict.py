@@ -68,14 +68,11 @@ def add_predict_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--devices", type=int, default=1, help="processes / GPUs to shard images or slides across")
     p.add_argument("--strategy", default="auto", help="Lightning strategy when --devices > 1, e.g. ddp")
     p.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_predict)
 
 
 def _windowed(args: argparse.Namespace) -> WindowedOptions:
-    return WindowedOptions(
-        window=args.window, margin=args.margin, overview=args.overview, progress=not args.no_progress
-    )
+    return WindowedOptions(window=args.window, margin=args.margin, overview=args.overview)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -125,7 +122,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 f"{s.windows} windows hold tissue ({state}) -> {s.out} (thumbnail {s.overview})"
             )
         return 0
-    common = dict(options=options, sharding=sharding, progress=not args.no_progress)
+    common = dict(options=options, sharding=sharding)
     if args.images is not None:
         summary = api.predict_folder(args.model, args.images, args.out, **common)
     else:

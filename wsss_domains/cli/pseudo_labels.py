@@ -79,7 +79,6 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
         help="images above N pixels (where the loader names their files, e.g. the folder loader) are "
         "labelled window by window in bounded memory, as --raster does; 0: every image whole",
     )
-    p.add_argument("--no-progress", action="store_true")
     add_raster_arguments(p)
     p.set_defaults(func=run_pseudo_labels)
 
@@ -145,7 +144,6 @@ def run_raster(args: argparse.Namespace, cam: CamSettings) -> int:
         **RASTER_OPTIONS.values(args),
         bands=None if bands is None else _ints(bands, "--bands"),
         device=resolve_device(args.device),
-        progress=not args.no_progress,
     )
     summary = pseudo_label_raster_file(
         args.run,
@@ -205,7 +203,6 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         save_cams=args.save_cams,
         overlays=not args.no_overlays,
         device=resolve_device(args.device),
-        progress=not args.no_progress,
         dataset_options=tile_options(args.tiles),
         runtime=args.runtime,
         max_image_pixels=args.max_image_pixels or None,

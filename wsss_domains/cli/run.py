@@ -28,7 +28,7 @@ RUN_CLASSIFIER = SettingsArguments(
 )
 # Options both networks share.
 RUN_TRAINING = SettingsArguments(
-    SegmenterSettings, ("max_steps", "seed", "device", "devices", "strategy", "num_workers", "progress")
+    SegmenterSettings, ("max_steps", "seed", "device", "devices", "strategy", "num_workers")
 )
 
 
@@ -101,7 +101,6 @@ def run_run(args: argparse.Namespace) -> int:
         method_options=method_options(args) or None,
         cam_norm=args.cam_norm,
         inference=inference_options(args),
-        progress=not args.no_progress,
     )
     if demo:
         from wsss_domains.cli.demo import demo_folder, run_demo

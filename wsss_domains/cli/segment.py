@@ -27,7 +27,6 @@ SEGMENTER_TRAINING = SettingsArguments(
         "devices",
         "strategy",
         "num_workers",
-        "progress",
     ),
 )
 

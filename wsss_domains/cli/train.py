@@ -50,7 +50,7 @@ CLASSIFIER_OPTIONS = SettingsArguments(
     (
         "labels_from_masks", "patch_size", "random_patches", "backbone", "weights", "image_size",
         "output_stride", "pooling", "max_minutes", "max_epochs", "max_steps", "checkpoint_minutes",
-        "batch_size", "lr", "seed", "device", "devices", "strategy", "num_workers", "progress",
+        "batch_size", "lr", "seed", "device", "devices", "strategy", "num_workers",
     ),
 )  # fmt: skip
 
@@ -76,9 +76,8 @@ def run_train(args: argparse.Namespace) -> int:
             batch_size=min(8, args.batch_size),
             seed=args.seed,
             device=args.device,
-            progress=classifier.progress,
         )
-        settings = RunSettings(classifier, segmenter, method=args.method, progress=classifier.progress)
+        settings = RunSettings(classifier, segmenter, method=args.method)
         args.out = args.out or demo_folder(args.domain)  # named, so config.yaml lands there
         run_demo(args.domain, args.out, settings, domain_options(args))
         return 0

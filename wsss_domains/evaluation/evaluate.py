@@ -13,13 +13,13 @@ from typing import Any
 from urllib.parse import quote
 
 import torch
-from tqdm import tqdm
 
 from wsss_domains.data.io import DataError, read_index_mask
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.confusion import ConfusionMatrix
 from wsss_domains.evaluation.report import EvaluationReport
 from wsss_domains.evaluation.scores import compute_scores
+from wsss_domains.progress import progress_bar
 
 # Besides letters, digits and "_.-~" (always kept), these are safe in file names everywhere.
 _SAFE = "+,=@"
@@ -70,7 +70,6 @@ def evaluate_predictions(
     label_space: LabelSpace,
     dataset: Iterable[Sample] | Any,
     pred_dir: Path,
-    progress: bool = True,
 ) -> EvaluationReport:
     """Accumulate one confusion matrix over ``dataset`` and score it.
 
@@ -86,7 +85,7 @@ def evaluate_predictions(
     total = len(dataset) if hasattr(dataset, "__len__") else None
     n_images = 0
     per_image: dict[str, float] = {}
-    for sample in tqdm(_samples(dataset), total=total, desc="evaluate", unit="img", disable=not progress):
+    for sample in progress_bar(_samples(dataset), total=total, desc="evaluate", unit="img"):
         sample_id = sample["id"]
         mask = sample.get("mask")
         if mask is None:

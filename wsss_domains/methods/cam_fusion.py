@@ -47,7 +47,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
@@ -55,6 +54,7 @@ from wsss_domains.errors import UserError
 from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.methods.fitting import FitContext
 from wsss_domains.methods.registry import register_method
+from wsss_domains.progress import progress_bar
 
 FUSIONS = ("and", "or", "precision")
 LOGICS = ("product", "minmax")
@@ -288,9 +288,7 @@ class CamFusion(Method):
         generator = torch.Generator().manual_seed(0)
         order = torch.randperm(len(context.dataset), generator=generator)[: self.fit_images]  # type: ignore[arg-type]
         with torch.no_grad():
-            for index in tqdm(
-                order.sort().values.tolist(), desc="cam-fusion precision", disable=not context.progress
-            ):
+            for index in progress_bar(order.sort().values.tolist(), desc="cam-fusion precision"):
                 sample = context.dataset[index]
                 present = image_labels(sample, context.label_space, "auto")
                 if present is None:

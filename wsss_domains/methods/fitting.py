@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
+from wsss_domains.progress import progress_bar
 
 FIT_FOLDER = "fitted"
 
@@ -38,7 +38,6 @@ class FitContext:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     cache_dir: Path | None = None  # None: fit every time
-    progress: bool = True
     # What else the fitted state depends on (the extractor's scales, flip, normalisation).
     settings: Mapping[str, Any] = field(default_factory=dict)
     # For runs trained with --labels-from-masks: builds the same annotated images cut into windows
@@ -102,7 +101,7 @@ def draw_fit_samples(
 
     order = torch.randperm(len(dataset), generator=generator)[:fit_images].sort().values.tolist()
     domain, label_space = context.domain, context.label_space
-    for index in tqdm(order, desc=desc, unit="img", disable=not context.progress):
+    for index in progress_bar(order, desc=desc, unit="img"):
         sample = dataset[index]
         present = image_labels(sample, label_space, "auto")
         if present is None or not wanted(present):

@@ -93,7 +93,7 @@ def train_classifier(
     )
     label_space = opened.label_space
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        validate_dataset(opened.dataset, settings.progress, label_space)
+        validate_dataset(opened.dataset, label_space)
     mean, std = opened.domain.input_statistics()
     image_size = settings.image_size or DEFAULT_IMAGE_SIZE
     patch = pair(settings.patch_size or opened.spec.patch_size) if settings.labels_from_masks else None

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, Subset
-from tqdm import tqdm
 
 from wsss_domains.data.large_images import large_image_file
 from wsss_domains.data.patches import PatchDataset, RandomPatchDataset
 from wsss_domains.data.splits import SplitRequest, parse_split, sample_ids
 from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, create_domain
 from wsss_domains.errors import UserError
+from wsss_domains.progress import progress_bar
 
 
 @dataclass
@@ -103,7 +103,6 @@ def _sliced_dataset(spec: DatasetSpec, root: Path, request: SplitRequest, **opti
 
 def validate_dataset(
     dataset: Dataset,
-    progress: bool = True,
     label_space: LabelSpace | None = None,
     max_image_pixels: int | None = None,
 ) -> int:
@@ -116,7 +115,7 @@ def validate_dataset(
     """
     names = label_space.foreground_names if label_space is not None else ()
     large_images = 0
-    for i in tqdm(range(len(dataset)), desc="checking data", unit="img", disable=not progress, leave=False):  # type: ignore[arg-type]
+    for i in progress_bar(range(len(dataset)), desc="checking data", unit="img", leave=False):  # type: ignore[arg-type]
         large = large_image_file(dataset, i, max_image_pixels)
         if large is not None:
             large_images += 1

@@ -30,7 +30,6 @@ def evaluate_split(
     data: Path,
     split: str | None,
     pred: Path,
-    progress: bool = True,
     dataset_options: Mapping[str, object] | None = None,
     *,
     domain_options: Mapping[str, object] | None = None,
@@ -42,7 +41,7 @@ def evaluate_split(
     opened = open_dataset(
         domain, dataset, data, split, domain_options=domain_options, **(dataset_options or {})
     )
-    report = evaluate_predictions(opened.domain, opened.label_space, opened.dataset, pred, progress=progress)
+    report = evaluate_predictions(opened.domain, opened.label_space, opened.dataset, pred)
     if html is not None:
         text = evaluation_page(report, opened, Path(pred))
         atomic_write(Path(html), lambda tmp: tmp.write_text(text))

@@ -66,7 +66,6 @@ def predict_split(
     dataset: str | None = None,
     options: InferenceOptions | None = None,
     sharding: Sharding | None = None,
-    progress: bool = True,
 ) -> PredictionSummary:
     """One prediction PNG per image of a dataset split (only the images' pixels are read)."""
     from wsss_domains.segmentation.writer import PixelsOnly
@@ -86,7 +85,7 @@ def predict_split(
             )
         return PixelsOnly(opened.dataset)
 
-    return _predict_dataset(model, dataset_of, out, options, sharding, progress)
+    return _predict_dataset(model, dataset_of, out, options, sharding)
 
 
 def predict_folder(
@@ -96,12 +95,11 @@ def predict_folder(
     *,
     options: InferenceOptions | None = None,
     sharding: Sharding | None = None,
-    progress: bool = True,
 ) -> PredictionSummary:
     """One prediction PNG per image file under ``images`` (any folder layout, no labels)."""
     from wsss_domains.segmentation.writer import ImageFolder
 
-    return _predict_dataset(model, lambda _: ImageFolder(images), out, options, sharding, progress)
+    return _predict_dataset(model, lambda _: ImageFolder(images), out, options, sharding)
 
 
 def _predict_dataset(
@@ -110,7 +108,6 @@ def _predict_dataset(
     out: Path,
     options: InferenceOptions | None,
     sharding: Sharding | None,
-    progress: bool,
 ) -> PredictionSummary:
     from wsss_domains.segmentation.writer import predict_images
 
@@ -125,7 +122,6 @@ def _predict_dataset(
         devices=sharding.devices,
         strategy=sharding.strategy,
         num_workers=sharding.num_workers,
-        progress=progress,
         model_name=str(model),
     )
 

@@ -61,7 +61,6 @@ def pseudo_label_split(
     save_cams: bool = False,
     overlays: bool = True,
     device: str = "cpu",
-    progress: bool = True,
     dataset_options: Mapping[str, object] | None = None,
     runtime: str = "auto",
     predicted_labels: bool = False,
@@ -93,7 +92,7 @@ def pseudo_label_split(
             f"{list(label_space.foreground_names)}"
         )
     # Bad files fail here, before the first pseudo-label is written.
-    large_images = validate_dataset(opened.dataset, progress, label_space, max_image_pixels)
+    large_images = validate_dataset(opened.dataset, label_space, max_image_pixels)
     name = method_name or config.method
     merged = {**(config.method_options if name == config.method else {}), **(options or {})}
     method = create_method(name, **merged)
@@ -111,14 +110,13 @@ def pseudo_label_split(
     extractor.use_runtime(
         resolve_runtime(runtime, device), cache=Path(run) / RUNTIME_CACHE, arena=large_images == 0
     )
-    fit_on_training_split(method, config, run, extractor, opened.domain, label_space, progress)
+    fit_on_training_split(method, config, run, extractor, opened.domain, label_space)
     options = PseudoLabelOptions(
         label_source="predicted" if predicted_labels else "masks" if labels_from_masks else "auto",
         bg_threshold=cam.bg_threshold,
         save_cams=save_cams,
         overlays=overlays,
         device=device,
-        progress=progress,
         max_image_pixels=max_image_pixels,
     )
     return write_pseudo_labels(
@@ -142,7 +140,6 @@ def fit_on_training_split(
     extractor: CamExtractor,
     domain: DomainPlugin,
     label_space: LabelSpace,
-    progress: bool,
 ) -> None:
     """Let a method that learns from the training split (``seed-probe``) fit, before any image is written.
 
@@ -187,7 +184,6 @@ def fit_on_training_split(
             mean=config.mean,
             std=config.std,
             cache_dir=Path(run) / FIT_FOLDER,
-            progress=progress,
             settings=settings,
             window_factory=_window_factory(config)
             if config.labels_from_masks and config.patch_size
@@ -248,7 +244,7 @@ def pseudo_label_raster_file(
             base_scale=config.base_scale,
             normalization=raster_options.cam_norm,
         )
-        fit_on_training_split(method, config, run, extractor, domain, label_space, raster_options.progress)
+        fit_on_training_split(method, config, run, extractor, domain, label_space)
     return pseudo_label_raster(
         config, model, method, raster, out, modules=modules, labels=labels, mask=mask, options=raster_options
     )
@@ -273,7 +269,6 @@ def pseudo_label_and_score(
     out: Path,
     *,
     score: bool | None = None,
-    progress: bool = True,
     dataset_options: Mapping[str, object] | None = None,
     **options: Any,
 ) -> ScoredPseudoLabels:
@@ -290,7 +285,6 @@ def pseudo_label_and_score(
         data,
         split,
         out,
-        progress=progress,
         dataset_options=dataset_options,
         **options,
     )
@@ -305,7 +299,7 @@ def pseudo_label_and_score(
         return ScoredPseudoLabels(summary, None, seconds)
     start = time.perf_counter()
     report = evaluate_split(
-        domain_name, dataset, data, split, out, progress, dataset_options, domain_options=domain_options
+        domain_name, dataset, data, split, out, dataset_options, domain_options=domain_options
     )
     return ScoredPseudoLabels(summary, report, seconds, time.perf_counter() - start)
 

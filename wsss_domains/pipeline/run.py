@@ -62,7 +62,6 @@ class RunSettings:
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     # Also pseudo-label the test split with its labels (only to report how much the segmenter adds).
     test_pseudo_labels: bool = True
-    progress: bool = True
 
 
 @dataclass
@@ -153,7 +152,6 @@ def run_pipeline(
         command=command_line(),
         environment=environment(),
     )
-    progress = settings.progress
 
     def timed(name: str, folder: Path, work: Any, note: str = "") -> Any:
         log(f"== {name} -> {folder}")
@@ -192,7 +190,6 @@ def run_pipeline(
         options=method_options,
         cam=CamSettings(scales=settings.scales, cam_norm=cam_norm),
         device=device,
-        progress=progress,
         dataset_options=pl_options,
         runtime=inference.runtime,
     )
@@ -262,13 +259,12 @@ def run_pipeline(
             split=test_split,
             dataset=spec.name,
             options=inference,
-            progress=progress,
         ),
         note="label-free: only the images' pixels are read",
     )
     if test_masks:
         report.stages[-1].evaluation = evaluate_split(
-            domain, spec.name, data, test_split, predictions, progress, domain_options=domain_options
+            domain, spec.name, data, test_split, predictions, domain_options=domain_options
         ).to_dict()
     if settings.test_pseudo_labels and test_masks:
         label_free = out / "pseudo-labels" / "test-predicted-labels"

@@ -88,7 +88,6 @@ import torch
 from rasterio.errors import NotGeoreferencedWarning
 from torch import Tensor, nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.cam.settings import CamSettings
@@ -111,6 +110,7 @@ from wsss_domains.data.raster_reader import ImageRaster, MaskRaster, RasterInfo,
 from wsss_domains.data.windows import TileWindow, WindowPair, plan_windows
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace
 from wsss_domains.methods.base import Method, RefineContext
+from wsss_domains.progress import progress_bar
 from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits
 from wsss_domains.settings import setting
 from wsss_domains.training.data import normalize
@@ -154,7 +154,6 @@ class RasterOptions(CamSettings):
     compress: str = "deflate"
     resume: bool = setting(True, help="start afresh, do not resume")
     device: str = "cpu"
-    progress: bool = True
 
     def check(self) -> None:
         if self.window < 16 or self.window % 16:
@@ -531,7 +530,7 @@ def _second_pass(
     present = None if state["present"] is None else torch.tensor(state["present"])
     union = torch.tensor(state.get("union") or [0.0] * job.k)
     todo = set(range(len(plan))) - done
-    bar = tqdm(total=len(todo), desc="pseudo-labels", unit="win", disable=not job.options.progress)
+    bar = progress_bar(total=len(todo), desc="pseudo-labels", unit="win")
     try:
         for row in rows_of_windows(plan, todo):
             for i in row:
@@ -574,7 +573,7 @@ def _fingerprint(
         "options": {
             k: v
             for k, v in asdict(options).items()
-            if k not in ("progress", "resume", "device", "overview", "overview_size")
+            if k not in ("resume", "device", "overview", "overview_size")
         },
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
@@ -610,9 +609,7 @@ def _first_pass(
     if progress is not None:
         state, done = progress["state"], set(progress.get("first") or [])
     todo = set(range(len(plan))) - done if need_maxima or need_counts or need_predictions else set()
-    bar = tqdm(
-        total=len(todo), desc="pass 1: maxima, labels", unit="win", disable=not options.progress or not todo
-    )
+    bar = progress_bar(total=len(todo), desc="pass 1: maxima, labels", unit="win", disable=not todo)
     try:
         for row in rows_of_windows(plan, todo):
             for i in row:

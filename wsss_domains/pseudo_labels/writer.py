@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.data.io import DataError, atomic_write, output_folder, save_palette_png
@@ -37,6 +36,7 @@ from wsss_domains.data.large_images import (
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.evaluate import pred_filename
 from wsss_domains.methods.base import Method, RefineContext
+from wsss_domains.progress import progress_bar
 from wsss_domains.pseudo_labels.assemble import cams_to_labels, labels_from_logits
 from wsss_domains.pseudo_labels.overlay import render_overlay, save_overlay
 from wsss_domains.training.data import normalize
@@ -53,7 +53,6 @@ class PseudoLabelOptions:
     overlays: bool = True
     max_overlays: int | None = 200
     device: str = "cpu"
-    progress: bool = True
     # Larger images go window by window (None: never); needs the run's config, see write_pseudo_labels.
     max_image_pixels: int | None = LARGE_IMAGE_PIXELS
     # Their windows' side and context margin (the raster engine's defaults, 1024 and 128).
@@ -115,7 +114,7 @@ def write_pseudo_labels(
         if n == 0:
             raise ValueError("the split holds no images")
         limit = options.max_image_pixels if config is not None else None
-        for index in tqdm(range(n), desc="pseudo-labels", unit="img", disable=not options.progress):
+        for index in progress_bar(range(n), desc="pseudo-labels", unit="img"):
             large = large_image_file(dataset, index, limit)
             if large is not None:
                 assert config is not None
@@ -227,9 +226,7 @@ def _label_large_image(
     if options.overlays:
         overview = label_path.parent / "overlays" / label_path.name
         overview.parent.mkdir(parents=True, exist_ok=True)
-    raster_options = RasterOptions(
-        bg_threshold=bg, overview=overview, device=options.device, progress=options.progress
-    )
+    raster_options = RasterOptions(bg_threshold=bg, overview=overview, device=options.device)
     if options.window is not None:
         raster_options.window = options.window
     if options.margin is not None:

@@ -26,13 +26,13 @@ import torch
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from torch import Tensor
-from tqdm import tqdm
 
 from wsss_domains.data import label_raster
 from wsss_domains.data.io import atomic_write
 from wsss_domains.data.windows import TileWindow, plan_windows
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
+from wsss_domains.progress import progress_bar
 from wsss_domains.segmentation.inference import SegmenterPredictor
 
 DEFAULT_WINDOW = 1024
@@ -67,7 +67,6 @@ class WindowedOptions:
     pyramid: bool = True  # internal overviews in the GeoTIFF
     compress: str = "deflate"
     resume: bool = True
-    progress: bool = True
 
     def check(self) -> None:
         if self.window < 16 or self.window % 16:
@@ -156,7 +155,7 @@ def predict_windows(
         summary.resumed_windows = len(done)
         skipped = set(progress["state"].get("skipped", [])) if progress is not None else set()
         todo = set(range(len(plan))) - done
-        bar = tqdm(total=len(todo), desc="predict", unit="win", disable=not options.progress)
+        bar = progress_bar(total=len(todo), desc="predict", unit="win")
         try:
             for row in label_raster.rows_of_windows(plan, todo):
                 for i in row:

@@ -35,6 +35,7 @@ from wsss_domains.data.large_images import (
 from wsss_domains.data.splits import sample_ids
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace, Sample
 from wsss_domains.evaluation.evaluate import pred_filename
+from wsss_domains.progress import progress_shown
 from wsss_domains.pseudo_labels.overlay import render_overlay, save_overlay
 from wsss_domains.segmentation.data import SampleView
 from wsss_domains.segmentation.inference import SegmenterPredictor
@@ -153,14 +154,17 @@ class LabelPngWriter(BasePredictionWriter):
         self.written += 1
 
 
-def predict_trainer(predictor: SegmenterPredictor, devices: int, strategy: str, progress: bool) -> L.Trainer:
-    """A Lightning trainer for the predict loop on the predictor's device kind, sharding across ``devices``."""
+def predict_trainer(
+    predictor: SegmenterPredictor, devices: int, strategy: str, bar: bool = True
+) -> L.Trainer:
+    """A Lightning trainer for the predict loop on the predictor's device kind, sharding across ``devices``;
+    its progress bar where bars are on and ``bar``."""
     return L.Trainer(
         accelerator="gpu" if predictor.options.device.startswith("cuda") else "cpu",
         devices=devices,
         strategy=strategy,
         logger=False,
-        enable_progress_bar=progress,
+        enable_progress_bar=bar and progress_shown(),
         enable_model_summary=False,
         use_distributed_sampler=True,
     )
@@ -181,7 +185,6 @@ def predict_images(
     strategy: str = "auto",
     num_workers: int = 0,
     overlays: int = MAX_OVERLAYS,
-    progress: bool = True,
     model_name: str = "",
     max_image_pixels: int | None = LARGE_IMAGE_PIXELS,
     windowed: WindowedOptions | None = None,
@@ -202,11 +205,11 @@ def predict_images(
                 file = large_image_file(dataset, i, max_image_pixels)
                 if file is not None:
                     png = out / pred_filename(ids[i])
-                    predict_large_image(predictor, domain, label_space, file, png, progress, windowed)
+                    predict_large_image(predictor, domain, label_space, file, png, windowed)
                     summary.windowed.append(pred_filename(ids[i]))
                     todo.remove(i)
         if todo:
-            trainer = predict_trainer(predictor, devices, strategy, progress)
+            trainer = predict_trainer(predictor, devices, strategy)
             loader = DataLoader(
                 Subset(dataset, todo), batch_size=1, num_workers=num_workers, collate_fn=_first, shuffle=False
             )
@@ -257,7 +260,7 @@ def shard_items(
     strategy: str = "auto",
 ) -> list[Any]:
     """``work(item)`` for every item, the items sharded across ``devices`` processes by Lightning."""
-    trainer = predict_trainer(predictor, devices, strategy, progress=False)
+    trainer = predict_trainer(predictor, devices, strategy, bar=False)
     loader = DataLoader(_Items(items), batch_size=1, collate_fn=list)
     return trainer.predict(_ItemTask(predictor, work), loader) or []  # type: ignore[return-value]
 
@@ -268,7 +271,6 @@ def predict_large_image(
     label_space: LabelSpace,
     file: ImageFile,
     png: Path,
-    progress: bool,
     windowed: WindowedOptions | None = None,
 ) -> None:
     """One image above the size limit, window by window as a raster, into its palette PNG."""
@@ -277,7 +279,7 @@ def predict_large_image(
     scratch = png.parent / SCRATCH_FOLDER
     staged = stage_image(file.path, scratch)
     tif = scratch / f"{png.stem}.tif"
-    options = replace(windowed or WindowedOptions(), pyramid=False, overview=None, progress=progress)
+    options = replace(windowed or WindowedOptions(), pyramid=False, overview=None)
     predict_windows(predictor, domain, label_space, RasterSource(staged), tif, options)
     atomic_write(png, lambda tmp: geotiff_to_png(tif, tmp))
     remove_scratch(file.path, staged, tif)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from wsss_domains.data.io import atomic_write
 from wsss_domains.domains.contract import DomainPlugin
 from wsss_domains.methods.registry import create_method
+from wsss_domains.progress import progress_shown
 from wsss_domains.settings import setting
 from wsss_domains.training.data import TrainingView
 from wsss_domains.training.run import RunConfig, build_model, save_model
@@ -37,7 +38,6 @@ class TrainOptions:
     device: str = setting("auto", help="cpu, cuda or auto (mixed precision on cuda)")
     devices: int = setting(1, help="processes / GPUs (DDP when > 1)")
     strategy: str = setting("auto", help="Lightning strategy, e.g. ddp")
-    progress: bool = setting(True, help="no progress bars")
     # Lightning precision; None: bf16 (else fp16) mixed precision on a GPU, full precision on the CPU.
     precision: str | None = None
     # A killed run loses at most these minutes of training.
@@ -167,7 +167,7 @@ def fit_task(
         callbacks=callbacks,
         # Flushed every 10 steps: a killed run keeps the log of the steps its checkpoint holds.
         logger=CSVLogger(out, name="logs", version="", flush_logs_every_n_steps=10),
-        enable_progress_bar=options.progress,
+        enable_progress_bar=progress_shown(),
         enable_model_summary=False,
         # Every step: a short run (a few steps, a tiny time budget) must still leave logs/metrics.csv.
         log_every_n_steps=1,

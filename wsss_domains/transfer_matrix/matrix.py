@@ -36,6 +36,7 @@ from wsss_domains.methods import method_class
 from wsss_domains.methods.base import trains
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 from wsss_domains.pipeline.pseudo_labels import pseudo_label_and_score
+from wsss_domains.progress import progress_bars
 from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset
 from wsss_domains.transfer_matrix.report import BASELINE, gain, per_class_gain
 
@@ -64,6 +65,7 @@ class MatrixSettings:
     # Method options by method name (the CLI scopes them: see ``cli.scoped_method_options``).
     method_options: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
     retry_failed: bool = False
+    # Progress bars inside each cell; off by default, the log lines say where the matrix is.
     progress: bool = False
 
 
@@ -173,7 +175,6 @@ def train_settings(preset: CellPreset, method: str, settings: MatrixSettings) ->
         batch_size=preset.batch_size,
         seed=preset.seed,
         device=settings.device,
-        progress=settings.progress,
     )
 
 
@@ -315,7 +316,6 @@ def run_cell(
             cam=CamSettings(scales=preset.scales),
             overlays=False,
             device=settings.device,
-            progress=settings.progress,
             dataset_options=preset.score_options(),
         )
         assert scored.report is not None
@@ -391,7 +391,8 @@ def run_matrix(
                 log(f"{tag}: finished earlier ({_summary(existing)}), skipped")
                 continue
             log(f"{tag}: running")
-            cell = run_cell(domain, preset, method, settings, cells[domain].get(BASELINE), runs, log)
+            with progress_bars(settings.progress):
+                cell = run_cell(domain, preset, method, settings, cells[domain].get(BASELINE), runs, log)
             cell["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
             _write_json(path, cell)
             cells[domain][method] = cell
