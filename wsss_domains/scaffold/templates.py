@@ -67,12 +67,14 @@ image-level label of an image is the set of foreground classes present in its ma
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor
-from torch.utils.data import Dataset
 from wsss_domains.data.io import DataError, check_same_size, read_index_mask, read_rgb
 from wsss_domains.data.patches import PatchDataset
 from wsss_domains.domains import BackgroundMode, LabelSpace, Sample
+
+if TYPE_CHECKING:  # types only: `wsss-domains domains` lists this plugin without loading torch
+    from torch import Tensor
 
 NAME = "folder"
 SPLITS = ("train", "val", "all")
@@ -86,8 +88,11 @@ LABEL_SPACE = LabelSpace(
 )
 
 
-class FolderDataset(Dataset):
-    """One sample per image stem: image, mask and the label derived from the mask."""
+class FolderDataset:
+    """One sample per image stem: image, mask and the label derived from the mask.
+
+    A map-style dataset (``__len__``, ``__getitem__``): all torch's DataLoader needs.
+    """
 
     def __init__(self, root: Path, stems: list[str]) -> None:
         self.root = root
@@ -136,7 +141,7 @@ def stems_of(root: Path, split: str) -> list[str]:
 
 def build(
     root: Path, split: str, labels_from_masks: bool = False, patch_size: int | None = None, **_: object
-) -> Dataset:
+) -> FolderDataset | PatchDataset:
     """Samples of one split; mask-labelled patches with ``labels_from_masks``."""
     root = Path(root)
     dataset = FolderDataset(root, stems_of(root, split))
@@ -156,8 +161,12 @@ METRICS = '''"""An extra score reported next to the engine's mIoU: mean class ac
 
 from __future__ import annotations
 
-from torch import Tensor
+from typing import TYPE_CHECKING
+
 from wsss_domains.domains import LabelSpace, MetricResult
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def mean_class_accuracy(confusion: Tensor, label_space: LabelSpace) -> MetricResult:
@@ -226,13 +235,16 @@ import json
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torch import Tensor
 from wsss_domains.domains import ClipPrompts, DatasetSpec, DemoData, DomainPlugin, LabelSpace, MetricResult
 
 from $package import loader
 from $package.demo import write_demo
 from $package.metrics import mean_class_accuracy
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SPEC = DatasetSpec(
     name=loader.NAME,
