@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
 from torch.utils.data import Dataset
 
 from wsss_domains.cam.extract import CamExtractor
@@ -45,6 +46,20 @@ def recorded_domain_options(config: RunConfig, domain_name: str | None = None) -
     """
     same = domain_name is None or domain_name == config.domain
     return dict(config.domain_options) if same else {}
+
+
+def cam_extractor(
+    method: Method, model: nn.Module, modules: nn.Module, cam: CamSettings, config: RunConfig
+) -> CamExtractor:
+    """The method's extractor with ``cam``'s scales, flip and normalisation (a ``RasterOptions`` is one)."""
+    return method.extractor(
+        model,
+        modules,
+        scales=cam.scales,
+        flip=cam.flip,
+        base_scale=config.base_scale,
+        normalization=cam.cam_norm,
+    )
 
 
 def pseudo_label_split(
@@ -98,14 +113,7 @@ def pseudo_label_split(
     method = create_method(name, **merged)
     if name != config.method:
         modules = method.build_modules(model).to(device)
-    extractor = method.extractor(
-        model,
-        modules,
-        scales=cam.scales,
-        flip=cam.flip,
-        base_scale=config.base_scale,
-        normalization=cam.cam_norm,
-    )
+    extractor = cam_extractor(method, model, modules, cam, config)
     # ONNX Runtime's arena keeps its largest allocation: faster, but unbounded for large images' windows.
     extractor.use_runtime(
         resolve_runtime(runtime, device), cache=Path(run) / RUNTIME_CACHE, arena=large_images == 0
@@ -236,14 +244,7 @@ def pseudo_label_raster_file(
         modules = method.build_modules(model).to(device)
     if method.fits_training_split:
         domain, label_space = run_label_space(config)
-        extractor = method.extractor(
-            model,
-            modules,
-            scales=raster_options.scales,
-            flip=raster_options.flip,
-            base_scale=config.base_scale,
-            normalization=raster_options.cam_norm,
-        )
+        extractor = cam_extractor(method, model, modules, raster_options, config)
         fit_on_training_split(method, config, run, extractor, domain, label_space)
     return pseudo_label_raster(
         config, model, method, raster, out, modules=modules, labels=labels, mask=mask, options=raster_options
