@@ -138,6 +138,9 @@ def main() -> None:
     p.add_argument("--classifier-minutes", type=float, default=15.0)
     p.add_argument("--segmenter-minutes", type=float, default=15.0)
     p.add_argument("--method", help="pseudo-labelling method (default: the domain's recipe)")
+    p.add_argument(
+        "--seg-training", default="cross-entropy", help="segmenter training: cross-entropy or beco"
+    )
     p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1), for splitting the work")
     p.add_argument("--out", type=Path, help="default: runs/heldout-<preset>")
     p.add_argument("--fresh", action="store_true", help="recompute finished runs")
@@ -177,7 +180,9 @@ def main() -> None:
                         seed=seed,
                         device="cpu",
                     ),
-                    segmenter=SegmenterSettings(max_minutes=args.segmenter_minutes, seed=seed),
+                    segmenter=SegmenterSettings(
+                        max_minutes=args.segmenter_minutes, seed=seed, training=args.seg_training
+                    ),
                     method=args.method,
                 )
                 with progress_bars(False):  # the log lines are the record
@@ -209,7 +214,8 @@ def main() -> None:
         )
         + f", seeds {args.seeds}",
         f"\n{preset.note}. Classifier {args.classifier_minutes:g} min + segmenter {args.segmenter_minutes:g} "
-        f"min per run, method `{rows[0]['method'] if rows else '?'}`; {platform.machine()}, "
+        f"min per run, method `{rows[0]['method'] if rows else '?'}`, segmenter training "
+        f"`{args.seg_training}`; {platform.machine()}, "
         f"{os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}, after "
         f"{load_after[0]:.2f}; {(time.perf_counter() - started) / 60:.0f} min wall"
         + (" (some runs reused from an earlier invocation)" if any(r["reused"] for r in rows) else "")

@@ -120,6 +120,19 @@ def test_max_minutes_stops_an_unbounded_run(shapes: Path, tmp_path: Path):
     assert (out / "checkpoints" / "last.ckpt").is_file()  # a stopped run can be resumed
 
 
+def test_schedule_progress_follows_a_step_budget_when_no_time_or_epoch_budget_is_set():
+    from types import SimpleNamespace
+
+    from wsss_domains.training.task import BudgetCosineSchedule
+
+    trainer = SimpleNamespace(
+        callbacks=[], max_epochs=-1, num_training_batches=4, max_steps=40, global_step=10
+    )
+    assert BudgetCosineSchedule(max_seconds=None)._progress(trainer) == pytest.approx(0.25)  # type: ignore[arg-type]
+    trainer.max_steps = -1
+    assert BudgetCosineSchedule(max_seconds=None)._progress(trainer) == 0.0  # type: ignore[arg-type]
+
+
 def test_empty_training_set_is_refused(tmp_path: Path):
     with pytest.raises(ValueError, match="training set is empty"):
         train(run_config(), fakes.FakeDomain(), [], tmp_path / "run", TrainOptions(device="cpu"))

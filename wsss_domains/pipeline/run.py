@@ -205,6 +205,7 @@ def run_pipeline(
             train_split,
             train_pl,
             labels_from_masks=bool(pl_options),
+            save_cams=segmenter.training == "beco",  # BECO's confidence comes from the CAMs
             **common,
         ),
         note=f"method {method}, {granularity}",

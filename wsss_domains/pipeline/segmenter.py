@@ -12,7 +12,15 @@ from wsss_domains.errors import UserError
 from wsss_domains.pipeline.data import open_dataset, resolve_device
 from wsss_domains.segmentation.data import PseudoLabelledDataset
 from wsss_domains.segmentation.fit import SegmenterTraining, train_segmenter
-from wsss_domains.segmentation.model import ARCHITECTURES, DEFAULT_ARCH, SegmenterConfig, check_architecture
+from wsss_domains.segmentation.model import (
+    ARCHITECTURES,
+    DEFAULT_ARCH,
+    DEFAULT_TRAINING,
+    TRAINING_METHODS,
+    SegmenterConfig,
+    check_architecture,
+    check_training,
+)
 from wsss_domains.settings import setting
 from wsss_domains.training.fit import TrainOptions
 from wsss_domains.training.run import RunConfig
@@ -41,6 +49,12 @@ class SegmenterSettings(TrainOptions):
         None, help=f"training crop side (default: the run's patch size, else {DEFAULT_CROP})"
     )
     scale: float = 1.0
+    training: str = setting(
+        DEFAULT_TRAINING,
+        help="cross-entropy on the pseudo-labels, or beco: two co-trained networks, confident pixels from the"
+        " pseudo-labels' CAMs (written by pseudo-labels --save-cams)",
+        choices=TRAINING_METHODS,
+    )
     batch_size: int = setting(8, help="crops per training batch")
     lr: float = setting(1e-3, help="decoder learning rate (encoder: 0.1x)")
     seed: int = setting(0, help="random seed")
@@ -48,6 +62,7 @@ class SegmenterSettings(TrainOptions):
     def check(self) -> None:
         super().check()
         check_architecture(self.arch or DEFAULT_ARCH)
+        check_training(self.training)
         if self.crop_size is not None and (self.crop_size < STRIDE or self.crop_size % STRIDE):
             raise UserError(f"--crop-size must be a positive multiple of {STRIDE}, got {self.crop_size}")
         if not self.scale > 0:
@@ -106,7 +121,9 @@ def fit_segmenter(
             f"the run was trained on classes {config_run.foreground}, but {opened.spec.name} has "
             f"{list(label_space.foreground_names)}"
         )
-    training = PseudoLabelledDataset(opened.dataset, Path(pseudo_labels), label_space)
+    training = PseudoLabelledDataset(
+        opened.dataset, Path(pseudo_labels), label_space, confidence=settings.training == "beco"
+    )
     crop = settings.crop_size or default_crop(config_run, training, settings.scale)
     mean, std = opened.domain.input_statistics()
     config = SegmenterConfig(
@@ -121,6 +138,7 @@ def fit_segmenter(
         std=std,
         crop_size=list(pair(crop)),
         scale=settings.scale,
+        training=settings.training,
         run=str(Path(run).resolve()),
         pseudo_labels=str(Path(pseudo_labels).resolve()),
         data=str(Path(data).resolve()),

@@ -37,12 +37,20 @@ class SampleView(Dataset):
 
 
 class PseudoLabelledDataset(SampleView):
-    """Samples of ``base`` whose ``mask`` is the pseudo-label in ``folder`` (ground truth dropped)."""
+    """Samples of ``base`` whose ``mask`` is the pseudo-label in ``folder`` (ground truth dropped).
 
-    def __init__(self, base: Dataset, folder: Path, label_space: LabelSpace) -> None:
+    ``confidence``: the ``mask`` also says which pixels are confident (BECO's targets, see
+    :func:`~wsss_domains.segmentation.beco.encode_confidence`), from the CAMs the pseudo-labeller
+    saved beside the labels (``pseudo-labels --save-cams``).
+    """
+
+    def __init__(
+        self, base: Dataset, folder: Path, label_space: LabelSpace, confidence: bool = False
+    ) -> None:
         super().__init__(base)
         self.folder = Path(folder)
         self.label_space = label_space
+        self.confidence = confidence
         if not self.folder.is_dir():
             raise DataError(self.folder, "pseudo-label folder not found")
         missing = [i for i in self.ids if not (self.folder / pred_filename(i)).is_file()]
@@ -52,6 +60,19 @@ class PseudoLabelledDataset(SampleView):
                 f"pseudo-label not found ({len(missing)} of {len(self.ids)} samples have none; were the "
                 "pseudo-labels written for this split with the same --tiles?)",
             )
+        self.bg_threshold: float | None = None
+        if confidence:
+            no_cams = [i for i in self.ids if not self.cams_path(i).is_file()]
+            if no_cams:
+                raise DataError(
+                    self.cams_path(no_cams[0]),
+                    f"CAMs not found ({len(no_cams)} of {len(self.ids)} samples have none): BECO's confidence "
+                    "comes from the pseudo-labels' CAMs; write them with pseudo-labels --save-cams",
+                )
+            self.bg_threshold = _recorded_bg_threshold(self.folder)
+
+    def cams_path(self, sample_id: str) -> Path:
+        return self.folder / "cams" / (pred_filename(sample_id)[: -len(".png")] + ".npz")
 
     def __getitem__(self, index: int) -> Sample:
         sample = self.base[index]
@@ -61,7 +82,39 @@ class PseudoLabelledDataset(SampleView):
         bad = (labels >= self.label_space.num_classes) & (labels != self.label_space.ignore_index)
         if bad.any():
             raise DataError(path, f"holds class id {int(labels[bad][0])}, outside the label space")
+        if self.confidence:
+            labels = self._with_confidence(sample["id"], labels)
         return {"image": sample["image"], "mask": labels, "id": sample["id"]}
+
+    def _with_confidence(self, sample_id: str, labels: Tensor) -> Tensor:
+        """The pseudo-label with BECO's confidence encoded (margin of the saved CAM scores)."""
+        import numpy as np
+
+        from wsss_domains.segmentation.beco import confidence_mask, encode_confidence
+
+        path = self.cams_path(sample_id)
+        with np.load(path) as saved:
+            scores = torch.from_numpy(saved["cams"].astype(np.float32))
+        if scores.shape[-2:] != labels.shape:
+            raise DataError(path, f"CAMs of size {tuple(scores.shape[-2:])}, labels {tuple(labels.shape)}")
+        if self.bg_threshold is not None:  # background is scored by the threshold it was decided by
+            scores = torch.cat([scores, torch.full((1, *labels.shape), self.bg_threshold)])
+        space = self.label_space
+        confident = confidence_mask(scores, labels, space.ignore_index)
+        return encode_confidence(labels, confident, space.num_classes, space.ignore_index)
+
+
+def _recorded_bg_threshold(folder: Path) -> float | None:
+    """The background threshold the pseudo-labeller recorded (None: background not thresholded)."""
+    import json
+
+    from wsss_domains.pseudo_labels.writer import SUMMARY_FILE
+
+    path = folder / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text()).get("bg_threshold")
+    return None if value is None else float(value)
 
 
 def crop_or_pad(sample: Sample, size: tuple[int, int], ignore_index: int) -> Sample:

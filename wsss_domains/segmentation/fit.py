@@ -55,14 +55,19 @@ def train_segmenter(
     training = training or SegmenterTraining()
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = build_segmenter(config)
-    task = SegmenterTask(
-        model,
-        label_space.num_classes,
-        label_space.ignore_index,
-        lr=training.lr,
-        weight_decay=training.weight_decay,
-        encoder_lr_mult=training.encoder_lr_mult,
-    )
+    optimisation = {
+        "lr": training.lr,
+        "weight_decay": training.weight_decay,
+        "encoder_lr_mult": training.encoder_lr_mult,
+    }
+    if config.training == "beco":
+        from wsss_domains.segmentation.beco import BecoTask
+
+        task: SegmenterTask = BecoTask(
+            model, label_space.num_classes, label_space.ignore_index, **optimisation
+        )
+    else:
+        task = SegmenterTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
     view = SegmentationView(
         dataset,
         domain,

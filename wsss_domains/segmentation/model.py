@@ -31,6 +31,10 @@ ARCHITECTURES = {
     "segformer": "Segformer",
 }
 DEFAULT_ARCH = "deeplabv3plus"
+# How the segmenter learns from pseudo-labels: plain cross-entropy, or BECO's co-trained pair
+# (:mod:`wsss_domains.segmentation.beco`), which needs the pseudo-labels' CAMs (``--save-cams``).
+TRAINING_METHODS = ("cross-entropy", "beco")
+DEFAULT_TRAINING = "cross-entropy"
 
 
 @dataclass
@@ -51,6 +55,7 @@ class SegmenterConfig:
     # Training crops (height, width) and the magnification images are resized by before the network.
     crop_size: list[int] = field(default_factory=lambda: [320, 320])
     scale: float = 1.0
+    training: str = DEFAULT_TRAINING  # one of TRAINING_METHODS; "beco" saves two networks
     # Where it came from: the classifier run, the pseudo-labels and the split they label.
     run: str | None = None
     pseudo_labels: str | None = None
@@ -94,8 +99,25 @@ def check_architecture(arch: str) -> str:
     return arch
 
 
+def check_training(training: str) -> str:
+    if training not in TRAINING_METHODS:
+        raise UserError(f"unknown segmenter training '{training}' ({', '.join(TRAINING_METHODS)})")
+    return training
+
+
 def build_segmenter(config: SegmenterConfig, weights: str | None = None) -> nn.Module:
-    """The network of ``config``; its encoder starts from ``weights`` (default: the config's)."""
+    """The network of ``config``; its encoder starts from ``weights`` (default: the config's).
+
+    BECO's is a pair of independently initialised networks whose logits are averaged."""
+    if check_training(config.training) == "beco":
+        from wsss_domains.segmentation.beco import CoTrainedPair
+
+        return CoTrainedPair(build_network(config, weights), build_network(config, weights))
+    return build_network(config, weights)
+
+
+def build_network(config: SegmenterConfig, weights: str | None = None) -> nn.Module:
+    """One smp encoder-decoder of ``config``'s architecture and encoder."""
     import segmentation_models_pytorch as smp
 
     check_architecture(config.arch)

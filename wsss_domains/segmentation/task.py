@@ -57,7 +57,8 @@ class SegmenterTask(L.LightningModule):
         self.log("val/miou", self.val_iou, on_step=False, on_epoch=True, batch_size=batch["mask"].shape[0])
 
     def configure_optimizers(self) -> Any:
-        encoder = list(self.model.encoder.parameters())
+        networks = getattr(self.model, "networks", (self.model,))  # a co-trained pair has two encoders
+        encoder = [p for network in networks for p in network.encoder.parameters()]
         ids = {id(p) for p in encoder}
         others = [p for p in self.model.parameters() if id(p) not in ids]
         encoder_lr = self.lr * self.encoder_lr_mult

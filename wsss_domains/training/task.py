@@ -74,7 +74,7 @@ class ClassifierTask(L.LightningModule):
 
 
 class BudgetCosineSchedule(L.Callback):
-    """Cosine learning-rate decay over whichever budget ends first: time or epochs.
+    """Cosine learning-rate decay over whichever budget ends first: time, epochs or optimiser steps.
 
     Training here is usually bounded by ``--max-minutes``, so the schedule follows the elapsed
     share of the time budget (resumed runs continue where the saved timer stopped).
@@ -100,6 +100,8 @@ class BudgetCosineSchedule(L.Callback):
         ):
             total = trainer.max_epochs * trainer.num_training_batches
             shares.append(trainer.global_step / max(1, total))
+        if trainer.max_steps and trainer.max_steps > 0:
+            shares.append(trainer.global_step / trainer.max_steps)
         return min(1.0, max(shares))
 
     def on_train_batch_start(
