@@ -62,6 +62,8 @@ def test_methods_lists_cam(capsys):
     code, out, _ = cli(capsys, "methods")
     assert code == 0
     assert any(line.split()[0] == "cam" and "Zhou" in line for line in out.splitlines())
+    segmenter_part = out.split("Segmenter training")[1]
+    assert any(line.split()[:2] == ["beco", "BECO"] for line in segmenter_part.splitlines() if line.strip())
 
 
 # -- bad input: one clear error, exit code 2, nothing written ---------------------------------

@@ -68,6 +68,11 @@ def run_methods(args: argparse.Namespace) -> int:
         "Chain post-hoc refinements with '+', e.g. --method cam-proto+random-walk (options: PART.KEY=VALUE)."
         + ("" if args.details else " Options and deviations: wsss-domains methods --details")
     )
+    from wsss_domains.segmentation.model import TRAINING_METHODS
+
+    print("\nSegmenter training (segment/run --seg-training):")
+    for name, description in TRAINING_METHODS.items():
+        print(f"{name:<18} {description}")
     return 0
 
 

@@ -53,7 +53,7 @@ class SegmenterSettings(TrainOptions):
         DEFAULT_TRAINING,
         help="cross-entropy on the pseudo-labels, or beco: two co-trained networks, confident pixels from the"
         " pseudo-labels' CAMs (written by pseudo-labels --save-cams)",
-        choices=TRAINING_METHODS,
+        choices=tuple(TRAINING_METHODS),
     )
     batch_size: int = setting(8, help="crops per training batch")
     lr: float = setting(1e-3, help="decoder learning rate (encoder: 0.1x)")

@@ -33,7 +33,12 @@ ARCHITECTURES = {
 DEFAULT_ARCH = "deeplabv3plus"
 # How the segmenter learns from pseudo-labels: plain cross-entropy, or BECO's co-trained pair
 # (:mod:`wsss_domains.segmentation.beco`), which needs the pseudo-labels' CAMs (``--save-cams``).
-TRAINING_METHODS = ("cross-entropy", "beco")
+TRAINING_METHODS = {
+    "cross-entropy": "one network, cross-entropy on every assigned pseudo-label pixel",
+    "beco": "BECO (Rong et al., CVPR 2023): two co-trained networks, cross-entropy on each class's confident"
+    " half of pixels (CAM top-two margin), cross-supervision elsewhere, ClassMix with online labels and"
+    " up-weighted pasted boundaries; needs the pseudo-labels' CAMs",
+}
 DEFAULT_TRAINING = "cross-entropy"
 
 
