@@ -37,6 +37,7 @@ BUILT_IN_MODULES = (
     "label_probe",
     "lpcam",
     "ppc",
+    "rca",
     "refinement",
     "s2c",
     "sam_proto",
