@@ -181,7 +181,10 @@ def main() -> None:
                         device="cpu",
                     ),
                     segmenter=SegmenterSettings(
-                        max_minutes=args.segmenter_minutes, seed=seed, training=args.seg_training
+                        max_minutes=args.segmenter_minutes,
+                        seed=seed,
+                        training=args.seg_training,
+                        rounds=args.seg_rounds,
                     ),
                     method=args.method,
                 )
@@ -214,8 +217,8 @@ def main() -> None:
         )
         + f", seeds {args.seeds}",
         f"\n{preset.note}. Classifier {args.classifier_minutes:g} min + segmenter {args.segmenter_minutes:g} "
-        f"min per run, method `{rows[0]['method'] if rows else '?'}`, segmenter training "
-        f"`{args.seg_training}`; {platform.machine()}, "
+        f"min per run{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "
+        f"`{rows[0]['method'] if rows else '?'}`, segmenter training `{args.seg_training}`; {platform.machine()}, "
         f"{os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}, after "
         f"{load_after[0]:.2f}; {(time.perf_counter() - started) / 60:.0f} min wall"
         + (" (some runs reused from an earlier invocation)" if any(r["reused"] for r in rows) else "")

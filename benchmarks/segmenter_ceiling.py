@@ -69,7 +69,7 @@ def ceiling_of(
     )
     saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
     settings = SegmenterSettings(
-        **{**saved, "training": "cross-entropy", "max_minutes": minutes, "seed": seed}
+        **{**saved, "training": "cross-entropy", "rounds": 1, "max_minutes": minutes, "seed": seed}
     )
     opened = open_dataset(preset.domain, preset.dataset, data, train, **options)
     start = time.perf_counter()

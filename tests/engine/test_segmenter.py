@@ -212,3 +212,43 @@ def test_bad_segment_and_predict_input_is_one_line(pipeline_run, tmp_path: Path,
         err = capsys.readouterr().err
         lines = [line for line in err.splitlines() if line.startswith("wsss-domains: error: ")]
         assert code == EXIT_USAGE and len(lines) == 1 and fragment in lines[0], (args, err)
+
+
+def test_a_self_training_label_keeps_the_images_classes_and_the_unassigned_pixels():
+    from wsss_domains.pipeline.self_training import allowed_classes, restricted_labels
+
+    space = fakes.LABEL_SPACE  # background (threshold), red, blue
+    assert allowed_classes(torch.tensor([0.0, 1.0]), space).tolist() == [True, False, True]
+    assert allowed_classes(torch.tensor([0.0, 0.0]), space).tolist() == [True, False, False]
+    probs = torch.tensor([[[0.2, 0.1, 0.3]], [[0.5, 0.2, 0.3]], [[0.3, 0.7, 0.4]]])  # 3 x 1 x 3
+    previous = torch.tensor([[1, 255, 0]])
+    # Red (1) is not in the image: its best pixel goes to the best allowed class; pixel 2 was unassigned.
+    got = restricted_labels(probs, torch.tensor([0.0, 1.0]), space, previous)
+    assert got.tolist() == [[2, 255, 2]]
+
+
+def test_a_second_round_trains_on_the_first_segmenters_labels_of_its_training_images(
+    pipeline_run, tmp_path: Path
+):
+    from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
+
+    settings = SegmenterSettings(
+        arch="fpn", weights="random", batch_size=2, max_steps=2, rounds=2, device="cpu"
+    )
+    out = tmp_path / "seg2"
+    config = fit_segmenter(pipeline_run["run"], pipeline_run["pl"], pipeline_run["root"], out, split="train",
+                           settings=settings, log=False)  # fmt: skip
+    labels = out / "rounds" / "1" / "labels"
+    assert (out / "rounds" / "1" / "segmenter" / "model.pt").is_file() and (out / "model.pt").is_file()
+    assert config.pseudo_labels == str(labels.resolve())
+    dataset = fakes.build(pipeline_run["root"], "train")
+    assert len(list(labels.glob("*.png"))) == len(dataset)
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        ids = read_index_mask(labels / pred_filename(sample["id"]))
+        first = read_index_mask(pipeline_run["pl"] / pred_filename(sample["id"]))
+        absent = [c for c, on in zip((1, 2), sample["label"].tolist(), strict=True) if not on]
+        assert not any(bool((ids == c).any()) for c in absent)  # only the image's classes and background
+        assert torch.equal(ids == 255, first == 255)
+    with pytest.raises(UserError, match="seg-rounds"):
+        SegmenterSettings(rounds=0).check()

@@ -13,10 +13,11 @@ from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 # The segmenter's network options, shared with `run` (where --batch-size and --lr are the classifier's).
 SEGMENTER_NETWORK = SettingsArguments(
     SegmenterSettings,
-    ("arch", "encoder", "weights", "crop_size", "training", "batch_size", "lr"),
+    ("arch", "encoder", "weights", "crop_size", "training", "rounds", "batch_size", "lr"),
     flags={
         "weights": "--encoder-weights",
         "training": "--seg-training",
+        "rounds": "--seg-rounds",
         "batch_size": "--seg-batch-size",
         "lr": "--seg-lr",
     },

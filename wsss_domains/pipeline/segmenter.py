@@ -6,10 +6,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from wsss_domains.data.windows import pair
 from wsss_domains.errors import UserError
 from wsss_domains.pipeline.data import open_dataset, resolve_device
+from wsss_domains.pipeline.self_training import relabel_training_split
 from wsss_domains.segmentation.data import PseudoLabelledDataset
 from wsss_domains.segmentation.fit import SegmenterTraining, train_segmenter
 from wsss_domains.segmentation.model import (
@@ -55,6 +57,11 @@ class SegmenterSettings(TrainOptions):
         " pseudo-labels' CAMs (written by pseudo-labels --save-cams)",
         choices=tuple(TRAINING_METHODS),
     )
+    rounds: int = setting(
+        1,
+        help="training rounds: from the second on, the previous round's predictions of its training images"
+        " (restricted to each image's labels) are the labels; each round trains for the whole budget",
+    )
     batch_size: int = setting(8, help="crops per training batch")
     lr: float = setting(1e-3, help="decoder learning rate (encoder: 0.1x)")
     seed: int = setting(0, help="random seed")
@@ -63,6 +70,12 @@ class SegmenterSettings(TrainOptions):
         super().check()
         check_architecture(self.arch or DEFAULT_ARCH)
         check_training(self.training)
+        if self.rounds < 1:
+            raise UserError(f"--seg-rounds must be at least 1, got {self.rounds}")
+        if self.rounds > 1 and self.devices != 1:
+            raise UserError(
+                "--seg-rounds above 1 runs on one device (the relabelling between rounds is not sharded)"
+            )
         if self.crop_size is not None and (self.crop_size < STRIDE or self.crop_size % STRIDE):
             raise UserError(f"--crop-size must be a positive multiple of {STRIDE}, got {self.crop_size}")
         if not self.scale > 0:
@@ -103,9 +116,42 @@ def fit_segmenter(
     written with (``--tiles``), so sample ids match. ``val_split``: an annotated split of the same
     data scored every epoch for monitoring (``val/miou``); nothing is chosen by it. Re-running into
     ``out`` resumes.
+
+    With ``settings.rounds`` above 1, the rounds before the last train in ``out/rounds/<r>/segmenter``
+    and write their labels of the training split in ``out/rounds/<r>/labels``
+    (:mod:`wsss_domains.pipeline.self_training`), which the next round trains on.
     """
     settings = settings or SegmenterSettings()
     settings.check()
+    common: dict[str, Any] = dict(split=split, dataset=dataset, dataset_options=dataset_options, log=log)
+    labels = Path(pseudo_labels)
+    for done in range(1, settings.rounds):  # self-training: each round's predictions label the next
+        round_dir = Path(out) / "rounds" / str(done)
+        _fit_round(
+            run, labels, data, round_dir / "segmenter", settings=settings, val_split=val_split, **common
+        )
+        following = round_dir / "labels"
+        relabel_training_split(round_dir / "segmenter", labels, data, following, split=split, dataset=dataset,
+                               dataset_options=dataset_options, device=resolve_device(settings.device),
+                               save_scores=settings.training == "beco")  # fmt: skip
+        labels = following
+    return _fit_round(run, labels, data, out, settings=settings, val_split=val_split, **common)
+
+
+def _fit_round(
+    run: Path,
+    pseudo_labels: Path,
+    data: Path,
+    out: Path,
+    *,
+    split: str | None,
+    dataset: str | None,
+    dataset_options: Mapping[str, object] | None,
+    settings: SegmenterSettings,
+    val_split: str | None,
+    log: bool,
+) -> SegmenterConfig:
+    """One segmenter trained on ``pseudo_labels`` (see :func:`fit_segmenter`)."""
     config_run = RunConfig.load(run)
     opened = open_dataset(
         config_run.domain,
