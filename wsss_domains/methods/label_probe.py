@@ -151,15 +151,18 @@ class LabelProbe(StageProbe):
         pool = self.grid // self.strides[0]
         return feats if pool == 1 else F.avg_pool2d(feats, pool, pool, ceil_mode=True)
 
-    def fit(self, context: FitContext) -> None:
-        fitted_with = {
+    def fit_key(self) -> dict[str, Any]:
+        """What the fitted probe depends on besides the run (the fit cache's key)."""
+        return {
             "stride": list(self.strides),
             "grid": self.grid,
             "top_fraction": self.top_fraction,
             "fit_images": self.fit_images,
             "steps": self.steps,
-            "windows": context.window_factory is not None,
         }
+
+    def fit(self, context: FitContext) -> None:
+        fitted_with = {**self.fit_key(), "windows": context.window_factory is not None}
         path = context.cache_path(self.name, fitted_with)
         outputs = self._outputs(context.label_space)
         if self._load(path, outputs):

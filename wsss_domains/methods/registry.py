@@ -40,6 +40,7 @@ BUILT_IN_MODULES = (
     "rca",
     "refinement",
     "s2c",
+    "sam_probe",
     "sam_proto",
     "seam",
     "seed_probe",
