@@ -141,6 +141,12 @@ def main() -> None:
     p.add_argument(
         "--seg-training", default="cross-entropy", help="segmenter training: cross-entropy or beco"
     )
+    p.add_argument(
+        "--seg-rounds",
+        type=int,
+        default=1,
+        help="segmenter self-training rounds, each trained for --segmenter-minutes (see segment --seg-rounds)",
+    )
     p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1), for splitting the work")
     p.add_argument("--out", type=Path, help="default: runs/heldout-<preset>")
     p.add_argument("--fresh", action="store_true", help="recompute finished runs")

@@ -33,6 +33,7 @@ BUILT_IN_MODULES = (
     "clims",
     "clip_methods",
     "cpn",
+    "cross_arch",
     "dupl",
     "label_probe",
     "lpcam",
