@@ -154,6 +154,8 @@ def test_sam_encoder_as_second_architecture_gets_lite_medsam_input_and_stays_fro
     modules = method.build_modules(model)
     second = modules["second"]
     assert not any(p.requires_grad for p in second.parameters())
+    modules.train()
+    assert not second.encoder.training  # frozen: its batch norms keep their statistics
     assert modules["head2"].in_channels == 256
     gen = torch.Generator().manual_seed(3)
     pixels = torch.rand(1, 3, 20, 30, generator=gen) * 0.6 + 0.2

@@ -169,14 +169,21 @@ class SamEncoderFeatures(nn.Module):
 
     def sam_input(self, x: Tensor) -> Tensor:
         """The encoder's input for a batch normalised with the run's statistics."""
-        image = (x * self.std + self.mean).clamp(0, 1)
+        from wsss_domains.sam.predictor import minmax_255
+
+        image = (x * self.std + self.mean).clamp(0, 1) * 255
         if self.minmax:
-            low = image.amin(dim=(1, 2, 3), keepdim=True)
-            high = image.amax(dim=(1, 2, 3), keepdim=True)
-            image = (image - low) / (high - low).clamp_min(1e-8)
+            image = minmax_255(image)
         size = int(self.encoder.img_size)
         image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-        return (image * 255 - self.pixel_mean.view(1, -1, 1, 1)) / self.pixel_std.view(1, -1, 1, 1)
+        return (image - self.pixel_mean.view(1, -1, 1, 1)) / self.pixel_std.view(1, -1, 1, 1)
+
+    def train(self, mode: bool = True) -> SamEncoderFeatures:
+        """A frozen encoder stays in eval mode (its batch norms keep their statistics)."""
+        super().train(mode)
+        if not self.trainable:
+            self.encoder.eval()
+        return self
 
     def features(self, x: Tensor) -> Tensor:
         with torch.set_grad_enabled(self.trainable and torch.is_grad_enabled()):
