@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -68,3 +71,31 @@ def changed(task: ClassifierTask, initial: dict[str, torch.Tensor], prefix: str)
     keys = [k for k in initial if k.startswith(prefix + ".")]
     assert keys, prefix
     return any(not torch.equal(now[k], initial[k]) for k in keys)
+
+
+def cli_train_and_pseudo_label(
+    capsys, tmp_path: Path, method: str, *options: str, steps: int = 3
+) -> tuple[Path, str]:
+    """``train --method METHOD`` on the fake domain's shapes with the fast backbone, then ``pseudo-labels``
+    of its ``val`` split into ``tmp_path/pl``; both must succeed. Returns the run folder and the second
+    command's output. The fake domain is registered only for the two commands."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
+    import fakes
+    from cli_helpers import cli
+
+    fakes.register()
+    try:
+        root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=3, n_unlabelled=1)
+        run = tmp_path / "run"
+        fast = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32"]
+        fast += ["--batch-size", "2", "--max-steps", str(steps), "--device", "cpu", "--no-progress"]
+        code, _, err = cli(capsys, "train", "--domain", fakes.FAKE_DOMAIN, "--data", root, "--out", run,
+                           "--method", method, *options, *fast)  # fmt: skip
+        assert code == 0, err
+        args = ["pseudo-labels", "--run", run, "--data", root, "--split", "val"]
+        args += ["--device", "cpu", "--no-progress", "--no-overlays", "--out", tmp_path / "pl"]
+        code, out, err = cli(capsys, *args)
+        assert code == 0, err
+        return run, out
+    finally:
+        fakes.unregister()

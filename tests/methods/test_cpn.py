@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from method_training import changed, train_steps
+from method_training import changed, cli_train_and_pseudo_label, train_steps
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
 
-import fakes  # noqa: E402
 from cli_helpers import cli  # noqa: E402
 
 import wsss_domains.training.fit  # noqa: E402, F401  (Lightning's log handler must see stderr first)
@@ -460,31 +459,6 @@ def test_cpn_rejects_bad_options():
 def test_listed_trained_and_pseudo_labelling(capsys, tmp_path: Path):
     code, out, _ = cli(capsys, "methods")
     assert code == 0 and "cpn" in out
-    fakes.register()
-    try:
-        root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=3, n_unlabelled=1)
-        run = tmp_path / "run"
-        fast = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32"]
-        fast += ["--batch-size", "2", "--max-steps", "2", "--device", "cpu", "--no-progress"]
-        code, _, err = cli(
-            capsys,
-            "train",
-            "--domain",
-            fakes.FAKE_DOMAIN,
-            "--data",
-            root,
-            "--out",
-            run,
-            "--method",
-            "cpn",
-            *fast,
-        )
-        assert code == 0, err
-        args = ["pseudo-labels", "--run", run, "--data", root, "--split", "val"]
-        args += ["--device", "cpu", "--no-progress", "--no-overlays", "--out", tmp_path / "pl"]
-        code, out, err = cli(capsys, *args)
-        assert code == 0, err
-        assert "pseudo-labels: 3 written" in out
-        assert len(list((tmp_path / "pl").glob("*.png"))) == 3
-    finally:
-        fakes.unregister()
+    _, out = cli_train_and_pseudo_label(capsys, tmp_path, "cpn", steps=2)
+    assert "pseudo-labels: 3 written" in out
+    assert len(list((tmp_path / "pl").glob("*.png"))) == 3

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from method_training import changed, train_steps
+from method_training import changed, cli_train_and_pseudo_label, train_steps
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-
-import fakes  # noqa: E402
-from cli_helpers import cli  # noqa: E402
-
-import wsss_domains.training.fit  # noqa: E402, F401  (Lightning's log handler must see stderr first)
-from wsss_domains.methods import create_method  # noqa: E402
-from wsss_domains.methods.cross_arch import (  # noqa: E402
+import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
+from wsss_domains.methods import create_method
+from wsss_domains.methods.cross_arch import (
     FusedCamExtractor,
     cam_consistency,
     draw_positions,
     pixel_contrast,
 )
-from wsss_domains.models.weights import WeightsNotFound  # noqa: E402
+from wsss_domains.models.weights import WeightsNotFound
 
 TINY = ["--method-option", "second_backbone=test_resnet", "--method-option", "second_weights=random"]
 
@@ -126,22 +120,8 @@ def test_bad_options_and_missing_second_weights_fail_at_once():
 
 
 def test_cli_trains_with_a_second_architecture_and_pseudo_labels_with_it(capsys, tmp_path: Path):
-    fakes.register()
-    try:
-        root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=3, n_unlabelled=1)
-        run = tmp_path / "run"
-        fast = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32"]
-        fast += ["--batch-size", "2", "--max-steps", "3", "--device", "cpu", "--no-progress"]
-        code, _, err = cli(capsys, "train", "--domain", fakes.FAKE_DOMAIN, "--data", root, "--out", run,
-                           "--method", "cross-arch", *TINY, *fast)  # fmt: skip
-        assert code == 0, err
-        args = ["pseudo-labels", "--run", run, "--data", root, "--split", "val"]
-        args += ["--device", "cpu", "--no-progress", "--no-overlays", "--out", tmp_path / "pl"]
-        code, out, err = cli(capsys, *args)
-        assert code == 0, err
-        assert "pseudo-labels: 3 written" in out
-    finally:
-        fakes.unregister()
+    _, out = cli_train_and_pseudo_label(capsys, tmp_path, "cross-arch", *TINY)
+    assert "pseudo-labels: 3 written" in out
 
 
 def test_sam_encoder_as_second_architecture_gets_lite_medsam_input_and_stays_frozen():

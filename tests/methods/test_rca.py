@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from method_training import changed, train_steps
+from method_training import changed, cli_train_and_pseudo_label, train_steps
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "engine"))
-
-import fakes  # noqa: E402
-from cli_helpers import cli  # noqa: E402
-
-import wsss_domains.training.fit  # noqa: E402, F401  (Lightning's log handler must see stderr first)
-from wsss_domains.methods import create_method  # noqa: E402
-from wsss_domains.methods.rca import (  # noqa: E402
+import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
+from wsss_domains.methods import create_method
+from wsss_domains.methods.rca import (
     RefinedCamExtractor,
     RegionMemory,
     RegionMix,
@@ -192,26 +186,10 @@ def test_rca_rejects_bad_options():
 def test_trained_bank_is_saved_with_the_run_and_pseudo_labels_use_it(capsys, tmp_path: Path):
     from wsss_domains.training.run import METHOD_FILE, load_run
 
-    fakes.register()
-    try:
-        root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=3, n_unlabelled=1)
-        run = tmp_path / "run"
-        fast = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32"]
-        fast += ["--batch-size", "2", "--max-steps", "3", "--device", "cpu", "--no-progress"]
-        options = ["--method-option", "cluster_every=2", "--method-option", "queue_length=4"]
-        options += ["--method-option", "clusters=2", "--method-option", "momentum=0"]
-        code, _, err = cli(capsys, "train", "--domain", fakes.FAKE_DOMAIN, "--data", root, "--out", run,
-                           "--method", "rca", *options, *fast)  # fmt: skip
-        assert code == 0, err
-        saved = torch.load(run / METHOD_FILE)
-        _, _, modules = load_run(run)
-        assert torch.equal(
-            modules["memory"].centres, saved["memory.centres"]
-        )  # the bank travels with the run
-        args = ["pseudo-labels", "--run", run, "--data", root, "--split", "val"]
-        args += ["--device", "cpu", "--no-progress", "--no-overlays", "--out", tmp_path / "pl"]
-        code, out, err = cli(capsys, *args)
-        assert code == 0, err
-        assert "pseudo-labels: 3 written" in out
-    finally:
-        fakes.unregister()
+    options = ["--method-option", "cluster_every=2", "--method-option", "queue_length=4"]
+    options += ["--method-option", "clusters=2", "--method-option", "momentum=0"]
+    run, out = cli_train_and_pseudo_label(capsys, tmp_path, "rca", *options)
+    saved = torch.load(run / METHOD_FILE)
+    _, _, modules = load_run(run)
+    assert torch.equal(modules["memory"].centres, saved["memory.centres"])  # the bank travels with the run
+    assert "pseudo-labels: 3 written" in out
