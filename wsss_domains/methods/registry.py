@@ -38,6 +38,7 @@ BUILT_IN_MODULES = (
     "label_probe",
     "lpcam",
     "ppc",
+    "psdpm",
     "rca",
     "refinement",
     "s2c",
