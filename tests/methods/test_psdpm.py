@@ -348,3 +348,15 @@ def test_cli_baseline_run_then_psdpm_and_pseudo_labels(capsys, tmp_path: Path):
         capsys, tmp_path / "psdpm", "psdpm", "--method-option", f"baseline_run={baseline}", steps=2
     )
     assert "pseudo-labels: 3 written" in out
+    # The baseline's maps: its CAMs, each class over its maximum, background 1 - max first, resized.
+    from wsss_domains.methods.psdpm import Baseline
+
+    frozen = Baseline(baseline, torch.device("cpu"))
+    image = torch.randn(2, 3, 32, 32)
+    maps = frozen.maps(image, frozen.config.mean, frozen.config.std, (3, 5))
+    cams = F.relu(frozen.model.cams(image, rectify=False))
+    fg = cams / (cams.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    expected = torch.cat([1 - fg.amax(dim=1, keepdim=True), fg], dim=1)
+    torch.testing.assert_close(maps, F.interpolate(expected, size=(3, 5), mode="bilinear"))
+    with pytest.raises(UserError, match="baseline_run has 2 classes, this run 3"):
+        frozen.check_classes(3)

@@ -235,11 +235,10 @@ class Baseline:
         self, image: Tensor, mean: Sequence[float], std: Sequence[float], size: tuple[int, int]
     ) -> Tensor:
         """``B x (K+1) x h x w`` normalised CAMs (background first) of a batch normalised with ``mean``/``std``."""
-        m = torch.tensor(mean, device=image.device)[None, :, None, None]
-        s = torch.tensor(std, device=image.device)[None, :, None, None]
-        m2 = torch.tensor(self.config.mean, device=image.device)[None, :, None, None]
-        s2 = torch.tensor(self.config.std, device=image.device)[None, :, None, None]
-        cams = self.model.eval().cams((image * s + m - m2) / s2, rectify=False)
+        from wsss_domains.training.data import denormalize, normalize
+
+        pixels = denormalize(image, tuple(mean), tuple(std))
+        cams = self.model.eval().cams(normalize(pixels, self.config.mean, self.config.std), rectify=False)
         return F.interpolate(normalized_cam(cams), size=size, mode="bilinear", align_corners=False)
 
 
