@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from clims_reference import official_clims_losses
 from method_training import FAST_BACKBONE, train_steps
 
 from wsss_domains.cli import main
@@ -57,50 +58,11 @@ def _method(tiny_weights, domain=None, **options):
 
 
 def _official_losses(clip, tokenizer, image, cams, label, texts, background, threshold):
-    """step/train_clims.py's loop body, clip_utils.clip_forward and clip_loss.py, transcribed (OpenAI CLIP
-    normalisation in place of the data loader's ImageNet one)."""
-    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-
-    n, k = label.shape
-    size = clip.visual.image_size[0]
-    x = torch.sigmoid(cams)
-    pixels = image * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
-    pixels = (pixels - torch.tensor(OPENAI_DATASET_MEAN)[:, None, None]) / torch.tensor(OPENAI_DATASET_STD)[
-        :, None, None
-    ]
-    cam_224 = F.interpolate(x, (size, size), mode="bilinear", align_corners=True).reshape(
-        n * k, 1, size, size
+    """The official losses with each pair matched to its class's text."""
+    pair_texts = [texts[int(k)] for k in torch.nonzero(label == 1)[:, 1]]
+    return official_clims_losses(
+        clip, tokenizer, image, cams, label, pair_texts, background, threshold, MEAN, STD
     )
-    img_224 = F.interpolate(pixels, (size, size), mode="bilinear", align_corners=True)
-    fg_indices = torch.nonzero(label.reshape(-1) == 1, as_tuple=False).squeeze()
-    temp_idx = torch.nonzero(label == 1, as_tuple=False)
-    fg_224_eval, bg_224_eval, pair_texts = [], [], []
-    for j in range(temp_idx.shape[0]):
-        fg_224_eval.append(cam_224[fg_indices[j]] * img_224[temp_idx[j, 0]])
-        bg_224_eval.append((1 - cam_224[fg_indices[j]]) * img_224[temp_idx[j, 0]])
-        pair_texts.append(texts[int(temp_idx[j, 1])])
-    fg_224_eval = torch.stack(fg_224_eval, dim=0)
-    bg_224_eval = torch.stack(bg_224_eval, dim=0)
-
-    def clip_forward(images, words):
-        image_features = clip.encode_image(images)
-        text_features = clip.encode_text(tokenizer(words))
-        image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
-        m, c = image_features.size()
-        return torch.matmul(image_features.reshape(m, 1, c), text_features.reshape(m, c, 1))
-
-    l_otm = -(torch.log(clip_forward(fg_224_eval, pair_texts).clamp(0.0001, 0.9999)) * 1).mean()
-    l_btm = -(torch.log(1 - clip_forward(bg_224_eval, pair_texts).clamp(0.0001, 0.9999)) * 1).mean()
-    image_features = clip.encode_image(fg_224_eval)
-    text_features = clip.encode_text(tokenizer(background))
-    image_features = image_features / image_features.norm(dim=-1, keepdim=True)
-    text_features = text_features / text_features.norm(dim=-1, keepdim=True)
-    logits_per_image = image_features @ text_features.t()
-    mask = torch.where(logits_per_image > threshold, torch.ones_like(logits_per_image), 0 * logits_per_image)
-    l_cbs = -(torch.log(1 - logits_per_image) * mask).sum()
-    l_reg = torch.mean(x)
-    return {"otm": l_otm, "btm": l_btm, "cbs": l_cbs, "reg": l_reg}, logits_per_image
 
 
 def test_losses_follow_the_official_formulas(tiny_weights):

@@ -56,7 +56,7 @@ labels: the engine's scales, background threshold and no IRN refinement (officia
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -142,6 +142,9 @@ class Clims(Method):
         "CLIP prompts where it gives some, else the official VOC list. Pseudo-labels: the engine's CAM "
         "extractor and background threshold, no IRN."
     )
+
+    # The template of the background words; None: ``template`` (POLE keeps CLIMS's for them).
+    background_template: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -232,9 +235,10 @@ class Clims(Method):
             prompts = self.domain.clip_prompts(space)
             names = [(prompts.class_names.get(c) or (c,))[0] for c in space.foreground_names]
             words = tuple(prompts.background) or VOC_BACKGROUND
+            background_template = self.background_template or self.template
             self._words[num_classes] = (
                 [self.template.format(n) for n in names],
-                [self.template.format(w) for w in words],
+                [background_template.format(w) for w in words],
             )
         classes, background = self._words[num_classes]
         return list(classes), list(background)
@@ -277,18 +281,28 @@ class Clims(Method):
         loaded = self._clip(cams.device)
         clip = loaded.model
         size = tuple(int(s) for s in _pair(clip.visual.image_size))
-        class_text, background_text = self.text_features(loaded, cams.shape[1], cams.device)
+        _, background_text = self.text_features(loaded, cams.shape[1], cams.device)
         images = self.clip_images(batch["image"], size, clip_mean_std(clip))
         fg_inputs, bg_inputs, pairs = pair_inputs(maps, images, labels)
         fg = encode_images(clip, fg_inputs)
         bg = encode_images(clip, bg_inputs)
-        text = class_text[pairs[:, 1]]
+        text = self.pair_text_features(loaded, cams, images, pairs)
         otm = sim_max_loss((fg * text).sum(dim=-1))
         btm = sim_min_loss((bg * text).sum(dim=-1))
         cbs = background_suppression_loss(fg, background_text, self.cbs_threshold)
         reg = maps.mean()
         w_otm, w_btm, w_cbs, w_reg = self.weights
         return {"otm": w_otm * otm, "btm": w_btm * btm, "cbs": w_cbs * cbs, "reg": w_reg * reg}
+
+    def pair_text_features(self, loaded: Any, cams: Tensor, clip_images: Tensor, pairs: Tensor) -> Tensor:
+        """The text embedding each (image, present class) pair is matched with: its class's text.
+
+        ``cams`` are the classifier's raw maps, ``clip_images`` the batch at CLIP's size and
+        normalisation, ``pairs`` the ``P x 2`` (image, class) rows. Subclasses that pick a text per
+        pair (POLE) override this.
+        """
+        class_text, _ = self.text_features(loaded, cams.shape[1], cams.device)
+        return class_text[pairs[:, 1]]
 
 
 def _pair(size: Any) -> tuple[int, int]:
