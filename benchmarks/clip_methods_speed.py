@@ -11,7 +11,9 @@ slower). Each method is driven through the registry as the engine drives it:
 * ``clip-es-learned``: the same with a CoOp-style ``PromptLearner`` (4 context tokens) as the text
   source, as a learned-prompt artefact gives;
 * ``clims``: one training step (forward, the engine's loss plus the CLIMS terms, backward) of the
-  EfficientNet-Lite0 classifier on a batch of 8 224 px images, against the same step of plain CAM.
+  EfficientNet-Lite0 classifier on a batch of 8 224 px images, against the same step of plain CAM;
+* ``pole``: the same step with POLE's per-pair synonym choice (one more CLIP image pass per pair,
+  without gradient; VOC's prompt names give ``person`` three candidates, present in every image).
 
 Medians of ``--repeats`` runs after one warm-up. Prints a table and appends it, with the command and
 the machine's load, to benchmarks/results/clip_methods_speed.md.
@@ -99,7 +101,8 @@ def training_step(method_name: str, weights: Path) -> Callable[[], object]:
 
     domain = create_domain("voc")
     classes = len(domain.dataset("voc2012").label_space.foreground)
-    options = {"clip_model": ARCH, "clip_weights": str(weights)} if method_name == "clims" else {}
+    clip_method = method_name in ("clims", "pole")
+    options = {"clip_model": ARCH, "clip_weights": str(weights)} if clip_method else {}
     method = create_method(method_name, **options)
     method.setup(domain, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     model = CamClassifier(classes, backbone="tf_efficientnet_lite0", weights="random")
@@ -142,7 +145,9 @@ def main() -> None:
         ]  # fmt: skip
         cam_step = median_ms(training_step("cam", weights), args.repeats)
         clims_step = median_ms(training_step("clims", weights), args.repeats)
+        pole_step = median_ms(training_step("pole", weights), args.repeats)
         rows.append(("clims", "training step, batch 8 x 224 px", clims_step))
+        rows.append(("pole", "training step, batch 8 x 224 px", pole_step))
     lines = [
         f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"\nTower: open_clip CLIP, random weights, {TOWER['layers']} blocks, {TOWER['patch_size']} px patches, "
@@ -153,7 +158,8 @@ def main() -> None:
         "|---|---|---|",
         *[f"| `{name}` | {what} | {ms:.1f} |" for name, what, ms in rows],
         f"| `cam` (reference) | training step, batch 8 x 224 px | {cam_step:.1f} |",
-        f"\nCLIMS adds {clims_step - cam_step:.1f} ms to a plain-CAM step ({clims_step / cam_step:.2f}x).",
+        f"\nCLIMS adds {clims_step - cam_step:.1f} ms to a plain-CAM step ({clims_step / cam_step:.2f}x); "
+        f"POLE's choice adds {pole_step - clims_step:.1f} ms to a CLIMS step ({pole_step / clims_step:.2f}x).",
         "\nCommand:\n",
         "```",
         shlex.join(["python", "benchmarks/clip_methods_speed.py", *sys.argv[1:]]),

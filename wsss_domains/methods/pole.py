@@ -34,6 +34,9 @@ CLIP's resize and centre crop; the official script multiplies the masked 0-255 i
 before its 8-bit conversion (overflowing) and reads it in BGR order: here the intended product of
 the RGB image and the map. The published ``clip_forward`` has the per-image branch switched off
 (a fixed synonym per class, ``--clims_texts``); the paper's method is the per-image choice built here.
+The paper's lightweight adapters (``net/resnet50_clims_adapt.py``: a bottleneck on the classifier's
+features and one on CLIP's text embeddings) are not built: the published run script trains without
+them (``--clims_network net.resnet50_clims --clims_use_adapter False``).
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ class Pole(Clims):
         "detached CAM (official: once per image before training, from the baseline run's CAM on the whole "
         "image); the masked image resized bilinearly to CLIP's input (official: CLIP's preprocessing); the "
         "official script's 8-bit overflow and BGR order not reproduced. The published clip_forward uses a "
-        "fixed synonym per class; the per-image choice of the paper is built here."
+        "fixed synonym per class; the per-image choice of the paper is built here. The paper's image and text "
+        "adapters are left out, as the published run script leaves them out."
     )
     background_template = TEMPLATE  # clip_utils.background_dict: "a photo of {word}."
 
