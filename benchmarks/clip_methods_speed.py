@@ -24,7 +24,6 @@ the machine's load, to benchmarks/results/clip_methods_speed.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from wsss_domains.clip.tiny import tiny_clip, tiny_model_config
+from wsss_domains.clip.tiny import save_tiny_clip, tiny_model_config
 from wsss_domains.domains import create_domain
 from wsss_domains.methods import create_method
 from wsss_domains.methods.base import RefineContext
@@ -62,13 +61,7 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
 
 def register_tower(folder: Path) -> Path:
     """The tower as an open_clip architecture and a random checkpoint file, as a user's would be."""
-    import open_clip
-
-    (folder / f"{ARCH}.json").write_text(json.dumps(tiny_model_config(**TOWER)))
-    open_clip.add_model_config(folder)
-    model, _ = tiny_clip(seed=0, config=tiny_model_config(**TOWER))
-    path = folder / "tower.pt"
-    torch.save(model.state_dict(), path)
+    path, _ = save_tiny_clip(folder, ARCH, seed=0, config=tiny_model_config(**TOWER))
     return path
 
 

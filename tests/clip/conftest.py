@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import json
 import socket
 
 import pytest
-import torch
 from clip_testdata import ColourSquares
 
-from wsss_domains.clip.tiny import tiny_clip, tiny_model_config
+from wsss_domains.clip.tiny import save_tiny_clip, tiny_clip
 from wsss_domains.domains.contract import ClipPrompts
 
 
@@ -58,13 +56,5 @@ def no_network(monkeypatch):
 @pytest.fixture
 def tiny_checkpoint(tmp_path, monkeypatch):
     """The tiny architecture registered with open_clip as 'wsss-tiny-test', and a saved random checkpoint."""
-    import open_clip
-
-    config_dir = tmp_path / "configs"
-    config_dir.mkdir()
-    (config_dir / "wsss-tiny-test.json").write_text(json.dumps(tiny_model_config()))
-    open_clip.add_model_config(config_dir)
-    model, _ = tiny_clip(seed=3)
-    path = tmp_path / "tiny.pt"
-    torch.save(model.state_dict(), path)
+    path, model = save_tiny_clip(tmp_path, "wsss-tiny-test", seed=3)
     return "wsss-tiny-test", path, model

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ from method_training import FAST_BACKBONE, train_steps
 
 from wsss_domains.cli import main
 from wsss_domains.clip.loading import ClipWeightsMissing, load_clip
-from wsss_domains.clip.tiny import tiny_clip, tiny_model_config
+from wsss_domains.clip.tiny import save_tiny_clip
 from wsss_domains.domains import ClipPrompts, DomainPlugin
 from wsss_domains.methods import create_method, list_methods
 from wsss_domains.methods.clims import VOC_BACKGROUND
@@ -38,15 +36,7 @@ class _Domain(DomainPlugin):
 @pytest.fixture
 def tiny_weights(tmp_path):
     """The tiny random architecture registered with open_clip and a saved checkpoint of it."""
-    import open_clip
-
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "wsss-tiny-clims.json").write_text(json.dumps(tiny_model_config()))
-    open_clip.add_model_config(configs)
-    model, _ = tiny_clip(seed=5)
-    path = tmp_path / "tiny.pt"
-    torch.save(model.state_dict(), path)
+    path, _ = save_tiny_clip(tmp_path, "wsss-tiny-clims", seed=5)
     return "wsss-tiny-clims", path
 
 

@@ -3,8 +3,6 @@ the official CLIMS loop with POLE's weights, the candidates, registration, no we
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -14,7 +12,7 @@ from method_training import train_steps
 
 from wsss_domains.cli import main
 from wsss_domains.clip.loading import ClipWeightsMissing, load_clip
-from wsss_domains.clip.tiny import tiny_clip, tiny_model_config
+from wsss_domains.clip.tiny import save_tiny_clip
 from wsss_domains.domains import ClipPrompts, DomainPlugin
 from wsss_domains.methods import create_method, list_methods
 
@@ -35,15 +33,8 @@ class _Domain(DomainPlugin):
 
 @pytest.fixture
 def tiny_weights(tmp_path):
-    import open_clip
-
-    configs = tmp_path / "configs"
-    configs.mkdir()
-    (configs / "wsss-tiny-pole.json").write_text(json.dumps(tiny_model_config()))
-    open_clip.add_model_config(configs)
-    model, _ = tiny_clip(seed=7)
-    path = tmp_path / "tiny.pt"
-    torch.save(model.state_dict(), path)
+    """The tiny random architecture registered with open_clip and a saved checkpoint of it."""
+    path, _ = save_tiny_clip(tmp_path, "wsss-tiny-pole", seed=7)
     return "wsss-tiny-pole", path
 
 

@@ -7,6 +7,8 @@ round trips, timing) are exercised by the same open_clip classes that load real 
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,3 +58,22 @@ def tiny_clip(
     return model.eval().requires_grad_(False), SimpleTokenizer(
         context_length=config["text_cfg"]["context_length"]
     )
+
+
+def save_tiny_clip(
+    folder: Path, name: str, seed: int = 0, config: dict[str, Any] | None = None
+) -> tuple[Path, torch.nn.Module]:
+    """Register the tiny architecture with open_clip as ``name`` and save a random checkpoint of it
+    under ``folder``, as a user's named model and ``--clip-weights`` file would be; returns the
+    checkpoint's path and the model."""
+    import open_clip
+
+    config = config or TINY_CONFIG
+    configs = Path(folder) / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    (configs / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(configs)
+    model, _ = tiny_clip(seed=seed, config=config)
+    path = Path(folder) / f"{name}.pt"
+    torch.save(model.state_dict(), path)
+    return path, model

@@ -48,8 +48,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from wsss_domains.methods.clims import CBS_THRESHOLD, TEMPLATE, Clims, encode_images, encode_texts
-from wsss_domains.methods.clip_methods import DEFAULT_CLIP_MODEL
+from wsss_domains.methods.clims import TEMPLATE, Clims, encode_images, encode_texts
 from wsss_domains.methods.registry import register_method
 
 SELECTION_TEMPLATE = "A photo of {}."  # clip_selection.py
@@ -97,30 +96,14 @@ class Pole(Clims):
 
     def __init__(
         self,
-        clip_model: str = DEFAULT_CLIP_MODEL,
-        clip_weights: str | None = None,
-        otm_weight: float = HYPER[0],
         btm_weight: float = HYPER[1],
-        cbs_weight: float = HYPER[2],
         reg_weight: float = HYPER[3],
-        cbs_threshold: float = CBS_THRESHOLD,
         template: str = SELECTION_TEMPLATE,
-        start_progress: float = 0.25,
-        classes: Sequence[str] | None = None,
         synonyms: Mapping[str, Sequence[str]] | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(
-            clip_model=clip_model,
-            clip_weights=clip_weights,
-            otm_weight=otm_weight,
-            btm_weight=btm_weight,
-            cbs_weight=cbs_weight,
-            reg_weight=reg_weight,
-            cbs_threshold=cbs_threshold,
-            template=template,
-            start_progress=start_progress,
-            classes=classes,
-        )
+        """POLE's own defaults where they differ from CLIMS's; CLIMS's other options pass through."""
+        super().__init__(btm_weight=btm_weight, reg_weight=reg_weight, template=template, **options)
         if synonyms is not None:
             if not isinstance(synonyms, Mapping) or not all(
                 isinstance(v, Sequence)
