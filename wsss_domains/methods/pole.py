@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from wsss_domains.domains.contract import DomainPlugin
 from wsss_domains.methods.clims import TEMPLATE, Clims, encode_images, encode_texts
 from wsss_domains.methods.registry import register_method
 
@@ -119,8 +120,12 @@ class Pole(Clims):
             synonyms = {str(k): tuple(v) for k, v in synonyms.items()}
         self.options["synonyms"] = None if synonyms is None else {k: list(v) for k, v in synonyms.items()}
         self.synonyms = synonyms
-        self._candidates: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+        self._candidates: dict[tuple[int, str], tuple[Tensor, Tensor, list[str]]] = {}
         self.last_choice: list[str] = []  # the texts chosen at the last step, pair by pair (for inspection)
+
+    def setup(self, domain: DomainPlugin, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().setup(domain, mean, std)
+        self._candidates.clear()  # another domain names other candidates
 
     def candidates(self, num_classes: int) -> list[tuple[str, ...]]:
         """Each classifier output's candidate names: the ``synonyms`` option's, else the domain's prompt names."""
@@ -143,18 +148,18 @@ class Pole(Clims):
     def candidate_features(
         self, loaded: Any, num_classes: int, device: torch.device
     ) -> tuple[Tensor, Tensor, list[str]]:
-        """Every candidate's text embedding, the class each belongs to, and the texts."""
-        candidates = self.candidates(num_classes)
-        texts = [self.template.format(n) for names in candidates for n in names]
+        """Every candidate's text embedding, the class each belongs to, and the texts (computed once)."""
         key = (num_classes, str(device))
         if key not in self._candidates:
+            candidates = self.candidates(num_classes)
+            texts = [self.template.format(n) for names in candidates for n in names]
             owner = [k for k, names in enumerate(candidates) for _ in names]
             self._candidates[key] = (
                 encode_texts(loaded.model, loaded.tokenizer, texts),
                 torch.tensor(owner, device=device),
+                texts,
             )
-        features, owner = self._candidates[key]
-        return features, owner, texts
+        return self._candidates[key]
 
     def pair_text_features(self, loaded: Any, cams: Tensor, clip_images: Tensor, pairs: Tensor) -> Tensor:
         """The chosen synonym's embedding per pair (``clip_selection.py`` on the current, detached CAM)."""
@@ -163,9 +168,8 @@ class Pole(Clims):
         features, owner, texts = self.candidate_features(loaded, cams.shape[1], cams.device)
         mean, std = (clip_images.new_tensor(v)[:, None, None] for v in clip_mean_std(loaded.model))
         with torch.no_grad():
-            pixels = (
-                clip_images[pairs[:, 0]] * std + mean
-            )  # back to [0, 1]: black outside the map, as officially
+            # Back to [0, 1], so that the map blackens what it leaves out, as officially.
+            pixels = clip_images[pairs[:, 0]] * std + mean
             maps = max_normalised_maps(cams.detach(), tuple(clip_images.shape[-2:]))[pairs[:, 0], pairs[:, 1]]
             masked = (maps.unsqueeze(1) * pixels - mean) / std
             choice = select_synonyms(encode_images(loaded.model, masked), features, owner, pairs[:, 1])
