@@ -13,7 +13,10 @@ slower). Each method is driven through the registry as the engine drives it:
 * ``clims``: one training step (forward, the engine's loss plus the CLIMS terms, backward) of the
   EfficientNet-Lite0 classifier on a batch of 8 224 px images, against the same step of plain CAM;
 * ``pole``: the same step with POLE's per-pair synonym choice (one more CLIP image pass per pair,
-  without gradient; VOC's prompt names give ``person`` three candidates, present in every image).
+  without gradient; VOC's prompt names give ``person`` three candidates, present in every image);
+* ``pbip``: one training step of PBIP (its prototype head on four stages, the per-stage losses and
+  CLIP's contrast of every contrasted sub-class's masked foreground and background), 3 random
+  prototypes per VOC class standing for those ``prepare_training`` clusters from the split.
 
 Medians of ``--repeats`` runs after one warm-up. Prints a table and appends it, with the command and
 the machine's load, to benchmarks/results/clip_methods_speed.md.
@@ -94,11 +97,14 @@ def training_step(method_name: str, weights: Path) -> Callable[[], object]:
 
     domain = create_domain("voc")
     classes = len(domain.dataset("voc2012").label_space.foreground)
-    clip_method = method_name in ("clims", "pole")
+    clip_method = method_name in ("clims", "pole", "pbip")
     options = {"clip_model": ARCH, "clip_weights": str(weights)} if clip_method else {}
     method = create_method(method_name, **options)
     method.setup(domain, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     model = CamClassifier(classes, backbone="tf_efficientnet_lite0", weights="random")
+    if method_name == "pbip":  # what prepare_training clusters from a split: 3 unit prototypes per class
+        prototypes = torch.randn(classes * 3, 32, generator=torch.Generator().manual_seed(1))
+        method.prototypes = torch.nn.functional.normalize(prototypes, dim=1)
     generator = torch.Generator().manual_seed(0)
     labels = (torch.rand(8, classes, generator=generator) < 0.15).float()
     labels[:, 14] = 1.0  # every image holds a person, so the CLIMS terms always run
@@ -107,12 +113,15 @@ def training_step(method_name: str, weights: Path) -> Callable[[], object]:
         "label": labels,
         "progress": torch.tensor(0.5),
     }
-    modules = torch.nn.ModuleDict()
+    modules = method.build_modules(model)
 
     def step() -> None:
         model.zero_grad()
-        outputs = model(batch["image"])
-        loss = torch.nn.functional.multilabel_soft_margin_loss(outputs["logits"], labels)
+        modules.zero_grad()
+        outputs = method.forward(model, modules, batch)
+        loss = method.classification_weight * torch.nn.functional.multilabel_soft_margin_loss(
+            outputs["logits"], labels
+        )
         extra = method.training_losses(model, modules, batch, outputs)
         (loss + sum(extra.values())).backward()
 
@@ -140,7 +149,9 @@ def main() -> None:
         clims_step = median_ms(training_step("clims", weights), args.repeats)
         pole_step = median_ms(training_step("pole", weights), args.repeats)
         rows.append(("clims", "training step, batch 8 x 224 px", clims_step))
+        pbip_step = median_ms(training_step("pbip", weights), args.repeats)
         rows.append(("pole", "training step, batch 8 x 224 px", pole_step))
+        rows.append(("pbip", "training step, batch 8 x 224 px", pbip_step))
     lines = [
         f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"\nTower: open_clip CLIP, random weights, {TOWER['layers']} blocks, {TOWER['patch_size']} px patches, "
@@ -152,7 +163,8 @@ def main() -> None:
         *[f"| `{name}` | {what} | {ms:.1f} |" for name, what, ms in rows],
         f"| `cam` (reference) | training step, batch 8 x 224 px | {cam_step:.1f} |",
         f"\nCLIMS adds {clims_step - cam_step:.1f} ms to a plain-CAM step ({clims_step / cam_step:.2f}x); "
-        f"POLE's choice adds {pole_step - clims_step:.1f} ms to a CLIMS step ({pole_step / clims_step:.2f}x).",
+        f"POLE's choice adds {pole_step - clims_step:.1f} ms to a CLIMS step ({pole_step / clims_step:.2f}x); "
+        f"a PBIP step costs {pbip_step / cam_step:.2f}x a plain-CAM step.",
         "\nCommand:\n",
         "```",
         shlex.join(["python", "benchmarks/clip_methods_speed.py", *sys.argv[1:]]),

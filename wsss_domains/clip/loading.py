@@ -159,6 +159,11 @@ def resolve_clip_weights(model_name: str, weights: Path | str | None) -> Path:
     return _resolve(model_name, weights)[0]
 
 
+def clip_embed_dim(model_name: str) -> int:
+    """The width of ``model_name``'s joint embedding, read from its open_clip config (no weights needed)."""
+    return int(_model_config(model_name)["embed_dim"])
+
+
 def _is_torchscript_archive(path: Path) -> bool:
     """OpenAI's original CLIP releases are TorchScript zips, which carry their own architecture."""
     if not zipfile.is_zipfile(path):

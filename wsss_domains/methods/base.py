@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.options import OptionSpec, check_options, constructor_options
@@ -100,6 +101,15 @@ class Method:
         self.domain = domain
         self.mean, self.std = tuple(mean), tuple(std)
 
+    def prepare_training(self, dataset: Dataset) -> None:
+        """Learn what the model's modules are built from, before they are built (PBIP's prototypes).
+
+        Called once per training run, after :meth:`setup` and before :meth:`build_modules`, with the
+        training split as the classifier sees it without augmentation (``image`` normalised and
+        resized, ``label`` multi-hot). State learnt here that the trained model needs must live in the
+        modules :meth:`build_modules` returns, so that a finished run loads without it.
+        """
+
     def extra_modules(self, feature_dim: int, num_classes: int) -> nn.ModuleDict:
         """Trainable parts the method adds beside the classifier (projection heads, ...)."""
         return nn.ModuleDict()
@@ -160,7 +170,7 @@ class Method:
 
 # Hooks and settings of Method that act during training: a method overriding one trains a model of
 # its own; the others (extractor, refine, ...) act only at pseudo-label time.
-TRAINING_HOOKS = ("training_losses", "extra_modules", "build_modules", "forward")
+TRAINING_HOOKS = ("training_losses", "extra_modules", "build_modules", "forward", "prepare_training")
 TRAINING_SETTINGS = ("classification_weight", "backbone_modules")
 
 

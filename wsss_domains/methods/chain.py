@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.domains.contract import DomainPlugin
@@ -100,6 +101,9 @@ class ChainedMethod(Method):
 
 class TrainedChain(ChainedMethod):
     """A chain whose first part trains: training goes through that part unchanged."""
+
+    def prepare_training(self, dataset: Dataset) -> None:
+        self.first.prepare_training(dataset)
 
     def build_modules(self, model: nn.Module) -> nn.ModuleDict:
         return self.first.build_modules(model)

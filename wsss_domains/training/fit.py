@@ -98,8 +98,10 @@ def train(
     model = build_model(config)
     method = create_method(config.method, **config.method_options)
     method.setup(domain, config.mean, config.std)
+    size = tuple(config.image_size)
+    method.prepare_training(TrainingView(dataset, domain, size, config.mean, config.std, augment=False))
     task = ClassifierTask(model, method, lr=options.lr)
-    view = TrainingView(dataset, domain, tuple(config.image_size), config.mean, config.std, augment=True)
+    view = TrainingView(dataset, domain, size, config.mean, config.std, augment=True)
     trainer = fit_task(task, view, out, options)
     if trainer.is_global_zero:
         save_model(task.model.cpu(), task.method_modules.cpu(), out)
