@@ -17,6 +17,7 @@ from wsss_domains.errors import UserError
 from wsss_domains.methods import create_method, list_methods
 from wsss_domains.models.classifier import CamClassifier
 from wsss_domains.models.stages import capture_stages
+from wsss_domains.models.weights import WeightsNotFound
 from wsss_domains.training.fit import TrainOptions, train
 from wsss_domains.training.run import RunConfig, load_run
 
@@ -326,9 +327,8 @@ def test_training_moves_the_backbone_and_prototype_head_not_the_linear_head_or_c
     assert torch.equal(task.model.head.weight, head_before)  # the linear CAM head is not PBIP's
     assert not torch.equal(task.model.backbone.conv_stem.weight, backbone_before)
     reloaded, *_ = load_clip(name, path)
-    for (key, a), b in zip(
-        method._loaded.model.state_dict().items(), reloaded.state_dict().values(), strict=True
-    ):
+    clip = method._encoder.forward.__self__
+    for (key, a), b in zip(clip.state_dict().items(), reloaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), key
 
 
@@ -380,3 +380,33 @@ def test_listed_and_fails_clearly_without_clip_weights(tmp_path, capsys):
         method.setup(_Domain(), MEAN, STD)
     with pytest.raises(ValueError, match="stage_weights"):
         create_method("pbip", stage_weights=[1.0, 1.0])
+
+
+def test_an_imagenet_cnn_can_stand_in_for_clip():
+    """``encoder=NAME``: the timm CNN's pooled features at its own input size and statistics."""
+    import timm
+
+    method = create_method("pbip", encoder="test_efficientnet", encoder_weights="random")
+    method.setup(_Domain(), MEAN, STD)
+    cnn = method._encoder.forward
+    assert not cnn.training and not any(p.requires_grad for p in cnn.parameters())
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(8))
+    config = cnn.pretrained_cfg
+    size = tuple(config["input_size"][1:])
+    mean, std = (torch.tensor(v)[:, None, None] for v in (config["mean"], config["std"]))
+    resized = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
+    expected = cnn.forward_head(cnn.forward_features((resized - mean) / std), pre_logits=True)
+    torch.testing.assert_close(method.embed(images), expected)
+    dim = timm.create_model("test_efficientnet", num_classes=0).num_features
+    samples = [
+        {"image": torch.rand(3, 32, 32), "label": torch.tensor(y)} for y in ([1.0, 0.0], [0.0, 1.0]) * 3
+    ]
+    method.prepare_training(samples)
+    assert method.prototypes.shape == (6, dim)
+    model = CamClassifier(num_classes=2, backbone=FAST_BACKBONE, weights="random")
+    modules = method.build_modules(model)
+    batch = {"image": torch.randn(2, 3, 32, 32), "label": torch.tensor([[1.0, 1.0], [1.0, 0.0]])}
+    losses = method.training_losses(model, modules, batch, method.forward(model, modules, batch))
+    assert float(losses["fg"].detach()) > 0
+    with pytest.raises(WeightsNotFound):
+        create_method("pbip", encoder="test_efficientnet").setup(_Domain(), MEAN, STD)

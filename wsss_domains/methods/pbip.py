@@ -40,11 +40,13 @@ Follows QingchenTang/PBIP:
 Deviations (also :attr:`Pbip.deviations`): the example images are the run's training images that
 carry exactly one class (official: a separate folder of example crops per class) or, for a class
 with fewer than ``k`` of those, every training image that holds it (with a warning), embedded once
-without the official random flips and rotations; CLIP is any open_clip model the user names
-(``--method-option clip_model=... clip_weights=...``; official: MedCLIP, whose 512-d embedding sets
-the adapters' input), and every image it embeds gets CLIP's mean/std normalisation after the
-official [0, 1] scaling (MedCLIP's vision model took the scaled tensor as is); images are resized
-to CLIP's input size. The backbone is the run's timm CNN: its stride-4, -8 and -16 stages and its
+without the official random flips and rotations. PBIP uses only CLIP's image side, so the
+encoder is any open_clip image tower the user names (``--clip-model``, ``--clip-weights``; official:
+MedCLIP, whose 512-d embedding sets the adapters' input) or, with ``encoder=NAME``, a timm CNN with
+the toolkit's packaged ImageNet weights (its pooled features: ImageNet prototypes, not a medical
+CLIP's — what this machine, which has no CLIP weights, can measure). Every image it embeds gets the
+encoder's mean/std normalisation after the official [0, 1] scaling (MedCLIP's vision model took the
+scaled tensor as is) and is resized to the encoder's input size. The backbone is the run's timm CNN: its stride-4, -8 and -16 stages and its
 final features stand for MiT-B1's four stages (strides 4, 8, 16, 16); a pixel whose features are
 all zero (a CNN's activation allows it, MiT's features never are) has similarity 0. The engine's optimiser and
 schedule (official: AdamW 5e-5, poly, 8 epochs, mixed precision), no best-checkpoint selection on a
@@ -79,6 +81,7 @@ STAGE_STRIDES = (4, 8, 16)  # MiT-B1 with stride [4, 2, 2, 1]; the fourth stage 
 TEMPERATURE = 0.07
 SCALE_INIT = 1 / 0.07
 PROTOTYPE_BATCH = 32
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # -- prototypes ---------------------------------------------------------------------------------
@@ -282,19 +285,71 @@ def pbip_stage_maps(
     return head.stage_maps([*captured, final])
 
 
+class PromptEncoder:
+    """The frozen image encoder whose embeddings are the prototypes and the contrasted images.
+
+    PBIP uses only CLIP's image side (official: MedCLIP's vision model), so any frozen image
+    encoder can stand in: a CLIP image tower the user brings, or an ImageNet timm CNN whose weights
+    ship with the toolkit (its globally pooled features), for machines without CLIP weights.
+    """
+
+    def __init__(
+        self, forward: Any, size: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        self.forward = forward
+        self.size = size
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @classmethod
+    def clip(cls, model_name: str, weights: str | None, device: torch.device) -> PromptEncoder:
+        from wsss_domains.clip.loading import clip_mean_std, load_clip
+
+        model = load_clip(model_name, weights, device=device).model
+        return cls(model.encode_image, _pair(model.visual.image_size), *clip_mean_std(model))
+
+    @classmethod
+    def timm(cls, name: str, weights: str, device: torch.device) -> PromptEncoder:
+        import timm
+
+        from wsss_domains.models.weights import load_backbone_weights
+
+        model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="avg")
+        load_backbone_weights(model, name, weights)
+        model.eval().requires_grad_(False).to(device)
+        config = model.pretrained_cfg
+        size = tuple(config.get("input_size", (3, 224, 224))[1:])
+        return cls(model, size, config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD))  # type: ignore[arg-type]
+
+    def __call__(self, images: Tensor) -> Tensor:
+        """Embeddings ``N x D`` of ``[0, 1]`` images (resized, normalised; gradients reach the images)."""
+        if tuple(images.shape[-2:]) != self.size:
+            images = F.interpolate(images, size=self.size, mode="bilinear", align_corners=True)
+        mean, std = (images.new_tensor(v)[:, None, None] for v in (self.mean, self.std))
+        return self.forward((images - mean) / std).float()
+
+    def to(self, device: torch.device) -> PromptEncoder:
+        if isinstance(self.forward, nn.Module):
+            self.forward.to(device)
+        elif isinstance(getattr(self.forward, "__self__", None), nn.Module):
+            self.forward.__self__.to(device)
+        return self
+
+
 @register_method
 class Pbip(Method):
     name = "pbip"
     description = (
-        "PBIP (Tang et al., CVPR 2025): k-means prototypes per class of a (medical) CLIP's embeddings of "
+        "PBIP (Tang et al., CVPR 2025): k-means prototypes per class of a (medical) CLIP's image embeddings of "
         "single-class training images, cosine-matched to four backbone stages through learned adapters; "
-        "CLIP contrasts CAM-masked images with the prototypes. Needs --clip-model and --clip-weights."
+        "the encoder contrasts CAM-masked images with them. Needs --clip-model and --clip-weights, or "
+        "--method-option encoder=tf_efficientnet_lite2 (ImageNet features instead of CLIP's)."
     )
     deviations = (
         "Example images: the run's training images with exactly one class (official: a folder of example crops "
         "per class), or every image holding the class where it has fewer than k single-class ones; embedded "
-        "once without random flips/rotations. Any open_clip model (official: MedCLIP), its "
-        "mean/std applied after the official [0, 1] scaling; images resized to CLIP's input. A timm CNN's "
+        "once without random flips/rotations. The encoder: any open_clip image tower (official: MedCLIP) or, with "
+        "encoder=NAME, a timm CNN with packaged ImageNet weights; its mean/std applied after the official [0, 1] "
+        "scaling; images resized to its input. A timm CNN's "
         "stride-4/8/16 stages and final features stand for MiT-B1's four stages (an all-zero pixel feature, "
         "which a CNN can have, matches nothing; MiT's never are). The engine's optimiser and "
         "schedule, no best-checkpoint selection. Pseudo-labels: stage maps scaled at their own resolution and "
@@ -306,6 +361,8 @@ class Pbip(Method):
         self,
         clip_model: str = DEFAULT_CLIP_MODEL,
         clip_weights: str | None = None,
+        encoder: str = "clip",
+        encoder_weights: str = "imagenet",
         prototypes_per_class: int = 3,
         adapter_ratio: float = 0.5,
         stage_weights: Sequence[float] = STAGE_WEIGHTS,
@@ -323,6 +380,8 @@ class Pbip(Method):
         super().__init__(
             clip_model=clip_model,
             clip_weights=clip_weights,
+            encoder=encoder,
+            encoder_weights=encoder_weights,
             prototypes_per_class=prototypes_per_class,
             adapter_ratio=adapter_ratio,
             stage_weights=list(stage_weights),
@@ -333,6 +392,8 @@ class Pbip(Method):
         )
         self.clip_model = clip_model
         self.clip_weights = clip_weights
+        self.encoder = encoder
+        self.encoder_weights = encoder_weights
         self.per_class = int(prototypes_per_class)
         self.ratio = float(adapter_ratio)
         self.stage_weights = tuple(float(w) for w in stage_weights)
@@ -340,36 +401,40 @@ class Pbip(Method):
         self.area_weight = float(area_weight)
         self.alpha = float(mask_alpha)
         self.temperature = float(temperature)
-        self._loaded: Any = None
+        self._encoder: PromptEncoder | None = None
         self.prototypes: Tensor | None = None  # set by prepare_training
 
     def setup(self, domain: Any, mean: Sequence[float], std: Sequence[float]) -> None:
-        from wsss_domains.clip.loading import resolve_clip_weights
-
         super().setup(domain, mean, std)
         self.prototypes = None
-        resolve_clip_weights(self.clip_model, self.clip_weights)  # fail fast, no network
+        if self.encoder == "clip":
+            from wsss_domains.clip.loading import resolve_clip_weights
 
-    def _clip(self, device: torch.device) -> Any:
-        if self._loaded is None:
-            from wsss_domains.clip.loading import load_clip
+            resolve_clip_weights(self.clip_model, self.clip_weights)  # fail fast, no network
+        else:
+            self.prompt_encoder(torch.device("cpu"))  # an unknown name or missing weights fail here
 
-            self._loaded = load_clip(self.clip_model, self.clip_weights, device=device)
-        model = self._loaded.model
-        if next(model.parameters()).device != device:
-            model.to(device)
-        return self._loaded
+    def prompt_encoder(self, device: torch.device) -> PromptEncoder:
+        """The frozen encoder of the prototypes (CLIP's image tower or a timm CNN), on ``device``."""
+        if self._encoder is None:
+            if self.encoder == "clip":
+                self._encoder = PromptEncoder.clip(self.clip_model, self.clip_weights, device)
+            else:
+                self._encoder = PromptEncoder.timm(self.encoder, self.encoder_weights, device)
+        return self._encoder.to(device)
 
     def embed(self, images: Tensor) -> Tensor:
-        """CLIP image embeddings of ``[0, 1]`` images ``N x 3 x H x W`` (gradients reach the images)."""
-        from wsss_domains.clip.loading import clip_mean_std
+        """The prompt encoder's embeddings of ``[0, 1]`` images ``N x 3 x H x W``."""
+        return self.prompt_encoder(images.device)(images)
 
-        clip = self._clip(images.device).model
-        size = _pair(clip.visual.image_size)
-        if tuple(images.shape[-2:]) != size:
-            images = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
-        mean, std = (images.new_tensor(v)[:, None, None] for v in clip_mean_std(clip))
-        return clip.encode_image((images - mean) / std).float()
+    def embed_dim(self) -> int:
+        if self.encoder == "clip":
+            from wsss_domains.clip.loading import clip_embed_dim
+
+            return clip_embed_dim(self.clip_model)
+        import timm
+
+        return int(timm.create_model(self.encoder, pretrained=False, num_classes=0).num_features)
 
     # -- prototypes from the training split -----------------------------------------------------
     @torch.no_grad()
@@ -401,9 +466,7 @@ class Pbip(Method):
     def build_modules(self, model: nn.Module) -> nn.ModuleDict:
         count = model.num_classes * self.per_class
         if self.prototypes is None:  # a finished run being loaded: the buffer comes from its method file
-            from wsss_domains.clip.loading import clip_embed_dim
-
-            prototypes = torch.zeros(count, clip_embed_dim(self.clip_model))
+            prototypes = torch.zeros(count, self.embed_dim())
         elif self.prototypes.shape[0] != count:
             raise UserError(
                 f"pbip: {self.prototypes.shape[0]} prototypes for {model.num_classes} classes x {self.per_class}"
@@ -437,8 +500,7 @@ class Pbip(Method):
         if len(pairs) == 0:  # the official loop would fail; nothing to contrast
             zero = maps.sum() * 0.0
             return {**losses, "fg": zero, "bg": zero}
-        clip = self._clip(maps.device).model
-        size = _pair(clip.visual.image_size)
+        size = self.prompt_encoder(maps.device).size
         foreground, background = masked_images(maps, batch["image"], pairs, size, self.alpha)
         prototypes = modules["pbip"].prototypes
         own = prototypes[pairs[:, 1]]
