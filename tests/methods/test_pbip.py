@@ -392,7 +392,7 @@ def test_an_imagenet_cnn_can_stand_in_for_clip():
     assert not cnn.training and not any(p.requires_grad for p in cnn.parameters())
     images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(8))
     config = cnn.pretrained_cfg
-    size = tuple(config["input_size"][1:])
+    size = (224, 224)  # the official clip_size
     mean, std = (torch.tensor(v)[:, None, None] for v in (config["mean"], config["std"]))
     resized = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
     expected = cnn.forward_head(cnn.forward_features((resized - mean) / std), pre_logits=True)

@@ -46,7 +46,8 @@ MedCLIP, whose 512-d embedding sets the adapters' input) or, with ``encoder=NAME
 the toolkit's packaged ImageNet weights (its pooled features: ImageNet prototypes, not a medical
 CLIP's — what this machine, which has no CLIP weights, can measure). Every image it embeds gets the
 encoder's mean/std normalisation after the official [0, 1] scaling (MedCLIP's vision model took the
-scaled tensor as is) and is resized to the encoder's input size. The backbone is the run's timm CNN: its stride-4, -8 and -16 stages and its
+scaled tensor as is) and is resized to the encoder's input size (a timm CNN's: the official 224
+px). The backbone is the run's timm CNN: its stride-4, -8 and -16 stages and its
 final features stand for MiT-B1's four stages (strides 4, 8, 16, 16); a pixel whose features are
 all zero (a CNN's activation allows it, MiT's features never are) has similarity 0. The engine's optimiser and
 schedule (official: AdamW 5e-5, poly, 8 epochs, mixed precision), no best-checkpoint selection on a
@@ -82,6 +83,7 @@ TEMPERATURE = 0.07
 SCALE_INIT = 1 / 0.07
 PROTOTYPE_BATCH = 32
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+ENCODER_SIZE = 224  # fgbg_feature.py: FeatureExtractor(clip_size=224)
 
 
 # -- prototypes ---------------------------------------------------------------------------------
@@ -317,8 +319,8 @@ class PromptEncoder:
         load_backbone_weights(model, name, weights)
         model.eval().requires_grad_(False).to(device)
         config = model.pretrained_cfg
-        size = tuple(config.get("input_size", (3, 224, 224))[1:])
-        return cls(model, size, config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD))  # type: ignore[arg-type]
+        size = (ENCODER_SIZE, ENCODER_SIZE)  # the official clip_size, whatever the CNN was trained at
+        return cls(model, size, config.get("mean", IMAGENET_MEAN), config.get("std", IMAGENET_STD))
 
     def __call__(self, images: Tensor) -> Tensor:
         """Embeddings ``N x D`` of ``[0, 1]`` images (resized, normalised; gradients reach the images)."""
