@@ -410,3 +410,25 @@ def test_an_imagenet_cnn_can_stand_in_for_clip():
     assert float(losses["fg"].detach()) > 0
     with pytest.raises(WeightsNotFound):
         create_method("pbip", encoder="test_efficientnet").setup(_Domain(), MEAN, STD)
+
+
+def test_checkpointed_embedding_keeps_values_and_gradients():
+    """Chunked activation checkpointing (memory) must not change the embeddings or their gradients."""
+    from wsss_domains.methods.pbip import EMBED_CHUNK
+
+    method = create_method("pbip", encoder="test_efficientnet", encoder_weights="random")
+    method.setup(_Domain(), MEAN, STD)
+    cnn = method._encoder.forward
+    images = torch.rand(EMBED_CHUNK + 3, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    direct = images.clone().requires_grad_(True)
+    config = cnn.pretrained_cfg
+    mean, std = (torch.tensor(v)[:, None, None] for v in (config["mean"], config["std"]))
+    resized = F.interpolate(direct, size=(224, 224), mode="bilinear", align_corners=True)
+    expected = cnn.forward_head(cnn.forward_features((resized - mean) / std), pre_logits=True)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(4))
+    (expected * weights).sum().backward()
+    chunked = images.clone().requires_grad_(True)
+    embedded = method.embed(chunked)
+    (embedded * weights).sum().backward()
+    torch.testing.assert_close(embedded, expected)
+    torch.testing.assert_close(chunked.grad, direct.grad)

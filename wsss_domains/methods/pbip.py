@@ -65,6 +65,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset
 
 from wsss_domains.cam.extract import CamExtractor
@@ -82,6 +83,7 @@ STAGE_STRIDES = (4, 8, 16)  # MiT-B1 with stride [4, 2, 2, 1]; the fourth stage 
 TEMPERATURE = 0.07
 SCALE_INIT = 1 / 0.07
 PROTOTYPE_BATCH = 32
+EMBED_CHUNK = 8  # contrasted images per checkpointed encoder pass
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ENCODER_SIZE = 224  # fgbg_feature.py: FeatureExtractor(clip_size=224)
 
@@ -426,8 +428,17 @@ class Pbip(Method):
         return self._encoder.to(device)
 
     def embed(self, images: Tensor) -> Tensor:
-        """The prompt encoder's embeddings of ``[0, 1]`` images ``N x 3 x H x W``."""
-        return self.prompt_encoder(images.device)(images)
+        """The prompt encoder's embeddings of ``[0, 1]`` images ``N x 3 x H x W``.
+
+        With gradients on, in chunks under activation checkpointing: each contrasted pair puts two
+        images through the encoder, and at a batch of 32 keeping every pass's activations for the
+        backward took 18 GB on the CPU; recomputing them chunk by chunk costs one more forward.
+        """
+        encoder = self.prompt_encoder(images.device)
+        if not torch.is_grad_enabled() or not images.requires_grad:
+            return encoder(images)
+        chunks = images.split(EMBED_CHUNK)
+        return torch.cat([checkpoint(encoder, chunk, use_reentrant=False) for chunk in chunks])
 
     def embed_dim(self) -> int:
         if self.encoder == "clip":
