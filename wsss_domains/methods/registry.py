@@ -37,6 +37,7 @@ BUILT_IN_MODULES = (
     "dupl",
     "label_probe",
     "lpcam",
+    "more",
     "pbip",
     "pole",
     "ppc",
