@@ -15,7 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Timer
 
-from wsss_domains.training.fit import TrainOptions, train
+from wsss_domains.training.fit import TrainOptions, train, training_device
 from wsss_domains.training.run import MODEL_FILE, RUN_FILE, RunConfig, load_run
 
 STEPS_PER_EPOCH = 3  # 6 training images, batches of 2
@@ -131,6 +131,19 @@ def test_schedule_progress_follows_a_step_budget_when_no_time_or_epoch_budget_is
     assert BudgetCosineSchedule(max_seconds=None)._progress(trainer) == pytest.approx(0.25)  # type: ignore[arg-type]
     trainer.max_steps = -1
     assert BudgetCosineSchedule(max_seconds=None)._progress(trainer) == 0.0  # type: ignore[arg-type]
+
+
+def test_training_device_is_this_process_gpu_or_the_cpu(monkeypatch):
+    """What a method's ``prepare_training`` embeds on: the run's device, the DDP rank's GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert training_device("cpu") == training_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert training_device("cuda") == torch.device("cuda", 1)
+    assert training_device("cpu") == torch.device("cpu")  # --device cpu on a GPU machine stays on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert training_device("auto") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="unknown device"):
+        training_device("tpu")
 
 
 def test_empty_training_set_is_refused(tmp_path: Path):

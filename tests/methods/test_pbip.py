@@ -353,7 +353,16 @@ class _Samples(torch.utils.data.Dataset):
         return self.items[index]
 
 
-def test_a_run_trains_from_the_split_and_reloads_without_it(tiny_weights, tmp_path):
+def test_a_run_trains_from_the_split_and_reloads_without_it(tiny_weights, tmp_path, monkeypatch):
+    from wsss_domains.methods.pbip import Pbip
+
+    devices = []
+    original = Pbip.prepare_training
+    monkeypatch.setattr(
+        Pbip,
+        "prepare_training",
+        lambda self, data, device=None: devices.append(device) or original(self, data, device),
+    )
     name, path = tiny_weights
     options = {"clip_model": name, "clip_weights": str(path), "prototypes_per_class": 2}
     config = RunConfig(domain="pbip-test", dataset="squares", classes=["bg", "red", "blue"],
@@ -361,7 +370,7 @@ def test_a_run_trains_from_the_split_and_reloads_without_it(tiny_weights, tmp_pa
                        image_size=[32, 32], mean=MEAN, std=STD, method="pbip", method_options=options)  # fmt: skip
     trainer = train(config, _Domain(), _Samples(), tmp_path / "run",
                     TrainOptions(batch_size=4, device="cpu", max_steps=2))  # fmt: skip
-    assert trainer.global_step == 2
+    assert trainer.global_step == 2 and devices == [torch.device("cpu")]  # where the run trains
     trained = trainer.lightning_module.method_modules["pbip"].prototypes
     assert trained.shape == (4, 32) and float(trained.norm(dim=1).min()) > 0.99
     _, model, modules = load_run(tmp_path / "run")  # no training split, no CLIP forward needed

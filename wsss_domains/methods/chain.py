@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -102,8 +103,8 @@ class ChainedMethod(Method):
 class TrainedChain(ChainedMethod):
     """A chain whose first part trains: training goes through that part unchanged."""
 
-    def prepare_training(self, dataset: Dataset) -> None:
-        self.first.prepare_training(dataset)
+    def prepare_training(self, dataset: Dataset, device: torch.device | None = None) -> None:
+        self.first.prepare_training(dataset, device)
 
     def build_modules(self, model: nn.Module) -> nn.ModuleDict:
         return self.first.build_modules(model)

@@ -451,7 +451,7 @@ class Pbip(Method):
 
     # -- prototypes from the training split -----------------------------------------------------
     @torch.no_grad()
-    def prepare_training(self, dataset: Dataset) -> None:
+    def prepare_training(self, dataset: Dataset, device: torch.device | None = None) -> None:
         """Embed each class's example images and cluster their embeddings into its prototypes."""
         from wsss_domains.progress import progress_bar
 
@@ -460,7 +460,7 @@ class Pbip(Method):
             raise UserError("pbip: the training split is empty")
         chosen = example_images(torch.stack(labels), self.per_class)
         used = sorted({i for rows in chosen for i in rows})
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        device = device or torch.device("cpu")
         embedded: dict[int, Tensor] = {}
         for start in progress_bar(range(0, len(used), PROTOTYPE_BATCH), desc="pbip: embedding examples"):
             batch = used[start : start + PROTOTYPE_BATCH]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
@@ -83,6 +85,16 @@ def _accelerator(device: str) -> str:
     raise ValueError(f"unknown device '{device}' (cpu, cuda, auto)")
 
 
+def training_device(device: str) -> torch.device:
+    """The device this process trains on: on a GPU, the one of its DDP rank (``LOCAL_RANK``)."""
+    accelerator = _accelerator(device)
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator == "gpu":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(accelerator)
+
+
 def train(
     config: RunConfig, domain: DomainPlugin, dataset: Dataset, out: Path, options: TrainOptions
 ) -> L.Trainer:
@@ -99,7 +111,8 @@ def train(
     method = create_method(config.method, **config.method_options)
     method.setup(domain, config.mean, config.std)
     size = tuple(config.image_size)
-    method.prepare_training(TrainingView(dataset, domain, size, config.mean, config.std, augment=False))
+    unaugmented = TrainingView(dataset, domain, size, config.mean, config.std, augment=False)
+    method.prepare_training(unaugmented, training_device(options.device))
     task = ClassifierTask(model, method, lr=options.lr)
     view = TrainingView(dataset, domain, size, config.mean, config.std, augment=True)
     trainer = fit_task(task, view, out, options)
