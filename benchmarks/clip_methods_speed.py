@@ -16,7 +16,10 @@ slower). Each method is driven through the registry as the engine drives it:
   without gradient; VOC's prompt names give ``person`` three candidates, present in every image);
 * ``pbip``: one training step of PBIP (its prototype head on four stages, the per-stage losses and
   CLIP's contrast of every contrasted sub-class's masked foreground and background), 3 random
-  prototypes per VOC class standing for those ``prepare_training`` clusters from the split.
+  prototypes per VOC class standing for those ``prepare_training`` clusters from the split;
+* ``weclip``: one decoder update of its fit (the official batch of 4 crops of 320 px: the frozen
+  tower's blocks, CLIP-ES labels refined by the decoder's affinity and PAR, both losses, backward),
+  and ``Method.refine`` of one 224 px image with three present classes after fitting.
 
 Medians of ``--repeats`` runs after one warm-up. Prints a table and appends it, with the command and
 the machine's load, to benchmarks/results/clip_methods_speed.md.
@@ -128,6 +131,33 @@ def training_step(method_name: str, weights: Path) -> Callable[[], object]:
     return step
 
 
+def weclip_calls(weights: Path) -> tuple[Callable[[], object], Callable[[], object]]:
+    """One decoder update (a fit of one step, after the switch to the decoder's affinity) and one refine."""
+    from types import SimpleNamespace
+
+    from wsss_domains.methods.fitting import FitContext
+
+    domain = create_domain("voc")
+    space = domain.dataset("voc2012").label_space
+    present = torch.tensor([float(c in PRESENT) for c in space.foreground_names])
+    generator = torch.Generator().manual_seed(0)
+    images = [
+        {"image": torch.rand(3, 360, 480, generator=generator), "label": present, "id": str(i)}
+        for i in range(4)
+    ]
+    method = create_method("weclip", clip_model=ARCH, clip_weights=str(weights), steps=1, switch=0.0)
+    method.setup(domain, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    context = FitContext(
+        dataset=images, extractor=SimpleNamespace(model=torch.nn.Linear(1, 1)), domain=domain,  # type: ignore[arg-type]
+        label_space=space, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+    )  # fmt: skip
+    image = torch.rand(3, 224, 224, generator=generator)
+    refine_context = RefineContext.of(image, present, domain, space)
+    cams = torch.rand(len(present), 224, 224)
+    method.fit(context)
+    return (lambda: method.fit(context)), (lambda: method.refine(cams, refine_context))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,6 +182,9 @@ def main() -> None:
         pbip_step = median_ms(training_step("pbip", weights), args.repeats)
         rows.append(("pole", "training step, batch 8 x 224 px", pole_step))
         rows.append(("pbip", "training step, batch 8 x 224 px", pbip_step))
+        weclip_fit, weclip_refine = weclip_calls(weights)
+        rows.append(("weclip", "decoder update, batch 4 x 320 px crops", median_ms(weclip_fit, args.repeats)))
+        rows.append(("weclip", "pseudo-label one image (3 classes)", median_ms(weclip_refine, args.repeats)))
     lines = [
         f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC",
         f"\nTower: open_clip CLIP, random weights, {TOWER['layers']} blocks, {TOWER['patch_size']} px patches, "

@@ -52,6 +52,7 @@ BUILT_IN_MODULES = (
     "sepl",
     "sipe",
     "toco",
+    "weclip",
 )
 
 
