@@ -196,6 +196,50 @@ def test_prototypes_are_the_official_cosine_kmeans_of_single_class_images(tiny_w
     assert float(torch.cdist(expected, every).min(dim=1).values.max()) > 1e-3
 
 
+def test_prototypes_from_a_folder_of_example_crops_in_the_official_layout(tiny_weights, tmp_path):
+    from PIL import Image
+
+    name, path = tiny_weights
+    clip, *_ = load_clip(name, path)
+    rng = np.random.default_rng(0)
+    root = tmp_path / "proto"
+    pixels = {}
+    for cls, count in (("tumor", 4), ("stroma", 5)):
+        (root / cls).mkdir(parents=True)
+        for i in range(count):
+            rgb = rng.integers(0, 256, size=(20 + i, 24, 3), dtype=np.uint8)  # crops of several sizes
+            Image.fromarray(rgb).save(root / cls / f"{i:02d}.png")
+            pixels[(cls, i)] = rgb
+    (root / "notes.txt").write_text("not a class")
+    method = _method(tiny_weights, examples=str(root))
+    method.prepare_training([], class_names=["tumor", "stroma"])  # the split is not read
+    expected = []
+    for cls, count in (("tumor", 4), ("stroma", 5)):
+        feats = []
+        for i in range(count):  # excract_medclip_proces.py: Normalize(MEAN, STD), min-max over the image
+            img = torch.from_numpy(pixels[(cls, i)]).permute(2, 0, 1).float() / 255
+            img = (img - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+            img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+            size = clip.visual.image_size
+            img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=True)
+            feats.append(_vision_model(clip)(img)[0].numpy())
+        array = np.array(feats, dtype=np.float64)
+        array /= np.linalg.norm(array, axis=1, keepdims=True)
+        expected.append(official_kmeans(array.copy(), K))
+    torch.testing.assert_close(
+        method.prototypes, torch.from_numpy(np.concatenate(expected)).float(), rtol=1e-4, atol=1e-5
+    )
+
+    with pytest.raises(UserError, match="no subfolder 'normal'.*found: stroma, tumor"):
+        method.prepare_training([], class_names=["tumor", "normal"])
+    with pytest.raises(UserError, match="holds 4 images, fewer than prototypes_per_class=5"):
+        _method(tiny_weights, examples=str(root), prototypes_per_class=5).prepare_training(
+            [], class_names=["tumor"]
+        )
+    with pytest.raises(UserError, match="does not exist"):
+        _method(tiny_weights, examples=str(tmp_path / "nowhere"))
+
+
 def test_kmeans_with_real_clusters_matches_the_official_one():
     from wsss_domains.methods.pbip import cosine_kmeans
 
@@ -361,7 +405,9 @@ def test_a_run_trains_from_the_split_and_reloads_without_it(tiny_weights, tmp_pa
     monkeypatch.setattr(
         Pbip,
         "prepare_training",
-        lambda self, data, device=None: devices.append(device) or original(self, data, device),
+        lambda self, data, device=None, class_names=None: (
+            devices.append((device, class_names)) or original(self, data, device, class_names)
+        ),
     )
     name, path = tiny_weights
     options = {"clip_model": name, "clip_weights": str(path), "prototypes_per_class": 2}
@@ -370,7 +416,9 @@ def test_a_run_trains_from_the_split_and_reloads_without_it(tiny_weights, tmp_pa
                        image_size=[32, 32], mean=MEAN, std=STD, method="pbip", method_options=options)  # fmt: skip
     trainer = train(config, _Domain(), _Samples(), tmp_path / "run",
                     TrainOptions(batch_size=4, device="cpu", max_steps=2))  # fmt: skip
-    assert trainer.global_step == 2 and devices == [torch.device("cpu")]  # where the run trains
+    assert trainer.global_step == 2 and devices == [
+        (torch.device("cpu"), ["red", "blue"])
+    ]  # where the run trains
     trained = trainer.lightning_module.method_modules["pbip"].prototypes
     assert trained.shape == (4, 32) and float(trained.norm(dim=1).min()) > 0.99
     _, model, modules = load_run(tmp_path / "run")  # no training split, no CLIP forward needed

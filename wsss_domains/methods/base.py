@@ -102,14 +102,17 @@ class Method:
         self.domain = domain
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def prepare_training(self, dataset: Dataset, device: torch.device | None = None) -> None:
+    def prepare_training(
+        self, dataset: Dataset, device: torch.device | None = None, class_names: Sequence[str] | None = None
+    ) -> None:
         """Learn what the model's modules are built from, before they are built (PBIP's prototypes).
 
         Called once per training run, after :meth:`setup` and before :meth:`build_modules`, with the
         training split as the classifier sees it without augmentation (``image`` normalised and
-        resized, ``label`` multi-hot) and the device the run trains on (this process's GPU under DDP;
-        ``None``: the CPU). State learnt here that the trained model needs must live in the modules
-        :meth:`build_modules` returns, so that a finished run loads without it.
+        resized, ``label`` multi-hot), the device the run trains on (this process's GPU under DDP;
+        ``None``: the CPU) and the names of the classifier's outputs in order (``None`` where unknown).
+        State learnt here that the trained model needs must live in the modules :meth:`build_modules`
+        returns, so that a finished run loads without it.
         """
 
     def extra_modules(self, feature_dim: int, num_classes: int) -> nn.ModuleDict:

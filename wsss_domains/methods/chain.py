@@ -103,8 +103,10 @@ class ChainedMethod(Method):
 class TrainedChain(ChainedMethod):
     """A chain whose first part trains: training goes through that part unchanged."""
 
-    def prepare_training(self, dataset: Dataset, device: torch.device | None = None) -> None:
-        self.first.prepare_training(dataset, device)
+    def prepare_training(
+        self, dataset: Dataset, device: torch.device | None = None, class_names: Sequence[str] | None = None
+    ) -> None:
+        self.first.prepare_training(dataset, device, class_names)
 
     def build_modules(self, model: nn.Module) -> nn.ModuleDict:
         return self.first.build_modules(model)

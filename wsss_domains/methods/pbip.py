@@ -37,10 +37,11 @@ Follows QingchenTang/PBIP:
 * ``utils/validate.py: generate_cam``: per stage the softmax-merged maps, ReLU, min-max scaled per
   class, upsampled; ``0.3·map_2 + 0.3·map_3 + 0.4·map_4``.
 
-Deviations (also :attr:`Pbip.deviations`): the example images are the run's training images that
-carry exactly one class (official: a separate folder of example crops per class) or, for a class
-with fewer than ``k`` of those, every training image that holds it (with a warning), embedded once
-without the official random flips and rotations. PBIP uses only CLIP's image side, so the
+Deviations (also :attr:`Pbip.deviations`): by default the example images are the run's training
+images that carry exactly one class (official: a separate folder of example crops per class, which
+``examples=DIR`` reads in the official layout ``DIR/<class name>/*.png``) or, for a class with fewer
+than ``k`` of those, every training image that holds it (with a warning), embedded once without the
+official random flips and rotations (and read as RGB: the official script's OpenCV read gives BGR). PBIP uses only CLIP's image side, so the
 encoder is any open_clip image tower the user names (``--clip-model``, ``--clip-weights``; official:
 MedCLIP, whose 512-d embedding sets the adapters' input) or, with ``encoder=NAME``, a timm CNN with
 the toolkit's packaged ImageNet weights (its pooled features: ImageNet prototypes, not a medical
@@ -59,6 +60,7 @@ input size); the fused map is then scaled by its maximum per class like every CA
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -158,6 +160,29 @@ def example_images(labels: Tensor, per_class: int) -> list[list[int]]:
 
 
 # -- the prototype classifier -------------------------------------------------------------------
+def example_files(root: Path, class_names: Sequence[str], per_class: int) -> list[list[Path]]:
+    """Per class, the image files of ``root/<class name>/`` (sorted); a clear error for a missing or
+    too small folder."""
+    from wsss_domains.segmentation.writer import IMAGE_SUFFIXES
+
+    found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    files = []
+    for name in class_names:
+        folder = root / name
+        if not folder.is_dir():
+            raise UserError(
+                f"pbip: examples folder {root} has no subfolder '{name}' (one per class: "
+                f"{', '.join(class_names)}; found: {', '.join(found) or 'none'})"
+            )
+        paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if len(paths) < per_class:
+            raise UserError(
+                f"pbip: {folder} holds {len(paths)} images, fewer than prototypes_per_class={per_class}"
+            )
+        files.append(paths)
+    return files
+
+
 class AdaptiveLayer(nn.Sequential):
     """``model.py: AdaptiveLayer``: a two-layer MLP from CLIP's embedding to a stage's width."""
 
@@ -346,11 +371,13 @@ class Pbip(Method):
         "PBIP (Tang et al., CVPR 2025): k-means prototypes per class of a (medical) CLIP's image embeddings of "
         "single-class training images, cosine-matched to four backbone stages through learned adapters; "
         "the encoder contrasts CAM-masked images with them. Needs --clip-model and --clip-weights, or "
-        "--method-option encoder=tf_efficientnet_lite2 (ImageNet features instead of CLIP's)."
+        "--method-option encoder=tf_efficientnet_lite2 (ImageNet features instead of CLIP's); "
+        "examples=DIR clusters the prototypes from DIR/<class>/ images (the official curated crops)."
     )
     deviations = (
         "Example images: the run's training images with exactly one class (official: a folder of example crops "
-        "per class), or every image holding the class where it has fewer than k single-class ones; embedded "
+        "per class, read with examples=DIR), or every image holding the class where it has fewer than k "
+        "single-class ones; read as RGB (official: OpenCV's BGR); embedded "
         "once without random flips/rotations. The encoder: any open_clip image tower (official: MedCLIP) or, with "
         "encoder=NAME, a timm CNN with packaged ImageNet weights; its mean/std applied after the official [0, 1] "
         "scaling; images resized to its input. A timm CNN's "
@@ -374,6 +401,7 @@ class Pbip(Method):
         area_weight: float = AREA_WEIGHT,
         mask_alpha: float = 0.5,
         temperature: float = TEMPERATURE,
+        examples: str | None = None,
     ) -> None:
         if prototypes_per_class < 1:
             raise ValueError(f"pbip: prototypes_per_class must be >= 1, got {prototypes_per_class}")
@@ -393,6 +421,7 @@ class Pbip(Method):
             area_weight=area_weight,
             mask_alpha=mask_alpha,
             temperature=temperature,
+            examples=examples,
         )
         self.clip_model = clip_model
         self.clip_weights = clip_weights
@@ -405,12 +434,15 @@ class Pbip(Method):
         self.area_weight = float(area_weight)
         self.alpha = float(mask_alpha)
         self.temperature = float(temperature)
+        self.examples = None if examples is None else Path(examples).expanduser()
         self._encoder: PromptEncoder | None = None
         self.prototypes: Tensor | None = None  # set by prepare_training
 
     def setup(self, domain: Any, mean: Sequence[float], std: Sequence[float]) -> None:
         super().setup(domain, mean, std)
         self.prototypes = None
+        if self.examples is not None and not self.examples.is_dir():
+            raise UserError(f"pbip: examples folder {self.examples} does not exist")
         if self.encoder == "clip":
             from wsss_domains.clip.loading import resolve_clip_weights
 
@@ -451,16 +483,21 @@ class Pbip(Method):
 
     # -- prototypes from the training split -----------------------------------------------------
     @torch.no_grad()
-    def prepare_training(self, dataset: Dataset, device: torch.device | None = None) -> None:
+    def prepare_training(
+        self, dataset: Dataset, device: torch.device | None = None, class_names: Sequence[str] | None = None
+    ) -> None:
         """Embed each class's example images and cluster their embeddings into its prototypes."""
         from wsss_domains.progress import progress_bar
 
+        device = device or torch.device("cpu")
+        if self.examples is not None:
+            self.prototypes = self.folder_prototypes(self.examples, class_names, device)
+            return
         labels = [dataset[i]["label"] > 0.5 for i in range(len(dataset))]  # type: ignore[arg-type]
         if not labels:
             raise UserError("pbip: the training split is empty")
         chosen = example_images(torch.stack(labels), self.per_class)
         used = sorted({i for rows in chosen for i in rows})
-        device = device or torch.device("cpu")
         embedded: dict[int, Tensor] = {}
         for start in progress_bar(range(0, len(used), PROTOTYPE_BATCH), desc="pbip: embedding examples"):
             batch = used[start : start + PROTOTYPE_BATCH]
@@ -472,6 +509,29 @@ class Pbip(Method):
             features /= np.linalg.norm(features, axis=1, keepdims=True)
             centres.append(torch.from_numpy(cosine_kmeans(features, self.per_class)))
         self.prototypes = torch.cat(centres).float()
+
+    def folder_prototypes(
+        self, root: Path, class_names: Sequence[str] | None, device: torch.device
+    ) -> Tensor:
+        """Prototypes from the official layout, ``root/<class name>/<image files>``: each image normalised
+        with the run's mean and std, scaled to [0, 1] as a whole, embedded; k-means per class."""
+        from wsss_domains.data.io import read_rgb
+        from wsss_domains.progress import progress_bar
+        from wsss_domains.training.data import normalize
+
+        if class_names is None:
+            raise UserError("pbip: examples=DIR needs the run's class names (pass them to prepare_training)")
+        files = example_files(root, class_names, self.per_class)
+        centres = []
+        for name, paths in zip(class_names, files, strict=True):
+            features = []
+            for path in progress_bar(paths, desc=f"pbip: embedding {name} examples", unit="img"):
+                image = normalize(read_rgb(path), self.mean, self.std)[None].to(device)
+                features.append(self.embed(minmax_whole(image))[0].cpu())
+            array = torch.stack(features).double().numpy()
+            array /= np.linalg.norm(array, axis=1, keepdims=True)
+            centres.append(torch.from_numpy(cosine_kmeans(array, self.per_class)))
+        return torch.cat(centres).float()
 
     def stages(self, model: nn.Module) -> list[int]:
         return [stage_at_stride(model.backbone, s) for s in STAGE_STRIDES]

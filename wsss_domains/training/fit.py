@@ -112,7 +112,7 @@ def train(
     method.setup(domain, config.mean, config.std)
     size = tuple(config.image_size)
     unaugmented = TrainingView(dataset, domain, size, config.mean, config.std, augment=False)
-    method.prepare_training(unaugmented, training_device(options.device))
+    method.prepare_training(unaugmented, training_device(options.device), class_names=list(config.foreground))
     task = ClassifierTask(model, method, lr=options.lr)
     view = TrainingView(dataset, domain, size, config.mean, config.std, augment=True)
     trainer = fit_task(task, view, out, options)
