@@ -139,7 +139,7 @@ def main() -> None:
     p.add_argument("--segmenter-minutes", type=float, default=15.0)
     p.add_argument("--method", help="pseudo-labelling method (default: the domain's recipe)")
     p.add_argument(
-        "--seg-training", default="cross-entropy", help="segmenter training: cross-entropy or beco"
+        "--seg-training", default="cross-entropy", help="segmenter training: cross-entropy, beco or carb"
     )
     p.add_argument(
         "--seg-rounds",

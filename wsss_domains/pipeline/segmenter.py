@@ -53,8 +53,9 @@ class SegmenterSettings(TrainOptions):
     scale: float = 1.0
     training: str = setting(
         DEFAULT_TRAINING,
-        help="cross-entropy on the pseudo-labels, or beco: two co-trained networks, confident pixels from the"
-        " pseudo-labels' CAMs (written by pseudo-labels --save-cams)",
+        help="cross-entropy on the pseudo-labels; beco: two co-trained networks, confident pixels from the"
+        " pseudo-labels' CAMs (written by pseudo-labels --save-cams); carb: after a third of the budget, the"
+        " pixels where the segmenter agrees with the pseudo-label and those where it does not, balanced",
         choices=tuple(TRAINING_METHODS),
     )
     rounds: int = setting(

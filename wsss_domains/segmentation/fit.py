@@ -66,6 +66,10 @@ def train_segmenter(
         task: SegmenterTask = BecoTask(
             model, label_space.num_classes, label_space.ignore_index, **optimisation
         )
+    elif config.training == "carb":
+        from wsss_domains.segmentation.carb import CarbTask
+
+        task = CarbTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
     else:
         task = SegmenterTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
     view = SegmentationView(

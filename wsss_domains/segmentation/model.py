@@ -38,6 +38,9 @@ TRAINING_METHODS = {
     "beco": "BECO (Rong et al., CVPR 2023): two co-trained networks, cross-entropy on each class's confident"
     " half of pixels (CAM top-two margin), cross-supervision elsewhere, ClassMix with online labels and"
     " up-weighted pasted boundaries; needs the pseudo-labels' CAMs",
+    "carb": "CARB (Kim et al., AAAI 2024): cross-entropy, then after a third of the budget the pixels where the"
+    " segmenter agrees with the pseudo-label and those where it disagrees as two losses, the second weighted"
+    " adaptively by their ratio",
 }
 DEFAULT_TRAINING = "cross-entropy"
 

@@ -1,0 +1,126 @@
+"""CARB's segmenter loss against a transcription of the official ``CARBHead.losses``, and through ``segment``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import fakes
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
+from wsss_domains.cli import main
+from wsss_domains.segmentation.carb import CarbOptions, CarbTask
+
+IGNORE = 255
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fake_domain() -> Iterator[None]:
+    fakes.register()
+    yield
+    fakes.unregister()
+
+
+class OfficialCarb:
+    """``carb_head.py: CARBHead.losses`` after the warm-up, the global view only (no CLIP patch),
+    ``adaptive=True``, ``queue_size=5``; ``masked_cross_entropy`` is a mean cross-entropy."""
+
+    def __init__(self, coeff: float = 1.0, queue_size: int = 5) -> None:
+        self.coeff = coeff
+        self.queue_size = queue_size
+        self.and_losses = torch.zeros(queue_size)
+        self.vit_losses = torch.zeros(queue_size)
+        self._iter_counter = 0
+
+    def __call__(
+        self, seg_logit: torch.Tensor, seg_label: torch.Tensor, img_label: torch.Tensor
+    ) -> torch.Tensor:
+        self._iter_counter += 1  # CARBHead.forward counts before the losses
+        with torch.no_grad():
+            gt_self = seg_logit * img_label.unsqueeze(-1).unsqueeze(-1)
+            gt_self = gt_self.argmax(dim=1)
+            label_and = seg_label.clone()
+            label_vit = seg_label.clone()
+            label_and[seg_label != gt_self] = 255
+            label_vit[seg_label == gt_self] = 255
+        loss_and = F.cross_entropy(seg_logit, label_and, ignore_index=255)
+        loss_vit = F.cross_entropy(seg_logit, label_vit, ignore_index=255)
+        with torch.no_grad():
+            self.and_losses[self._iter_counter % self.queue_size] = loss_and
+            self.vit_losses[self._iter_counter % self.queue_size] = loss_vit
+            coeff_loss = self.coeff * self.and_losses.mean() / self.vit_losses.mean()
+        return loss_and + loss_vit * coeff_loss
+
+
+def image_labels(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    out = torch.zeros(labels.shape[0], classes)
+    for i in range(labels.shape[0]):
+        for c in range(classes):
+            if (labels[i] == c).any():
+                out[i, c] = 1
+    return out
+
+
+def test_balanced_loss_and_adaptive_weight_follow_the_official_head():
+    torch.manual_seed(0)
+    task = CarbTask(nn.Identity(), num_classes=4, ignore_index=IGNORE)
+    official = OfficialCarb()
+    for _ in range(8):
+        logits = torch.randn(2, 4, 6, 7, requires_grad=True)
+        labels = torch.randint(0, 3, (2, 6, 7))  # class 3 absent everywhere
+        labels[0, :2] = IGNORE
+        want = official(logits, labels, image_labels(labels, 4))
+        task.step_count += 1
+        got, logged = task.carb_loss(logits, labels)
+        torch.testing.assert_close(got, want)
+        assert 0 < logged["agreeing_fraction"] < 1
+    assert task.coeff_loss != 1.0  # the queues moved the weight
+
+
+def test_an_absent_class_logit_is_zeroed_not_removed_as_officially():
+    task = CarbTask(nn.Identity(), num_classes=3, ignore_index=IGNORE, options=CarbOptions(adaptive=False))
+    logits = torch.full((1, 3, 2, 2), -1.0)
+    logits[:, 0] = -0.5  # the only present class, but below the absent classes' zeroed logits
+    labels = torch.zeros(1, 2, 2, dtype=torch.long)
+    loss, logged = task.carb_loss(logits, labels)
+    assert logged["agreeing_fraction"] == 0.0  # argmax(logits * present) is an absent class everywhere
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))  # all in the weighted term, c = 1
+
+
+def test_plain_cross_entropy_until_the_warm_up_ends():
+    torch.manual_seed(1)
+    conv = nn.Conv2d(3, 3, 1)
+    task = CarbTask(conv, num_classes=3, ignore_index=IGNORE)
+    task.log = lambda *args, **kwargs: None  # no trainer attached
+    images = torch.randn(2, 3, 5, 5)
+    labels = torch.randint(0, 3, (2, 5, 5))
+    batch = {"image": images, "mask": labels}
+    torch.testing.assert_close(task.training_step(batch, 0), F.cross_entropy(conv(images), labels))
+    task.training_progress = 0.5
+    expected = OfficialCarb()
+    expected._iter_counter = 1  # the first step counted already
+    torch.testing.assert_close(
+        task.training_step(batch, 1), expected(conv(images), labels, image_labels(labels, 3))
+    )
+
+
+FAST = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32", "--batch-size", "2"]
+FAST += ["--max-steps", "2", "--device", "cpu", "--no-progress"]
+
+
+def test_segment_with_carb_logs_its_weight(tmp_path: Path):
+    root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=2)
+    run, pl, seg = tmp_path / "run", tmp_path / "pl", tmp_path / "seg"
+    assert main(["train", "--domain", fakes.FAKE_DOMAIN, "--data", str(root), "--out", str(run), *FAST]) == 0
+    args = ["pseudo-labels", "--run", run, "--data", root, "--split", "train", "--out", pl, "--no-progress"]
+    assert main([str(a) for a in args]) == 0
+    args = ["segment", "--run", run, "--pseudo-labels", pl, "--data", root, "--split", "train", "--out", seg]
+    args += ["--arch", "fpn", "--encoder-weights", "random", "--seg-batch-size", "2", "--max-steps", "4"]
+    assert main([str(a) for a in [*args, "--seg-training", "carb", "--device", "cpu", "--no-progress"]]) == 0
+    assert json.loads((seg / "segmenter.json").read_text())["training"] == "carb"
+    assert "train/coeff" in (seg / "logs" / "metrics.csv").read_text()
