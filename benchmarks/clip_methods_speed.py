@@ -10,6 +10,7 @@ slower). Each method is driven through the registry as the engine drives it:
   classes in one backward, class-aware attention refinement), text embeddings kept across images;
 * ``clip-es-learned``: the same with a CoOp-style ``PromptLearner`` (4 context tokens) as the text
   source, as a learned-prompt artefact gives;
+* ``maskclip``: ``Method.refine`` of the same image (one pass of the tower, the last block on its values);
 * ``clims``: one training step (forward, the engine's loss plus the CLIMS terms, backward) of the
   EfficientNet-Lite0 classifier on a batch of 8 224 px images, against the same step of plain CAM;
 * ``pole``: the same step with POLE's per-pair synonym choice (one more CLIP image pass per pair,
@@ -174,6 +175,7 @@ def main() -> None:
         rows = [
             ("clip-es", "pseudo-label one image (3 classes)", median_ms(clip_es_refine("clip-es", weights, False), args.repeats)),
             ("clip-es-learned", "pseudo-label one image (3 classes)", median_ms(clip_es_refine("clip-es-learned", weights, True), args.repeats)),
+            ("maskclip", "pseudo-label one image (3 classes)", median_ms(clip_es_refine("maskclip", weights, False), args.repeats)),
         ]  # fmt: skip
         cam_step = median_ms(training_step("cam", weights), args.repeats)
         clims_step = median_ms(training_step("clims", weights), args.repeats)

@@ -115,3 +115,54 @@ class ClipEsLearned(ClipEs):
             learned = load_learned_prompts(name, loaded.model, loaded.tokenizer, domain=domain.name)
             self._text[key] = FrozenText(learned)  # fixed while pseudo-labelling: encode each class once
         return self._text[key]
+
+
+@register_method
+class MaskClip(ClipEs):
+    name = "maskclip"
+    description = (
+        "MaskCLIP dense CLIP labels (the value path of the last block, projected, cosine with each present "
+        "class's text; softmax with logit scale over the present classes and background words), the "
+        "pseudo-labels CARB starts from; needs --clip-model and --clip-weights."
+    )
+    deviations = (
+        "Official (CARB's gen_clip_mask): the arg-max of cosine x image labels over all classes, so where every "
+        "present class's cosine is negative an absent class wins; here the maps are a softmax (logit scale) over "
+        "the present classes and the domain's background words, so the engine's arg-max and background rule "
+        "apply. Prompts are the domain's (official: CLIP's ImageNet templates)."
+    )
+
+    def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
+        import math
+
+        from torch.nn import functional as F
+
+        from wsss_domains.clip.maskclip import dense_features
+        from wsss_domains.clip.vit import patch_size, prepare_pixels, vision_transformer
+
+        keep = context.present.bool()
+        if not keep.any():
+            return cams
+        label_space = context.label_space
+        loaded = self._clip(cams.device)
+        visual = vision_transformer(loaded.model)
+        image = context.prepared if context.prepared is not None else context.image
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        ph, pw = patch_size(visual)
+        size = (math.ceil(height / ph) * ph, math.ceil(width / pw) * pw)
+        features, _ = dense_features(visual, prepare_pixels(loaded.model, image, size))
+        names = [label_space.foreground_names[i] for i in torch.nonzero(keep).flatten().tolist()]
+        text = self.text_source(loaded, context.domain, label_space)
+        with torch.no_grad():
+            rows = text.foreground(names).float()
+            background = text.background()
+            if background.numel():
+                rows = torch.cat([rows, background.float()])
+        rows = F.normalize(rows, dim=-1).to(features.device)
+        scores = torch.einsum("bchw,kc->bkhw", features, rows)
+        # Resized before the softmax, as the official cosines are before their arg-max.
+        scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)
+        probs = (loaded.model.logit_scale.exp().float() * scores).softmax(1)[0, : len(names)]
+        out = cams.clone()
+        out[keep] = probs.to(out.dtype).to(out.device)
+        return out
