@@ -13,7 +13,18 @@ from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 # The segmenter's network options, shared with `run` (where --batch-size and --lr are the classifier's).
 SEGMENTER_NETWORK = SettingsArguments(
     SegmenterSettings,
-    ("arch", "encoder", "weights", "crop_size", "training", "rounds", "batch_size", "lr"),
+    (
+        "arch",
+        "encoder",
+        "weights",
+        "crop_size",
+        "training",
+        "carb_clip_model",
+        "carb_clip_weights",
+        "rounds",
+        "batch_size",
+        "lr",
+    ),  # fmt: skip
     flags={
         "weights": "--encoder-weights",
         "training": "--seg-training",

@@ -55,7 +55,8 @@ class SegmenterSettings(TrainOptions):
         DEFAULT_TRAINING,
         help="cross-entropy on the pseudo-labels; beco: two co-trained networks, confident pixels from the"
         " pseudo-labels' CAMs (written by pseudo-labels --save-cams); carb: after a third of the budget, the"
-        " pixels where the segmenter agrees with the pseudo-label and those where it does not, balanced",
+        " pixels where the segmenter agrees with the pseudo-label and those where it does not, balanced (with"
+        " --carb-clip-model, also MaskCLIP labels of a random upscaled patch)",
         choices=tuple(TRAINING_METHODS),
     )
     rounds: int = setting(
@@ -63,6 +64,11 @@ class SegmenterSettings(TrainOptions):
         help="training rounds: from the second on, the previous round's predictions of its training images"
         " (restricted to each image's labels) are the labels; each round trains for the whole budget",
     )
+    carb_clip_model: str | None = setting(
+        None,
+        help="carb: the CLIP architecture whose MaskCLIP labels of a random upscaled patch add CARB's local view",
+    )
+    carb_clip_weights: str | None = setting(None, help="carb: that CLIP's local checkpoint file")
     batch_size: int = setting(8, help="crops per training batch")
     lr: float = setting(1e-3, help="decoder learning rate (encoder: 0.1x)")
     seed: int = setting(0, help="random seed")
@@ -81,6 +87,12 @@ class SegmenterSettings(TrainOptions):
             raise UserError(f"--crop-size must be a positive multiple of {STRIDE}, got {self.crop_size}")
         if not self.scale > 0:
             raise UserError(f"--scale must be positive, got {self.scale}")
+        if self.carb_clip_model is not None:
+            if self.training != "carb":
+                raise UserError("--carb-clip-model is for --seg-training carb")
+            from wsss_domains.clip.loading import resolve_clip_weights
+
+            resolve_clip_weights(self.carb_clip_model, self.carb_clip_weights)  # before anything trains
 
 
 def default_crop(run: RunConfig, training: PseudoLabelledDataset, scale: float) -> tuple[int, int]:
@@ -210,7 +222,9 @@ def _fit_round(
         training,
         Path(out),
         options,
-        SegmenterTraining(lr=settings.lr),
+        SegmenterTraining(
+            lr=settings.lr, clip_model=settings.carb_clip_model, clip_weights=settings.carb_clip_weights
+        ),
         validation=validation,
     )
     return config

@@ -28,6 +28,9 @@ class SegmenterTraining:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     encoder_lr_mult: float = 0.1
+    # CARB's local view: the CLIP whose MaskCLIP labels supervise a random upscaled patch (None: without it).
+    clip_model: str | None = None
+    clip_weights: str | None = None
 
 
 def train_segmenter(
@@ -67,9 +70,14 @@ def train_segmenter(
             model, label_space.num_classes, label_space.ignore_index, **optimisation
         )
     elif config.training == "carb":
-        from wsss_domains.segmentation.carb import CarbTask
+        from wsss_domains.segmentation.carb import CarbTask, local_view
 
-        task = CarbTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
+        view_of_clip = None
+        if training.clip_model is not None:
+            view_of_clip = local_view(training.clip_model, training.clip_weights, domain, label_space, config)
+        task = CarbTask(
+            model, label_space.num_classes, label_space.ignore_index, local_view=view_of_clip, **optimisation
+        )
     else:
         task = SegmenterTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
     view = SegmentationView(

@@ -40,7 +40,7 @@ TRAINING_METHODS = {
     " up-weighted pasted boundaries; needs the pseudo-labels' CAMs",
     "carb": "CARB (Kim et al., AAAI 2024): cross-entropy, then after a third of the budget the pixels where the"
     " segmenter agrees with the pseudo-label and those where it disagrees as two losses, the second weighted"
-    " adaptively by their ratio",
+    " adaptively by their ratio; with a CLIP, also MaskCLIP labels of a random upscaled patch (its local view)",
 }
 DEFAULT_TRAINING = "cross-entropy"
 
