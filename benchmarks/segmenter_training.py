@@ -1,0 +1,147 @@
+"""Segmenter training choices compared on the same held-out jobs: the job's own pseudo-labels, another loss.
+
+For every fold and seed that ``heldout.py`` ran, the job's segmenter recipe (architecture, crop,
+encoder weights, budget, seed) trains again on the job's own pseudo-labels of its training split,
+with ``--training`` (``carb``, ``beco``, ``cross-entropy``) instead of the job's, and segments the
+held-out fold without labels. Classifier and pseudo-labels are shared, so the two columns differ
+only by the segmenter's training; the pooled mIoU and its spread over seeds say whether the choice
+helps by more than the noise.
+
+    python benchmarks/heldout.py --preset histo --seeds 0,1 --classifier-minutes 10 --segmenter-minutes 10
+    python benchmarks/segmenter_training.py --preset histo --seeds 0,1 --training carb --segmenter-minutes 10
+
+A finished comparison (its ``segmenter-<training>/report.json`` in the job) is reused when re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from heldout import DATA_ROOT, PRESETS, ROOT, SEGMENTER, mean_spread, pooled_miou, splits  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
+
+
+def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, training: str, minutes: float,
+            seed: int) -> dict:  # fmt: skip
+    """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``."""
+    from wsss_domains.pipeline.evaluate import evaluate_split
+    from wsss_domains.pipeline.predict import predict_split
+    from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
+    from wsss_domains.training.run import RunConfig
+
+    out = job / f"segmenter-{training}"
+    done = out / "report.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    preset = PRESETS[preset_name]
+    config = RunConfig.load(job / "classifier")
+    patch = config.patch_size
+    options = (
+        {"labels_from_masks": True, "patch_size": tuple(patch)} if config.labels_from_masks and patch else {}
+    )
+    saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
+    settings = SegmenterSettings(
+        **{**saved, "training": training, "rounds": 1, "max_minutes": minutes, "seed": seed}
+    )
+    load = list(os.getloadavg())
+    start = time.perf_counter()
+    fit_segmenter(job / "classifier", job / "pseudo-labels" / "train", data, out / "segmenter", split=train,
+                  dataset=preset.dataset, dataset_options=options, settings=settings)  # fmt: skip
+    predict_split(out / "segmenter", data, out / "predictions", split=test, dataset=preset.dataset)
+    evaluation = evaluate_split(preset.domain, preset.dataset, data, test, out / "predictions").to_dict()
+    result = {
+        "evaluation": evaluation,
+        "seconds": round(time.perf_counter() - start, 1),
+        "load_at_start": load,
+    }
+    done.write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(PRESETS), required=True)
+    p.add_argument(
+        "--training", required=True, help="the segmenter training to compare: carb, beco, cross-entropy"
+    )
+    p.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    p.add_argument("--jobs", type=Path, help="heldout.py's output folder (default: runs/heldout-<preset>)")
+    p.add_argument("--folds", type=int, help="number of folds (default: the preset's)")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--segmenter-minutes", type=float, default=10.0)
+    p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1)")
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+
+    from wsss_domains.progress import progress_bars
+
+    preset = PRESETS[args.preset]
+    data = args.data_root / preset.path
+    jobs = args.jobs or ROOT / "runs" / f"heldout-{args.preset}"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    other = f"segmenter trained with {args.training}"
+    rows = []
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    chosen = splits(preset, args.folds or preset.folds)
+    if args.only:
+        chosen = [c for c in chosen if c[0] in args.only.split(",")]
+    for name, train, test in chosen:
+        for seed in seeds:
+            job = jobs / f"{name}-seed{seed}"
+            if not (job / "report.json").is_file():
+                sys.exit(f"{job}: no finished heldout.py job here; run heldout.py first (or name --jobs)")
+            report = json.loads((job / "report.json").read_text())
+            with progress_bars(False):
+                result = retrain(
+                    job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed
+                )
+            stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
+            scores = {other: result["evaluation"]}
+            if stages.get(SEGMENTER):
+                scores[SEGMENTER] = stages[SEGMENTER]
+            rows.append({"fold": name, "seed": seed, "scores": scores, "load": result["load_at_start"]})
+            print(f"{name} seed {seed}: {args.training} {result['evaluation']['miou']:.4f}", flush=True)
+    job_training = report["settings"]["segmenter"]["training"] if rows else "?"
+    columns = ((SEGMENTER, f"the job's segmenter ({job_training})"), (other, f"{args.training}"))
+    lines = [
+        f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {args.preset}: {args.training} against "
+        f"{job_training}, seeds {args.seeds}",
+        f"\n{preset.note}. Segmenter {args.segmenter_minutes:g} min per run on each job's own pseudo-labels "
+        f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs}`; "
+        f"{platform.machine()}, {os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}; "
+        f"{(time.perf_counter() - started) / 60:.0f} min wall.",
+        "\n| fold | seed | " + " | ".join(short for _, short in columns) + " | load at start |",
+        "|---|---|" + "---|" * len(columns) + "---|",
+    ]
+    for r in rows:
+        cells = [f"{r['scores'][s]['miou']:.4f}" if s in r["scores"] else "n/a" for s, _ in columns]
+        lines.append(f"| {r['fold']} | {r['seed']} | " + " | ".join(cells) + f" | {r['load'][0]:.2f} |")
+    pooled = {stage: pooled_miou(rows, stage, preset) for stage, _ in columns}
+    lines.append(
+        "| **pooled over folds, mean ± sd over seeds** | | "
+        + " | ".join(f"**{mean_spread(pooled[s])}**" for s, _ in columns)
+        + " | |"
+    )
+    lines += ["\nCommand:\n", "```", shlex.join([Path(sys.executable).name, *sys.argv]), "```"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_record:
+        if not RESULTS.exists():
+            RESULTS.write_text("# Segmenter training choices on the same held-out jobs\n")
+        with RESULTS.open("a") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
