@@ -98,6 +98,24 @@ def splits(preset: Preset, folds: int) -> list[tuple[str, str, str]]:
     ]
 
 
+def comparison_lines(rows: list[dict], columns: tuple[tuple[str, str], ...], preset: Preset) -> list[str]:
+    """A markdown table of ``columns`` (stage, heading) per fold and seed, its load column and the pooled row."""
+    lines = [
+        "\n| fold | seed | " + " | ".join(short for _, short in columns) + " | load at start |",
+        "|---|---|" + "---|" * len(columns) + "---|",
+    ]
+    for r in rows:
+        cells = [f"{r['scores'][s]['miou']:.4f}" if s in r["scores"] else "n/a" for s, _ in columns]
+        lines.append(f"| {r['fold']} | {r['seed']} | " + " | ".join(cells) + f" | {r['load'][0]:.2f} |")
+    pooled = {stage: pooled_miou(rows, stage, preset) for stage, _ in columns}
+    lines.append(
+        "| **pooled over folds, mean ± sd over seeds** | | "
+        + " | ".join(f"**{mean_spread(pooled[s])}**" for s, _ in columns)
+        + " | |"
+    )
+    return lines
+
+
 def pooled_miou(rows: list[dict], stage: str, preset: Preset) -> list[float]:
     """Per seed: the mIoU of the confusion matrices of ``stage`` summed over that seed's folds."""
     import torch

@@ -29,7 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import DATA_ROOT, PRESETS, ROOT, SEGMENTER, mean_spread, pooled_miou, splits  # noqa: E402
+from heldout import DATA_ROOT, PRESETS, ROOT, SEGMENTER, comparison_lines, splits  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "segmenter_ceiling.md"
 CEILING = "segmenter trained on ground truth"
@@ -133,18 +133,8 @@ def main() -> None:
         f"on the training folds' ground-truth masks; jobs `{jobs}`; {platform.machine()}, {os.cpu_count()} "
         f"cores; load average (1 min) before {load_before[0]:.2f}; {(time.perf_counter() - started) / 60:.0f} "
         "min wall.",
-        "\n| fold | seed | " + " | ".join(short for _, short in columns) + " | load at start |",
-        "|---|---|" + "---|" * len(columns) + "---|",
     ]
-    for r in rows:
-        cells = [f"{r['scores'][s]['miou']:.4f}" if s in r["scores"] else "n/a" for s, _ in columns]
-        lines.append(f"| {r['fold']} | {r['seed']} | " + " | ".join(cells) + f" | {r['load'][0]:.2f} |")
-    pooled = {stage: pooled_miou(rows, stage, preset) for stage, _ in columns}
-    lines.append(
-        "| **pooled over folds, mean ± sd over seeds** | | "
-        + " | ".join(f"**{mean_spread(pooled[s])}**" for s, _ in columns)
-        + " | |"
-    )
+    lines += comparison_lines(rows, columns, preset)
     lines += ["\nCommand:\n", "```", shlex.join([Path(sys.executable).name, *sys.argv]), "```"]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import DATA_ROOT, PRESETS, ROOT, SEGMENTER, mean_spread, pooled_miou, splits  # noqa: E402
+from heldout import DATA_ROOT, PRESETS, ROOT, SEGMENTER, comparison_lines, splits  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
 
@@ -121,18 +121,8 @@ def main() -> None:
         f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs}`; "
         f"{platform.machine()}, {os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}; "
         f"{(time.perf_counter() - started) / 60:.0f} min wall.",
-        "\n| fold | seed | " + " | ".join(short for _, short in columns) + " | load at start |",
-        "|---|---|" + "---|" * len(columns) + "---|",
     ]
-    for r in rows:
-        cells = [f"{r['scores'][s]['miou']:.4f}" if s in r["scores"] else "n/a" for s, _ in columns]
-        lines.append(f"| {r['fold']} | {r['seed']} | " + " | ".join(cells) + f" | {r['load'][0]:.2f} |")
-    pooled = {stage: pooled_miou(rows, stage, preset) for stage, _ in columns}
-    lines.append(
-        "| **pooled over folds, mean ± sd over seeds** | | "
-        + " | ".join(f"**{mean_spread(pooled[s])}**" for s, _ in columns)
-        + " | |"
-    )
+    lines += comparison_lines(rows, columns, preset)
     lines += ["\nCommand:\n", "```", shlex.join([Path(sys.executable).name, *sys.argv]), "```"]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -94,6 +94,15 @@ def test_maskclip_labels_are_the_official_arg_max_over_the_present_classes(tiny_
     )  # no background words: a softmax over two
 
 
+def test_one_present_class_without_background_words_takes_every_pixel(tiny_checkpoint, no_network):
+    name, path, _ = tiny_checkpoint
+    method = create_method("maskclip", clip_model=name, clip_weights=str(path))
+    method.setup(_Domain(), (0.5,) * 3, (0.5,) * 3)
+    out = method.refine(torch.zeros(3, 16, 24), RefineContext.of(torch.rand(3, 16, 24), torch.tensor([0.0, 1.0, 0.0]),
+                                                                  _Domain(), SPACE))  # fmt: skip
+    assert torch.equal(out[1], torch.ones(16, 24)) and not out[[0, 2]].any()
+
+
 def test_listed_and_fails_clearly_without_weights(tmp_path):
     assert "maskclip" in list_methods()
     method = create_method("maskclip", clip_model="ViT-B-16", clip_weights=str(tmp_path / "none.pt"))

@@ -60,6 +60,28 @@ class ClipEs(Method):
             self._text[key] = ZeroShotText(loaded.model, loaded.tokenizer, domain.clip_prompts(label_space))
         return self._text[key]
 
+    def text_rows(
+        self,
+        loaded: Any,
+        domain: DomainPlugin,
+        label_space: LabelSpace,
+        names: list[str],
+        compete: bool = True,
+    ) -> Tensor:
+        """The text embeddings a CLIP-ES-style softmax competes over: ``names``' then the background words'
+        (``compete``: a single row is an error, as a softmax over it would say nothing)."""
+        source = self.text_source(loaded, domain, label_space)
+        with torch.no_grad():
+            rows = source.foreground(names).float()
+            background = source.background()
+            if background.numel():
+                rows = torch.cat([rows, background.float()])
+        if compete and rows.shape[0] == 1:
+            raise ValueError(
+                f"{self.name} with one present class needs a background vocabulary to compete with"
+            )
+        return rows
+
     def refine(self, cams: Tensor, context: RefineContext) -> Tensor:
         image, present = context.image, context.present
         domain, label_space = context.domain, context.label_space
@@ -152,13 +174,9 @@ class MaskClip(ClipEs):
         size = (math.ceil(height / ph) * ph, math.ceil(width / pw) * pw)
         features, _ = dense_features(visual, prepare_pixels(loaded.model, image, size))
         names = [label_space.foreground_names[i] for i in torch.nonzero(keep).flatten().tolist()]
-        text = self.text_source(loaded, context.domain, label_space)
-        with torch.no_grad():
-            rows = text.foreground(names).float()
-            background = text.background()
-            if background.numel():
-                rows = torch.cat([rows, background.float()])
-        rows = F.normalize(rows, dim=-1).to(features.device)
+        rows = F.normalize(
+            self.text_rows(loaded, context.domain, label_space, names, compete=False), dim=-1
+        ).to(features.device)
         scores = torch.einsum("bchw,kc->bkhw", features, rows)
         # Resized before the softmax, as the official cosines are before their arg-max.
         scores = F.interpolate(scores, size=(height, width), mode="bilinear", align_corners=False)

@@ -352,19 +352,6 @@ class WeClip(ClipEs):
         self.losses: list[float] = []  # per step, for the log and tests
 
     # -- pieces shared by fitting and pseudo-labelling -------------------------------------------
-    def _text_features(
-        self, loaded: Any, context_domain: Any, label_space: LabelSpace, names: list[str]
-    ) -> Tensor:
-        source = self.text_source(loaded, context_domain, label_space)
-        with torch.no_grad():
-            features = source.foreground(names).float()
-            background = source.background()
-            if background.numel():
-                features = torch.cat([features, background.float()])
-        if features.shape[0] == 1:
-            raise ValueError("weclip with one present class needs a background vocabulary to compete with")
-        return features
-
     def _new_decoder(self, visual: nn.Module, label_space: LabelSpace) -> WeClipDecoder:
         outputs = len(label_space.foreground) + (label_space.background_mode is BackgroundMode.THRESHOLD)
         blocks = len(visual.transformer.resblocks) - 1
@@ -468,7 +455,7 @@ class WeClip(ClipEs):
             labels = []
             for i, present in enumerate(presents):
                 names = [label_space.foreground_names[k] for k in torch.nonzero(present).flatten().tolist()]
-                text = self._text_features(loaded, context.domain, label_space, names)
+                text = self.text_rows(loaded, context.domain, label_space, names)
                 seg = affinity[i].detach() if step >= switch_step else None
                 maps = self._image_labels(visual, frozen, i, text, logit_scale, len(names), seg)
                 labels.append(hard_labels(maps, present, images[i], label_space, excludes[i]))
@@ -514,7 +501,7 @@ class WeClip(ClipEs):
             maps = probs[[i + offset for i in ids]]
         else:
             names = [label_space.foreground_names[i] for i in ids]
-            text = self._text_features(loaded, context.domain, label_space, names)
+            text = self.text_rows(loaded, context.domain, label_space, names)
             scale = loaded.model.logit_scale.exp().float()
             maps = self._image_labels(visual, frozen, 0, text, scale, len(names), affinity[0])
         maps = F.interpolate(maps[None].float(), size=(height, width), mode="bilinear", align_corners=False)[
