@@ -15,6 +15,10 @@ slower). Each method is driven through the registry as the engine drives it:
   EfficientNet-Lite0 classifier on a batch of 8 224 px images, against the same step of plain CAM;
 * ``pole``: the same step with POLE's per-pair synonym choice (one more CLIP image pass per pair,
   without gradient; VOC's prompt names give ``person`` three candidates, present in every image);
+* ``semples``: one training step in its prompt-learning stage (b: the matching terms plus the
+  prompts' two terms, the prompts through the text tower with gradient) and one in its refinement
+  stage (c: the prompts encoded without gradient), prompts of 26 vectors (official 30; the tower
+  reads 32 tokens);
 * ``pbip``: one training step of PBIP (its prototype head on four stages, the per-stage losses and
   CLIP's contrast of every contrasted sub-class's masked foreground and background), 3 random
   prototypes per VOC class standing for those ``prepare_training`` clusters from the split;
@@ -54,6 +58,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "clip_methods_speed.md"
 ARCH = "wsss-speed-vitb16-depth"
 TOWER = {"image_size": 224, "patch_size": 16, "layers": 12}
 PRESENT = ("aeroplane", "bird", "person")
+SEMPLES_PROMPT_LENGTH = 26  # the longest prompt the tower's 32 tokens hold
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
@@ -96,13 +101,15 @@ def clip_es_refine(name: str, weights: Path, learned: bool) -> Callable[[], obje
     return lambda: method.refine(cams, context)
 
 
-def training_step(method_name: str, weights: Path) -> Callable[[], object]:
+def training_step(method_name: str, weights: Path, progress: float = 0.5) -> Callable[[], object]:
     from wsss_domains.models.classifier import CamClassifier
 
     domain = create_domain("voc")
     classes = len(domain.dataset("voc2012").label_space.foreground)
-    clip_method = method_name in ("clims", "pole", "pbip")
+    clip_method = method_name in ("clims", "pole", "pbip", "semples")
     options = {"clip_model": ARCH, "clip_weights": str(weights)} if clip_method else {}
+    if method_name == "semples":
+        options["prompt_length"] = SEMPLES_PROMPT_LENGTH
     method = create_method(method_name, **options)
     method.setup(domain, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     model = CamClassifier(classes, backbone="tf_efficientnet_lite0", weights="random")
@@ -115,7 +122,7 @@ def training_step(method_name: str, weights: Path) -> Callable[[], object]:
     batch = {
         "image": torch.randn(8, 3, 224, 224, generator=generator),
         "label": labels,
-        "progress": torch.tensor(0.5),
+        "progress": torch.tensor(progress),
     }
     modules = method.build_modules(model)
 
@@ -184,6 +191,10 @@ def main() -> None:
         pbip_step = median_ms(training_step("pbip", weights), args.repeats)
         rows.append(("pole", "training step, batch 8 x 224 px", pole_step))
         rows.append(("pbip", "training step, batch 8 x 224 px", pbip_step))
+        semples_b = median_ms(training_step("semples", weights, progress=0.5), args.repeats)
+        semples_c = median_ms(training_step("semples", weights, progress=0.8), args.repeats)
+        rows.append(("semples", "training step, prompt learning (b), batch 8 x 224 px", semples_b))
+        rows.append(("semples", "training step, refinement (c), batch 8 x 224 px", semples_c))
         weclip_fit, weclip_refine = weclip_calls(weights)
         rows.append(("weclip", "decoder update, batch 4 x 320 px crops", median_ms(weclip_fit, args.repeats)))
         rows.append(("weclip", "pseudo-label one image (3 classes)", median_ms(weclip_refine, args.repeats)))
@@ -199,7 +210,8 @@ def main() -> None:
         f"| `cam` (reference) | training step, batch 8 x 224 px | {cam_step:.1f} |",
         f"\nCLIMS adds {clims_step - cam_step:.1f} ms to a plain-CAM step ({clims_step / cam_step:.2f}x); "
         f"POLE's choice adds {pole_step - clims_step:.1f} ms to a CLIMS step ({pole_step / clims_step:.2f}x); "
-        f"a PBIP step costs {pbip_step / cam_step:.2f}x a plain-CAM step.",
+        f"a PBIP step costs {pbip_step / cam_step:.2f}x a plain-CAM step; SemPLeS steps cost "
+        f"{semples_b / cam_step:.2f}x (b) and {semples_c / cam_step:.2f}x (c).",
         "\nCommand:\n",
         "```",
         shlex.join(["python", "benchmarks/clip_methods_speed.py", *sys.argv[1:]]),

@@ -164,6 +164,13 @@ def clip_embed_dim(model_name: str) -> int:
     return int(_model_config(model_name)["embed_dim"])
 
 
+def clip_text_shape(model_name: str) -> tuple[int, int]:
+    """The width of ``model_name``'s text token embeddings and its context length (tokens), read from
+    its open_clip config (no weights needed; open_clip's defaults where the config is silent)."""
+    text = _model_config(model_name)["text_cfg"]
+    return int(text.get("width", 512)), int(text.get("context_length", 77))
+
+
 def _is_torchscript_archive(path: Path) -> bool:
     """OpenAI's original CLIP releases are TorchScript zips, which carry their own architecture."""
     if not zipfile.is_zipfile(path):

@@ -119,6 +119,11 @@ class Method:
         """Trainable parts the method adds beside the classifier (projection heads, ...)."""
         return nn.ModuleDict()
 
+    def learning_rate_scales(self) -> Mapping[str, float]:
+        """Extra modules (keys of ``build_modules``) trained at their own multiple of the head's learning
+        rate, each in its own optimiser group: learned prompt vectors need a rate far above a head's."""
+        return {}
+
     def build_modules(self, model: nn.Module) -> nn.ModuleDict:
         """The extra modules for ``model``; override when they depend on it (stage widths, a backbone copy)."""
         return self.extra_modules(model.backbone.num_features, model.num_classes)
@@ -175,7 +180,14 @@ class Method:
 
 # Hooks and settings of Method that act during training: a method overriding one trains a model of
 # its own; the others (extractor, refine, ...) act only at pseudo-label time.
-TRAINING_HOOKS = ("training_losses", "extra_modules", "build_modules", "forward", "prepare_training")
+TRAINING_HOOKS = (
+    "training_losses",
+    "extra_modules",
+    "build_modules",
+    "learning_rate_scales",
+    "forward",
+    "prepare_training",
+)
 TRAINING_SETTINGS = ("classification_weight", "backbone_modules")
 
 

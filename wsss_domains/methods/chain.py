@@ -111,6 +111,9 @@ class TrainedChain(ChainedMethod):
     def build_modules(self, model: nn.Module) -> nn.ModuleDict:
         return self.first.build_modules(model)
 
+    def learning_rate_scales(self) -> Mapping[str, float]:
+        return self.first.learning_rate_scales()
+
     def extra_modules(self, feature_dim: int, num_classes: int) -> nn.ModuleDict:
         return self.first.extra_modules(feature_dim, num_classes)
 

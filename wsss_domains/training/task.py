@@ -58,8 +58,14 @@ class ClassifierTask(L.LightningModule):
     def configure_optimizers(self) -> Any:
         backbone = list(self.model.backbone.parameters())
         others = list(self.model.head.parameters())
+        scales = self.method.learning_rate_scales()
+        scaled = []
         for name, module in self.method_modules.items():
-            (backbone if name in self.method.backbone_modules else others).extend(module.parameters())
+            if name in scales:
+                lr = self.lr * scales[name]
+                scaled.append({"params": list(module.parameters()), "lr": lr, "base_lr": lr})
+            else:
+                (backbone if name in self.method.backbone_modules else others).extend(module.parameters())
         return torch.optim.AdamW(
             [
                 {
@@ -68,6 +74,7 @@ class ClassifierTask(L.LightningModule):
                     "base_lr": self.lr * self.backbone_lr_mult,
                 },
                 {"params": others, "lr": self.lr, "base_lr": self.lr},
+                *scaled,
             ],
             weight_decay=self.weight_decay,
         )
