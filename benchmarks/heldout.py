@@ -26,6 +26,7 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,6 +138,48 @@ def pooled_miou(rows: list[dict], stage: str, preset: Preset) -> list[float]:
         )
         out.append(report.miou)
     return out
+
+
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a script that revisits finished held-out jobs (which preset, where, which folds and seeds)."""
+    p.add_argument("--preset", choices=tuple(PRESETS), required=True)
+    p.add_argument("--data-root", type=Path, default=DATA_ROOT)
+    p.add_argument("--jobs", type=Path, help="heldout.py's output folder (default: runs/heldout-<preset>)")
+    p.add_argument("--folds", type=int, help="number of folds (default: the preset's)")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1)")
+    p.add_argument("--no-record", action="store_true")
+
+
+def jobs_folder(args: argparse.Namespace) -> Path:
+    return args.jobs or ROOT / "runs" / f"heldout-{args.preset}"
+
+
+def finished_jobs(args: argparse.Namespace) -> Iterator[tuple[str, str, str, int, Path, dict]]:
+    """(fold name, train split, test split, seed, job folder, its report) of every finished job chosen by
+    :func:`add_job_arguments`'s options; exits with a hint where a job has not run."""
+    preset = PRESETS[args.preset]
+    jobs = jobs_folder(args)
+    chosen = splits(preset, args.folds or preset.folds)
+    if args.only:
+        chosen = [c for c in chosen if c[0] in args.only.split(",")]
+    for name, train, test in chosen:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            job = jobs / f"{name}-seed{seed}"
+            if not (job / "report.json").is_file():
+                sys.exit(f"{job}: no finished heldout.py job here; run heldout.py first (or name --jobs)")
+            yield name, train, test, seed, job, json.loads((job / "report.json").read_text())
+
+
+def dataset_options(job: Path) -> dict:
+    """The loader options the job's classifier trained with (tiles scored against their masks)."""
+    from wsss_domains.training.run import RunConfig
+
+    config = RunConfig.load(job / "classifier")
+    patch = config.patch_size
+    return (
+        {"labels_from_masks": True, "patch_size": tuple(patch)} if config.labels_from_masks and patch else {}
+    )
 
 
 def mean_spread(values: list[float]) -> str:

@@ -26,7 +26,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import DATA_ROOT, PRESETS, ROOT, SEGMENTER, comparison_lines, splits  # noqa: E402
+from heldout import (  # noqa: E402
+    PRESETS,
+    ROOT,
+    SEGMENTER,
+    add_job_arguments,
+    comparison_lines,
+    dataset_options,
+    finished_jobs,
+    jobs_folder,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
 
@@ -37,18 +46,13 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
-    from wsss_domains.training.run import RunConfig
 
     out = job / f"segmenter-{training}"
     done = out / "report.json"
     if done.is_file():
         return json.loads(done.read_text())
     preset = PRESETS[preset_name]
-    config = RunConfig.load(job / "classifier")
-    patch = config.patch_size
-    options = (
-        {"labels_from_masks": True, "patch_size": tuple(patch)} if config.labels_from_masks and patch else {}
-    )
+    options = dataset_options(job)
     saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
     settings = SegmenterSettings(
         **{**saved, "training": training, "rounds": 1, "max_minutes": minutes, "seed": seed}
@@ -70,55 +74,38 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=tuple(PRESETS), required=True)
+    add_job_arguments(p)
     p.add_argument(
         "--training", required=True, help="the segmenter training to compare: carb, beco, cross-entropy"
     )
-    p.add_argument("--data-root", type=Path, default=DATA_ROOT)
-    p.add_argument("--jobs", type=Path, help="heldout.py's output folder (default: runs/heldout-<preset>)")
-    p.add_argument("--folds", type=int, help="number of folds (default: the preset's)")
-    p.add_argument("--seeds", default="0,1")
     p.add_argument("--segmenter-minutes", type=float, default=10.0)
-    p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1)")
-    p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
 
     from wsss_domains.progress import progress_bars
 
     preset = PRESETS[args.preset]
     data = args.data_root / preset.path
-    jobs = args.jobs or ROOT / "runs" / f"heldout-{args.preset}"
-    seeds = [int(s) for s in args.seeds.split(",")]
     other = f"segmenter trained with {args.training}"
     rows = []
+    report: dict = {}
     load_before = os.getloadavg()
     started = time.perf_counter()
-    chosen = splits(preset, args.folds or preset.folds)
-    if args.only:
-        chosen = [c for c in chosen if c[0] in args.only.split(",")]
-    for name, train, test in chosen:
-        for seed in seeds:
-            job = jobs / f"{name}-seed{seed}"
-            if not (job / "report.json").is_file():
-                sys.exit(f"{job}: no finished heldout.py job here; run heldout.py first (or name --jobs)")
-            report = json.loads((job / "report.json").read_text())
-            with progress_bars(False):
-                result = retrain(
-                    job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed
-                )
-            stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
-            scores = {other: result["evaluation"]}
-            if stages.get(SEGMENTER):
-                scores[SEGMENTER] = stages[SEGMENTER]
-            rows.append({"fold": name, "seed": seed, "scores": scores, "load": result["load_at_start"]})
-            print(f"{name} seed {seed}: {args.training} {result['evaluation']['miou']:.4f}", flush=True)
+    for name, train, test, seed, job, report in finished_jobs(args):
+        with progress_bars(False):
+            result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed)
+        stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
+        scores = {other: result["evaluation"]}
+        if stages.get(SEGMENTER):
+            scores[SEGMENTER] = stages[SEGMENTER]
+        rows.append({"fold": name, "seed": seed, "scores": scores, "load": result["load_at_start"]})
+        print(f"{name} seed {seed}: {args.training} {result['evaluation']['miou']:.4f}", flush=True)
     job_training = report["settings"]["segmenter"]["training"] if rows else "?"
     columns = ((SEGMENTER, f"the job's segmenter ({job_training})"), (other, f"{args.training}"))
     lines = [
         f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {args.preset}: {args.training} against "
         f"{job_training}, seeds {args.seeds}",
         f"\n{preset.note}. Segmenter {args.segmenter_minutes:g} min per run on each job's own pseudo-labels "
-        f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs}`; "
+        f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs_folder(args)}`; "
         f"{platform.machine()}, {os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}; "
         f"{(time.perf_counter() - started) / 60:.0f} min wall.",
     ]

@@ -1,0 +1,124 @@
+"""A pseudo-label refinement compared on the same held-out jobs: each job's classifier, another method.
+
+For every fold and seed that ``heldout.py`` ran, the job's trained classifier pseudo-labels its
+training split and its held-out fold (image-level labels given, as WSSS pseudo-labels are) with
+``--method`` instead of the job's recipe, and both are scored against the masks. The classifier is
+shared, so the columns differ only by the post-hoc method (one that trains nothing of its own:
+``label-probe+fma-seed`` on a ``label-probe`` job adds FMA's SAM seeding to the recipe). Pooled mIoU
+and its spread over seeds say whether the method helps by more than the noise.
+
+    python benchmarks/heldout.py --preset histo --seeds 0,1 --classifier-minutes 5 --segmenter-minutes 5
+    python benchmarks/heldout_refinement.py --preset histo --seeds 0,1 --method label-probe+fma-seed
+
+A finished comparison (``refinement-<method>/report.json`` in the job) is reused when re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from heldout import (  # noqa: E402
+    PRESETS,
+    ROOT,
+    STAGES,
+    add_job_arguments,
+    comparison_lines,
+    dataset_options,
+    finished_jobs,
+    jobs_folder,
+)
+
+RESULTS = ROOT / "benchmarks" / "results" / "heldout_refinement.md"
+TRAIN, TEST = STAGES[0][0], STAGES[1][0]
+
+
+def relabel(job: Path, report: dict, data: Path, train: str, test: str, method: str) -> dict:
+    """Pseudo-labels of ``train`` and ``test`` (labels given) by the job's classifier with ``method``, scored."""
+    from wsss_domains.cam.settings import CamSettings
+    from wsss_domains.pipeline.evaluate import evaluate_split
+    from wsss_domains.pipeline.pseudo_labels import pseudo_label_split
+
+    out = job / f"refinement-{method}"
+    done = out / "report.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    domain, dataset = report["domain"], report["dataset"]
+    options = dataset_options(job)
+    load = list(os.getloadavg())
+    start = time.perf_counter()
+    scores = {}
+    for stage, split, folder in ((TRAIN, train, "train"), (TEST, test, "test")):
+        pseudo_label_split(job / "classifier", domain, dataset, data, split, out / folder, method_name=method,
+                           cam=CamSettings(cam_norm=report["recipe"]["cam_norm"]), overlays=False,
+                           dataset_options=options)  # fmt: skip
+        scores[stage] = evaluate_split(
+            domain, dataset, data, split, out / folder, dataset_options=options
+        ).to_dict()
+    result = {"scores": scores, "seconds": round(time.perf_counter() - start, 1), "load_at_start": load}
+    done.write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_job_arguments(p)
+    p.add_argument(
+        "--method", required=True, help="the post-hoc method to compare, e.g. label-probe+fma-seed"
+    )
+    args = p.parse_args()
+
+    from wsss_domains.progress import progress_bars
+
+    preset = PRESETS[args.preset]
+    data = args.data_root / preset.path
+    rows = []
+    recipe = "?"
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    for name, train, test, seed, job, report in finished_jobs(args):
+        recipe = report["recipe"]["method"]
+        with progress_bars(False):
+            result = relabel(job, report, data, train, test, args.method)
+        stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
+        scores = {f"{stage} [{args.method}]": value for stage, value in result["scores"].items()}
+        scores.update({stage: stages[stage] for stage in (TRAIN, TEST) if stages.get(stage)})
+        rows.append({"fold": name, "seed": seed, "scores": scores, "load": result["load_at_start"]})
+        print(
+            f"{name} seed {seed}: " + ", ".join(f"{k} {v['miou']:.4f}" for k, v in scores.items()), flush=True
+        )
+    columns = (
+        (TRAIN, f"PL train, {recipe}"),
+        (f"{TRAIN} [{args.method}]", f"PL train, {args.method}"),
+        (TEST, f"PL held-out, {recipe}"),
+        (f"{TEST} [{args.method}]", f"PL held-out, {args.method}"),
+    )
+    lines = [
+        f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {args.preset}: {args.method} against {recipe}, "
+        f"seeds {args.seeds}",
+        f"\n{preset.note}. Pseudo-labels with image-level labels given, by each job's own classifier (same "
+        f"classifier and CAM settings; only the post-hoc method differs); jobs `{jobs_folder(args)}`; "
+        f"{platform.machine()}, {os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}; "
+        f"{(time.perf_counter() - started) / 60:.0f} min wall.",
+    ]
+    lines += comparison_lines(rows, columns, preset)
+    lines += ["\nCommand:\n", "```", shlex.join([Path(sys.executable).name, *sys.argv]), "```"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_record:
+        if not RESULTS.exists():
+            RESULTS.write_text("# Post-hoc pseudo-label methods on the same held-out jobs\n")
+        with RESULTS.open("a") as fh:
+            fh.write(text)
+
+
+if __name__ == "__main__":
+    main()
