@@ -182,6 +182,20 @@ def dataset_options(job: Path) -> dict:
     )
 
 
+def record(path: Path, title: str, lines: list[str], no_record: bool) -> None:
+    """Print a record section (``lines`` plus the command that made it) and append it to ``path``
+    (created with ``title``) unless ``no_record``."""
+    lines = [*lines, "\nCommand:\n", "```", shlex.join([Path(sys.executable).name, *sys.argv]), "```"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if no_record:
+        return
+    if not path.exists():
+        path.write_text(f"# {title}\n")
+    with path.open("a") as fh:
+        fh.write(text)
+
+
 def mean_spread(values: list[float]) -> str:
     if not values:
         return "n/a"

@@ -22,14 +22,13 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import DATA_ROOT, PRESETS, ROOT, SEGMENTER, comparison_lines, splits  # noqa: E402
+from heldout import DATA_ROOT, PRESETS, ROOT, SEGMENTER, comparison_lines, record, splits  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "segmenter_ceiling.md"
 CEILING = "segmenter trained on ground truth"
@@ -135,16 +134,12 @@ def main() -> None:
         "min wall.",
     ]
     lines += comparison_lines(rows, columns, preset)
-    lines += ["\nCommand:\n", "```", shlex.join([Path(sys.executable).name, *sys.argv]), "```"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_record:
-        if not RESULTS.exists():
-            RESULTS.write_text(
-                "# The segmenter's ceiling: the held-out recipe trained on ground-truth masks\n"
-            )
-        with RESULTS.open("a") as fh:
-            fh.write(text)
+    record(
+        RESULTS,
+        "The segmenter's ceiling: the held-out recipe trained on ground-truth masks",
+        lines,
+        args.no_record,
+    )
 
 
 if __name__ == "__main__":

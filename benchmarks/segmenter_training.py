@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -35,6 +34,7 @@ from heldout import (  # noqa: E402
     dataset_options,
     finished_jobs,
     jobs_folder,
+    record,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
@@ -110,14 +110,7 @@ def main() -> None:
         f"{(time.perf_counter() - started) / 60:.0f} min wall.",
     ]
     lines += comparison_lines(rows, columns, preset)
-    lines += ["\nCommand:\n", "```", shlex.join([Path(sys.executable).name, *sys.argv]), "```"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.no_record:
-        if not RESULTS.exists():
-            RESULTS.write_text("# Segmenter training choices on the same held-out jobs\n")
-        with RESULTS.open("a") as fh:
-            fh.write(text)
+    record(RESULTS, "Segmenter training choices on the same held-out jobs", lines, args.no_record)
 
 
 if __name__ == "__main__":
