@@ -182,6 +182,16 @@ def dataset_options(job: Path) -> dict:
     )
 
 
+def section_head(heading: str, description: str, load_before: tuple[float, ...], started: float) -> list[str]:
+    """A record section's heading (with the time) and its description, followed by the machine, its load
+    before the work and the wall time since ``started`` (``time.perf_counter()``)."""
+    return [
+        f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {heading}",
+        f"\n{description}; {platform.machine()}, {os.cpu_count()} cores; load average (1 min) before "
+        f"{load_before[0]:.2f}; {(time.perf_counter() - started) / 60:.0f} min wall.",
+    ]
+
+
 def record(path: Path, title: str, lines: list[str], no_record: bool) -> None:
     """Print a record section (``lines`` plus the command that made it) and append it to ``path``
     (created with ``title``) unless ``no_record``."""

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +33,7 @@ from heldout import (  # noqa: E402
     finished_jobs,
     jobs_folder,
     record,
+    section_head,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "heldout_refinement.md"
@@ -101,14 +100,13 @@ def main() -> None:
         (TEST, f"PL held-out, {recipe}"),
         (f"{TEST} [{args.method}]", f"PL held-out, {args.method}"),
     )
-    lines = [
-        f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {args.preset}: {args.method} against {recipe}, "
-        f"seeds {args.seeds}",
-        f"\n{preset.note}. Pseudo-labels with image-level labels given, by each job's own classifier (same "
-        f"classifier and CAM settings; only the post-hoc method differs); jobs `{jobs_folder(args)}`; "
-        f"{platform.machine()}, {os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}; "
-        f"{(time.perf_counter() - started) / 60:.0f} min wall.",
-    ]
+    lines = section_head(
+        f"{args.preset}: {args.method} against {recipe}, seeds {args.seeds}",
+        f"{preset.note}. Pseudo-labels with image-level labels given, by each job's own classifier (same "
+        f"classifier and CAM settings; only the post-hoc method differs); jobs `{jobs_folder(args)}`",
+        load_before,
+        started,
+    )
     lines += comparison_lines(rows, columns, preset)
     record(RESULTS, "Post-hoc pseudo-label methods on the same held-out jobs", lines, args.no_record)
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +33,7 @@ from heldout import (  # noqa: E402
     finished_jobs,
     jobs_folder,
     record,
+    section_head,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
@@ -101,14 +100,13 @@ def main() -> None:
         print(f"{name} seed {seed}: {args.training} {result['evaluation']['miou']:.4f}", flush=True)
     job_training = report["settings"]["segmenter"]["training"] if rows else "?"
     columns = ((SEGMENTER, f"the job's segmenter ({job_training})"), (other, f"{args.training}"))
-    lines = [
-        f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {args.preset}: {args.training} against "
-        f"{job_training}, seeds {args.seeds}",
-        f"\n{preset.note}. Segmenter {args.segmenter_minutes:g} min per run on each job's own pseudo-labels "
-        f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs_folder(args)}`; "
-        f"{platform.machine()}, {os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}; "
-        f"{(time.perf_counter() - started) / 60:.0f} min wall.",
-    ]
+    lines = section_head(
+        f"{args.preset}: {args.training} against {job_training}, seeds {args.seeds}",
+        f"{preset.note}. Segmenter {args.segmenter_minutes:g} min per run on each job's own pseudo-labels "
+        f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs_folder(args)}`",
+        load_before,
+        started,
+    )
     lines += comparison_lines(rows, columns, preset)
     record(RESULTS, "Segmenter training choices on the same held-out jobs", lines, args.no_record)
 
