@@ -9,6 +9,9 @@ helps by more than the noise.
 
     python benchmarks/heldout.py --preset histo --seeds 0,1 --classifier-minutes 10 --segmenter-minutes 10
     python benchmarks/segmenter_training.py --preset histo --seeds 0,1 --training carb --segmenter-minutes 10
+    python benchmarks/segmenter_training.py --preset deepglobe --seeds 0 --training das --segmenter-minutes 10 \
+        --source-data ../shared/data/remote_sensing/loveda-sample --source-dataset loveda --source-split val \
+        --source-classes building=urban,road=urban,background=ignore
 
 A finished comparison (its ``segmenter-<training>/report.json`` in the job) is reused when re-run.
 """
@@ -40,8 +43,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
 
 
 def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, training: str, minutes: float,
-            seed: int) -> dict:  # fmt: skip
-    """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``."""
+            seed: int, source: dict | None = None) -> dict:  # fmt: skip
+    """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``.
+
+    ``source``: Das et al.'s annotated source (``source_data``, ``source_dataset``, ``source_split``,
+    ``source_classes`` of :class:`SegmenterSettings`)."""
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
@@ -54,7 +60,7 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     options = dataset_options(job)
     saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
     settings = SegmenterSettings(
-        **{**saved, "training": training, "rounds": 1, "max_minutes": minutes, "seed": seed}
+        **{**saved, "training": training, "rounds": 1, "max_minutes": minutes, "seed": seed, **(source or {})}
     )
     load = list(os.getloadavg())
     start = time.perf_counter()
@@ -78,7 +84,18 @@ def main() -> None:
         "--training", required=True, help="the segmenter training to compare: carb, beco, cross-entropy"
     )
     p.add_argument("--segmenter-minutes", type=float, default=10.0)
+    p.add_argument("--source-data", type=Path, help="das: an annotated source dataset's folder")
+    p.add_argument("--source-dataset", help="das: its loader")
+    p.add_argument("--source-split", help="das: its split")
+    p.add_argument(
+        "--source-classes", help="das: source=target class map, e.g. building=urban,background=ignore"
+    )
     args = p.parse_args()
+    source = {
+        key: getattr(args, key)
+        for key in ("source_data", "source_dataset", "source_split", "source_classes")
+        if getattr(args, key) is not None
+    }
 
     from wsss_domains.progress import progress_bars
 
@@ -91,7 +108,9 @@ def main() -> None:
     started = time.perf_counter()
     for name, train, test, seed, job, report in finished_jobs(args):
         with progress_bars(False):
-            result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed)
+            result = retrain(
+                job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed, source
+            )
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {other: result["evaluation"]}
         if stages.get(SEGMENTER):
@@ -103,7 +122,8 @@ def main() -> None:
     lines = section_head(
         f"{args.preset}: {args.training} against {job_training}, seeds {args.seeds}",
         f"{preset.note}. Segmenter {args.segmenter_minutes:g} min per run on each job's own pseudo-labels "
-        f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs_folder(args)}`",
+        f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs_folder(args)}`"
+        + (f"; source {source}" if source else ""),
         load_before,
         started,
     )

@@ -8,7 +8,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from torch.utils.data import Dataset
+
 from wsss_domains.data.windows import pair
+from wsss_domains.domains.contract import LabelSpace
 from wsss_domains.errors import UserError
 from wsss_domains.pipeline.data import open_dataset, resolve_device
 from wsss_domains.pipeline.self_training import relabel_training_split
@@ -56,7 +59,8 @@ class SegmenterSettings(TrainOptions):
         help="cross-entropy on the pseudo-labels; beco: two co-trained networks, confident pixels from the"
         " pseudo-labels' CAMs (written by pseudo-labels --save-cams); carb: after a third of the budget, the"
         " pixels where the segmenter agrees with the pseudo-label and those where it does not, balanced (with"
-        " --carb-clip-model, also MaskCLIP labels of a random upscaled patch)",
+        " --carb-clip-model, also MaskCLIP labels of a random upscaled patch); das: Das et al.'s domain"
+        " adaptation from an annotated --source-data (the pseudo-labels give each crop's classes only)",
         choices=tuple(TRAINING_METHODS),
     )
     rounds: int = setting(
@@ -69,6 +73,17 @@ class SegmenterSettings(TrainOptions):
         help="carb: the CLIP architecture whose MaskCLIP labels of a random upscaled patch add CARB's local view",
     )
     carb_clip_weights: str | None = setting(None, help="carb: that CLIP's local checkpoint file")
+    source_data: Path | None = setting(
+        None,
+        help="das: an annotated source dataset's folder (its masks supervise; the domain's loaders read it)",
+    )
+    source_dataset: str | None = setting(None, help="das: the source's loader name (default: recognised)")
+    source_split: str | None = setting(None, help="das: the source's split (default: the loader's)")
+    source_classes: str | None = setting(
+        None,
+        help="das: source class names mapped to the target's, e.g. 'building=urban,road=urban,background=ignore'"
+        " (default: by name; source classes without a match carry no loss)",
+    )
     batch_size: int = setting(8, help="crops per training batch")
     lr: float = setting(1e-3, help="decoder learning rate (encoder: 0.1x)")
     seed: int = setting(0, help="random seed")
@@ -87,6 +102,18 @@ class SegmenterSettings(TrainOptions):
             raise UserError(f"--crop-size must be a positive multiple of {STRIDE}, got {self.crop_size}")
         if not self.scale > 0:
             raise UserError(f"--scale must be positive, got {self.scale}")
+        uses_source = self.training == "das"
+        if uses_source and self.source_data is None:
+            raise UserError("--seg-training das needs --source-data (an annotated source dataset)")
+        given = [
+            f for f in ("source_data", "source_dataset", "source_split", "source_classes") if getattr(self, f)
+        ]
+        if given and not uses_source:
+            raise UserError(f"--{given[0].replace('_', '-')} is for --seg-training das")
+        if self.source_classes:
+            from wsss_domains.segmentation.source_domain import parse_class_map
+
+            parse_class_map(self.source_classes)
         if self.carb_clip_model is not None:
             if self.training != "carb":
                 raise UserError("--carb-clip-model is for --seg-training carb")
@@ -210,6 +237,9 @@ def _fit_round(
             f"training segmenter {config.arch} ({config.encoder}) on {len(training)} pseudo-labelled samples "
             f"of {opened.spec.name}/{opened.split}, {config.crop_size[0]}x{config.crop_size[1]} crops -> {out}"
         )
+    source = None
+    if settings.training == "das":
+        source, config.source = _open_source(config_run, label_space, settings)
     validation = None
     if val_split is not None:
         validation = open_dataset(
@@ -226,5 +256,28 @@ def _fit_round(
             lr=settings.lr, clip_model=settings.carb_clip_model, clip_weights=settings.carb_clip_weights
         ),
         validation=validation,
+        source=source,
     )
     return config
+
+
+def _open_source(
+    run: RunConfig, label_space: LabelSpace, settings: SegmenterSettings
+) -> tuple[Dataset, dict[str, object]]:
+    """Das et al.'s source: the annotated dataset of ``settings``, its masks in the target's class ids."""
+    from wsss_domains.segmentation.source_domain import SourceDomainDataset, class_lookup, parse_class_map
+
+    assert settings.source_data is not None
+    opened = open_dataset(
+        run.domain, settings.source_dataset, settings.source_data, settings.source_split,
+        domain_options=run.domain_options,
+    )  # fmt: skip
+    mapping = parse_class_map(settings.source_classes)
+    lookup = class_lookup(opened.label_space, label_space, mapping)
+    record: dict[str, object] = {
+        "data": str(Path(settings.source_data).resolve()),
+        "dataset": opened.spec.name,
+        "split": opened.split,
+        "classes": mapping,
+    }
+    return SourceDomainDataset(opened.dataset, lookup), record

@@ -42,12 +42,14 @@ def train_segmenter(
     options: TrainOptions,
     training: SegmenterTraining | None = None,
     validation: Dataset | None = None,
+    source: Dataset | None = None,
 ) -> L.Trainer:
     """Train on ``dataset`` (samples whose ``mask`` is a pseudo-label); writes ``out``.
 
     ``validation``: annotated samples scored each epoch (``val/miou`` in the log) for monitoring;
     the last weights are kept whatever it says. Re-running with the same ``out`` resumes from its
     last checkpoint. Only the global-zero process writes the final ``model.pt`` and ``segmenter.json``.
+    ``source``: annotated samples of another dataset in the same class ids (Das et al.'s training).
     """
     out = Path(out)
     n = len(dataset)  # type: ignore[arg-type]
@@ -78,17 +80,25 @@ def train_segmenter(
         task = CarbTask(
             model, label_space.num_classes, label_space.ignore_index, local_view=view_of_clip, **optimisation
         )
+    elif config.training == "das":
+        from wsss_domains.segmentation.das import DasTask
+
+        task = DasTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
     else:
         task = SegmenterTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
-    view = SegmentationView(
-        dataset,
-        domain,
-        label_space,
-        (config.crop_size[0], config.crop_size[1]),
-        config.mean,
-        config.std,
-        scale=config.scale,
+    crop = (config.crop_size[0], config.crop_size[1])
+    view: Dataset = SegmentationView(
+        dataset, domain, label_space, crop, config.mean, config.std, config.scale
     )
+    if config.training == "das":
+        from wsss_domains.segmentation.source_domain import PairedView
+
+        if source is None:
+            raise UserError("das training needs a source dataset (--source-data)")
+        source_view = SegmentationView(
+            source, domain, label_space, crop, config.mean, config.std, config.scale
+        )
+        view = PairedView(view, source_view)
     val_loader = None
     if validation is not None:
         val_view = ValidationView(validation, domain, label_space, config.mean, config.std, config.scale)

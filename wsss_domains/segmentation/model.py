@@ -41,6 +41,9 @@ TRAINING_METHODS = {
     "carb": "CARB (Kim et al., AAAI 2024): cross-entropy, then after a third of the budget the pixels where the"
     " segmenter agrees with the pseudo-label and those where it disagrees as two losses, the second weighted"
     " adaptively by their ratio; with a CLIP, also MaskCLIP labels of a random upscaled patch (its local view)",
+    "das": "Das et al. (CVPR 2023): domain adaptation from an annotated source dataset (--source-data): source"
+    " cross-entropy, a mean teacher's confident labels of the target under ClassMix, image-level loss on the"
+    " target crops' classes, per-domain class prototypes and prototypical contrast across domains",
 }
 DEFAULT_TRAINING = "cross-entropy"
 
@@ -70,6 +73,8 @@ class SegmenterConfig:
     data: str | None = None
     split: str | None = None
     seed: int = 0
+    # Das et al.'s annotated source dataset: data, dataset, split and the class map (None: not used).
+    source: dict[str, object] | None = None
 
     def save(self, folder: Path) -> None:
         text = json.dumps(asdict(self), indent=2)

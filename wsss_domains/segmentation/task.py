@@ -56,11 +56,15 @@ class SegmenterTask(L.LightningModule):
         self.val_iou.update(logits.argmax(1), batch["mask"])
         self.log("val/miou", self.val_iou, on_step=False, on_epoch=True, batch_size=batch["mask"].shape[0])
 
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trained parameters outside the saved network (a training method's own heads), at the decoder's rate."""
+        return []
+
     def configure_optimizers(self) -> Any:
         networks = getattr(self.model, "networks", (self.model,))  # a co-trained pair has two encoders
         encoder = [p for network in networks for p in network.encoder.parameters()]
         ids = {id(p) for p in encoder}
-        others = [p for p in self.model.parameters() if id(p) not in ids]
+        others = [p for p in self.model.parameters() if id(p) not in ids] + self.extra_parameters()
         encoder_lr = self.lr * self.encoder_lr_mult
         return torch.optim.AdamW(
             [
