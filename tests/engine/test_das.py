@@ -272,6 +272,24 @@ def tiny_segmenter() -> nn.Module:
     return build_segmenter(config)
 
 
+def test_before_the_warm_up_only_the_source_and_mixed_cross_entropies_count():
+    torch.manual_seed(0)
+    task = DasTask(tiny_segmenter(), 3, IGNORE)
+    logged: dict[str, torch.Tensor] = {}
+    task.log = lambda name, value, **kwargs: logged.__setitem__(name, value)  # type: ignore[method-assign]
+    batch = {key: torch.randn(2, 3, 64, 64) for key in ("image", "source_image")}
+    batch |= {key: torch.randint(0, 3, (2, 64, 64)) for key in ("mask", "source_mask")}
+    task.training_progress = 0.05  # official: iteration 7,500 of 150,000, before 10,000
+    loss = task.training_step(batch, 0)
+    assert set(logged) == {"train/loss", "train/seg_source", "train/seg_mixed"}
+    assert torch.allclose(loss, logged["train/seg_source"] + logged["train/seg_mixed"])
+    task.training_progress = 0.07
+    logged.clear()
+    loss = task.training_step(batch, 0)
+    parts = ("seg_source", "seg_mixed", "image_level", "contrast")
+    assert torch.allclose(loss, sum(logged[f"train/{p}"] for p in parts))
+
+
 def test_a_step_trains_student_and_projection_only():
     torch.manual_seed(0)
     task = DasTask(tiny_segmenter(), 3, IGNORE)
