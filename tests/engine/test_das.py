@@ -308,6 +308,8 @@ def test_a_step_trains_student_and_projection_only():
     assert task.representation.weight.grad is not None and task.representation.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in task.teacher.parameters())
     assert task.source_prototypes.abs().sum() > 0  # every source class of the batch has its prototype
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed precision (CUDA's 16-mixed runs the same code)
+        assert torch.isfinite(task.training_step(batch, 1))
     groups = task.configure_optimizers().param_groups
     optimised = {id(p) for group in groups for p in group["params"]}
     assert id(task.representation.weight) in optimised

@@ -80,7 +80,9 @@ def image_level_loss(logits: Tensor, classes: Tensor, valid: Tensor | None = Non
         flat = flat.masked_fill(~keep, float("-inf"))
         count = keep.sum(-1).clamp(min=1).to(flat.dtype)[:, 0]
     pooled = torch.logsumexp(flat, 2) - count.log()[:, None]
-    return F.binary_cross_entropy(torch.sigmoid(pooled), classes.float())
+    # F.binary_cross_entropy written out (logs clamped at -100 as it does): it refuses to run under autocast.
+    p, y = torch.sigmoid(pooled), classes.float()
+    return -(y * p.log().clamp(min=-100) + (1 - y) * (1 - p).log().clamp(min=-100)).mean()
 
 
 @torch.no_grad()
