@@ -85,6 +85,7 @@ def main() -> None:
     )
     p.add_argument("--segmenter-minutes", type=float, default=10.0)
     p.add_argument("--source-data", type=Path, help="das: an annotated source dataset's folder")
+    p.add_argument("--source-domain", help="das: the domain plugin that reads it (default: the job's)")
     p.add_argument("--source-dataset", help="das: its loader")
     p.add_argument("--source-split", help="das: its split")
     p.add_argument(
@@ -93,7 +94,7 @@ def main() -> None:
     args = p.parse_args()
     source = {
         key: getattr(args, key)
-        for key in ("source_data", "source_dataset", "source_split", "source_classes")
+        for key in ("source_data", "source_domain", "source_dataset", "source_split", "source_classes")
         if getattr(args, key) is not None
     }
 

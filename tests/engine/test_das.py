@@ -355,10 +355,12 @@ def test_segment_with_das_learns_from_an_annotated_source(tmp_path: Path, capsys
     assert main([str(a) for a in [*common, "--out", seg, "--source-data", root]]) != 0
     assert "is for --seg-training das" in capsys.readouterr().err
     args = [*common, "--out", seg, "--seg-training", "das", "--source-data", root, "--source-split", "val"]
+    args += ["--source-domain", fakes.FAKE_DOMAIN]
     assert main([str(a) for a in [*args, "--max-steps", "4", "--no-progress"]]) == 0
     config = json.loads((seg / "segmenter.json").read_text())
     assert config["training"] == "das"
     assert config["source"]["split"] == "val" and config["source"]["classes"] == {}
+    assert config["source"]["domain"] == fakes.FAKE_DOMAIN
     log = (seg / "logs" / "metrics.csv").read_text()
     assert "train/seg_source" in log and "train/contrast" in log and "train/image_level" in log
     _, model = load_segmenter(seg)  # the student alone, as any segmenter

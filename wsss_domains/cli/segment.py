@@ -22,6 +22,7 @@ SEGMENTER_NETWORK = SettingsArguments(
         "carb_clip_model",
         "carb_clip_weights",
         "source_data",
+        "source_domain",
         "source_dataset",
         "source_split",
         "source_classes",

@@ -77,6 +77,11 @@ class SegmenterSettings(TrainOptions):
         None,
         help="das: an annotated source dataset's folder (its masks supervise; the domain's loaders read it)",
     )
+    source_domain: str | None = setting(
+        None,
+        help="das: the domain plugin whose loaders read the source (default: the run's; 'custom' reads the"
+        " generic folder format)",
+    )
     source_dataset: str | None = setting(None, help="das: the source's loader name (default: recognised)")
     source_split: str | None = setting(None, help="das: the source's split (default: the loader's)")
     source_classes: str | None = setting(
@@ -105,9 +110,8 @@ class SegmenterSettings(TrainOptions):
         uses_source = self.training == "das"
         if uses_source and self.source_data is None:
             raise UserError("--seg-training das needs --source-data (an annotated source dataset)")
-        given = [
-            f for f in ("source_data", "source_dataset", "source_split", "source_classes") if getattr(self, f)
-        ]
+        names = ("source_data", "source_domain", "source_dataset", "source_split", "source_classes")
+        given = [f for f in names if getattr(self, f)]
         if given and not uses_source:
             raise UserError(f"--{given[0].replace('_', '-')} is for --seg-training das")
         if self.source_classes:
@@ -268,14 +272,16 @@ def _open_source(
     from wsss_domains.segmentation.source_domain import SourceDomainDataset, class_lookup, parse_class_map
 
     assert settings.source_data is not None
+    domain = settings.source_domain or run.domain
     opened = open_dataset(
-        run.domain, settings.source_dataset, settings.source_data, settings.source_split,
-        domain_options=run.domain_options,
+        domain, settings.source_dataset, settings.source_data, settings.source_split,
+        domain_options=run.domain_options if domain == run.domain else None,
     )  # fmt: skip
     mapping = parse_class_map(settings.source_classes)
     lookup = class_lookup(opened.label_space, label_space, mapping)
     record: dict[str, object] = {
         "data": str(Path(settings.source_data).resolve()),
+        "domain": domain,
         "dataset": opened.spec.name,
         "split": opened.split,
         "classes": mapping,
