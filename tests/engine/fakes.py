@@ -18,10 +18,11 @@ careful real loader does: errors name the offending file.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -158,6 +159,30 @@ def register() -> None:
 
 def unregister() -> None:
     DOMAINS.unregister(FAKE_DOMAIN)
+
+
+def pseudo_labelled_run(folder: Path, *pseudo_label_options: str) -> tuple[Path, Path, Path]:
+    """``(data, run, pseudo-labels)``: a shapes dataset, a classifier trained two steps on its train split
+    with the tiny test backbone, and that split's pseudo-labels (the start of every segmenter test)."""
+    from wsss_domains.cli import main
+
+    root = write_shapes(folder / "data", n_train=4, n_val=2)
+    run, pl = folder / "run", folder / "pl"
+    fast = ["--backbone", FAST_BACKBONE, "--weights", "random", "--image-size", "32", "--batch-size", "2"]
+    fast += ["--max-steps", "2", "--device", "cpu", "--no-progress"]
+    assert main(["train", "--domain", FAKE_DOMAIN, "--data", str(root), "--out", str(run), *fast]) == 0
+    args = ["pseudo-labels", "--run", str(run), "--data", str(root), "--split", "train", "--out", str(pl)]
+    assert main([*args, "--no-progress", *pseudo_label_options]) == 0
+    return root, run, pl
+
+
+@pytest.fixture(scope="module")
+def fake_domain() -> Iterator[None]:
+    """The fake domain registered for one test module: ``pytestmark = pytest.mark.usefixtures("fake_domain")``
+    with ``from fakes import fake_domain``."""
+    register()
+    yield
+    unregister()
 
 
 # -- on-disk fixture data --------------------------------------------------------------------

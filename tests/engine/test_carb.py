@@ -155,16 +155,9 @@ def test_plain_cross_entropy_until_the_warm_up_ends():
     )
 
 
-FAST = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32", "--batch-size", "2"]
-FAST += ["--max-steps", "2", "--device", "cpu", "--no-progress"]
-
-
 def test_segment_with_carb_logs_its_weight(tmp_path: Path):
-    root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=2)
-    run, pl, seg = tmp_path / "run", tmp_path / "pl", tmp_path / "seg"
-    assert main(["train", "--domain", fakes.FAKE_DOMAIN, "--data", str(root), "--out", str(run), *FAST]) == 0
-    args = ["pseudo-labels", "--run", run, "--data", root, "--split", "train", "--out", pl, "--no-progress"]
-    assert main([str(a) for a in args]) == 0
+    root, run, pl = fakes.pseudo_labelled_run(tmp_path)
+    seg = tmp_path / "seg"
     args = ["segment", "--run", run, "--pseudo-labels", pl, "--data", root, "--split", "train", "--out", seg]
     args += ["--arch", "fpn", "--encoder-weights", "random", "--seg-batch-size", "2", "--max-steps", "4"]
     assert main([str(a) for a in [*args, "--seg-training", "carb", "--device", "cpu", "--no-progress"]]) == 0
@@ -184,11 +177,8 @@ def test_segment_with_carb_and_a_clip_local_view(tmp_path: Path, monkeypatch):
         ),
     )
     weights, _ = save_tiny_clip(tmp_path, "wsss-tiny-carb", seed=1)
-    root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=2)
-    run, pl, seg = tmp_path / "run", tmp_path / "pl", tmp_path / "seg"
-    assert main(["train", "--domain", fakes.FAKE_DOMAIN, "--data", str(root), "--out", str(run), *FAST]) == 0
-    args = ["pseudo-labels", "--run", run, "--data", root, "--split", "train", "--out", pl, "--no-progress"]
-    assert main([str(a) for a in args]) == 0
+    root, run, pl = fakes.pseudo_labelled_run(tmp_path)
+    seg = tmp_path / "seg"
     common = ["segment", "--run", run, "--pseudo-labels", pl, "--data", root, "--split", "train"]
     common += ["--arch", "fpn", "--encoder-weights", "random", "--seg-batch-size", "2", "--max-steps", "3"]
     common += [

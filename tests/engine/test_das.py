@@ -6,12 +6,12 @@ written out here on the CPU; then the source-domain data and ``segment --seg-tra
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import fakes
 import pytest
 import torch
+from fakes import fake_domain  # noqa: F401  (the module's fixture)
 from torch import nn
 from torch.nn import functional as F
 
@@ -33,11 +33,7 @@ from wsss_domains.segmentation.source_domain import class_lookup, parse_class_ma
 IGNORE = 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fake_domain() -> Iterator[None]:
-    fakes.register()
-    yield
-    fakes.unregister()
+pytestmark = pytest.mark.usefixtures("fake_domain")
 
 
 # --- transcriptions of the official functions (``.cuda()`` dropped) ------------------------------
@@ -338,16 +334,9 @@ def test_source_classes_map_by_name_or_explicitly():
         parse_class_map("building:urban")
 
 
-FAST = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size", "32", "--batch-size", "2"]
-FAST += ["--max-steps", "2", "--device", "cpu", "--no-progress"]
-
-
 def test_segment_with_das_learns_from_an_annotated_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=2)
-    run, pl, seg = tmp_path / "run", tmp_path / "pl", tmp_path / "seg"
-    assert main(["train", "--domain", fakes.FAKE_DOMAIN, "--data", str(root), "--out", str(run), *FAST]) == 0
-    args = ["pseudo-labels", "--run", run, "--data", root, "--split", "train", "--out", pl, "--no-progress"]
-    assert main([str(a) for a in args]) == 0
+    root, run, pl = fakes.pseudo_labelled_run(tmp_path)
+    seg = tmp_path / "seg"
     common = ["segment", "--run", run, "--pseudo-labels", pl, "--data", root, "--split", "train"]
     common += ["--arch", "fpn", "--encoder-weights", "random", "--seg-batch-size", "2", "--device", "cpu"]
     assert main([str(a) for a in [*common, "--out", seg, "--seg-training", "das"]]) != 0
