@@ -133,9 +133,15 @@ def test_one_domain_two_methods_writes_table_json_and_heatmap(tmp_path, data_roo
         assert set(c["per_class_iou"]) == {"background", "red", "blue"}
         assert c["n_images"] == 3 and c["pseudo_labels"]["written"] == 3
         assert c["wall_seconds"] == pytest.approx(c["train_seconds"] + c["pseudo_label_seconds"])
+        if Path("/proc/self/clear_refs").exists():  # peak memory per stage, measured (Linux)
+            train_peak, pl_peak = c["train_peak_rss_bytes"], c["pseudo_label_peak_rss_bytes"]
+            assert 10**7 < train_peak < 10**11 and 10**7 < pl_peak < 10**11
+            assert c["peak_rss_bytes"] == max(train_peak, pl_peak)
+        assert c["peak_gpu_bytes"] is None  # cpu
     # par is post-hoc: it reuses the cam run (same training time) and only one run was trained.
     assert par["trained_with"] == "cam" and par["train_run"] == cam["train_run"] == "runs/fake__cam"
     assert par["train_seconds"] == cam["train_seconds"]
+    assert par["train_peak_rss_bytes"] == cam["train_peak_rss_bytes"]  # the shared run's peak
     assert [p.name for p in (out / "runs").iterdir()] == ["fake__cam"]
     assert par["gain_vs_cam"] == pytest.approx(par["miou"] - cam["miou"])
     assert "--max-minutes 1" in cam["train_command"] and "--max-steps 2" in cam["train_command"]
@@ -150,7 +156,7 @@ def test_one_domain_two_methods_writes_table_json_and_heatmap(tmp_path, data_roo
     assert f"{matrix['machine']['nproc']} usable CPUs" in md and matrix["machine"]["cpu_model"] in md
     assert f"| `cam` | {100 * cam['miou']:.1f} (base) |" in md
     assert f"| `par` | {100 * par['miou']:.1f} ({100 * (par['miou'] - cam['miou']):+.1f}) |" in md
-    assert "## Where methods hurt" in md and "## Wall time" in md
+    assert "## Where methods hurt" in md and "## Wall time" in md and "## Peak memory" in md
     if par["miou"] < cam["miou"]:
         assert f"`par` on `{DOMAIN}`" in md
 
@@ -207,6 +213,10 @@ def test_training_killed_after_its_checkpoint_is_resumed_not_restarted(
     state = json.loads((run / "bench-train.json").read_text())
     assert (run / "checkpoints" / "last.ckpt").is_file() and not state["done"] and state["attempts"] == 1
     assert not (out / "cells").exists()
+    if Path("/proc/self/clear_refs").exists():
+        assert state["peak_rss_bytes"] > 10**7  # measured though the attempt was interrupted
+    # Peak memory over attempts is the largest one: pretend the first attempt needed 1 TB.
+    (run / "bench-train.json").write_text(json.dumps(state | {"peak_rss_bytes": 10**12}))
 
     monkeypatch.setattr(bench_matrix, "train_classifier", real)
     before = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
@@ -216,6 +226,8 @@ def test_training_killed_after_its_checkpoint_is_resumed_not_restarted(
     state = json.loads((run / "bench-train.json").read_text())
     assert state["done"] and state["attempts"] == 2
     assert cell(out, "cam")["train_seconds"] == pytest.approx(state["seconds"])
+    if Path("/proc/self/clear_refs").exists():
+        assert state["peak_rss_bytes"] == cell(out, "cam")["train_peak_rss_bytes"] == 10**12
     # Resumed at the step cap from last.ckpt: a restart would have trained and rewritten it.
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
 
@@ -278,6 +290,10 @@ def ok(method: str, miou: float, **per_class: float) -> dict[str, Any]:
         "train_seconds": 60.0,
         "pseudo_label_seconds": 5.0,
         "wall_seconds": 65.0,
+        "train_peak_rss_bytes": 1_500_000_000,
+        "pseudo_label_peak_rss_bytes": 800_000_000,
+        "peak_rss_bytes": 1_500_000_000,
+        "peak_gpu_bytes": None,
     }
 
 
@@ -330,6 +346,16 @@ def test_report_tables_and_heatmap_from_hand_values(tmp_path):
     assert "- `sepl` on `d1`: FileNotFoundError: no SAM checkpoint" in md
     assert "- `cam` on `d2`: ValueError: boom" in md
     assert "| `par` | 60.0 + 5.0 = 65.0 | 60.0 + 5.0 = 65.0 |" in md
+    assert "## Peak memory" in md and "| `par` | 1.50 / 0.80 | 1.50 / 0.80 |" in md
+    assert "| `sepl` | — | — |" in md.split("## Peak memory")[1]
+    # A cell finished before bench measured memory, and one that used a GPU.
+    older = {k: v for k, v in ok("cam", 0.4).items() if "peak" not in k}
+    gpu = ok("par", 0.4) | {"peak_gpu_bytes": 3_210_000_000, "pseudo_label_peak_rss_bytes": None}
+    mixed = build_matrix(
+        {"d1": {"cam": older, "par": gpu}}, ["d1"], ["cam", "par"], "cmd", machine, presets, 3.0
+    )
+    memory = render_markdown(mixed).split("## Peak memory")[1]
+    assert "| `cam` | not recorded |" in memory and "| `par` | 1.50 / ? (GPU 3.21) |" in memory
     assert "2 usable CPUs (nproc; 64 on the host), Test CPU" in md
     json.dumps(matrix, allow_nan=False)  # matrix.json never holds NaN
 
@@ -354,6 +380,8 @@ def test_matrix_html_holds_comparison_costs_heatmap_and_machine(tmp_path):
     page = paths["html"].read_text()
     assert '<span class="bad">-10.0</span>' in page and '<span class="good">+5.0</span>' in page
     assert '<th class="num">training s</th>' in page and '<th class="num">wall s</th>' in page
+    assert '<th class="num">peak memory GB</th>' in page and ">1.50</td>" in page
+    assert '<th class="num">peak GPU GB</th>' not in page  # no cell used a GPU
     assert '<th class="num">scoring s</th>' not in page  # a cost no cell has gets no column
     assert "<li><code>crf</code> on <code>d1</code>: -10.0 mIoU points" in page  # where methods hurt
     assert "FileNotFoundError: no SAM checkpoint" in page  # failed cells

@@ -38,10 +38,11 @@ def test_columns_cut_from_one_pool_are_folded_and_fixed_splits_repeat_over_seeds
         expand({"a": pooled}, ["a"], folds=2, seeds=[])
 
 
-def _cell(confusion: list[list[int]], seconds: float = 1.0) -> dict:
+def _cell(confusion: list[list[int]], seconds: float = 1.0, peak: int | None = 10**9) -> dict:
     report = EvaluationReport.from_confusion(torch.tensor(confusion), ("bg", "x"), [0, 1], n_images=2)
     return {"status": "ok", "evaluation": report.to_dict(), "train_seconds": seconds,
-            "pseudo_label_seconds": seconds, "wall_seconds": 2 * seconds}  # fmt: skip
+            "pseudo_label_seconds": seconds, "wall_seconds": 2 * seconds, "train_peak_rss_bytes": peak,
+            "pseudo_label_peak_rss_bytes": peak, "peak_rss_bytes": peak, "peak_gpu_bytes": None}  # fmt: skip
 
 
 def _miou(confusion: list[list[int]]) -> float:
@@ -86,6 +87,11 @@ def test_cells_pool_the_folds_of_a_seed_then_average_over_seeds_with_paired_gain
     assert out["par"]["gain_sd"] == pytest.approx(statistics.stdev(gains))
     assert out["par"]["wall_seconds"] == pytest.approx(6.0) and out["par"]["n_images"] == 4
     assert set(out["par"]["per_class_gain_vs_cam"]) == {"bg", "x"}
+    assert out["par"]["peak_rss_bytes"] == 10**9 and out["par"]["peak_gpu_bytes"] is None
+    cells["a#f1s1"]["par"]["peak_rss_bytes"] = 3 * 10**9  # the most any replicate needed
+    assert aggregate(cells, replicates, ["cam", "par"], "cam")["a"]["par"]["peak_rss_bytes"] == 3 * 10**9
+    cells["a#f2s0"]["par"]["peak_rss_bytes"] = None  # one unmeasured replicate: unknown
+    assert aggregate(cells, replicates, ["cam", "par"], "cam")["a"]["par"]["peak_rss_bytes"] is None
     cells["a#f2s1"]["par"] = {"status": "failed", "error": "boom"}
     failed = aggregate(cells, replicates, ["cam", "par"], "cam")["a"]["par"]
     assert failed["status"] == "failed" and "1 of 4 replicates failed; a#f2s1: boom" in failed["error"]

@@ -38,7 +38,8 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         description=(
             "For every (domain, method) cell: train within the budget (post-hoc methods reuse the domain's "
             "plain-CAM run), pseudo-label the domain's scoring split (a hold-out of its development data), "
-            "evaluate. Writes cells/<domain>__<method>.json as each cell finishes, then matrix.md, "
+            "evaluate; each cell records its wall time and the peak memory of its training and of its "
+            "pseudo-labelling. Writes cells/<domain>__<method>.json as each cell finishes, then matrix.md, "
             "matrix.json, heatmap.png and the self-contained matrix.html. Re-running with the same --out skips finished cells and resumes "
             "unfinished training from its checkpoint. A failing cell is recorded and the matrix goes on. "
             f"Built-in domain presets: {', '.join(DEFAULT_PRESETS)} (--presets FILE.yaml for your own)."

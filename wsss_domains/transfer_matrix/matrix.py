@@ -34,6 +34,7 @@ from wsss_domains.data.io import atomic_write
 from wsss_domains.errors import UserError
 from wsss_domains.methods import method_class
 from wsss_domains.methods.base import trains
+from wsss_domains.peak_memory import larger, peak_memory
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 from wsss_domains.pipeline.pseudo_labels import pseudo_label_and_score
 from wsss_domains.progress import progress_bars
@@ -208,6 +209,14 @@ class TrainedRun:
     method: str
     seconds: float
     command: str
+    # Peak memory of training (largest over its attempts); None where not measured.
+    peak_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+
+
+def _trained(run: Path, method: str, command: str, state: Mapping[str, Any]) -> TrainedRun:
+    peaks = (state.get("peak_rss_bytes"), state.get("peak_gpu_bytes"))
+    return TrainedRun(run, method, float(state["seconds"]), command, *peaks)
 
 
 def ensure_trained(
@@ -217,7 +226,8 @@ def ensure_trained(
 
     ``bench-train.json`` is written before each attempt (so even a hard kill leaves the run's
     settings to check on resume) and after it; training time accumulates over attempts, and only
-    a hard kill loses the time of the attempt it ended.
+    a hard kill loses the time of the attempt it ended. Peak memory is the largest over the
+    attempts, unknown if any attempt went unmeasured.
     """
     run = Path(settings.out) / RUNS_DIR / cell_name(domain, method)
     argv = train_argv(preset, method, run, settings)
@@ -229,26 +239,30 @@ def ensure_trained(
         state = json.loads(state_path.read_text())
         _check_same(run, state["config"], config)
         if state["done"] and (run / "model.pt").is_file():
-            return TrainedRun(run, method, float(state["seconds"]), command)
+            return _trained(run, method, command, state)
     log(("resuming" if state["attempts"] else "training") + f" {run.name}: {command}")
+    first_attempt = state["attempts"] == 0
     state["attempts"] += 1
     _write_json(state_path, state)
     start = time.perf_counter()
     try:
-        train_classifier(
-            preset.domain,
-            preset.data(settings.data_root),
-            run,
-            split=preset.train_split,
-            dataset=preset.dataset,
-            settings=train_settings(preset, method, settings),
-            domain_options=preset.domain_options,
-        )
+        with peak_memory(settings.device) as measured:
+            train_classifier(
+                preset.domain,
+                preset.data(settings.data_root),
+                run,
+                split=preset.train_split,
+                dataset=preset.dataset,
+                settings=train_settings(preset, method, settings),
+                domain_options=preset.domain_options,
+            )
         state["done"] = True
     finally:
         state["seconds"] = float(state["seconds"]) + time.perf_counter() - start
+        for key, value in (("peak_rss_bytes", measured.rss_bytes), ("peak_gpu_bytes", measured.gpu_bytes)):
+            state[key] = value if first_attempt else larger(state.get(key), value)
         _write_json(state_path, state)
-    return TrainedRun(run, method, float(state["seconds"]), command)
+    return _trained(run, method, command, state)
 
 
 def _write_json(path: Path, data: Mapping[str, Any]) -> None:
@@ -302,22 +316,23 @@ def run_cell(
             log(f"{pseudo}: left by a run with other settings, cleared")
             shutil.rmtree(pseudo)
         _write_json(state, config)
-        scored = pseudo_label_and_score(
-            trained.run,
-            preset.domain,
-            preset.dataset,
-            preset.data(settings.data_root),
-            preset.score_split,
-            pseudo,
-            score=True,
-            labels_from_masks=preset.score_labels_from_masks,
-            method_name=method,
-            options=dict(settings.method_options.get(method, {})),
-            cam=CamSettings(scales=preset.scales),
-            overlays=False,
-            device=settings.device,
-            dataset_options=preset.score_options(),
-        )
+        with peak_memory(settings.device) as pl_peak:
+            scored = pseudo_label_and_score(
+                trained.run,
+                preset.domain,
+                preset.dataset,
+                preset.data(settings.data_root),
+                preset.score_split,
+                pseudo,
+                score=True,
+                labels_from_masks=preset.score_labels_from_masks,
+                method_name=method,
+                options=dict(settings.method_options.get(method, {})),
+                cam=CamSettings(scales=preset.scales),
+                overlays=False,
+                device=settings.device,
+                dataset_options=preset.score_options(),
+            )
         assert scored.report is not None
         summary, report, pl_seconds = scored.summary, scored.report, scored.pseudo_label_seconds
         evaluation = report.to_dict()
@@ -335,6 +350,11 @@ def run_cell(
         evaluate_seconds=scored.evaluate_seconds,
         # Wall time of the cell as a user would pay it alone: its training plus its pseudo-labels.
         wall_seconds=float(cell["train_seconds"]) + pl_seconds,
+        # Peak memory (bytes) of each stage and of the cell; None where not measured (see peak_memory).
+        train_peak_rss_bytes=trained.peak_rss_bytes,
+        pseudo_label_peak_rss_bytes=pl_peak.rss_bytes,
+        peak_rss_bytes=larger(trained.peak_rss_bytes, pl_peak.rss_bytes),
+        peak_gpu_bytes=larger(trained.peak_gpu_bytes, pl_peak.gpu_bytes),
         pseudo_labels={
             "written": summary.written,
             # Images written by an interrupted earlier attempt: their time is not in the figure.

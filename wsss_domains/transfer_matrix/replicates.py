@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -99,6 +99,15 @@ def _per_seed(cells: Mapping[str, Any], replicates: Sequence[Replicate]) -> dict
     return {s: _pooled([cells[r.name]["evaluation"] for r in replicates if r.seed == s]) for s in seeds}
 
 
+PEAK_KEYS = ("train_peak_rss_bytes", "pseudo_label_peak_rss_bytes", "peak_rss_bytes", "peak_gpu_bytes")
+
+
+def _largest(values: Iterable[int | None]) -> int | None:
+    given = list(values)
+    known = [v for v in given if v is not None]
+    return max(known) if known and len(known) == len(given) else None
+
+
 def aggregate(
     cells: Mapping[str, Mapping[str, Mapping[str, Any]]],
     replicates: Mapping[str, Sequence[Replicate]],
@@ -144,6 +153,8 @@ def aggregate(
                     key: statistics.mean(float(c[key]) for c in found)
                     for key in ("train_seconds", "pseudo_label_seconds", "wall_seconds")
                 },
+                # Peak memory: the most any replicate needed (unknown if one went unmeasured).
+                **{key: _largest(c.get(key) for c in found) for key in PEAK_KEYS},
                 "trained_with": found[0].get("trained_with"),
                 "evaluation": _pooled([c["evaluation"] for c in found]).to_dict(),
             }

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,22 @@ def _seconds(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
 
 
+def _gigabytes(value: float | None) -> str:
+    return "?" if value is None else f"{value / 1e9:.2f}"
+
+
+def _memory_cell(cell: Cell | None) -> str:
+    """Peak memory in GB: training / pseudo-labelling (and the GPU's peak where one was used)."""
+    if not _ok(cell):
+        return "—"
+    assert cell is not None
+    if "peak_rss_bytes" not in cell:
+        return "not recorded"
+    text = f"{_gigabytes(cell['train_peak_rss_bytes'])} / {_gigabytes(cell['pseudo_label_peak_rss_bytes'])}"
+    gpu = cell.get("peak_gpu_bytes")
+    return text + (f" (GPU {_gigabytes(gpu)})" if gpu is not None else "")
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
@@ -222,6 +238,20 @@ def render_markdown(matrix: Mapping[str, Any]) -> str:
     lines += _table(
         ["method", *domains],
         [[f"`{me}`", *(_time_cell(cells[d].get(me)) for d in domains)] for me in methods],
+    )
+    lines += [
+        "",
+        "## Peak memory",
+        "",
+        "Peak resident memory of the bench process in GB (10^9 bytes), training / pseudo-labelling, "
+        "each stage measured on its own; in brackets the peak GPU memory the allocator held, where a "
+        "GPU was used. Post-hoc methods show the shared plain-CAM training's peak. `?`: a stage this "
+        "platform could not measure; `not recorded`: a cell finished before bench measured memory.",
+        "",
+    ]
+    lines += _table(
+        ["method", *domains],
+        [[f"`{me}`", *(_memory_cell(cells[d].get(me)) for d in domains)] for me in methods],
     )
     lines += ["", "## Data", ""]
     rows = []
@@ -304,12 +334,14 @@ def plot_heatmap(matrix: Mapping[str, Any], path: Path | str) -> Path:
 
 # -- HTML --------------------------------------------------------------------------------------
 
-# Cost columns of a cell, shown where some cell of the matrix has them.
-COST_COLUMNS = (
-    ("train_seconds", "training s"),
-    ("pseudo_label_seconds", "pseudo-labelling s"),
-    ("evaluate_seconds", "scoring s"),
-    ("wall_seconds", "wall s"),
+# Cost columns of a cell (key, title, format), shown where some cell of the matrix has them.
+COST_COLUMNS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("train_seconds", "training s", _seconds),
+    ("pseudo_label_seconds", "pseudo-labelling s", _seconds),
+    ("evaluate_seconds", "scoring s", _seconds),
+    ("wall_seconds", "wall s", _seconds),
+    ("peak_rss_bytes", "peak memory GB", _gigabytes),
+    ("peak_gpu_bytes", "peak GPU GB", _gigabytes),
 )
 
 
@@ -340,7 +372,7 @@ def render_html(matrix: Mapping[str, Any], heatmap: Path | None = None) -> str:
         [tag("code", m), *(_grid_cell(cells[d].get(m), gains[d].get(m), m) for d in domains)] for m in methods
     ]
     ok_cells = [c for d in domains for c in cells[d].values() if _ok(c)]
-    costs = [(key, title) for key, title in COST_COLUMNS if any(key in c for c in ok_cells)]
+    costs = [column for column in COST_COLUMNS if any(c.get(column[0]) is not None for c in ok_cells)]
     counted = any("n_images" in c for c in ok_cells)
     detail = []
     for d in domains:
@@ -355,7 +387,7 @@ def render_html(matrix: Mapping[str, Any], heatmap: Path | None = None) -> str:
                     tag("code", m),
                     f"{100 * c['miou']:.1f}" if ok and c.get("miou") is not None else "\u2014",
                     _gain_cell(gains[d].get(m), m) if ok else "\u2014",
-                    *(_seconds(float(c[k])) if ok and k in c else "\u2014" for k, _ in costs),
+                    *(show(c[k]) if ok and c.get(k) is not None else "\u2014" for k, _, show in costs),
                     *([str(c.get("n_images", "")) if ok else ""] if counted else []),
                     "ok" if ok else tag("span", "failed", class_="bad"),
                 ]
@@ -392,7 +424,7 @@ def render_html(matrix: Mapping[str, Any], heatmap: Path | None = None) -> str:
                     "method",
                     "mIoU %",
                     "gain (points)",
-                    *(t for _, t in costs),
+                    *(t for _, t, _ in costs),
                     *(["images"] if counted else []),
                     "status",
                 ],
