@@ -232,6 +232,27 @@ def test_training_killed_after_its_checkpoint_is_resumed_not_restarted(
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == before
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory needs Linux /proc")
+def test_training_killed_before_its_first_checkpoint_restarts_and_its_peak_is_measured_afresh(
+    tmp_path, data_root, monkeypatch
+):
+    out = tmp_path / "matrix"
+
+    def killed_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_matrix, "train_classifier", killed_at_once)
+    with pytest.raises(KeyboardInterrupt):
+        bench(out, data_root, "cam")
+    state_path = out / "runs" / "fake__cam" / "bench-train.json"
+    # As a version that did not measure memory would have left it.
+    state_path.write_text(json.dumps(json.loads(state_path.read_text()) | {"peak_rss_bytes": None}))
+    monkeypatch.undo()
+    assert bench(out, data_root, "cam") == 0
+    assert json.loads(state_path.read_text())["attempts"] == 2
+    assert cell(out, "cam")["train_peak_rss_bytes"] > 10**7
+
+
 def test_failing_cell_is_recorded_and_training_methods_get_their_own_run(tmp_path, data_root, capsys):
     out = tmp_path / "matrix"
     methods = f"par,{NeedsWeights.name},{ExtraLoss.name}"

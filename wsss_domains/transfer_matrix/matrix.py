@@ -227,7 +227,7 @@ def ensure_trained(
     ``bench-train.json`` is written before each attempt (so even a hard kill leaves the run's
     settings to check on resume) and after it; training time accumulates over attempts, and only
     a hard kill loses the time of the attempt it ended. Peak memory is the largest over the
-    attempts, unknown if any attempt went unmeasured.
+    attempts since the last start from scratch, unknown if one of them went unmeasured.
     """
     run = Path(settings.out) / RUNS_DIR / cell_name(domain, method)
     argv = train_argv(preset, method, run, settings)
@@ -241,7 +241,8 @@ def ensure_trained(
         if state["done"] and (run / "model.pt").is_file():
             return _trained(run, method, command, state)
     log(("resuming" if state["attempts"] else "training") + f" {run.name}: {command}")
-    first_attempt = state["attempts"] == 0
+    # Without a checkpoint training starts afresh, so earlier attempts' peaks do not count.
+    afresh = not (run / "checkpoints" / "last.ckpt").is_file()
     state["attempts"] += 1
     _write_json(state_path, state)
     start = time.perf_counter()
@@ -260,7 +261,7 @@ def ensure_trained(
     finally:
         state["seconds"] = float(state["seconds"]) + time.perf_counter() - start
         for key, value in (("peak_rss_bytes", measured.rss_bytes), ("peak_gpu_bytes", measured.gpu_bytes)):
-            state[key] = value if first_attempt else larger(state.get(key), value)
+            state[key] = value if afresh else larger(state.get(key), value)
         _write_json(state_path, state)
     return _trained(run, method, command, state)
 
