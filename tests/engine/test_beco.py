@@ -5,13 +5,13 @@ official code's definitions (``first-stage/irn/gen_mask.py``, ``datasets/transfo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import fakes
 import numpy as np
 import pytest
 import torch
+from fakes import fake_domain  # noqa: F401  (the module's fixture)
 from torch import nn
 
 import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
@@ -33,11 +33,7 @@ from wsss_domains.segmentation.model import load_segmenter
 IGNORE = 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fake_domain() -> Iterator[None]:
-    fakes.register()
-    yield
-    fakes.unregister()
+pytestmark = pytest.mark.usefixtures("fake_domain")
 
 
 def gen_mask_reference(scores: np.ndarray, pred: np.ndarray, thd: float = 0.5) -> np.ndarray:

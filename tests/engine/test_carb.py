@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import fakes
 import pytest
 import torch
+from fakes import fake_domain  # noqa: F401  (the module's fixture)
 from torch import nn
 from torch.nn import functional as F
 
@@ -19,11 +19,7 @@ from wsss_domains.segmentation.carb import CarbOptions, CarbTask
 IGNORE = 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fake_domain() -> Iterator[None]:
-    fakes.register()
-    yield
-    fakes.unregister()
+pytestmark = pytest.mark.usefixtures("fake_domain")
 
 
 class OfficialCarb:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import fakes
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from cli_helpers import assert_one_error, cli
+from fakes import fake_domain  # noqa: F401  (the module's fixture)
 from PIL import Image
 
 # Imported here, not first inside a capsys test: Lightning's log handler keeps the stderr it sees first.
@@ -23,11 +24,7 @@ FAST = ["--backbone", fakes.FAST_BACKBONE, "--weights", "random", "--image-size"
 FAST += ["--max-steps", "2", "--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fake_domain() -> Iterator[None]:
-    fakes.register()
-    yield
-    fakes.unregister()
+pytestmark = pytest.mark.usefixtures("fake_domain")
 
 
 @pytest.fixture

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import fakes
 import pytest
 import yaml
 from cli_helpers import assert_one_error, cli
+from fakes import fake_domain  # noqa: F401  (the module's fixture)
 
 # Imported here, not first inside a capsys test: Lightning's log handler keeps the stderr it sees first.
 import wsss_domains.training.fit  # noqa: F401
 from wsss_domains.cli import _parse, main
 
-
-@pytest.fixture(scope="module", autouse=True)
-def fake_domain() -> Iterator[None]:
-    fakes.register()
-    yield
-    fakes.unregister()
+pytestmark = pytest.mark.usefixtures("fake_domain")
 
 
 def write_yaml(path: Path, data: object) -> Path:

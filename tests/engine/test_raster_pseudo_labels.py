@@ -17,6 +17,7 @@ import pytest
 import rasterio
 import torch
 from cli_helpers import cli
+from fakes import fake_domain  # noqa: F401  (the module's fixture)
 from PIL import Image
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import from_origin
@@ -69,11 +70,7 @@ class Pixelwise(nn.Module):
         return {"logits": cams.amax(dim=(2, 3)) * 20 - 2, "cams": cams}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fake_domain() -> Iterator[None]:
-    fakes.register()
-    yield
-    fakes.unregister()
+pytestmark = pytest.mark.usefixtures("fake_domain")
 
 
 @pytest.fixture(scope="module", autouse=True)

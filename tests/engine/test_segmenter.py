@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import fakes
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from fakes import fake_domain  # noqa: F401  (the module's fixture)
 
 import wsss_domains.training.fit  # noqa: F401  (Lightning's log handler must see stderr first)
 from wsss_domains.cli import EXIT_USAGE, main
@@ -32,11 +32,7 @@ SEG_FAST = ["--arch", "fpn", "--encoder-weights", "random", "--seg-batch-size", 
 SEG_FAST += ["--device", "cpu", "--no-progress"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def fake_domain() -> Iterator[None]:
-    fakes.register()
-    yield
-    fakes.unregister()
+pytestmark = pytest.mark.usefixtures("fake_domain")
 
 
 def config(**overrides: object) -> SegmenterConfig:
