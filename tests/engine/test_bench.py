@@ -24,7 +24,12 @@ from wsss_domains.methods.registry import METHODS, register_method
 from wsss_domains.models.weights import WeightsNotFound
 from wsss_domains.options import MethodOptionError, OptionError
 from wsss_domains.transfer_matrix import matrix as bench_matrix
-from wsss_domains.transfer_matrix.cli import run_bench, scoped_domain_options, scoped_method_options
+from wsss_domains.transfer_matrix.cli import (
+    expand_method_groups,
+    run_bench,
+    scoped_domain_options,
+    scoped_method_options,
+)
 from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset, load_presets
 from wsss_domains.transfer_matrix.report import (
     build_matrix,
@@ -429,6 +434,17 @@ def test_unknown_method_or_domain_is_a_usage_error_listing_the_known_ones(capsys
     code = main(["bench", "--methods", "par", "--domains", "histo", "--data-root", str(tmp_path / "none")])
     assert code == EXIT_USAGE and "data of domain 'histo' not found" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_method_groups_expand_to_the_registrys_methods_of_their_kind():
+    known = ["cam", "par", "seam", "crf", ExtraLoss.name, NeedsWeights.name]
+    # seam and the extra-loss method train their own classifier; par, crf and needs-weights act post hoc.
+    assert expand_method_groups("par,training-time", known) == f"par,seam,{ExtraLoss.name}"
+    assert expand_method_groups("post-hoc", known) == f"cam,par,crf,{NeedsWeights.name}"
+    assert expand_method_groups("all, cam+par", known) == ",".join(known) + ",cam+par"
+    assert expand_method_groups("all", [*known, "all"]) == "all"  # a method of a group's name wins
+    args = build_parser().parse_args(["bench", "--methods", "cam,training-time", "--domains", "histo"])
+    assert args.methods == "cam,training-time"  # expanded at run time, against the registry then
 
 
 def test_method_options_are_scoped_and_checked():

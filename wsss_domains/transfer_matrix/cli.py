@@ -14,13 +14,25 @@ from wsss_domains.cli import command_help
 from wsss_domains.cli.common import CliError, resolve_device
 from wsss_domains.domains import domain_class
 from wsss_domains.methods import list_methods, method_class
-from wsss_domains.transfer_matrix.matrix import MatrixSettings, ordered_methods, run_matrix
+from wsss_domains.transfer_matrix.matrix import (
+    MatrixSettings,
+    ordered_methods,
+    run_matrix,
+    trains_own_model,
+)
 from wsss_domains.transfer_matrix.presets import DEFAULT_PRESETS, CellPreset, load_presets
 from wsss_domains.transfer_matrix.replicates import aggregate, expand, fold_pool
 from wsss_domains.transfer_matrix.report import BASELINE, build_matrix, machine_info, write_outputs
 
 DEFAULT_OUT = Path("runs") / "bench"
 MODEL_FLAGS = ("sam_checkpoint", "clip_model", "clip_weights")
+
+# Names --methods expands to every registered method of a kind (a method of the same name wins).
+METHOD_GROUPS = {
+    "training-time": "every method that trains its own classifier (SEAM, PPC, ...)",
+    "post-hoc": "every method that acts on the plain-CAM run at pseudo-label time",
+    "all": "every registered method",
+}
 
 
 def default_data_root() -> Path:
@@ -47,7 +59,11 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--methods", required=True, help="comma-separated methods; cam is always run as the baseline"
+        "--methods",
+        required=True,
+        help="comma-separated methods, or a group expanding to the registry's methods of that kind: "
+        + "; ".join(f"{name}: {what}" for name, what in METHOD_GROUPS.items())
+        + ". cam is always run as the baseline",
     )
     p.add_argument(
         "--domains", required=True, help=f"comma-separated domain presets ({', '.join(DEFAULT_PRESETS)})"
@@ -117,6 +133,18 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise CliError("--seeds names no seed")
     return seeds
+
+
+def expand_method_groups(text: str, known: Sequence[str]) -> str:
+    """``--methods`` with each group name (:data:`METHOD_GROUPS`) replaced by its methods, in registry order."""
+
+    def members(group: str) -> list[str]:
+        if group == "all":
+            return list(known)
+        return [m for m in known if trains_own_model(m) == (group == "training-time")]
+
+    parts = [n.strip() for n in text.split(",")]
+    return ",".join(",".join(members(n)) if n in METHOD_GROUPS and n not in known else n for n in parts if n)
 
 
 def parse_names(text: str, known: Sequence[str], what: str, chains: bool = False) -> list[str]:
@@ -234,7 +262,10 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
     """Validate, run every cell (resuming), rewrite the report after each; presets are injectable."""
     if getattr(args, "presets", None) is not None:
         presets = load_presets(args.presets)
-    methods = ordered_methods(parse_names(args.methods, list_methods(), "method", chains=True))
+    known = list_methods()
+    methods = ordered_methods(
+        parse_names(expand_method_groups(args.methods, known), known, "method", chains=True)
+    )
     domains = parse_names(args.domains, list(presets), "domain")
     if not args.budget_minutes > 0:
         raise CliError(f"--budget-minutes must be positive, got {args.budget_minutes:g}")
