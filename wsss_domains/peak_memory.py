@@ -7,11 +7,19 @@ start of a stage and read at its end, it is that stage's peak. On a CUDA device 
 own peak is reset and read the same way. Where neither works the figure is ``None`` (unknown),
 never a process-lifetime peak passed off as the stage's.
 
+The reset lowers the mark only to the memory resident at the block's start, which includes heap an
+earlier stage freed but the C allocator kept; so before resetting, garbage is collected and
+glibc is asked to hand free heap back (``malloc_trim``). What stays resident (imported modules,
+caches, fragments) still counts: a stage's figure is what the process held at its worst during it.
+
 Data-loading worker processes (``--num-workers``) are other processes and are not counted.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,7 +41,19 @@ class PeakMemory:
     gpu_bytes: int | None = None
 
 
+def _release_free_heap() -> None:
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):  # glibc only
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 def _reset_peak_rss() -> bool:
+    _release_free_heap()
     try:
         CLEAR_REFS.write_text(RESET_PEAK_RSS)
     except OSError:
