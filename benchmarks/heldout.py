@@ -26,7 +26,7 @@ import shutil
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -169,6 +169,21 @@ def finished_jobs(args: argparse.Namespace) -> Iterator[tuple[str, str, str, int
             if not (job / "report.json").is_file():
                 sys.exit(f"{job}: no finished heldout.py job here; run heldout.py first (or name --jobs)")
             yield name, train, test, seed, job, json.loads((job / "report.json").read_text())
+
+
+def cached_comparison(out: Path, compute: Callable[[], dict]) -> dict:
+    """A comparison on one job: ``out/report.json`` where an earlier invocation finished it, else
+    ``compute()``'s result with its wall time and the load at its start (time-budgeted training
+    does less on a busy machine), saved there."""
+    done = out / "report.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    load = list(os.getloadavg())
+    start = time.perf_counter()
+    result = {**compute(), "seconds": round(time.perf_counter() - start, 1), "load_at_start": load}
+    done.parent.mkdir(parents=True, exist_ok=True)
+    done.write_text(json.dumps(result, indent=2, default=str))
+    return result
 
 
 def dataset_options(job: Path) -> dict:

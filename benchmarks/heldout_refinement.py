@@ -16,7 +16,6 @@ A finished comparison (``refinement-<method>/report.json`` in the job) is reused
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ from heldout import (  # noqa: E402
     ROOT,
     STAGES,
     add_job_arguments,
+    cached_comparison,
     comparison_lines,
     dataset_options,
     finished_jobs,
@@ -46,25 +46,22 @@ def relabel(job: Path, report: dict, data: Path, train: str, test: str, method: 
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.pseudo_labels import pseudo_label_split
 
-    out = job / f"refinement-{method}"
-    done = out / "report.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     domain, dataset = report["domain"], report["dataset"]
     options = dataset_options(job)
-    load = list(os.getloadavg())
-    start = time.perf_counter()
-    scores = {}
-    for stage, split, folder in ((TRAIN, train, "train"), (TEST, test, "test")):
-        pseudo_label_split(job / "classifier", domain, dataset, data, split, out / folder, method_name=method,
-                           cam=CamSettings(cam_norm=report["recipe"]["cam_norm"]), overlays=False,
-                           dataset_options=options)  # fmt: skip
-        scores[stage] = evaluate_split(
-            domain, dataset, data, split, out / folder, dataset_options=options
-        ).to_dict()
-    result = {"scores": scores, "seconds": round(time.perf_counter() - start, 1), "load_at_start": load}
-    done.write_text(json.dumps(result, indent=2, default=str))
-    return result
+    out = job / f"refinement-{method}"
+
+    def compute() -> dict:
+        scores = {}
+        for stage, split, folder in ((TRAIN, train, "train"), (TEST, test, "test")):
+            pseudo_label_split(job / "classifier", domain, dataset, data, split, out / folder, method_name=method,
+                               cam=CamSettings(cam_norm=report["recipe"]["cam_norm"]), overlays=False,
+                               dataset_options=options)  # fmt: skip
+            scores[stage] = evaluate_split(
+                domain, dataset, data, split, out / folder, dataset_options=options
+            ).to_dict()
+        return {"scores": scores}
+
+    return cached_comparison(out, compute)
 
 
 def main() -> None:

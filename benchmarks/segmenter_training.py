@@ -31,6 +31,7 @@ from heldout import (  # noqa: E402
     ROOT,
     SEGMENTER,
     add_job_arguments,
+    cached_comparison,
     comparison_lines,
     dataset_options,
     finished_jobs,
@@ -53,28 +54,24 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 
     out = job / f"segmenter-{training}"
-    done = out / "report.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     preset = PRESETS[preset_name]
     options = dataset_options(job)
     saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
     settings = SegmenterSettings(
         **{**saved, "training": training, "rounds": 1, "max_minutes": minutes, "seed": seed, **(source or {})}
     )
-    load = list(os.getloadavg())
-    start = time.perf_counter()
-    fit_segmenter(job / "classifier", job / "pseudo-labels" / "train", data, out / "segmenter", split=train,
-                  dataset=preset.dataset, dataset_options=options, settings=settings)  # fmt: skip
-    predict_split(out / "segmenter", data, out / "predictions", split=test, dataset=preset.dataset)
-    evaluation = evaluate_split(preset.domain, preset.dataset, data, test, out / "predictions").to_dict()
-    result = {
-        "evaluation": evaluation,
-        "seconds": round(time.perf_counter() - start, 1),
-        "load_at_start": load,
-    }
-    done.write_text(json.dumps(result, indent=2, default=str))
-    return result
+
+    def compute() -> dict:
+        fit_segmenter(job / "classifier", job / "pseudo-labels" / "train", data, out / "segmenter", split=train,
+                      dataset=preset.dataset, dataset_options=options, settings=settings)  # fmt: skip
+        predict_split(out / "segmenter", data, out / "predictions", split=test, dataset=preset.dataset)
+        return {
+            "evaluation": evaluate_split(
+                preset.domain, preset.dataset, data, test, out / "predictions"
+            ).to_dict()
+        }
+
+    return cached_comparison(out, compute)
 
 
 def main() -> None:
