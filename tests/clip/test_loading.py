@@ -15,6 +15,7 @@ from wsss_domains.clip.loading import (
     resolve_clip_weights,
 )
 from wsss_domains.clip.tiny import tiny_model_config
+from wsss_domains.models.weights import WeightsNotFound
 
 
 @pytest.fixture
@@ -33,6 +34,7 @@ def test_missing_weights_is_one_clear_error(empty_caches, no_network):
     message = str(err.value)
     assert "--clip-weights PATH" in message and "ViT-B-16" in message and "\n" not in message
     assert err.value.exit_code == 2
+    assert isinstance(err.value, WeightsNotFound)  # bench shows such cells as "weights not available"
     with pytest.raises(ClipWeightsMissing, match="does not exist"):
         resolve_clip_weights("ViT-B-16", empty_caches / "nope.pt")
     with pytest.raises(ClipWeightsMissing, match="not in the local cache"):

@@ -267,6 +267,7 @@ def test_failing_cell_is_recorded_and_training_methods_get_their_own_run(tmp_pat
     failed = cell(out, NeedsWeights.name)
     assert failed["status"] == "failed" and "miou" not in failed
     assert failed["error"].startswith("WeightsNotFound: CLIP weights not available")
+    assert failed["weights_missing"] is True  # shown as such, not as the method's fault
     # Model flags reach the methods that take them, not plain CAM or the refiners.
     assert failed["config"]["method_options"] == {"clip_weights": str(missing)}
     assert cell(out, "par")["config"]["method_options"] == {}
@@ -275,9 +276,9 @@ def test_failing_cell_is_recorded_and_training_methods_get_their_own_run(tmp_pat
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["fake__cam", f"fake__{ExtraLoss.name}"]
 
     md = (out / "matrix.md").read_text()
-    assert f"| `{NeedsWeights.name}` | failed |" in md
+    assert f"| `{NeedsWeights.name}` | weights not available |" in md
     assert f"- `{NeedsWeights.name}` on `{DOMAIN}`: WeightsNotFound: CLIP weights not available" in md
-    assert "1 of 4 cells failed" in capsys.readouterr().out
+    assert "1 of 4 cells failed (1 for want of pretrained weights" in capsys.readouterr().out
 
     # A re-run keeps the recorded failure; --retry-failed computes it again.
     path = out / "cells" / f"{DOMAIN}__{NeedsWeights.name}.json"
@@ -295,7 +296,7 @@ def test_failed_training_fails_the_cells_sharing_it_and_the_matrix_goes_on(tmp_p
     assert bench(out, data_root, "cam,par", presets=presets) == 0
     for method in ("cam", "par"):
         failed = json.loads((out / "cells" / f"broken__{method}.json").read_text())
-        assert failed["status"] == "failed"
+        assert failed["status"] == "failed" and failed["weights_missing"] is False
         assert (
             failed["error"].startswith("training the cam run failed: ") and "no-such-split" in failed["error"]
         )

@@ -9,6 +9,7 @@ import pytest
 import torch
 from sam_fixtures import build_tiny_sam
 
+from wsss_domains.models.weights import WeightsNotFound
 from wsss_domains.sam.registry import (
     CACHE_ENV,
     CHECKPOINT_FLAG,
@@ -31,7 +32,7 @@ def test_known_models():
 )
 def test_missing_default_checkpoint_names_file_flag_and_folder(name, filename, tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(WeightsNotFound) as err:  # the one missing-weights error, a FileNotFoundError
         create_sam(name)
     message = str(err.value)
     assert filename in message
@@ -42,7 +43,7 @@ def test_missing_default_checkpoint_names_file_flag_and_folder(name, filename, t
 
 def test_missing_explicit_checkpoint_names_path_and_flag(tmp_path):
     missing = tmp_path / "nowhere" / "sam.pth"
-    with pytest.raises(FileNotFoundError) as err:
+    with pytest.raises(WeightsNotFound) as err:
         create_sam("vit_b", checkpoint=missing)
     assert str(missing) in str(err.value)
     assert CHECKPOINT_FLAG in str(err.value)

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from wsss_domains.models.weights import WeightsNotFound
+
 # Preferred file names inside a checkpoint folder (open_clip's Hub layout first).
 _CHECKPOINT_NAMES = (
     "open_clip_model.safetensors",
@@ -26,7 +28,7 @@ _CHECKPOINT_NAMES = (
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-class ClipWeightsMissing(FileNotFoundError):
+class ClipWeightsMissing(WeightsNotFound):
     """No usable local CLIP checkpoint; the message names what to pass. CLI exit code 2."""
 
     exit_code = 2

@@ -19,6 +19,7 @@ import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 
+from wsss_domains.models.weights import WeightsNotFound
 from wsss_domains.registry import Registry
 from wsss_domains.sam.lite_medsam import (
     build_lite_medsam_sam,
@@ -112,13 +113,17 @@ def _lite_medsam_asset() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "asset" / "lite_medsam.pth"
 
 
+class SamCheckpointMissing(WeightsNotFound):
+    """A SAM's checkpoint is not on this machine; the message says how to provide it."""
+
+
 def resolve_checkpoint(name: str, checkpoint: str | Path | None) -> Path:
     """The existing checkpoint file for ``name``, or a clear error saying how to provide it."""
     spec = sam_spec(name)
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise SamCheckpointMissing(
                 f"SAM checkpoint {path} for '{name}' does not exist; pass an existing file with"
                 f" {CHECKPOINT_FLAG} PATH (expected the official {spec.filename})"
             )
@@ -126,14 +131,14 @@ def resolve_checkpoint(name: str, checkpoint: str | Path | None) -> Path:
     if spec.packaged_checkpoint is not None:
         path = spec.packaged_checkpoint()
         if not path.is_file():
-            raise FileNotFoundError(
+            raise SamCheckpointMissing(
                 f"{name}: {path} is missing from the package that ships it;"
                 f" reinstall that package or pass {spec.filename} with {CHECKPOINT_FLAG} PATH"
             )
         return path
     path = checkpoint_cache_dir() / spec.filename
     if not path.is_file():
-        raise FileNotFoundError(
+        raise SamCheckpointMissing(
             f"SAM '{name}' needs its checkpoint {spec.filename}, which was not found at {path}."
             f" Pass it with {CHECKPOINT_FLAG} PATH (create_sam(..., checkpoint=PATH)) or place it in"
             f" {path.parent} (set ${CACHE_ENV} to use another folder). Nothing is downloaded."

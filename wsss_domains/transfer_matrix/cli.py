@@ -326,9 +326,11 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
     ran = run_matrix(columns, methods, settings, run_presets, on_cell=report)
     paths, cells = report(ran), shown(ran)
     failed = sum(c["status"] != "ok" for row in cells.values() for c in row.values())
+    missing = sum(bool(c.get("weights_missing")) for row in cells.values() for c in row.values())
     print(
         f"matrix: {paths['markdown']}  ({paths['json'].name}, {paths['heatmap'].name}, {paths['html'].name})"
     )
     if failed:
-        print(f"{failed} of {len(domains) * len(methods)} cells failed; see {paths['markdown']}")
+        why = f" ({missing} for want of pretrained weights not on this machine)" if missing else ""
+        print(f"{failed} of {len(domains) * len(methods)} cells failed{why}; see {paths['markdown']}")
     return 0

@@ -34,6 +34,7 @@ from wsss_domains.data.io import atomic_write
 from wsss_domains.errors import UserError
 from wsss_domains.methods import method_class
 from wsss_domains.methods.base import trains
+from wsss_domains.models.weights import WeightsNotFound
 from wsss_domains.peak_memory import larger, peak_memory
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 from wsss_domains.pipeline.pseudo_labels import pseudo_label_and_score
@@ -305,6 +306,7 @@ def run_cell(
         trained = runs[trainer]
         if isinstance(trained, Exception):
             cell["error"] = f"training the {trainer} run failed: {_error_message(trained)}"
+            cell["weights_missing"] = isinstance(trained, WeightsNotFound)
             return cell
         cell.update(
             train_run=str(trained.run.relative_to(settings.out)),
@@ -342,6 +344,8 @@ def run_cell(
     except Exception as exc:
         cell["error"] = _error_message(exc)
         cell["traceback"] = traceback.format_exc(limit=8)
+        # Not a fault of the method: pretrained weights it needs are not on this machine.
+        cell["weights_missing"] = isinstance(exc, WeightsNotFound)
         return cell
     cell.update(
         status="ok",

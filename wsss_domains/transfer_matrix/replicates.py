@@ -130,6 +130,7 @@ def aggregate(
                     "method": method,
                     "status": "failed",
                     "error": f"{len(failed)} of {len(reps)} replicates failed; {failed[0][0].name}: {failed[0][1]['error']}",
+                    "weights_missing": all(c.get("weights_missing") for _, c in failed),
                 }
                 continue
             by_seed = _per_seed({r.name: c for r, c in zip(reps, found, strict=True)}, reps)

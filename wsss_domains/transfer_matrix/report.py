@@ -143,7 +143,7 @@ def _miou_cell(cell: Cell | None, g: float | None, method: str) -> str:
     if cell is None:
         return "not run"
     if not _ok(cell):
-        return "failed"
+        return "weights not available" if cell.get("weights_missing") else "failed"
     if cell["miou"] is None:
         return "n/a"
     text = f"{100 * cell['miou']:.1f}" + _spread(cell.get("miou_sd"))
@@ -389,7 +389,7 @@ def render_html(matrix: Mapping[str, Any], heatmap: Path | None = None) -> str:
                     _gain_cell(gains[d].get(m), m) if ok else "\u2014",
                     *(show(c[k]) if ok and c.get(k) is not None else "\u2014" for k, _, show in costs),
                     *([str(c.get("n_images", "")) if ok else ""] if counted else []),
-                    "ok" if ok else tag("span", "failed", class_="bad"),
+                    "ok" if ok else tag("span", _miou_cell(c, None, m), class_="bad"),
                 ]
             )
     hurt = matrix["where_methods_hurt"]
