@@ -446,3 +446,17 @@ def test_pseudo_labels_with_a_bad_method_option_fail_by_name_before_writing(
     )
     assert_one_error(code, err, *fragments)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "segment", "predict", "evaluate", "pseudo-labels", "run", "bench"]
+)
+def test_help_shows_defaults_worth_showing_once(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for nothing in ("(default: None)", "(default: False)", "(default: [])"):
+        assert nothing not in text
+    assert "(default: the loader's) (default" not in text  # a default the help states is not repeated
+    if command == "train":
+        assert "(default: -1)" in text  # --max-steps: a real default is still shown

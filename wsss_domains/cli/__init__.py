@@ -18,6 +18,21 @@ from wsss_domains import __version__
 
 EXIT_USAGE = 2
 
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` with each option's default, where there is one worth showing.
+
+    Required options, flags that are off, empty lists and ``None`` have nothing to show, and an
+    option whose help already says its default (``(default: the loader's)``) is not told twice.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required or action.default in (None, False, [], argparse.SUPPRESS) or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 # name -> (module, function that adds the full subcommand, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "domains": (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsss_domains.cli import command_help
+from wsss_domains.cli import DefaultsHelpFormatter, command_help
 from wsss_domains.cli.common import (
     add_data_arguments,
     add_domain_option_argument,
@@ -25,7 +25,7 @@ def add_evaluate_subcommand(sub: argparse._SubParsersAction) -> None:
             "accuracy, Dice and the domain's own metrics. Ignore / excluded pixels are not scored; mIoU "
             "averages the domain's scored classes that occur in the ground truth."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--domain", required=True)
     add_domain_option_argument(p, recorded=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsss_domains.cli import command_help
+from wsss_domains.cli import DefaultsHelpFormatter, command_help
 from wsss_domains.cli.common import CliError, add_data_arguments, resolve_device
 from wsss_domains.cli.settings_arguments import SettingsArguments
 from wsss_domains.segmentation.inference import InferenceOptions
@@ -38,7 +38,7 @@ def add_predict_subcommand(sub: argparse._SubParsersAction) -> None:
             "of them; a pyramidal label TIFF and a thumbnail overlay per slide, tissue only). Finished "
             "outputs are skipped and killed runs resume."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--model", type=Path, required=True, help="segmenter folder (segment --out)")
     inputs = p.add_mutually_exclusive_group(required=True)

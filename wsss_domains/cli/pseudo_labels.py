@@ -12,7 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from wsss_domains.cam.settings import CamSettings
-from wsss_domains.cli import command_help
+from wsss_domains.cli import DefaultsHelpFormatter, command_help
 from wsss_domains.cli.common import (
     CliError,
     add_data_arguments,
@@ -42,7 +42,7 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
             "pseudo-labelled window by window into a single-band palette GeoTIFF --out OUT.tif; its labels "
             "come from --labels, from --raster-mask, or else from the classifier (reported)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--run", type=Path, required=True, help="training run folder (train --out)")
     inputs = p.add_mutually_exclusive_group(required=True)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from wsss_domains.cam.settings import CAM_NORMALIZATIONS
-from wsss_domains.cli import command_help
+from wsss_domains.cli import DefaultsHelpFormatter, command_help
 from wsss_domains.cli.common import (
     CliError,
     add_domain_option_argument,
@@ -43,7 +43,7 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
             "(and .md, .json) with both figures WSSS papers report. Re-running with the same --out resumes. "
             "Without --data, runs on the domain's small synthetic demo set."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--domain", required=True, help="domain plugin name (see `wsss-domains domains`)")
     add_domain_option_argument(p)

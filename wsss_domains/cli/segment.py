@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsss_domains.cli import command_help
+from wsss_domains.cli import DefaultsHelpFormatter, command_help
 from wsss_domains.cli.common import add_data_arguments, add_tiles_argument, tile_options
 from wsss_domains.cli.settings_arguments import SettingsArguments
 from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
@@ -73,7 +73,7 @@ def add_segment_subcommand(sub: argparse._SubParsersAction) -> None:
             "pseudo-labelling. Only the pseudo-labels are learnt from: the split's masks are never read. "
             "Pixels a pseudo-label leaves unassigned carry no loss. Re-running with the same --out resumes."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--run", type=Path, required=True, help="the classifier run the pseudo-labels came from")
     p.add_argument("--pseudo-labels", type=Path, required=True, help="pseudo-label folder of the split")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from wsss_domains.cli import command_help
+from wsss_domains.cli import DefaultsHelpFormatter, command_help
 from wsss_domains.cli.common import (
     add_data_arguments,
     add_domain_option_argument,
@@ -27,7 +27,7 @@ def add_train_subcommand(sub: argparse._SubParsersAction) -> None:
             "see `wsss-domains run`) on the domain's small synthetic demo set. "
             "Re-running with the same --out resumes from its last checkpoint."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--domain", required=True, help="domain plugin name (see `wsss-domains domains`)")
     add_domain_option_argument(p)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from wsss_domains.cli import command_help
+from wsss_domains.cli import DefaultsHelpFormatter, command_help
 from wsss_domains.cli.common import CliError, resolve_device
 from wsss_domains.domains import domain_class
 from wsss_domains.methods import list_methods, method_class
@@ -56,7 +56,7 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
             "unfinished training from its checkpoint. A failing cell is recorded and the matrix goes on. "
             f"Built-in domain presets: {', '.join(DEFAULT_PRESETS)} (--presets FILE.yaml for your own)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument(
         "--methods",
