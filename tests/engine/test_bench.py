@@ -193,6 +193,15 @@ def test_killed_matrix_resumes_skipping_finished_cells(tmp_path, data_root, monk
     assert "not run" in (out / "matrix.md").read_text()
     stamps = done.stat().st_mtime_ns, model.stat().st_mtime_ns
 
+    # Killed again, with the report gone: the cell finished before is in the report written before par.
+    (out / "matrix.md").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        bench(out, data_root, "cam,par")
+    assert (
+        f"| `cam` | {100 * json.loads(done.read_text())['miou']:.1f} (base) |"
+        in (out / "matrix.md").read_text()
+    )
+
     monkeypatch.setattr(bench_matrix, "pseudo_label_and_score", real)
     assert bench(out, data_root, "cam,par") == 0
     assert (done.stat().st_mtime_ns, model.stat().st_mtime_ns) == stamps  # neither recomputed nor retrained

@@ -388,14 +388,16 @@ def run_matrix(
 ) -> dict[str, dict[str, Cell]]:
     """Every cell of ``domains`` x ``methods`` (plus the ``cam`` baseline), finished ones read back.
 
-    ``on_cell`` sees the cells so far after each new one (the CLI rewrites the report there, so a
-    killed matrix still leaves a report of what it finished).
+    ``on_cell`` sees the cells so far after each new one, and before a new one starts where cells
+    finished earlier were read since (the CLI rewrites the report there, so a killed matrix still
+    leaves a report of everything finished, in this run or before).
     """
     methods = ordered_methods(methods)
     out = Path(settings.out)
     cells: dict[str, dict[str, Cell]] = {d: {} for d in domains}
     total = len(domains) * len(methods)
     done = 0
+    unreported = False  # cells read from disk since on_cell last saw the cells
     for domain in domains:
         preset = presets[domain]
         runs: dict[str, TrainedRun | Exception] = {}
@@ -414,7 +416,11 @@ def run_matrix(
             ):
                 cells[domain][method] = existing
                 log(f"{tag}: finished earlier ({_summary(existing)}), skipped")
+                unreported = True
                 continue
+            if unreported and on_cell is not None:
+                on_cell(cells)
+            unreported = False
             log(f"{tag}: running")
             with progress_bars(settings.progress):
                 cell = run_cell(domain, preset, method, settings, cells[domain].get(BASELINE), runs, log)
