@@ -227,32 +227,28 @@ def render_markdown(matrix: Mapping[str, Any]) -> str:
     if failed:
         lines += ["", "## Failed cells", ""]
         lines += [f"- `{me}` on `{d}`: {c['error']}" for d, me, c in failed]
-    lines += [
-        "",
-        "## Wall time",
-        "",
-        "Seconds: training + pseudo-labelling = total for the cell. Post-hoc methods show the shared "
-        "plain-CAM training they reuse (paid once per domain).",
-        "",
-    ]
-    lines += _table(
-        ["method", *domains],
-        [[f"`{me}`", *(_time_cell(cells[d].get(me)) for d in domains)] for me in methods],
+    costs = (
+        (
+            "Wall time",
+            "Seconds: training + pseudo-labelling = total for the cell. Post-hoc methods show the shared "
+            "plain-CAM training they reuse (paid once per domain).",
+            _time_cell,
+        ),
+        (
+            "Peak memory",
+            "Peak resident memory of the bench process in GB (10^9 bytes), training / pseudo-labelling, "
+            "each stage measured on its own; in brackets the peak GPU memory the allocator held, where a "
+            "GPU was used. Post-hoc methods show the shared plain-CAM training's peak. `?`: a stage this "
+            "platform could not measure; `not recorded`: a cell finished before bench measured memory.",
+            _memory_cell,
+        ),
     )
-    lines += [
-        "",
-        "## Peak memory",
-        "",
-        "Peak resident memory of the bench process in GB (10^9 bytes), training / pseudo-labelling, "
-        "each stage measured on its own; in brackets the peak GPU memory the allocator held, where a "
-        "GPU was used. Post-hoc methods show the shared plain-CAM training's peak. `?`: a stage this "
-        "platform could not measure; `not recorded`: a cell finished before bench measured memory.",
-        "",
-    ]
-    lines += _table(
-        ["method", *domains],
-        [[f"`{me}`", *(_memory_cell(cells[d].get(me)) for d in domains)] for me in methods],
-    )
+    for title, explanation, shown in costs:
+        lines += ["", f"## {title}", "", explanation, ""]
+        lines += _table(
+            ["method", *domains],
+            [[f"`{me}`", *(shown(cells[d].get(me)) for d in domains)] for me in methods],
+        )
     lines += ["", "## Data", ""]
     rows = []
     for d in domains:
