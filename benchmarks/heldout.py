@@ -65,6 +65,10 @@ STAGES = (
     ("segmentation (test split, no labels)", "segmenter held-out (no labels)"),
 )
 SEGMENTER = STAGES[3][0]
+STRATIFIED_HELP = (
+    "folds balanced by class ('[fold=i/k, stratified]', jobs named sfold<i>) instead of interleaved by "
+    "sorted id: for a few large images where a class lives in one or two (DeepGlobe's forest and water)"
+)
 
 
 def add_label_free_stage(
@@ -89,12 +93,13 @@ def add_label_free_stage(
     (job / "report.json").write_text(json.dumps(report, indent=2, default=str))
 
 
-def splits(preset: Preset, folds: int) -> list[tuple[str, str, str]]:
-    """(name, train split, test split) of every fold."""
+def splits(preset: Preset, folds: int, stratified: bool = False) -> list[tuple[str, str, str]]:
+    """(name, train split, test split) of every fold; ``stratified``: folds balanced by class."""
     if preset.test_split is not None:
         return [("fixed", preset.split, preset.test_split)]
+    how, kind = (", stratified", "sfold") if stratified else ("", "fold")
     return [
-        (f"fold{f}", f"{preset.split}[fold!={f}/{folds}]", f"{preset.split}[fold={f}/{folds}]")
+        (f"{kind}{f}", f"{preset.split}[fold!={f}/{folds}{how}]", f"{preset.split}[fold={f}/{folds}{how}]")
         for f in range(1, folds + 1)
     ]
 
@@ -146,6 +151,7 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
     p.add_argument("--jobs", type=Path, help="heldout.py's output folder (default: runs/heldout-<preset>)")
     p.add_argument("--folds", type=int, help="number of folds (default: the preset's)")
+    p.add_argument("--stratified", action="store_true", help=STRATIFIED_HELP)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1)")
     p.add_argument("--no-record", action="store_true")
@@ -160,7 +166,7 @@ def finished_jobs(args: argparse.Namespace) -> Iterator[tuple[str, str, str, int
     :func:`add_job_arguments`'s options; exits with a hint where a job has not run."""
     preset = PRESETS[args.preset]
     jobs = jobs_folder(args)
-    chosen = splits(preset, args.folds or preset.folds)
+    chosen = splits(preset, args.folds or preset.folds, args.stratified)
     if args.only:
         chosen = [c for c in chosen if c[0] in args.only.split(",")]
     for name, train, test in chosen:
@@ -234,6 +240,7 @@ def main() -> None:
     p.add_argument("--preset", choices=tuple(PRESETS), required=True)
     p.add_argument("--data-root", type=Path, default=DATA_ROOT)
     p.add_argument("--folds", type=int, help="number of folds (default: the preset's)")
+    p.add_argument("--stratified", action="store_true", help=STRATIFIED_HELP)
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--classifier-minutes", type=float, default=15.0)
     p.add_argument("--segmenter-minutes", type=float, default=15.0)
@@ -263,7 +270,7 @@ def main() -> None:
     out = args.out or ROOT / "runs" / f"heldout-{args.preset}"
     seeds = [int(s) for s in args.seeds.split(",")]
     args.folds = args.folds or preset.folds
-    chosen = splits(preset, args.folds)
+    chosen = splits(preset, args.folds, args.stratified)
     if args.only:
         chosen = [c for c in chosen if c[0] in args.only.split(",")]
     rows = []
@@ -317,7 +324,7 @@ def main() -> None:
     lines = [
         f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {args.preset}: "
         + (
-            f"{args.folds}-fold"
+            f"{args.folds}-fold" + (" stratified" if args.stratified else "")
             if preset.test_split is None
             else f"`{preset.split}` -> `{preset.test_split}`"
         )

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 from wsss_adapters.loaders import LoaderOptions, loader_spec
 from wsss_adapters.remote_sensing.datasets import build_dataset
-from wsss_adapters.remote_sensing.scene import ReadOptions, Scene
+from wsss_adapters.remote_sensing.scene import ReadOptions, Scene, SceneReader
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import MaskCode
-from wsss_domains.data.splits import SplitRequest, parse_split
+from wsss_domains.data.splits import STRATIFY_MIN_SHARE, SplitRequest, parse_split
 from wsss_domains.domains.contract import LabelSpace
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def finish(
     bands = None if options.bands is None else tuple(options.bands)
     read = ReadOptions(code, bands, options.scaling, options.min_fraction)
     return build_dataset(
-        request.select(scenes),
+        request.select(scenes, classes_of=partial(scene_classes, label_space=label_space, read=read)),
         label_space,
         read,
         where=where,
@@ -126,6 +126,20 @@ def finish(
         default_patch_size=TILE,
         overlap=options.overlap,
     )
+
+
+def scene_classes(scenes: Sequence[Scene], label_space: LabelSpace, read: ReadOptions) -> list[set[int]]:
+    """Each scene's classes for stratified folds: those on ``STRATIFY_MIN_SHARE`` of its scored mask."""
+    from wsss_domains.data.patches import label_from_crop
+
+    out = []
+    for scene in scenes:
+        if scene.mask is None:
+            raise DataError(scene.image, "stratified folds need masks, and this scene has none")
+        mask = SceneReader(scene, label_space, read).scored_mask()
+        label = label_from_crop(label_space, mask, min_fraction=STRATIFY_MIN_SHARE)  # type: ignore[arg-type]
+        out.append({int(i) for i in label.nonzero().flatten()})
+    return out
 
 
 def build_split(

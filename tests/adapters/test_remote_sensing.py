@@ -288,6 +288,23 @@ def _deepglobe(root: Path, n: int = 4) -> Path:
     return root
 
 
+def test_deepglobe_stratified_folds_split_each_class_between_folds(tmp_path):
+    colours = list(deepglobe.PALETTE)
+    # Classes per scene (urban 0, rangeland 2, forest 3, water 4): interleaved folds would put both
+    # forest scenes (100, 102) in fold 1 and both water scenes (102, 103) together.
+    quarters = {100: (3, 3, 0, 0), 101: (0, 0, 0, 2), 102: (3, 4, 4, 4), 103: (4, 2, 2, 2)}
+    for k, q in quarters.items():
+        write_jpg(tmp_path / "train" / f"{k}_sat.jpg", photo(32, 32, k))
+        write_png(tmp_path / "train" / f"{k}_mask.png", paint(quadrants(32, 32, q), colours))
+    ids = lambda ds: [ds[i]["id"] for i in range(len(ds))]  # noqa: E731
+    assert ids(deepglobe.build(tmp_path, "train[fold=1/2]")) == ["100", "102"]
+    # By hand (iterative stratification): urban first (tie on class 0, then order): 100 -> fold 1,
+    # 101 -> fold 2; rangeland's 103 -> fold 1 (fold 2 has 101); forest's 102 -> fold 2.
+    assert ids(deepglobe.build(tmp_path, "train[fold=1/2, stratified]")) == ["100", "103"]
+    tiles = deepglobe.build(tmp_path, "train[fold!=1/2, stratified]", labels_from_masks=True, patch_size=16)
+    assert sorted({tiles[i]["meta"]["parent"] for i in range(len(tiles))}) == ["101", "102"]
+
+
 def test_deepglobe_colours_threshold_unknown_ignored_and_holdout(tmp_path):
     root = _deepglobe(tmp_path / "dg")
     domain = RemoteSensingDomain()

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from wsss_domains.data.large_images import large_image_file
-from wsss_domains.data.patches import PatchDataset, RandomPatchDataset
-from wsss_domains.data.splits import SplitRequest, parse_split, sample_ids
+from wsss_domains.data.patches import PatchDataset, RandomPatchDataset, label_from_crop
+from wsss_domains.data.splits import STRATIFY_MIN_SHARE, SplitRequest, parse_split, sample_ids
 from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, create_domain
 from wsss_domains.errors import UserError
 from wsss_domains.progress import progress_bar
@@ -95,10 +95,31 @@ def _sliced_dataset(spec: DatasetSpec, root: Path, request: SplitRequest, **opti
     full = spec.build(root, request.base, labels_from_masks=False, **options)
     ids = sample_ids(full)
     order = sorted(range(len(ids)), key=ids.__getitem__)
-    subset = Subset(full, [order[i] for i in request.indices(len(order))])
+    classes = _image_classes(full, order, spec.label_space_for(root)) if request.stratified else None
+    subset = Subset(full, [order[i] for i in request.indices(len(order), classes)])
     if not labels_from_masks:
         return subset
     return PatchDataset(subset, spec.label_space_for(root), patch_size or spec.patch_size)  # type: ignore[arg-type]
+
+
+def _image_classes(dataset: Dataset, order: list[int], label_space: LabelSpace) -> list[set[int]]:
+    """Each image's classes (in ``order``) for stratified folds: from its mask, else its label."""
+    out = []
+    for index in order:
+        sample = dataset[index]
+        if "mask" in sample:
+            mask = sample["mask"]
+            if "exclude" in sample:
+                mask = mask.masked_fill(sample["exclude"], label_space.ignore_index)
+            label = label_from_crop(label_space, mask, min_fraction=STRATIFY_MIN_SHARE)
+        elif "label" in sample:
+            label = sample["label"]
+        else:
+            raise UserError(
+                f"stratified folds need masks or image-level labels; sample {sample['id']} has neither"
+            )
+        out.append({int(i) for i in label.nonzero().flatten()})
+    return out
 
 
 def validate_dataset(
