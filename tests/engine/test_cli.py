@@ -460,3 +460,4 @@ def test_help_shows_defaults_worth_showing_once(command, capsys):
     assert "(default: the loader's) (default" not in text  # a default the help states is not repeated
     if command == "train":
         assert "(default: -1)" in text  # --max-steps: a real default is still shown
+        assert "random seed (default: 0)" in text  # 0 is a default, though 0 == False

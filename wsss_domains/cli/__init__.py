@@ -28,7 +28,10 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.required or action.default in (None, False, [], argparse.SUPPRESS) or "(default" in text:
+        nothing = (
+            action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        )
+        if action.required or nothing or "(default" in text:  # `is`: 0 == False, and a default of 0 shows
             return text
         return super()._get_help_string(action)
 
