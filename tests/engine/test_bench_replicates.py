@@ -16,6 +16,7 @@ from test_bench import (  # noqa: F401  (the module fixture registers the fake d
     registered,  # noqa: F401
 )
 
+from wsss_domains.errors import UserError
 from wsss_domains.evaluation.report import EvaluationReport
 from wsss_domains.transfer_matrix.presets import CellPreset
 from wsss_domains.transfer_matrix.replicates import aggregate, expand, fold_pool
@@ -36,6 +37,15 @@ def test_columns_cut_from_one_pool_are_folded_and_fixed_splits_repeat_over_seeds
     assert expanded["a#f2s1"].seed == 1 and expanded["b#s1"].train_split == BASE.train_split
     with pytest.raises(ValueError, match="at least one seed"):
         expand({"a": pooled}, ["a"], folds=2, seeds=[])
+
+
+def test_stratified_replicates_have_their_own_names_and_stratified_splits():
+    pooled = replace(BASE, train_split="train[0:3]", score_split="train[3:]")
+    expanded, replicates = expand({"a": pooled, "b": BASE}, ["a", "b"], 2, [0], stratified=True)
+    assert [r.name for r in replicates["a"]] == ["a#sf1s0", "a#sf2s0"]  # never an interleaved fold's cell
+    assert [r.name for r in replicates["b"]] == ["b#s0"]
+    assert expanded["a#sf2s0"].train_split == "train[fold!=2/2, stratified]"
+    assert expanded["a#sf2s0"].score_split == "train[fold=2/2, stratified]"
 
 
 def _cell(confusion: list[list[int]], seconds: float = 1.0, peak: int | None = 10**9) -> dict:
@@ -118,3 +128,20 @@ def test_bench_with_folds_and_seeds_runs_every_replicate_and_reports_mean_and_sp
     assert "--folds 2 --seeds 0,1" in matrix["command"]
     # a second run finds every replicate done
     assert bench(out, tmp_path / "data", "par", "--folds", "2", "--seeds", "0,1", presets=presets) == 0
+
+
+def test_bench_with_stratified_folds_records_them(tmp_path: Path):
+    fakes.write_shapes(tmp_path / "data" / "shapes", n_train=4, n_val=2, n_unlabelled=0)
+    column = next(iter(PRESETS))
+    presets = {column: replace(BASE, train_split="train[0:3]", score_split="train[3:]")}
+    out = tmp_path / "matrix"
+    with pytest.raises(UserError, match="--folds"):
+        bench(out, tmp_path / "data", "cam", "--stratified", presets=presets)
+    assert bench(out, tmp_path / "data", "cam", "--folds", "2", "--stratified", presets=presets) == 0
+    assert sorted(p.name for p in (out / "cells").iterdir()) == [
+        f"{column}#sf1s0__cam.json",
+        f"{column}#sf2s0__cam.json",
+    ]
+    matrix = json.loads((out / "matrix.json").read_text())
+    assert matrix["presets"][column]["stratified"] is True and "--stratified" in matrix["command"]
+    assert "2-fold cross-validation stratified by class over `train`" in (out / "matrix.md").read_text()

@@ -78,6 +78,12 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         "slices come from; a column with separate train and score splits keeps them), pooled per seed",
     )
     p.add_argument(
+        "--stratified",
+        action="store_true",
+        help="with --folds: folds balanced by class (each class's images spread over the folds) instead "
+        "of interleaved by sorted id; for a few large images where a class lives in one or two",
+    )
+    p.add_argument(
         "--seeds",
         default="0",
         metavar="0,1",
@@ -241,6 +247,8 @@ def bench_command(args: argparse.Namespace) -> str:
     argv += ["--budget-minutes", f"{args.budget_minutes:g}", "--out", str(args.out)]
     if getattr(args, "folds", 1) != 1 or getattr(args, "seeds", "0") != "0":
         argv += ["--folds", str(args.folds), "--seeds", args.seeds]
+    if getattr(args, "stratified", False):
+        argv += ["--stratified"]
     argv += ["--data-root", str(args.data_root), "--device", args.device]
     if getattr(args, "random_patches", None):
         argv += ["--random-patches", str(args.random_patches)]
@@ -292,6 +300,9 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
     folds, seeds = getattr(args, "folds", 1), parse_seeds(getattr(args, "seeds", "0"))
     if folds < 1:
         raise CliError(f"--folds must be at least 1, got {folds}")
+    stratified = bool(getattr(args, "stratified", False))
+    if stratified and folds < 2:
+        raise CliError("--stratified balances folds: give --folds K with K >= 2")
     replicated = folds > 1 or seeds != [0]
     settings = MatrixSettings(
         out=args.out,
@@ -307,12 +318,14 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
 
     columns, run_presets, replicates = domains, presets, {}
     if replicated:
-        run_presets, replicates = expand(presets, domains, folds, seeds)
+        run_presets, replicates = expand(presets, domains, folds, seeds, stratified)
         columns = list(run_presets)
         for d in domains:
             preset_dicts[d].update(
                 folds=folds if fold_pool(presets[d]) else 1, seeds=seeds, pool=fold_pool(presets[d])
             )
+            if stratified and fold_pool(presets[d]):
+                preset_dicts[d]["stratified"] = True
 
     def shown(cells: Mapping[str, Mapping[str, Any]]) -> Mapping[str, Mapping[str, Any]]:
         return aggregate(cells, replicates, methods, BASELINE) if replicated else cells

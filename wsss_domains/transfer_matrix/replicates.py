@@ -5,7 +5,9 @@ runs and cell files, resumable like any cell): fold k trains on every image of t
 outside fold k and scores fold k (``train[fold!=k/K]`` / ``train[fold=k/K]``, see
 :mod:`wsss_domains.data.splits`), with each seed. The pool is the split both of the column's slices
 come from; a column whose training and scoring splits differ (CamVid's ``train`` / ``val``) keeps its
-fixed pair and is repeated over seeds only.
+fixed pair and is repeated over seeds only. ``--stratified`` balances the folds by class instead of
+interleaving them (``train[fold=k/K, stratified]``; replicates named ``sf<k>``, so cells of the two
+kinds of folds never mix).
 
 A column's cell is then, per seed, the mIoU of the confusion matrices summed over its folds (every
 pooled image scored once, by a classifier that never saw it), and the matrix shows the mean over
@@ -29,6 +31,7 @@ from wsss_domains.transfer_matrix.presets import CellPreset
 from wsss_domains.transfer_matrix.report import per_class_gain
 
 SEPARATOR = "#"  # replicate columns are named <column>#f<k>s<seed> (cell and run folder names)
+STRATIFIED = ", stratified"  # the fold suffix of stratified folds (see wsss_domains.data.splits)
 
 
 @dataclass(frozen=True)
@@ -46,9 +49,16 @@ def fold_pool(preset: CellPreset) -> str | None:
 
 
 def expand(
-    presets: Mapping[str, CellPreset], columns: Sequence[str], folds: int, seeds: Sequence[int]
+    presets: Mapping[str, CellPreset],
+    columns: Sequence[str],
+    folds: int,
+    seeds: Sequence[int],
+    stratified: bool = False,
 ) -> tuple[dict[str, CellPreset], dict[str, list[Replicate]]]:
-    """Replicate presets (name -> preset) and, per column, its replicates in run order."""
+    """Replicate presets (name -> preset) and, per column, its replicates in run order.
+
+    ``stratified``: folds balanced by class rather than interleaved by sorted id.
+    """
     if folds < 1 or not seeds:
         raise ValueError(f"need folds >= 1 and at least one seed, got {folds} and {list(seeds)}")
     expanded: dict[str, CellPreset] = {}
@@ -59,12 +69,13 @@ def expand(
         replicates[column] = []
         for seed in seeds:
             for fold in range(1, folds + 1) if pool is not None else [None]:
-                name = f"{column}{SEPARATOR}" + (f"f{fold}" if fold is not None else "") + f"s{seed}"
+                kind, how = ("sf", STRATIFIED) if stratified else ("f", "")
+                name = f"{column}{SEPARATOR}" + (f"{kind}{fold}" if fold is not None else "") + f"s{seed}"
                 splits = {}
                 if fold is not None:
                     splits = {
-                        "train_split": f"{pool}[fold!={fold}/{folds}]",
-                        "score_split": f"{pool}[fold={fold}/{folds}]",
+                        "train_split": f"{pool}[fold!={fold}/{folds}{how}]",
+                        "score_split": f"{pool}[fold={fold}/{folds}{how}]",
                     }
                 expanded[name] = replace(preset, seed=seed, **splits)
                 replicates[column].append(Replicate(column, name, fold, seed))

@@ -263,7 +263,8 @@ def render_markdown(matrix: Mapping[str, Any]) -> str:
         score = f"`{p['score_split']}`" + (" (tiles)" if p["score_tiles"] else " (whole images)")
         if p.get("folds", 1) > 1:
             detail = train[train.index(" (") :] if " (" in train else ""
-            train = f"{p['folds']}-fold cross-validation over `{p['pool']}`{detail}"
+            kind = " stratified by class" if p.get("stratified") else ""
+            train = f"{p['folds']}-fold cross-validation{kind} over `{p['pool']}`{detail}"
             score = f"each held-out fold of `{p['pool']}`" + (
                 " (tiles)" if p["score_tiles"] else " (whole images)"
             )
