@@ -9,7 +9,7 @@ images (labels given), the classifier pipeline on the held-out images with its o
 them (time-budgeted training does less work on a busy machine).
 
     python benchmarks/heldout.py --preset histo --seeds 0,1        # 4 interleaved folds of 31 ROIs
-    python benchmarks/heldout.py --preset deepglobe --seeds 0,1    # 2 folds of 8 scenes
+    python benchmarks/heldout.py --preset deepglobe --seeds 0,1 --stratified  # 2 folds of 8 scenes, by class
     python benchmarks/heldout.py --preset camvid --seeds 0,1          # CamVid's own train / val split
 
 A finished run (its ``report.json``) is reused when the script is re-run; ``--fresh`` recomputes.
