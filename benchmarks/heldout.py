@@ -97,9 +97,15 @@ def splits(preset: Preset, folds: int, stratified: bool = False) -> list[tuple[s
     """(name, train split, test split) of every fold; ``stratified``: folds balanced by class."""
     if preset.test_split is not None:
         return [("fixed", preset.split, preset.test_split)]
-    how, kind = (", stratified", "sfold") if stratified else ("", "fold")
+    from wsss_domains.data.splits import fold_split
+
+    kind = "sfold" if stratified else "fold"
     return [
-        (f"{kind}{f}", f"{preset.split}[fold!={f}/{folds}{how}]", f"{preset.split}[fold={f}/{folds}{how}]")
+        (
+            f"{kind}{f}",
+            fold_split(preset.split, f, folds, complement=True, stratified=stratified),
+            fold_split(preset.split, f, folds, stratified=stratified),
+        )
         for f in range(1, folds + 1)
     ]
 

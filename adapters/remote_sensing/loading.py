@@ -20,7 +20,7 @@ from wsss_adapters.remote_sensing.scene import ReadOptions, Scene, SceneReader
 
 from wsss_domains.data.io import DataError
 from wsss_domains.data.mask_codes import MaskCode
-from wsss_domains.data.splits import STRATIFY_MIN_SHARE, SplitRequest, parse_split
+from wsss_domains.data.splits import SplitRequest, mask_classes, parse_split
 from wsss_domains.domains.contract import LabelSpace
 
 if TYPE_CHECKING:
@@ -130,15 +130,11 @@ def finish(
 
 def scene_classes(scenes: Sequence[Scene], label_space: LabelSpace, read: ReadOptions) -> list[set[int]]:
     """Each scene's classes for stratified folds: those on ``STRATIFY_MIN_SHARE`` of its scored mask."""
-    from wsss_domains.data.patches import label_from_crop
-
     out = []
     for scene in scenes:
         if scene.mask is None:
             raise DataError(scene.image, "stratified folds need masks, and this scene has none")
-        mask = SceneReader(scene, label_space, read).scored_mask()
-        label = label_from_crop(label_space, mask, min_fraction=STRATIFY_MIN_SHARE)  # type: ignore[arg-type]
-        out.append({int(i) for i in label.nonzero().flatten()})
+        out.append(mask_classes(label_space, SceneReader(scene, label_space, read).scored_mask()))
     return out
 
 

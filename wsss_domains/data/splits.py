@@ -96,6 +96,21 @@ class SplitRequest:
         return [ordered[i] for i in self.indices(len(ordered), classes)]
 
 
+def fold_split(
+    base: str, fold: int, folds: int, *, complement: bool = False, stratified: bool = False
+) -> str:
+    """The split text of fold ``fold`` of ``folds`` of ``base`` (every other fold with ``complement``)."""
+    return f"{base}[fold{'!=' if complement else '='}{fold}/{folds}{', stratified' if stratified else ''}]"
+
+
+def mask_classes(label_space: Any, mask: Any) -> set[int]:
+    """The foreground class indices covering ``STRATIFY_MIN_SHARE`` of a mask's scored pixels."""
+    from wsss_domains.data.patches import label_from_crop  # torch: only where masks are read
+
+    label = label_from_crop(label_space, mask, min_fraction=STRATIFY_MIN_SHARE)
+    return {int(i) for i in label.nonzero().flatten()}
+
+
 def stratified_folds(classes: Sequence[Collection[int]], k: int) -> list[int]:
     """The fold (0-based) of each image, so every class's images spread evenly over ``k`` folds.
 

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from wsss_domains.data.large_images import large_image_file
-from wsss_domains.data.patches import PatchDataset, RandomPatchDataset, label_from_crop
-from wsss_domains.data.splits import STRATIFY_MIN_SHARE, SplitRequest, parse_split, sample_ids
+from wsss_domains.data.patches import PatchDataset, RandomPatchDataset
+from wsss_domains.data.splits import SplitRequest, mask_classes, parse_split, sample_ids
 from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, create_domain
 from wsss_domains.errors import UserError
 from wsss_domains.progress import progress_bar
@@ -111,14 +111,13 @@ def _image_classes(dataset: Dataset, order: list[int], label_space: LabelSpace) 
             mask = sample["mask"]
             if "exclude" in sample:
                 mask = mask.masked_fill(sample["exclude"], label_space.ignore_index)
-            label = label_from_crop(label_space, mask, min_fraction=STRATIFY_MIN_SHARE)
+            out.append(mask_classes(label_space, mask))
         elif "label" in sample:
-            label = sample["label"]
+            out.append({int(i) for i in sample["label"].nonzero().flatten()})
         else:
             raise UserError(
                 f"stratified folds need masks or image-level labels; sample {sample['id']} has neither"
             )
-        out.append({int(i) for i in label.nonzero().flatten()})
     return out
 
 

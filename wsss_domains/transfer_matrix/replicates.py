@@ -25,13 +25,12 @@ from typing import Any
 
 import torch
 
-from wsss_domains.data.splits import parse_split
+from wsss_domains.data.splits import fold_split, parse_split
 from wsss_domains.evaluation.report import EvaluationReport
 from wsss_domains.transfer_matrix.presets import CellPreset
 from wsss_domains.transfer_matrix.report import per_class_gain
 
 SEPARATOR = "#"  # replicate columns are named <column>#f<k>s<seed> (cell and run folder names)
-STRATIFIED = ", stratified"  # the fold suffix of stratified folds (see wsss_domains.data.splits)
 
 
 @dataclass(frozen=True)
@@ -69,13 +68,13 @@ def expand(
         replicates[column] = []
         for seed in seeds:
             for fold in range(1, folds + 1) if pool is not None else [None]:
-                kind, how = ("sf", STRATIFIED) if stratified else ("f", "")
+                kind = "sf" if stratified else "f"
                 name = f"{column}{SEPARATOR}" + (f"{kind}{fold}" if fold is not None else "") + f"s{seed}"
                 splits = {}
                 if fold is not None:
                     splits = {
-                        "train_split": f"{pool}[fold!={fold}/{folds}{how}]",
-                        "score_split": f"{pool}[fold={fold}/{folds}{how}]",
+                        "train_split": fold_split(pool, fold, folds, complement=True, stratified=stratified),
+                        "score_split": fold_split(pool, fold, folds, stratified=stratified),
                     }
                 expanded[name] = replace(preset, seed=seed, **splits)
                 replicates[column].append(Replicate(column, name, fold, seed))
