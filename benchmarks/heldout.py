@@ -260,6 +260,12 @@ def main() -> None:
         default=1,
         help="segmenter self-training rounds, each trained for --segmenter-minutes (see segment --seg-rounds)",
     )
+    p.add_argument(
+        "--balance-classes",
+        type=float,
+        metavar="T",
+        help="both stages draw images of rare classes more often (train/segment --balance-classes T)",
+    )
     p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1), for splitting the work")
     p.add_argument("--out", type=Path, help="default: runs/heldout-<preset>")
     p.add_argument("--fresh", action="store_true", help="recompute finished runs")
@@ -297,6 +303,7 @@ def main() -> None:
                         patch_size=preset.patch_size,
                         max_minutes=args.classifier_minutes,
                         seed=seed,
+                        balance_classes=args.balance_classes,
                         device="cpu",
                     ),
                     segmenter=SegmenterSettings(
@@ -304,6 +311,7 @@ def main() -> None:
                         seed=seed,
                         training=args.seg_training,
                         rounds=args.seg_rounds,
+                        balance_classes=args.balance_classes,
                     ),
                     method=args.method,
                 )
@@ -337,7 +345,13 @@ def main() -> None:
         + f", seeds {args.seeds}",
         f"\n{preset.note}. Classifier {args.classifier_minutes:g} min + segmenter {args.segmenter_minutes:g} "
         f"min per run{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "
-        f"`{rows[0]['method'] if rows else '?'}`, segmenter training `{args.seg_training}`; {platform.machine()}, "
+        f"`{rows[0]['method'] if rows else '?'}`, segmenter training `{args.seg_training}`"
+        + (
+            f", classes balanced (repeat factors, T = {args.balance_classes:g})"
+            if args.balance_classes
+            else ""
+        )
+        + f"; {platform.machine()}, "
         f"{os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}, after "
         f"{load_after[0]:.2f}; {(time.perf_counter() - started) / 60:.0f} min wall"
         + (" (some runs reused from an earlier invocation)" if any(r["reused"] for r in rows) else "")

@@ -28,7 +28,8 @@ RUN_CLASSIFIER = SettingsArguments(
 )
 # Options both networks share.
 RUN_TRAINING = SettingsArguments(
-    SegmenterSettings, ("max_steps", "seed", "device", "devices", "strategy", "num_workers")
+    SegmenterSettings,
+    ("max_steps", "seed", "balance_classes", "device", "devices", "strategy", "num_workers"),
 )
 
 

@@ -45,6 +45,7 @@ SEGMENTER_TRAINING = SettingsArguments(
         "max_epochs",
         "max_steps",
         "seed",
+        "balance_classes",
         "device",
         "devices",
         "strategy",

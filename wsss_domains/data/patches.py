@@ -138,6 +138,10 @@ class PatchDataset:
     def __len__(self) -> int:
         return len(self.index)
 
+    def class_sets(self, min_share: float = 0.0) -> list[set[int]]:
+        """Each patch's foreground classes (its label; ``min_share`` is the patching's own)."""
+        return [{int(c) for c in label.nonzero().flatten()} for _, _, _, label in self.index]
+
     def __getitem__(self, k: int) -> Sample:
         i, y, x, label = self.index[k]
         return window_sample(self._base(i), y, x, self.patch_hw, label)
@@ -178,6 +182,14 @@ class RandomPatchDataset:
 
     def __len__(self) -> int:
         return len(self.base) * self.per_image  # type: ignore[arg-type]
+
+    def class_sets(self, min_share: float = 0.0) -> list[set[int]]:
+        """Each window's foreground classes, taken as its image's (windows are drawn afresh each time)."""
+        per_image = []
+        for i in range(len(self.base)):  # type: ignore[arg-type]
+            label = label_from_crop(self.label_space, self._load(i)[1], self.min_pixels, min_share)
+            per_image.append({int(c) for c in label.nonzero().flatten()})
+        return [per_image[k // self.per_image] for k in range(len(self))]
 
     def _load(self, i: int) -> tuple[Sample, torch.Tensor]:
         if i in self._cache:

@@ -123,6 +123,7 @@ def train_classifier(
         patch_size=list(patch) if patch else None,
         random_patches=settings.random_patches if settings.labels_from_masks else None,
         seed=settings.seed,
+        balance_classes=settings.balance_classes,
         demo=demo,
     )
     options = replace(settings, device=device)

@@ -234,6 +234,7 @@ def _fit_round(
         data=str(Path(data).resolve()),
         split=opened.split,
         seed=settings.seed,
+        balance_classes=settings.balance_classes,
     )
     options = replace(settings, device=resolve_device(settings.device))
     if log and os.environ.get("LOCAL_RANK", "0") == "0":

@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from wsss_domains.data.balance import repeat_factors, sample_class_sets
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
 from wsss_domains.segmentation.data import SegmentationView, ValidationView
@@ -103,7 +104,10 @@ def train_segmenter(
     if validation is not None:
         val_view = ValidationView(validation, domain, label_space, config.mean, config.std, config.scale)
         val_loader = DataLoader(val_view, batch_size=1, num_workers=options.num_workers)
-    trainer = fit_task(task, view, out, options, val_loader)
+    factors = None
+    if options.balance_classes is not None:
+        factors = repeat_factors(sample_class_sets(dataset, label_space), options.balance_classes)
+    trainer = fit_task(task, view, out, options, val_loader, factors)
     if trainer.is_global_zero:
         save_segmenter(task.model.cpu(), config, out)
     return trainer

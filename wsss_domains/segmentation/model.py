@@ -73,6 +73,8 @@ class SegmenterConfig:
     data: str | None = None
     split: str | None = None
     seed: int = 0
+    # Repeat-factor sampling's threshold where rare classes were oversampled (None: uniform).
+    balance_classes: float | None = None
     # Das et al.'s annotated source dataset: data, dataset, split and the class map (None: not used).
     source: dict[str, object] | None = None
 

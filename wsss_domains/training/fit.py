@@ -7,6 +7,7 @@ import logging
 import os
 import warnings
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, Timer
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, Dataset
 
+from wsss_domains.data.balance import balanced_sampler, repeat_factors, sample_class_sets
 from wsss_domains.data.io import atomic_write
 from wsss_domains.domains.contract import DomainPlugin
 from wsss_domains.methods.registry import create_method
@@ -40,6 +42,13 @@ class TrainOptions:
     device: str = setting("auto", help="cpu, cuda or auto (mixed precision on cuda)")
     devices: int = setting(1, help="processes / GPUs (DDP when > 1)")
     strategy: str = setting("auto", help="Lightning strategy, e.g. ddp")
+    balance_classes: float | None = setting(
+        None,
+        metavar="T",
+        help="draw training images of rare classes more often: LVIS repeat-factor sampling, each image at"
+        " max(1, sqrt(T / f)) over its classes' image frequencies f (T=1: every class found in fewer than"
+        " all images; off by default)",
+    )
     # Lightning precision; None: bf16 (else fp16) mixed precision on a GPU, full precision on the CPU.
     precision: str | None = None
     # A killed run loses at most these minutes of training.
@@ -64,6 +73,8 @@ class TrainOptions:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not self.checkpoint_minutes > 0:
             raise UserError(f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}")
+        if self.balance_classes is not None and not self.balance_classes > 0:
+            raise UserError(f"--balance-classes must be positive, got {self.balance_classes}")
         if self.devices < 1 or self.num_workers < 0:
             raise UserError(
                 f"--devices must be >= 1 and --num-workers >= 0, got {self.devices}, {self.num_workers}"
@@ -115,19 +126,35 @@ def train(
     method.prepare_training(unaugmented, training_device(options.device), class_names=list(config.foreground))
     task = ClassifierTask(model, method, lr=options.lr)
     view = TrainingView(dataset, domain, size, config.mean, config.std, augment=True)
-    trainer = fit_task(task, view, out, options)
+    factors = None
+    if options.balance_classes is not None:
+        # Training samples carry image-level labels: no label space is needed to read their classes.
+        factors = repeat_factors(sample_class_sets(dataset), options.balance_classes)
+    trainer = fit_task(task, view, out, options, factors=factors)
     if trainer.is_global_zero:
         save_model(task.model.cpu(), task.method_modules.cpu(), out)
         config.save(out)
     return trainer
 
 
-def training_loader(view: Dataset, options: TrainOptions) -> DataLoader:
-    """Shuffled batches; the last incomplete batch is dropped unless it is the only one."""
+def training_loader(
+    view: Dataset, options: TrainOptions, factors: Sequence[float] | None = None
+) -> DataLoader:
+    """Shuffled batches; the last incomplete batch is dropped unless it is the only one.
+
+    ``factors``: each sample's repeat factor (:mod:`wsss_domains.data.balance`), drawn in proportion
+    to them instead of shuffled (Lightning shards the draws across DDP processes).
+    """
+    sampler = None
+    if factors is not None:
+        if len(factors) != len(view):  # type: ignore[arg-type]
+            raise ValueError(f"{len(factors)} repeat factors for {len(view)} samples")  # type: ignore[arg-type]
+        sampler = balanced_sampler(factors)
     return DataLoader(
         view,
         batch_size=min(options.batch_size, len(view)),  # type: ignore[arg-type]
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         num_workers=options.num_workers,
         drop_last=len(view) > options.batch_size,  # type: ignore[arg-type]
         persistent_workers=options.num_workers > 0,
@@ -140,8 +167,11 @@ def fit_task(
     out: Path,
     options: TrainOptions,
     val_loader: DataLoader | None = None,
+    factors: Sequence[float] | None = None,
 ) -> L.Trainer:
     """Fit ``task`` on ``view`` under the time/epoch/step budget with checkpoints, log and resume.
+
+    ``factors``: the samples' repeat factors where classes are balanced (see :func:`training_loader`).
 
     The task's optimiser groups carry ``base_lr`` (the cosine schedule scales them). Re-running
     into the same ``out`` resumes from ``checkpoints/last.ckpt`` and keeps the metrics logged
@@ -200,7 +230,10 @@ def fit_task(
         # A task that can validate (the segmenter) trains without a validation set unless one is given.
         warnings.filterwarnings("ignore", message=".*validation_step.*no `val_dataloader`")
         trainer.fit(
-            task, training_loader(view, options), val_loader, ckpt_path=str(last) if last.is_file() else None
+            task,
+            training_loader(view, options, factors),
+            val_loader,
+            ckpt_path=str(last) if last.is_file() else None,
         )
     if trainer.is_global_zero:
         _restore_earlier_metrics(metrics, earlier)

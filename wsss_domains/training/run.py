@@ -50,6 +50,8 @@ class RunConfig:
     patch_size: list[int] | None = None
     random_patches: int | None = None  # windows drawn per image per epoch (None: a fixed grid)
     seed: int = 0
+    # Repeat-factor sampling's threshold where rare classes were oversampled (None: uniform).
+    balance_classes: float | None = None
     demo: bool = False
 
     def save(self, run_dir: Path) -> None:
