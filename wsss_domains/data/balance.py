@@ -65,7 +65,7 @@ def sample_class_sets(dataset: Any, label_space: Any = None) -> list[set[int]]:
     images; anything else is read sample by sample (its image-level label, else its mask, which
     needs ``label_space``).
     """
-    from wsss_domains.data.patches import label_from_crop
+    from wsss_domains.data.splits import mask_classes
 
     listed = getattr(dataset, "class_sets", None)
     if callable(listed):
@@ -79,8 +79,7 @@ def sample_class_sets(dataset: Any, label_space: Any = None) -> list[set[int]]:
             mask = sample["mask"]
             if "exclude" in sample:
                 mask = mask.masked_fill(sample["exclude"], label_space.ignore_index)
-            label = label_from_crop(label_space, mask, min_fraction=MIN_SHARE)
-            out.append({int(c) for c in label.nonzero().flatten()})
+            out.append(mask_classes(label_space, mask, MIN_SHARE))
         else:
             raise ValueError(
                 f"sample {sample['id']} has no image-level label (nor a mask and label space) to balance by"

@@ -103,11 +103,11 @@ def fold_split(
     return f"{base}[fold{'!=' if complement else '='}{fold}/{folds}{', stratified' if stratified else ''}]"
 
 
-def mask_classes(label_space: Any, mask: Any) -> set[int]:
-    """The foreground class indices covering ``STRATIFY_MIN_SHARE`` of a mask's scored pixels."""
+def mask_classes(label_space: Any, mask: Any, min_share: float = STRATIFY_MIN_SHARE) -> set[int]:
+    """The foreground class indices covering ``min_share`` of a mask's scored pixels."""
     from wsss_domains.data.patches import label_from_crop  # torch: only where masks are read
 
-    label = label_from_crop(label_space, mask, min_fraction=STRATIFY_MIN_SHARE)
+    label = label_from_crop(label_space, mask, min_fraction=min_share)
     return {int(i) for i in label.nonzero().flatten()}
 
 

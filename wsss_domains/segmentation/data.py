@@ -73,14 +73,12 @@ class PseudoLabelledDataset(SampleView):
 
     def class_sets(self, min_share: float) -> list[set[int]]:
         """Each sample's foreground classes covering ``min_share`` of its pseudo-label (PNGs only read)."""
-        from wsss_domains.data.patches import label_from_crop
+        from wsss_domains.data.splits import mask_classes
 
-        out = []
-        for sample_id in self.ids:
-            labels = read_index_mask(self.folder / pred_filename(sample_id))
-            label = label_from_crop(self.label_space, labels, min_fraction=min_share)
-            out.append({int(c) for c in label.nonzero().flatten()})
-        return out
+        return [
+            mask_classes(self.label_space, read_index_mask(self.folder / pred_filename(i)), min_share)
+            for i in self.ids
+        ]
 
     def cams_path(self, sample_id: str) -> Path:
         return self.folder / "cams" / (pred_filename(sample_id)[: -len(".png")] + ".npz")
