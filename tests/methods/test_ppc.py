@@ -398,3 +398,7 @@ def test_two_training_steps_train_the_projection_head():
     extractor = method.extractor(task.model, task.method_modules, scales=(1.0,))
     assert isinstance(extractor, PcmCamExtractor)
     assert extractor(torch.randn(3, 32, 40)).shape == (2, 32, 40)
+    # contrast_infer.py divides the summed maps by their maximum (no minimum shift, unlike SEAM)
+    total = torch.rand(2, 4, 5) + 0.5
+    expected = total / (total.flatten(1).amax(dim=1)[:, None, None])
+    torch.testing.assert_close(extractor.normalize(total), expected)

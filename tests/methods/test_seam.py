@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from method_training import changed, train_steps
+from torch import nn
 from torch.nn import functional as F
 
 from wsss_domains.methods import create_method
@@ -140,7 +142,41 @@ def test_two_training_steps_and_pcm_extractor():
     assert isinstance(extractor, PcmCamExtractor)
     cams = extractor(torch.randn(3, 40, 48))
     assert cams.shape == (2, 40, 48)
-    assert float(cams.min()) >= 0 and float(cams.max()) == pytest.approx(1.0)
+    # min-max: the peak is (max - min - 1e-5) / (max - min + 1e-5), just under 1
+    assert float(cams.min()) == 0 and float(cams.max()) == pytest.approx(1.0, abs=1e-3)
+
+
+def _infer_seam_normalisation(sum_cam: np.ndarray) -> np.ndarray:
+    """infer_SEAM.py (and CPN's infer_cam.py) on the summed ``K x H x W`` maps."""
+    sum_cam = sum_cam.copy()
+    sum_cam[sum_cam < 0] = 0
+    cam_max = np.max(sum_cam, (1, 2), keepdims=True)
+    cam_min = np.min(sum_cam, (1, 2), keepdims=True)
+    sum_cam[sum_cam < cam_min + 1e-5] = 0
+    return (sum_cam - cam_min - 1e-5) / (cam_max - cam_min + 1e-5)
+
+
+def test_pcm_extractor_normalises_as_infer_seam():
+    rng = np.random.default_rng(0)
+    extractor = PcmCamExtractor(nn.Identity(), nn.Identity(), (-3, -2))
+    signed = rng.normal(1.0, 0.5, size=(3, 5, 6)).astype(np.float32)  # rectified first
+    # the official entries below the minimum + 1e-5 turn negative; here they are 0
+    expected = np.maximum(_infer_seam_normalisation(signed), 0)
+    np.testing.assert_allclose(extractor.normalize(torch.from_numpy(signed)).numpy(), expected, atol=1e-6)
+    # flat PCM maps, high everywhere: one class rising along the rows, the other along the columns
+    rows, cols = np.meshgrid(np.linspace(0, 1, 5), np.linspace(0, 1, 6), indexing="ij")
+    total = (0.9 + 0.1 * np.stack([rows, cols]) + rng.uniform(0, 1e-3, (2, 5, 6))).astype(np.float32)
+    official = _infer_seam_normalisation(total)
+    out = extractor.normalize(torch.from_numpy(total)).numpy()
+    np.testing.assert_allclose(out, np.maximum(official, 0), atol=1e-6)
+    background = np.full((1, 5, 6), 0.26, np.float32)  # infer_SEAM.py's out_cam_pred_alpha
+    labels = np.argmax(np.concatenate([background, out]), 0)
+    assert (labels == np.argmax(np.concatenate([background, official]), 0)).all()
+    assert (labels == 0).any()  # the shift leaves pixels to the background ...
+    only_max = PcmCamExtractor(nn.Identity(), nn.Identity(), (-3, -2), subtract_minimum=False)
+    scaled = only_max.normalize(torch.from_numpy(total)).numpy()
+    assert (scaled > 0.26).all()  # ... which division by the maximum alone does not
+    assert create_method("seam").extractor(nn.Identity(), {"pcm": nn.Identity()}).subtract_minimum
 
 
 def test_seam_rejects_bad_options():

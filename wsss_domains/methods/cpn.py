@@ -38,8 +38,8 @@ Checked against Ferenas/CPN (``train_cpn.py``, ``network/resnet38_CPN.py``, ``ne
   ``top20%mean|max_onehot(C_0 - C_1).detach() - R_2| + top20%mean|max_onehot(C_0 - C_2).detach() -
   R_1|``, where ``max_onehot`` keeps each pixel's maximum over *all* channels, background included
   (CPN's ``tool/imutils.py``, unlike SEAM's foreground-only one); every weight is 1, no schedule;
-* inference (``infer_cam.py``): the refined maps' foreground channels, multi-scale and flipped
-  (:class:`seam.PcmCamExtractor`).
+* inference (``infer_cam.py``): the refined maps' foreground channels, multi-scale and flipped,
+  summed and min-max normalised per class (:class:`seam.PcmCamExtractor`, as SEAM's).
 
 ``tests/methods/test_cpn.py`` compares the masks, the refined maps and the losses (values and
 gradients) with a transcription of the official code. Deviations (also in :attr:`Cpn.deviations`):
@@ -48,8 +48,9 @@ which is not a dependency (``strategy="superpixel"`` works when it is installed)
 are fractions of the image's longer side (official: 224 and 448 pixels of a 448 crop, so the default
 ``(0.5, 1.0)``), and ``hide_prob`` also sets the superpixel draws (official: 0.5 for both); the
 PRCM's scale is ``(K+1)^-½`` (official: the literal 21 of VOC); at inference, SEAM's deviations
-(the engine's extractor divides by the maximum, ``infer_cam.py`` subtracts the minimum first and
-halves the maps for its background search; one upsampling step). The official code feeds CPN's maps
+(one upsampling step; no minimum shift over a raster normalised across windows), and the maps are
+not halved (``infer_cam.py`` halves them for its background search; the domain's background
+threshold plays that part). The official code feeds CPN's maps
 to IRN for the final pseudo-labels; that second stage is not part of this method (chain it).
 
 Adaptation to timm CNNs as for SEAM: ResNet-38's ``conv4``/``conv5`` are the backbone's third- and
@@ -223,8 +224,8 @@ class Cpn(Method):
         "Pairs: default grid (official default: SLIC superpixels, strategy='superpixel', which needs "
         "scikit-image, not a dependency); grid sizes are fractions of the image's longer side (official "
         "224/448 px of a 448 crop); hide_prob also sets the superpixel draws. PRCM scale (K+1)^-1/2 "
-        "(official: 21, VOC). Inference as SEAM here: the engine's extractor divides the summed maps by "
-        "their maximum (infer_cam.py subtracts the minimum first), one upsampling step. The official IRN "
+        "(official: 21, VOC). Inference as SEAM here (min-max per class, one upsampling step; maps not halved "
+        "as infer_cam.py does for its background search). The official IRN "
         "second stage is not part of the method. Backbone: a timm CNN's third- and second-last stages "
         "stand for ResNet-38's conv4/conv5; no fc8 background channel (it receives no gradient)."
     )
@@ -316,4 +317,4 @@ class Cpn(Method):
         return {"cls_copies": cls_copies, **losses}
 
     def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: Any) -> CamExtractor:
-        return PcmCamExtractor(model, modules["pcm"], self.pcm_stages, **kwargs)
+        return PcmCamExtractor(model, modules["pcm"], self.pcm_stages, subtract_minimum=True, **kwargs)

@@ -26,13 +26,18 @@ Checked against YudeWang/SEAM (``train_SEAM.py``, ``network/resnet38_SEAM.py``, 
   CAMs *upsampled to the view's input size* (bilinear, ``align_corners=True``), as the official
   network returns them (:func:`forward_view`; the model's ``pooling`` is applied to the upsampled
   maps, GAP by default). This weights the feature map's border less than a plain GAP would;
-* inference: the PCM maps' foreground channels, multi-scale and flipped.
+* inference: the PCM maps' foreground channels, multi-scale and flipped, summed, then min-max
+  normalised per class as ``infer_SEAM.py`` does (:func:`max_norm`: the sum rectified, shifted by
+  its minimum, divided by its range; the official code's entries below the minimum + 1e-5 become
+  negative there and 0 here, both under any background score). The shift matters: a PCM map is an
+  affinity-weighted average and seldom falls to 0, so divided by its maximum alone it stays high
+  everywhere and leaves no pixel to a background class (every COCO pseudo-label was foreground).
 
 ``tests/methods/test_seam_official.py`` compares all of the above with a transcription of the
-official code. Deviations (also in :attr:`Seam.deviations`): at inference the engine's extractor
-divides the summed maps by their maximum (``infer_SEAM.py`` subtracts the minimum first) and
-upsamples each scale's maps from feature resolution in one step (official: to the input with
-aligned corners inside the network, then to the image).
+official code. Deviations (also in :attr:`Seam.deviations`): at inference each scale's maps are
+upsampled from feature resolution in one step (official: to the input with aligned corners inside
+the network, then to the image); over a raster normalised across windows (``max_over="raster"``)
+the maps are divided by the raster's maxima, without the minimum shift.
 
 Adaptation to timm CNNs: the official ResNet-38 stages ``conv4``/``conv5`` (the two before the
 classifier's) become the backbone's third- and second-last ``feature_info`` stages; they are
@@ -207,12 +212,29 @@ class PixelCorrelationModule(nn.Module):
 
 
 class PcmCamExtractor(CamExtractor):
-    """Multi-scale CAMs from the PCM-refined maps (foreground channels), as SEAM's ``infer_SEAM.py``."""
+    """Multi-scale CAMs from the PCM-refined maps (foreground channels), as SEAM's ``infer_SEAM.py``.
 
-    def __init__(self, model: nn.Module, pcm: nn.Module, stages: Sequence[int], **kwargs: Any) -> None:
+    ``subtract_minimum``: normalise the summed maps per class by their range after shifting them by
+    their minimum (:func:`max_norm`, SEAM's and CPN's inference) instead of dividing by the maximum.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        pcm: nn.Module,
+        stages: Sequence[int],
+        subtract_minimum: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(model, **kwargs)
         self.pcm = pcm
         self.stages = tuple(stages)
+        self.subtract_minimum = subtract_minimum
+
+    def normalize(self, total: Tensor) -> Tensor:
+        if self.normalization == "max" and self.subtract_minimum:
+            return max_norm(total[None])[0]
+        return super().normalize(total)
 
     def raw_maps(self, batch: Tensor) -> Tensor:
         outputs = forward_with_stages(self.model, batch, self.stages)
@@ -239,14 +261,16 @@ class Seam(Method):
         "pixel correlation module; pseudo-labels from the PCM-refined CAMs."
     )
     deviations = (
-        "Inference: the engine's extractor divides the summed PCM maps by their maximum (infer_SEAM.py "
-        "subtracts the minimum first) and upsamples them from feature resolution in one step "
-        "(official: to the input with aligned corners, then to the image). Backbone: a timm CNN's "
+        "Inference: the summed PCM maps are upsampled from feature resolution in one step (official: "
+        "to the input with aligned corners, then to the image); over a raster normalised across windows "
+        "they are divided by the raster's maxima without infer_SEAM.py's minimum shift. Backbone: a timm CNN's "
         "third- and second-last stages stand for ResNet-38's conv4/conv5, resized to the CAM "
         "resolution if their stride differs; no fc8 background channel (the official one is "
         "overwritten before every use, so no loss sees it)."
     )
     classification_weight = 0.5
+    # infer_SEAM.py normalises the summed maps by their range after subtracting their minimum.
+    subtract_minimum = True
 
     def __init__(
         self,
@@ -321,4 +345,6 @@ class Seam(Method):
         return self.seam_losses(views, batch["label"])
 
     def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: Any) -> CamExtractor:
-        return PcmCamExtractor(model, modules["pcm"], self.pcm_stages, **kwargs)
+        return PcmCamExtractor(
+            model, modules["pcm"], self.pcm_stages, subtract_minimum=self.subtract_minimum, **kwargs
+        )
