@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
+import os
+import signal
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -114,9 +117,14 @@ PRESETS = {
 }
 
 
-def bench(out: Path, data_root: Path, methods: str, *extra: str, presets: dict = PRESETS) -> int:
+def bench(
+    out: Path, data_root: Path, methods: str, *extra: str, presets: dict = PRESETS, in_child: bool = False
+) -> int:
+    """`bench` on the fake domain; in this process unless ``in_child`` (a spawned child would not
+    have the fake domain, the test methods or the monkeypatches registered here)."""
     argv = ["bench", "--methods", methods, "--domains", ",".join(presets), "--budget-minutes", "1"]
     argv += ["--out", str(out), "--data-root", str(data_root), "--device", "cpu", *extra]
+    argv += [] if in_child else ["--in-process"]
     return run_bench(build_parser().parse_args(argv), presets=presets)
 
 
@@ -312,6 +320,49 @@ def test_failed_training_fails_the_cells_sharing_it_and_the_matrix_goes_on(tmp_p
     assert cell(out, "par")["status"] == "ok"  # the next domain still ran
     matrix = json.loads((out / "matrix.json").read_text())
     assert matrix["gains_vs_cam"]["broken"] == {"cam": None, "par": None}
+
+
+REAL_TRAIN, REAL_PSEUDO_LABEL = bench_matrix.train_classifier, bench_matrix.pseudo_label_and_score
+
+
+def train_in_child(domain, data, run, **kwargs):
+    """Training as a spawned child runs it: the fake domain registered first; the `hungry` column's
+    run is killed as the kernel's out-of-memory killer would kill it (SIGKILL, no clean-up)."""
+    assert multiprocessing.parent_process() is not None  # a child, not the bench process
+    fakes.register()
+    if Path(run).name.startswith("hungry__"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return REAL_TRAIN(domain, data, run, **kwargs)
+
+
+def pseudo_label_in_child(*args, **kwargs):
+    assert multiprocessing.parent_process() is not None
+    fakes.register()
+    return REAL_PSEUDO_LABEL(*args, **kwargs)
+
+
+@pytest.mark.slow
+def test_a_stage_killed_for_memory_fails_its_cells_and_the_matrix_goes_on(tmp_path, data_root, monkeypatch):
+    out = tmp_path / "matrix"
+    monkeypatch.setattr(bench_matrix, "train_classifier", train_in_child)
+    monkeypatch.setattr(bench_matrix, "pseudo_label_and_score", pseudo_label_in_child)
+    presets = {"hungry": PRESETS[DOMAIN], DOMAIN: PRESETS[DOMAIN]}
+    assert bench(out, data_root, "cam,par", presets=presets, in_child=True) == 0
+
+    for method in ("cam", "par"):
+        failed = json.loads((out / "cells" / f"hungry__{method}.json").read_text())
+        assert failed["status"] == "failed" and failed["weights_missing"] is False
+        assert failed["error"].startswith("training the cam run failed: StageKilled: ")
+        assert "killed by SIGKILL" in failed["error"] and "out-of-memory killer" in failed["error"]
+    state = json.loads((out / "runs" / "hungry__cam" / "bench-train.json").read_text())
+    assert state["attempts"] == 1 and not state["done"] and state["peak_rss_bytes"] is None
+    # The next column trained and pseudo-labelled in children of its own, its memory measured there.
+    for method in ("cam", "par"):
+        assert cell(out, method)["status"] == "ok" and cell(out, method)["n_images"] == 3
+    if Path("/proc/self/clear_refs").exists():
+        assert 10**7 < cell(out, "cam")["train_peak_rss_bytes"] < 10**11
+        assert 10**7 < cell(out, "par")["pseudo_label_peak_rss_bytes"] < 10**11
+    assert "out-of-memory killer" in (out / "matrix.md").read_text()
 
 
 # -- gains and report, against hand values ----------------------------------------------------

@@ -126,6 +126,13 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--clip-weights", type=Path, help="local open_clip checkpoint for CLIP-based methods")
     p.add_argument("--retry-failed", action="store_true", help="recompute cells that failed before")
     p.add_argument("--progress", action="store_true", help="progress bars for each step")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run training and pseudo-labelling in the bench process itself (for a debugger); by "
+        "default each runs in a child process, so a cell killed for want of memory fails alone "
+        "instead of ending the matrix",
+    )
     p.set_defaults(func=run_bench)
     return p
 
@@ -312,6 +319,7 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
         method_options=scoped_method_options(methods, args.method_option, flags),
         retry_failed=args.retry_failed,
         progress=args.progress,
+        stages_in_child=not getattr(args, "in_process", False),
     )
     command, machine = bench_command(args), machine_info(device)
     preset_dicts = {d: presets[d].to_dict() for d in domains}

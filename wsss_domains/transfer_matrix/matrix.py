@@ -13,7 +13,9 @@ Layout under ``out``::
 
 A killed matrix re-run skips finished cells, resumes unfinished training from its checkpoint and
 unfinished pseudo-labelling from the PNGs already written. A cell that raises records the error
-as its result and the matrix goes on; only an interrupt (KeyboardInterrupt, a kill) stops it.
+as its result and the matrix goes on; only an interrupt (KeyboardInterrupt, a kill of the bench
+process) stops it. Each stage (training, pseudo-labelling) runs in a child process of its own
+(:mod:`wsss_domains.child_stage`), so a stage killed for want of memory fails its cell, not the matrix.
 """
 
 from __future__ import annotations
@@ -26,16 +28,18 @@ import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from wsss_domains.cam.settings import CamSettings
+from wsss_domains.child_stage import run_stage
 from wsss_domains.data.io import atomic_write
 from wsss_domains.errors import UserError
 from wsss_domains.methods import method_class
 from wsss_domains.methods.base import trains
 from wsss_domains.models.weights import WeightsNotFound
-from wsss_domains.peak_memory import larger, peak_memory
+from wsss_domains.peak_memory import PeakMemory, larger
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
 from wsss_domains.pipeline.pseudo_labels import pseudo_label_and_score
 from wsss_domains.progress import progress_bars
@@ -69,6 +73,9 @@ class MatrixSettings:
     retry_failed: bool = False
     # Progress bars inside each cell; off by default, the log lines say where the matrix is.
     progress: bool = False
+    # Each stage in a spawned child process (an out-of-memory kill fails one cell, not the matrix);
+    # False runs them in this process (a debugger, or stages registered only in this process).
+    stages_in_child: bool = True
 
 
 def trains_own_model(method: str) -> bool:
@@ -247,17 +254,19 @@ def ensure_trained(
     state["attempts"] += 1
     _write_json(state_path, state)
     start = time.perf_counter()
+    measured = PeakMemory()
+    train = partial(
+        train_classifier,
+        preset.domain,
+        preset.data(settings.data_root),
+        run,
+        split=preset.train_split,
+        dataset=preset.dataset,
+        settings=train_settings(preset, method, settings),
+        domain_options=dict(preset.domain_options),
+    )
     try:
-        with peak_memory(settings.device) as measured:
-            train_classifier(
-                preset.domain,
-                preset.data(settings.data_root),
-                run,
-                split=preset.train_split,
-                dataset=preset.dataset,
-                settings=train_settings(preset, method, settings),
-                domain_options=preset.domain_options,
-            )
+        run_stage(train, settings.device, measured, in_child=settings.stages_in_child)
         state["done"] = True
     finally:
         state["seconds"] = float(state["seconds"]) + time.perf_counter() - start
@@ -319,23 +328,25 @@ def run_cell(
             log(f"{pseudo}: left by a run with other settings, cleared")
             shutil.rmtree(pseudo)
         _write_json(state, config)
-        with peak_memory(settings.device) as pl_peak:
-            scored = pseudo_label_and_score(
-                trained.run,
-                preset.domain,
-                preset.dataset,
-                preset.data(settings.data_root),
-                preset.score_split,
-                pseudo,
-                score=True,
-                labels_from_masks=preset.score_labels_from_masks,
-                method_name=method,
-                options=dict(settings.method_options.get(method, {})),
-                cam=CamSettings(scales=preset.scales),
-                overlays=False,
-                device=settings.device,
-                dataset_options=preset.score_options(),
-            )
+        pl_peak = PeakMemory()
+        label = partial(
+            pseudo_label_and_score,
+            trained.run,
+            preset.domain,
+            preset.dataset,
+            preset.data(settings.data_root),
+            preset.score_split,
+            pseudo,
+            score=True,
+            labels_from_masks=preset.score_labels_from_masks,
+            method_name=method,
+            options=dict(settings.method_options.get(method, {})),
+            cam=CamSettings(scales=preset.scales),
+            overlays=False,
+            device=settings.device,
+            dataset_options=preset.score_options(),
+        )
+        scored = run_stage(label, settings.device, pl_peak, in_child=settings.stages_in_child)
         assert scored.report is not None
         summary, report, pl_seconds = scored.summary, scored.report, scored.pseudo_label_seconds
         evaluation = report.to_dict()
