@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 from method_training import train_steps
+from torch import nn
 from torch.nn import functional as F
 
+from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.methods import create_method
 from wsss_domains.methods.dupl import discrepancy_loss
 from wsss_domains.methods.gmm import fit_two_gaussians, noisy_pixels
@@ -75,6 +77,38 @@ def test_multi_scale_cams_take_the_mirror_max_and_min_max_normalise():
     low, high = min(fused), max(fused)
     expected = [(v - low) / (high - low + 1e-5) for v in fused]  # [1/3, 1/3, 1, 0]
     torch.testing.assert_close(cams[0, 0, 0], torch.tensor(expected))
+
+
+class RampCams(nn.Module):
+    """A "classifier" whose two class maps, at the input's resolution, are a channel plus a ramp."""
+
+    def cams(self, x: torch.Tensor, rectify: bool = True) -> torch.Tensor:
+        ramp = torch.linspace(-1.0, 2.0, x.shape[-1])
+        maps = torch.stack([x[:, 0] + ramp, x[:, 1] - 2 * ramp], dim=1)
+        return F.relu(maps) if rectify else maps
+
+
+def official_siamese_cams(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """utils/cam_helper.py::multi_scale_cam2_siamese at scale 1.0 (the model's raw CAM, no ReLU)."""
+    b, _, h, w = inputs.shape
+    _cam = model.cams(torch.cat([inputs, inputs.flip(-1)], dim=0), rectify=False)
+    _cam = F.interpolate(_cam, size=(h, w), mode="bilinear", align_corners=False)
+    _cam = torch.max(_cam[:b, ...], _cam[b:, ...].flip(-1))
+    cam = torch.sum(torch.stack([F.relu(_cam)], dim=0), dim=0)
+    cam = cam + F.adaptive_max_pool2d(-cam, (1, 1))
+    cam /= F.adaptive_max_pool2d(cam, (1, 1)) + 1e-5
+    return cam
+
+
+def test_pseudo_label_cams_are_infer_cam_vocs():
+    model = RampCams()
+    image = torch.randn(3, 6, 9, generator=torch.Generator().manual_seed(0))
+    extractor = create_method("dupl").extractor(model, nn.ModuleDict(), scales=(1.0,))
+    expected = official_siamese_cams(model, image[None])[0]
+    torch.testing.assert_close(extractor(image), expected)
+    # The summed mirrors of the classic CAM differ: the ramp makes the image and its mirror disagree.
+    classic = CamExtractor(model, scales=(1.0,))(image)
+    assert (classic - expected).abs().max() > 0.05
 
 
 def test_refined_labels_map_channels_to_class_ids():

@@ -87,11 +87,11 @@ class CamExtractor:
             batch = torch.cat([batch, batch.flip(-1)])
         maps = self.raw_maps(batch)
         maps = F.interpolate(maps, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        if self.flip:
-            maps = maps[0] + maps[1].flip(-1)
-        else:
-            maps = maps[0]
-        return maps
+        return self.merge_flips(maps[0], maps[1].flip(-1)) if self.flip else maps[0]
+
+    def merge_flips(self, maps: Tensor, mirrored: Tensor) -> Tensor:
+        """One ``K x h x w`` map from an image's maps and its mirror's (mirrored back): their sum."""
+        return maps + mirrored
 
     def _tiled(self, image: Tensor) -> Tensor:
         h, w = image.shape[-2:]

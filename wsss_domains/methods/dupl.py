@@ -38,14 +38,20 @@ Checked against Wu0409/DuPL (``train_final_voc.py``, ``model/model_dupl.py``, ``
   arg-max of its own clean prediction where the labels it learns from (the other student's, after
   the GMM filter) are ignored and that prediction's softmax maximum exceeds 0.9, summed and divided
   by the number of such pixels;
-* pseudo-labels at the end: student 1's CAMs (``tools/infer_cam_voc.py`` uses branch 1).
+* pseudo-labels at the end: student 1's CAMs (``tools/infer_cam_voc.py`` uses branch 1), as
+  ``utils/cam_helper.py::multi_scale_cam2_siamese`` makes them: at each scale the image's and its
+  mirror's rectified maps merged by their maximum, summed over scales, then per class shifted by
+  the minimum and divided by the maximum (``cam + max_pool(-cam)``, ``cam / (max + 1e-5)``).
 
 Not reproduced: the auxiliary classifier with ToCo's patch-token contrast on an intermediate ViT
 layer (weight 0.2, also its classification losses). CNN backbones replace the official ViT. The
 RandAugment image is built from the normalised batch with the run's mean and std and rounded to
 8 bits (the official code truncates, via ``denormalize_img`` and ``ToPILImage``); torchvision's
-Color and Contrast differ from PIL's by at most one grey level (rounding), the other ops match. The threshold schedule follows
-``train_final_voc.py`` (start 0.7 from the warm-up's end); ``train_final_coco.py`` starts at 0.65 and
+Color and Contrast differ from PIL's by at most one grey level (rounding), the other ops match.
+At pseudo-label time the scales and the background threshold are the run's (``infer_cam_voc.py``:
+scales 1.0, 0.5, 1.5 of the image resized to 448x448, background at 0.5), so that every method of a
+matrix is read at one threshold; each scale's mirrors are merged at that scale's size, then resized
+to the image (official: resized first). The threshold schedule follows ``train_final_voc.py`` (start 0.7 from the warm-up's end); ``train_final_coco.py`` starts at 0.65 and
 from iteration 12000 of 80000 (its warm-up ends at 8000).
 """
 
@@ -61,6 +67,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
+from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.methods.base import Method
 from wsss_domains.methods.gmm import GAMMA, MIN_GAP, MIN_PIXELS, noisy_pixels
 from wsss_domains.methods.online_labels import (
@@ -222,6 +229,19 @@ def consistency_loss(
     return losses.sum() / uncertain.sum()
 
 
+class DuplCamExtractor(CamExtractor):
+    """``multi_scale_cam2_siamese``'s maps: mirrors merged by their maximum, summed maps min-max scaled."""
+
+    def merge_flips(self, maps: Tensor, mirrored: Tensor) -> Tensor:
+        return torch.maximum(maps, mirrored)
+
+    def normalize(self, total: Tensor) -> Tensor:
+        if self.normalization != "max":
+            return super().normalize(total)
+        shifted = total - total.flatten(-2).amin(dim=-1)[..., None, None]
+        return shifted / (shifted.flatten(-2).amax(dim=-1)[..., None, None] + 1e-5)
+
+
 @register_method
 class Dupl(Method):
     deviations = (
@@ -229,7 +249,8 @@ class Dupl(Method):
         " classification losses and PTC, weight 0.2); RandAugment rebuilt from torchvision's functional"
         " ops on 8-bit images (rounded, not truncated); the threshold schedule of train_final_voc.py"
         " (start 0.7 after the warm-up) also on COCO, whose official script starts at 0.65 from"
-        " iteration 12000; targets other than VOC's are 0.55 for every class"
+        " iteration 12000; targets other than VOC's are 0.55 for every class; pseudo-labels at the"
+        " run's scales and background threshold (infer_cam_voc.py: 1.0, 0.5, 1.5 at 448x448, 0.5)"
     )
     name = "dupl"
     description = (
@@ -308,6 +329,10 @@ class Dupl(Method):
         self.randaugment_ops, self.randaugment_magnitude = int(randaugment_ops), int(randaugment_magnitude)
         self.seg_channels = int(seg_channels)
         self.refiner = PixelAdaptiveRefiner(downscale=2)
+
+    def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: object) -> CamExtractor:
+        """Student 1's CAMs as ``tools/infer_cam_voc.py`` reads them (see :class:`DuplCamExtractor`)."""
+        return DuplCamExtractor(model, **kwargs)  # type: ignore[arg-type]
 
     def build_modules(self, model: nn.Module) -> nn.ModuleDict:
         dim, k = model.backbone.num_features, model.num_classes

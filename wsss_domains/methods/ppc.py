@@ -32,8 +32,8 @@ here; the official defaults are this module's defaults:
   the denominator, averaged over the classes present (classes of one pixel count but add nothing,
   as official);
 * each pair is averaged and weighted by ``gamma`` = 0.1 (lines 269, 281, 389);
-* inference (``contrast_infer.py``): the summed multi-scale, flipped maps divided by their maximum
-  per class (its min-max lines are commented out there), unlike SEAM's ``infer_SEAM.py``.
+* inference (``contrast_infer.py``, lines 75-80): the summed multi-scale, flipped PCM maps min-max
+  normalised per class, the same lines as SEAM's ``infer_SEAM.py``.
 
 The former defaults of this module, background score 0.10 and prototypes from ``h*w // 16``
 pixels, belong to the EPS+saliency variant of PPC; they stay reachable as the options
@@ -226,7 +226,7 @@ class Ppc(Seam):
         " intra-view denominator"
     )
     name = "ppc"
-    subtract_minimum = False  # contrast_infer.py: sum_cam / (max + 1e-5)
+    # contrast_infer.py: (sum_cam - min - 1e-5) / (max - min + 1e-5), as infer_SEAM.py (inherited).
     description = (
         "PPC (Du et al., CVPR 2022), saliency-free variant: pixel-to-prototype contrast across and "
         "within SEAM's two views (the second a fixed 128x128 copy), with a projection head; "
