@@ -39,6 +39,10 @@ Checked against xinqiaozhao/PSDPM (``network/resnet50_psdpm.py``, ``train_resnet
 * inference (``make_cam.py``, class ``CAM``): the multi-stage CAM of the three heads on the plain
   stages, summed over scales and divided by its maximum.
 
+At pseudo-label time the foreground maps meet the run's background threshold like every method's
+(official: its background channel is kept, and ``IS_CAM + pad(IS_CAM[1:], 0.4)`` gives background
+``bg + 0.4`` against foreground ``2 fg``, so a class wins roughly where its score exceeds 0.47).
+
 Deviations (also in :attr:`Psdpm.deviations`): the baseline's segmentation results come from a
 frozen earlier training run (``baseline_run``, any method): its classifier's CAMs on the same crop,
 normalised as above (official: the multi-scale output of a DeepLab trained on a baseline's
@@ -256,7 +260,8 @@ class Psdpm(Method):
         "baseline_run, the model's own multi-stage CAM, detached. Empty memory slots are not fed (official: "
         "black images labelled with every class). No gradient clipping (official: norm 1). Hierarchical "
         "features on the final features' grid (official: stride-16 stage's, the same on ResNet-50). "
-        "Inference averages flips (official: mirror computed, unused). Backbone: a timm CNN's final "
+        "Inference averages flips (official: mirror computed, unused); its background channel is dropped "
+        "for the run's background threshold (official: bg + 0.4 against 2 fg). Backbone: a timm CNN's final "
         "features and its second- and third-last stages stand for ResNet-50's layer4/3/2."
     )
     classification_weight = 0.0  # the official loss classifies the batch and the memory together

@@ -34,8 +34,11 @@ Deviations (also in :attr:`Rca.deviations`):
   start), with a seeded torch k-means (k-means++ start, Lloyd iterations) instead of scikit-learn's;
 * an image's regions are each cut from its unmasked features (official: the feature map is masked in
   place, so an image's second class is cut from its first class's region);
-* pseudo-labels come from the refined CAMs at the end of training (official: OAA's online
-  accumulation of the attention maps across epochs);
+* pseudo-labels come from the refined CAMs at the end of training, read like every method's (the
+  run's background threshold); official: OAA's online accumulation of the attention maps across
+  epochs, min-max normalised, background from a saliency map (``gen_labels.py``: ``1 - sal / 255``),
+  a dense CRF, and pixels claimed by two classes or salient background ignored; no saliency maps
+  exist for these domains;
 * the warm-up is a share of the training budget (2/30), not two epochs.
 
 With momentum 0.99 each bank slot moves 1% per visit: on a budget of a few hundred steps the bank is
@@ -244,8 +247,9 @@ class Rca(Method):
         "convolutions and a 1x1); extra_F: 1x1 convolutions at the backbone's width (official: 3x3 at 512). "
         "Clusters every cluster_every optimiser steps by a seeded torch k-means (official: each epoch, "
         "scikit-learn). Each region is cut from unmasked features (official: masked in place, so an image's "
-        "second class is cut from its first's region). Pseudo-labels from the refined CAMs at the end (official: "
-        "OAA's accumulated maps). Warm-up: 2/30 of the budget (official: 2 of 30 epochs)."
+        "second class is cut from its first's region). Pseudo-labels from the refined CAMs at the end, read at "
+        "the run's background threshold (official: OAA's accumulated maps, min-max normalised, saliency "
+        "background, dense CRF, ignore rules of gen_labels.py). Warm-up: 2/30 of the budget (official: 2 of 30 epochs)."
     )
 
     def __init__(
