@@ -36,6 +36,7 @@ from wsss_domains.progress import progress_bars, progress_shown
 
 T = TypeVar("T")
 SAMPLE_SECONDS = 1.0
+TERMINATE_SECONDS = 10.0
 GB = 1e9
 
 
@@ -77,14 +78,18 @@ def run_stage(fn: Callable[[], T], device: str, measured: PeakMemory, in_child: 
     try:
         while not receiver.poll(SAMPLE_SECONDS):
             now = _resident_bytes(child.pid)
-            resident = now if resident is None or (now is not None and now > resident) else resident
+            if now is not None and (resident is None or now > resident):
+                resident = now
         try:
             message = pickle.loads(receiver.recv_bytes())
         except EOFError:
             message = None
     except BaseException:  # an interrupt of the parent ends the child too
         child.terminate()
-        child.join()
+        child.join(TERMINATE_SECONDS)
+        if child.is_alive():  # a stage that handles SIGTERM (Lightning may) is killed
+            child.kill()
+            child.join()
         raise
     finally:
         receiver.close()
@@ -145,7 +150,10 @@ def _death(exitcode: int | None, seconds: float, resident: int | None) -> str:
     size = f", at about {resident / GB:.1f} GB resident" if resident else ""
     if number is None:
         return f"the stage's child process exited with code {exitcode} after {seconds:.0f} s without a result{size}"
-    name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else str(number)
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
     text = f"the stage's child process was killed by {name} after {seconds:.0f} s{size}"
     if number == signal.SIGKILL:
         text += (

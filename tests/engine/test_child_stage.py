@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import _thread
 import multiprocessing
 import os
 import signal
+import threading
+import time
 from functools import partial
 from pathlib import Path
 
@@ -27,6 +30,11 @@ def hold_memory(megabytes: int) -> tuple[int, bool]:
 class Unpicklable(Exception):
     def __init__(self, code: int, detail: str) -> None:  # pickling passes one argument: unpicklable
         super().__init__(f"{code}: {detail}")
+
+
+def sleep_ignoring_sigterm(seconds: float) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a stage that handles SIGTERM itself
+    time.sleep(seconds)
 
 
 def fail(kind: str) -> None:
@@ -77,3 +85,16 @@ def test_a_killed_or_vanished_child_is_a_stage_killed_naming_the_signal():
         run_stage(partial(fail, "exit"), "cpu", PeakMemory())
     assert exited.value.signal_number is None
     assert not multiprocessing.active_children()  # no child left behind
+
+
+def test_an_interrupt_of_the_parent_ends_the_child(monkeypatch):
+    monkeypatch.setattr("wsss_domains.child_stage.TERMINATE_SECONDS", 1.0)
+    timer = threading.Timer(8.0, _thread.interrupt_main)  # Ctrl-C while the stage runs
+    timer.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(partial(sleep_ignoring_sigterm, 120.0), "cpu", PeakMemory())
+    finally:
+        timer.cancel()
+    assert time.perf_counter() - start < 60 and not multiprocessing.active_children()
