@@ -25,6 +25,13 @@ def normalize_per_class(cams: Tensor, eps: float = 1e-5) -> Tensor:
     return cams / peak[..., None, None]
 
 
+def min_max_per_class(cams: Tensor, eps: float = 1e-5) -> Tensor:
+    """Shift each class map by its minimum, then divide by the shifted maximum (ToCo's and DuPL's
+    ``cam_helper``: ``cam + max_pool(-cam)``, ``cam / (max + eps)``)."""
+    shifted = cams - cams.flatten(-2).amin(dim=-1)[..., None, None]
+    return shifted / (shifted.flatten(-2).amax(dim=-1)[..., None, None] + eps)
+
+
 class CamExtractor:
     """Multi-scale, flip-augmented CAMs for all classes, tiled when an image is large.
 

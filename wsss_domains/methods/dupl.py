@@ -67,7 +67,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.transforms import functional as TF
 
-from wsss_domains.cam.extract import CamExtractor
+from wsss_domains.cam.extract import CamExtractor, min_max_per_class
 from wsss_domains.methods.base import Method
 from wsss_domains.methods.gmm import GAMMA, MIN_GAP, MIN_PIXELS, noisy_pixels
 from wsss_domains.methods.online_labels import (
@@ -236,10 +236,7 @@ class DuplCamExtractor(CamExtractor):
         return torch.maximum(maps, mirrored)
 
     def normalize(self, total: Tensor) -> Tensor:
-        if self.normalization != "max":
-            return super().normalize(total)
-        shifted = total - total.flatten(-2).amin(dim=-1)[..., None, None]
-        return shifted / (shifted.flatten(-2).amax(dim=-1)[..., None, None] + 1e-5)
+        return min_max_per_class(total) if self.normalization == "max" else super().normalize(total)
 
 
 @register_method

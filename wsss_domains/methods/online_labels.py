@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from wsss_domains.cam.extract import min_max_per_class
 from wsss_domains.refine.background import TOCO_HIGH_THRESHOLD, TOCO_LOW_THRESHOLD, dual_threshold_labels
 from wsss_domains.refine.par import PixelAdaptiveRefiner
 
@@ -53,8 +54,7 @@ def multi_scale_cams(
         cams = F.relu(torch.maximum(cams[:b], cams[b:].flip(-1)))
         total = cams if total is None else total + cams
     assert total is not None
-    total = total - total.flatten(2).amin(dim=-1)[..., None, None]
-    return total / (total.flatten(2).amax(dim=-1)[..., None, None] + 1e-5)
+    return min_max_per_class(total)
 
 
 def refined_labels(
