@@ -28,6 +28,7 @@ from wsss_domains.models.weights import WeightsNotFound
 from wsss_domains.options import MethodOptionError, OptionError
 from wsss_domains.transfer_matrix import matrix as bench_matrix
 from wsss_domains.transfer_matrix.cli import (
+    accumulation_by_method,
     expand_method_groups,
     run_bench,
     scoped_domain_options,
@@ -438,11 +439,14 @@ def test_report_tables_and_heatmap_from_hand_values(tmp_path):
     # A cell finished before bench measured memory, and one that used a GPU.
     older = {k: v for k, v in ok("cam", 0.4).items() if "peak" not in k}
     gpu = ok("par", 0.4) | {"peak_gpu_bytes": 3_210_000_000, "pseudo_label_peak_rss_bytes": None}
+    split = ok("seam", 0.4) | {"config": {"train": {"batch_size": 32, "accumulate_batches": 4}}}
     mixed = build_matrix(
-        {"d1": {"cam": older, "par": gpu}}, ["d1"], ["cam", "par"], "cmd", machine, presets, 3.0
-    )
+        {"d1": {"cam": older, "par": gpu, "seam": split}}, ["d1"], ["cam", "par", "seam"], "cmd", machine,
+        presets, 3.0,
+    )  # fmt: skip
     memory = render_markdown(mixed).split("## Peak memory")[1]
     assert "| `cam` | not recorded |" in memory and "| `par` | 1.50 / ? (GPU 3.21) |" in memory
+    assert "| `seam` | 1.50 / 0.80, batch 8 x 4 |" in memory  # a run with --accumulate-batches says so
     assert "2 usable CPUs (nproc; 64 on the host), Test CPU" in md
     json.dumps(matrix, allow_nan=False)  # matrix.json never holds NaN
 
@@ -592,6 +596,37 @@ def test_random_patches_reach_training_and_its_fingerprint_only_when_set(tmp_pat
     assert "random_patches" not in bench_matrix.train_config(grid, "cam", settings)  # old runs stay valid
     assert bench_matrix.train_config(drawn, "cam", settings)["random_patches"] == 16
     assert drawn.train_options()["random_patches"] == 16
+
+
+def test_accumulation_splits_the_columns_batch_for_the_methods_named(tmp_path):
+    presets, columns = DEFAULT_PRESETS, ["histo", "coco"]  # both train at batch 32
+    methods = ["cam", "seam", "cam-proto"]
+    assert accumulation_by_method(methods, ["seam=4"], presets, columns) == {"seam": 4}
+    assert accumulation_by_method(methods, ["2"], presets, columns) == {"cam": 2, "seam": 2}  # training ones
+    assert accumulation_by_method(methods, ["2", "cam=1"], presets, columns) == {"seam": 2}
+    for bad, message in [
+        ("seam=0", "N >= 1"),
+        ("seam=two", "N >= 1"),
+        ("sipe=2", "'sipe' is not in this matrix"),
+        ("cam-proto=2", "cam-proto trains no classifier of its own"),
+        ("seam=3", "must divide the batch size of column 'histo' .32."),
+    ]:
+        with pytest.raises(CliError, match=message):
+            accumulation_by_method(methods, [bad], presets, columns)
+    settings = bench_matrix.MatrixSettings(
+        out=tmp_path, data_root=tmp_path, budget_minutes=1.0, accumulate_batches={"seam": 4}
+    )
+    preset = presets["coco"]
+    argv = bench_matrix.train_argv(preset, "seam", tmp_path / "run", settings)
+    args = build_parser().parse_args(argv)  # the recorded command asks for the same training
+    assert (args.batch_size, args.accumulate_batches) == (8, 4)
+    trained = bench_matrix.train_settings(preset, "seam", settings)
+    assert (trained.batch_size, trained.accumulate_batches) == (8, 4)
+    config = bench_matrix.train_config(preset, "seam", settings)
+    assert config["batch_size"] == 32 and config["accumulate_batches"] == 4  # another run than seam at 32
+    plain = bench_matrix.train_config(preset, "cam", settings)
+    assert "accumulate_batches" not in plain  # runs made before the option keep their fingerprint
+    assert "--accumulate-batches" not in bench_matrix.train_argv(preset, "cam", tmp_path, settings)
 
 
 @pytest.mark.realdata

@@ -262,6 +262,20 @@ def test_the_teacher_is_ema_cls_2s_average_of_weights_and_buffers():
     assert not any(p.requires_grad for p in task.teacher.parameters())
 
 
+def test_the_teacher_moves_after_optimiser_steps_only(monkeypatch):
+    """With --seg-accumulate-batches 2 the batches alternate between accumulating and stepping."""
+    task = DasTask(tiny_segmenter(), 3, IGNORE)
+    step = {"now": 5}  # a resumed run
+    monkeypatch.setattr(DasTask, "global_step", property(lambda self: step["now"]))
+    updates = []
+    monkeypatch.setattr(task, "update_teacher", lambda: updates.append(step["now"]))
+    task.on_train_start()
+    for after in (5, 6, 6, 7):  # global_step after each batch: accumulate, step, accumulate, step
+        step["now"] = after
+        task.on_train_batch_end(None, None, 0)
+    assert updates == [6, 7]
+
+
 def tiny_segmenter() -> nn.Module:
     config = SegmenterConfig(domain="fake", dataset="x", classes=["a", "b", "c"], arch="fpn",
                              encoder=fakes.FAST_BACKBONE, weights="random")  # fmt: skip

@@ -107,6 +107,54 @@ def weights_after(shapes: Path, out: Path, seed: int) -> dict[str, torch.Tensor]
     return weights(out)
 
 
+def test_accumulated_batches_take_the_optimiser_step_of_one_larger_batch(shapes, tmp_path, monkeypatch):
+    """Two batches of 1 with accumulate_batches=2 give each optimiser step the gradient of one batch
+    of 2 (the model's batch norms bypassed: they are the one thing that sees the smaller batch)."""
+    import wsss_domains.training.fit as fit_module
+    from wsss_domains.training.task import ClassifierTask
+
+    build = fit_module.build_model
+
+    def without_batch_statistics(config: RunConfig) -> torch.nn.Module:
+        model = build(config)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.forward = lambda x: x  # type: ignore[method-assign]
+        return model
+
+    gradients: list[dict[str, torch.Tensor]] = []
+
+    def record(task: ClassifierTask, optimizer: object) -> None:
+        gradients.append({n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None})
+
+    monkeypatch.setattr(fit_module, "build_model", without_batch_statistics)
+    monkeypatch.setattr(ClassifierTask, "on_before_optimizer_step", record, raising=False)
+    whole = fit(shapes, tmp_path / "whole", batch_size=2)
+    split = fit(shapes, tmp_path / "split", batch_size=1, accumulate_batches=2)
+    single = fit(shapes, tmp_path / "single", batch_size=1)  # without accumulation: twice the steps
+    assert whole.global_step == split.global_step == STEPS_PER_EPOCH
+    assert single.global_step == 2 * STEPS_PER_EPOCH
+    assert logged_steps(tmp_path / "split") == [0, 1, 2]  # one log row per optimiser step
+    assert len(gradients) == 4 * STEPS_PER_EPOCH
+    first_whole, first_split, first_single = (
+        gradients[0],
+        gradients[STEPS_PER_EPOCH],
+        gradients[2 * STEPS_PER_EPOCH],
+    )
+    assert first_whole.keys() == first_split.keys()
+    for name, grad in first_whole.items():
+        torch.testing.assert_close(first_split[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    head = "head.weight"
+    assert not torch.allclose(first_single[head], first_whole[head], rtol=1e-2)  # one image's gradient
+
+
+def test_accumulate_batches_below_one_is_refused():
+    from wsss_domains.errors import UserError
+
+    with pytest.raises(UserError, match="--accumulate-batches must be at least 1"):
+        TrainOptions(accumulate_batches=0).check()
+
+
 def test_max_minutes_stops_an_unbounded_run(shapes: Path, tmp_path: Path):
     out = tmp_path / "run"
     start = time.perf_counter()

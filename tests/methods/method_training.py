@@ -42,11 +42,11 @@ FAST_BACKBONE = "test_efficientnet"
 
 
 def train_steps(
-    method: Method, steps: int = 2, model: CamClassifier | None = None
+    method: Method, steps: int = 2, model: CamClassifier | None = None, accumulate: int = 1
 ) -> tuple[ClassifierTask, dict[str, float], dict[str, torch.Tensor]]:
     """Run ``steps`` optimiser steps of ``method`` on a random-weight classifier (by default the fast
-    EfficientNet); return the task (in eval mode), the values logged at the last step and the method
-    modules' initial weights."""
+    EfficientNet), each over ``accumulate`` batches of 2; return the task (in eval mode), the values
+    logged at the last step and the method modules' initial weights."""
     if model is None:
         model = CamClassifier(num_classes=2, backbone=FAST_BACKBONE, weights="random")
     task = ClassifierTask(model, method)
@@ -54,12 +54,13 @@ def train_steps(
     trainer = L.Trainer(
         accelerator="cpu",
         max_steps=steps,
+        accumulate_grad_batches=accumulate,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(task, DataLoader(_Squares(), batch_size=2))
+    trainer.fit(task, DataLoader(_Squares(max(4, 2 * steps * accumulate)), batch_size=2))
     assert trainer.global_step == steps
     logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return task.eval(), logged, initial

@@ -24,7 +24,16 @@ from wsss_domains.pipeline.segmenter import SegmenterSettings
 DEFAULT_BUDGET = 15.0
 # The classifier's options `run` offers; the budget is --budget-minutes.
 RUN_CLASSIFIER = SettingsArguments(
-    ClassifierSettings, ("labels_from_masks", "patch_size", "backbone", "weights", "image_size", "batch_size")
+    ClassifierSettings,
+    (
+        "labels_from_masks",
+        "patch_size",
+        "backbone",
+        "weights",
+        "image_size",
+        "batch_size",
+        "accumulate_batches",
+    ),
 )
 # Options both networks share.
 RUN_TRAINING = SettingsArguments(
@@ -71,6 +80,7 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
             "weights": "the classifier's starting weights",
             "image_size": "the classifier's input size (default 224)",
             "batch_size": "the classifier's batch size",
+            "accumulate_batches": "the classifier's gradient accumulation: N batches per optimiser step",
         },
     )
     add_method_arguments(p, default=None, default_help="the domain's recipe (see the report)")

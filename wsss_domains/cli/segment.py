@@ -28,6 +28,7 @@ SEGMENTER_NETWORK = SettingsArguments(
         "source_classes",
         "rounds",
         "batch_size",
+        "accumulate_batches",
         "lr",
     ),  # fmt: skip
     flags={
@@ -35,6 +36,7 @@ SEGMENTER_NETWORK = SettingsArguments(
         "training": "--seg-training",
         "rounds": "--seg-rounds",
         "batch_size": "--seg-batch-size",
+        "accumulate_batches": "--seg-accumulate-batches",
         "lr": "--seg-lr",
     },
 )

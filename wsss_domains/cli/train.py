@@ -50,7 +50,7 @@ CLASSIFIER_OPTIONS = SettingsArguments(
     (
         "labels_from_masks", "patch_size", "random_patches", "backbone", "weights", "image_size",
         "output_stride", "pooling", "max_minutes", "max_epochs", "max_steps", "checkpoint_minutes",
-        "batch_size", "lr", "seed", "balance_classes", "device", "devices", "strategy", "num_workers",
+        "batch_size", "accumulate_batches", "lr", "seed", "balance_classes", "device", "devices", "strategy", "num_workers",
     ),
 )  # fmt: skip
 

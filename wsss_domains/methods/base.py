@@ -149,6 +149,23 @@ class Method:
         """
         return {}
 
+    def first_pass_of_step(self, what: str, batch: Mapping[str, Tensor]) -> bool:
+        """Whether this training pass is the first of its optimiser step for the update ``what``.
+
+        With ``--accumulate-batches N`` one optimiser step spans N passes that share ``batch["step"]``;
+        state the official code updates once per step (a momentum teacher, a re-clustering) is updated
+        on the first of them only, so accumulation changes memory, not the method. Always True
+        without ``step``.
+        """
+        if "step" not in batch:
+            return True
+        step = int(batch["step"])
+        seen: dict[str, int] = self.__dict__.setdefault("_steps_seen", {})
+        if seen.get(what) == step:
+            return False
+        seen[what] = step
+        return True
+
     def extractor(self, model: nn.Module, modules: nn.ModuleDict, **kwargs: Any) -> CamExtractor:
         """The CAM extractor used at pseudo-label time."""
         return CamExtractor(model, **kwargs)

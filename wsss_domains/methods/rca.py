@@ -308,7 +308,8 @@ class Rca(Method):
         self, model: nn.Module, modules: nn.ModuleDict, batch: dict[str, Tensor]
     ) -> dict[str, Tensor]:
         step = int(batch["step"]) if "step" in batch else 0
-        if step > 0 and step % self.cluster_every == 0:  # rca.py: at an epoch's start, before its forward
+        # rca.py: at an epoch's start, before its forward (once per step under gradient accumulation)
+        if step > 0 and step % self.cluster_every == 0 and self.first_pass_of_step("recluster", batch):
             modules["memory"].recluster(self.generator)
         out = model(batch["image"])
         refined = modules["head"](

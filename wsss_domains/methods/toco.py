@@ -333,7 +333,8 @@ class Toco(Method):
         size = min(self.local_size, min(image.shape[-2:]) // 2)
         roi = region_mask(cams_aux, labels, self.high, self.low)
         crops, flags, _ = local_crops(image, roi, self.local_count, size)
-        momentum_update(modules["projection_teacher"], modules["projection"], self.momentum)
+        if self.first_pass_of_step("teacher", batch):
+            momentum_update(modules["projection_teacher"], modules["projection"], self.momentum)
         second = self.class_tokens(model, global_view(image))
         global_tokens = torch.cat([outputs["class_token"], second])
         local_tokens = self.class_tokens(model, torch.cat(crops))

@@ -218,6 +218,7 @@ class DasTask(SegmenterTask):
         self.representation = nn.Conv2d(channels, self.options.feature_dim, 1)
         self.teacher = copy.deepcopy(nn.ModuleDict({"model": model, "representation": self.representation}))
         self.teacher.requires_grad_(False)
+        self.teacher_step = 0  # the optimiser step the teacher was last updated after
         self.register_buffer("source_prototypes", torch.zeros(num_classes, self.options.feature_dim))
         self.register_buffer("target_prototypes", torch.zeros(num_classes, self.options.feature_dim))
 
@@ -236,8 +237,15 @@ class DasTask(SegmenterTask):
                 else:
                     ema_state[key].copy_(ema_state[key] * self.options.ema + (1 - self.options.ema) * value)
 
+    def on_train_start(self) -> None:
+        self.teacher_step = self.global_step  # a resumed run's first batch is not an optimiser step yet
+
     def on_train_batch_end(self, outputs: object, batch: object, batch_idx: int) -> None:
-        self.update_teacher()
+        # After each optimiser step: with --accumulate-batches a batch that only accumulated a
+        # gradient leaves global_step (and the teacher) as they were.
+        if self.global_step != self.teacher_step:
+            self.update_teacher()
+            self.teacher_step = self.global_step
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         o, ignore = self.options, self.ignore_index

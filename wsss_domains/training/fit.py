@@ -37,6 +37,14 @@ class TrainOptions:
     max_epochs: int | None = setting(None, help="epoch limit (default: 10 without --max-minutes)")
     max_steps: int = setting(-1, help="optimiser step limit (-1: none)")
     batch_size: int = setting(32, help="training batch size")
+    accumulate_batches: int = setting(
+        1,
+        metavar="N",
+        help="sum the gradients of N batches before each optimiser step: the step sees N x the batch size"
+        " while memory holds one batch (for a GPU or machine too small for the batch you want); batch"
+        " norms still see one batch, and state a method updates per step (momentum teachers,"
+        " re-clustering) is updated once per optimiser step",
+    )
     lr: float = setting(1e-3, help="head learning rate (backbone: 0.1x)")
     num_workers: int = setting(0, help="data-loading worker processes")
     device: str = setting("auto", help="cpu, cuda or auto (mixed precision on cuda)")
@@ -69,6 +77,8 @@ class TrainOptions:
             raise UserError(f"--max-steps must be positive (or -1: no limit), got {self.max_steps}")
         if self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.accumulate_batches < 1:
+            raise UserError(f"--accumulate-batches must be at least 1, got {self.accumulate_batches}")
         if not self.lr > 0:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not self.checkpoint_minutes > 0:
@@ -209,6 +219,7 @@ def fit_task(
         precision=options.precision or default_precision(accelerator),
         max_epochs=max_epochs,
         max_steps=options.max_steps,
+        accumulate_grad_batches=options.accumulate_batches,
         callbacks=callbacks,
         # Flushed every 10 steps: a killed run keeps the log of the steps its checkpoint holds.
         logger=CSVLogger(out, name="logs", version="", flush_logs_every_n_steps=10),

@@ -121,6 +121,16 @@ def add_bench_subcommand(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
         "column of --domains) scopes it to one column, unscoped it goes to every column whose domain takes "
         "it; e.g. histo.stain=macenko (see `wsss-domains domains`)",
     )
+    p.add_argument(
+        "--accumulate-batches",
+        action="append",
+        default=[],
+        metavar="[METHOD=]N",
+        help="train with each column's batch split into N micro-batches and their gradients summed, one "
+        "optimiser step per batch as before (less memory: for a method that does not fit at the column's "
+        "batch), repeatable; METHOD= scopes it to one training method (its cells then differ from the "
+        "others only in batch-norm statistics over the smaller micro-batch), unscoped to every one",
+    )
     p.add_argument("--sam-checkpoint", type=Path, help="SAM checkpoint for SAM-based methods")
     p.add_argument("--clip-model", help="open_clip architecture for CLIP-based methods")
     p.add_argument("--clip-weights", type=Path, help="local open_clip checkpoint for CLIP-based methods")
@@ -238,6 +248,41 @@ def scoped_method_options(
     return {m: o for m, o in options.items() if o}
 
 
+def accumulation_by_method(
+    methods: Sequence[str], items: Sequence[str], presets: Mapping[str, CellPreset], columns: Sequence[str]
+) -> dict[str, int]:
+    """``--accumulate-batches`` items (``[METHOD=]N``) as N by training method, checked against every
+    column's batch size before any cell runs."""
+    training = [m for m in methods if trains_own_model(m)] + [BASELINE]
+    accumulation: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise CliError(f"--accumulate-batches expects [METHOD=]N with N >= 1, got '{item}'")
+        if sep and name not in methods:
+            raise CliError(
+                f"--accumulate-batches '{item}': '{name}' is not in this matrix ({', '.join(methods)})"
+            )
+        if sep and name not in training:
+            raise CliError(
+                f"--accumulate-batches '{item}': {name} trains no classifier of its own (it reads the {BASELINE} run)"
+            )
+        for method in [name] if sep else training:
+            accumulation[method] = n
+    for method, n in accumulation.items():
+        for column in columns:
+            if presets[column].batch_size % n:
+                raise CliError(
+                    f"--accumulate-batches {method}={n} must divide the batch size of column '{column}' "
+                    f"({presets[column].batch_size})"
+                )
+    return {m: n for m, n in accumulation.items() if n > 1}
+
+
 def scoped_domain_options(
     columns: Sequence[str], presets: Mapping[str, CellPreset], items: Sequence[str]
 ) -> dict[str, dict[str, object]]:
@@ -265,6 +310,8 @@ def bench_command(args: argparse.Namespace) -> str:
         argv += ["--method-option", item]
     for item in getattr(args, "domain_option", []):
         argv += ["--domain-option", item]
+    for item in getattr(args, "accumulate_batches", []):
+        argv += ["--accumulate-batches", item]
     for flag in MODEL_FLAGS:
         if getattr(args, flag) is not None:
             argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
@@ -320,6 +367,9 @@ def run_bench(args: argparse.Namespace, presets: Mapping[str, CellPreset] = DEFA
         retry_failed=args.retry_failed,
         progress=args.progress,
         stages_in_child=not getattr(args, "in_process", False),
+        accumulate_batches=accumulation_by_method(
+            methods, getattr(args, "accumulate_batches", []), presets, domains
+        ),
     )
     command, machine = bench_command(args), machine_info(device)
     preset_dicts = {d: presets[d].to_dict() for d in domains}

@@ -76,6 +76,21 @@ class MatrixSettings:
     # Each stage in a spawned child process (an out-of-memory kill fails one cell, not the matrix);
     # False runs them in this process (a debugger, or stages registered only in this process).
     stages_in_child: bool = True
+    # Gradient accumulation by training method: the preset's batch is split into this many
+    # micro-batches, one optimiser step per batch (same step, less memory); 1 where absent.
+    accumulate_batches: Mapping[str, int] = field(default_factory=dict)
+
+    def accumulation(self, method: str) -> int:
+        return int(self.accumulate_batches.get(method, 1))
+
+    def micro_batch(self, preset: CellPreset, method: str) -> int:
+        """The batch one forward pass of ``method``'s training run holds on ``preset``'s column."""
+        n = self.accumulation(method)
+        if n < 1 or preset.batch_size % n:
+            raise BenchError(
+                f"--accumulate-batches {method}={n}: must divide the column's batch size {preset.batch_size}"
+            )
+        return preset.batch_size // n
 
 
 def trains_own_model(method: str) -> bool:
@@ -123,6 +138,8 @@ def train_config(preset: CellPreset, method: str, settings: MatrixSettings) -> d
         extra["domain_options"] = dict(preset.domain_options)
     if preset.seed:
         extra["seed"] = preset.seed
+    if settings.accumulation(method) > 1:
+        extra["accumulate_batches"] = settings.accumulation(method)
     return {
         **{k: data[k] for k in keys},
         **extra,
@@ -181,7 +198,8 @@ def train_settings(preset: CellPreset, method: str, settings: MatrixSettings) ->
         random_patches=preset.random_patches if preset.labels_from_masks else None,
         max_minutes=settings.budget_minutes,
         max_steps=preset.max_steps,
-        batch_size=preset.batch_size,
+        batch_size=settings.micro_batch(preset, method),
+        accumulate_batches=settings.accumulation(method),
         seed=preset.seed,
         device=settings.device,
     )
@@ -203,7 +221,10 @@ def train_argv(preset: CellPreset, method: str, run: Path, settings: MatrixSetti
     for key, value in settings.method_options.get(method, {}).items():
         argv += ["--method-option", f"{key}={json.dumps(value)}"]
     argv += ["--backbone", preset.backbone, "--weights", preset.weights]
-    argv += ["--image-size", str(preset.image_size), "--batch-size", str(preset.batch_size)]
+    argv += ["--image-size", str(preset.image_size)]
+    argv += ["--batch-size", str(settings.micro_batch(preset, method))]
+    if settings.accumulation(method) > 1:
+        argv += ["--accumulate-batches", str(settings.accumulation(method))]
     argv += ["--max-minutes", str(settings.budget_minutes), "--max-steps", str(preset.max_steps)]
     argv += ["--seed", str(preset.seed), "--device", settings.device]
     if not settings.progress:

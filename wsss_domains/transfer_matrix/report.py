@@ -181,7 +181,10 @@ def _memory_cell(cell: Cell | None) -> str:
         return "not recorded"
     text = f"{_gigabytes(cell['train_peak_rss_bytes'])} / {_gigabytes(cell['pseudo_label_peak_rss_bytes'])}"
     gpu = cell.get("peak_gpu_bytes")
-    return text + (f" (GPU {_gigabytes(gpu)})" if gpu is not None else "")
+    text += f" (GPU {_gigabytes(gpu)})" if gpu is not None else ""
+    train = cell.get("config", {}).get("train", {})
+    n = train.get("accumulate_batches")
+    return text + (f", batch {train['batch_size'] // n} x {n}" if n else "")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -239,7 +242,8 @@ def render_markdown(matrix: Mapping[str, Any]) -> str:
             "Peak resident memory of the bench process in GB (10^9 bytes), training / pseudo-labelling, "
             "each stage measured on its own; in brackets the peak GPU memory the allocator held, where a "
             "GPU was used. Post-hoc methods show the shared plain-CAM training's peak. `?`: a stage this "
-            "platform could not measure; `not recorded`: a cell finished before bench measured memory.",
+            "platform could not measure; `not recorded`: a cell finished before bench measured memory; "
+            "`batch 16 x 2`: trained with `--accumulate-batches`, each optimiser step summing 2 batches of 16.",
             _memory_cell,
         ),
     )
