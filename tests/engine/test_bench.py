@@ -355,6 +355,7 @@ def test_a_stage_killed_for_memory_fails_its_cells_and_the_matrix_goes_on(tmp_pa
         assert failed["status"] == "failed" and failed["weights_missing"] is False
         assert failed["error"].startswith("training the cam run failed: StageKilled: ")
         assert "killed by SIGKILL" in failed["error"] and "out-of-memory killer" in failed["error"]
+        assert failed["error"].endswith("(`--accumulate-batches cam=2` holds 1/2 of the batch at a time)")
     state = json.loads((out / "runs" / "hungry__cam" / "bench-train.json").read_text())
     assert state["attempts"] == 1 and not state["done"] and state["peak_rss_bytes"] is None
     # The next column trained and pseudo-labelled in children of its own, its memory measured there.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import signal
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from wsss_domains.cam.settings import CamSettings
-from wsss_domains.child_stage import run_stage
+from wsss_domains.child_stage import StageKilled, run_stage
 from wsss_domains.data.io import atomic_write
 from wsss_domains.errors import UserError
 from wsss_domains.methods import method_class
@@ -336,6 +337,9 @@ def run_cell(
         trained = runs[trainer]
         if isinstance(trained, Exception):
             cell["error"] = f"training the {trainer} run failed: {_error_message(trained)}"
+            if isinstance(trained, StageKilled) and trained.signal_number == signal.SIGKILL:
+                n = 2 * settings.accumulation(trainer)
+                cell["error"] += f" (`--accumulate-batches {trainer}={n}` holds 1/{n} of the batch at a time)"
             cell["weights_missing"] = isinstance(trained, WeightsNotFound)
             return cell
         cell.update(
