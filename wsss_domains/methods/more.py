@@ -59,7 +59,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from wsss_domains.cam.extract import CamExtractor
+from wsss_domains.cam.extract import CamExtractor, min_max_per_class
 from wsss_domains.errors import UserError
 from wsss_domains.methods.base import Method
 from wsss_domains.methods.online_labels import (
@@ -279,8 +279,7 @@ class LamExtractor(CamExtractor):
         return localisation_maps(features, tokens)
 
     def normalize(self, total: Tensor) -> Tensor:
-        total = total - total.flatten(-2).amin(dim=-1)[..., None, None]
-        return total / (total.flatten(-2).amax(dim=-1)[..., None, None] + 1e-5)
+        return min_max_per_class(total)
 
 
 @register_method
