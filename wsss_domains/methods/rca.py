@@ -75,16 +75,32 @@ def region_embedding(features: Tensor, mask: Tensor) -> Tensor:
     return (features * weights).flatten(1).sum(dim=1) / weights.sum().clamp_min(1.0)
 
 
+def bank_logits(anchors: Tensor, memory: Tensor, temperature: float) -> Tensor:
+    """``R x K x L``: the cosines of ``anchors`` (``R x D``) with every entry of the bank ``memory``
+    (``K x L x D``) over ``temperature``, less each row's maximum (detached, for a stable exp).
+
+    The bank is normalised once for all anchors, so autograd keeps one copy of it per step rather
+    than one per region (on COCO's 80 classes a copy is 80 x 500 x 1280 floats)."""
+    classes, length, _ = memory.shape
+    logits = F.normalize(anchors, dim=1) @ F.normalize(memory.flatten(0, 1), dim=1).T / temperature
+    logits = logits - logits.amax(dim=1, keepdim=True).detach()
+    return logits.view(-1, classes, length)
+
+
+def contrast_from_logits(logits: Tensor, positives: Tensor) -> Tensor:
+    """``l(y)`` per row of :func:`bank_logits`, ``y = positives[r]``: the mean over the bank entries of
+    class ``y`` of ``-log(e^{s_p} / (e^{s_p} + sum_n e^{s_n}))``, ``n`` the entries of the other classes."""
+    own = F.one_hot(positives, logits.shape[1]).bool()[..., None]
+    negatives = logits.exp().masked_fill(own, 0.0).sum(dim=(1, 2))
+    positive = logits.gather(1, positives.view(-1, 1, 1).expand(-1, 1, logits.shape[2])).squeeze(1)
+    return -(positive - torch.log((negatives[:, None] + positive.exp()).clamp(min=1e-4))).mean(dim=1)
+
+
 def memory_contrast(anchor: Tensor, memory: Tensor, positive: int, temperature: float) -> Tensor:
     """``l(positive)``: the bank ``memory`` (``K x L x D``) entries of class ``positive`` against the
     others, for one ``anchor`` embedding (cosine similarities over ``temperature``)."""
-    classes, length, _ = memory.shape
-    logits = F.normalize(memory.flatten(0, 1), dim=1) @ F.normalize(anchor, dim=0) / temperature
-    logits = logits - logits.max().detach()
-    owner = torch.arange(classes, device=memory.device).repeat_interleave(length)
-    negatives = (logits.exp() * (owner != positive)).sum()
-    positives = logits[owner == positive]
-    return -(positives - torch.log((negatives + positives.exp()).clamp(min=1e-4))).mean()
+    logits = bank_logits(anchor[None], memory, temperature)
+    return contrast_from_logits(logits, torch.tensor([positive], device=memory.device))[0]
 
 
 @dataclass(frozen=True)
@@ -121,18 +137,23 @@ def rca_contrast(
 ) -> Tensor:
     """``L_contrast``: per image, the mean over its regions of ``lam l(c) + (1 - lam) l(c')`` for the
     mixed embedding of ``mid`` (``B x D x h x w``); summed over the images."""
-    per_image: dict[int, list[Tensor]] = {}
+    if not mixes:
+        return mid.sum() * 0.0
+    anchors = []
     for mix in mixes:
         own = region_embedding(mid[mix.image], region_mask(coarse_cams[mix.image], mix.cls))
         other = region_embedding(mid[mix.partner], region_mask(coarse_cams[mix.partner], mix.partner_cls))
-        anchor = own * mix.lam + (1 - mix.lam) * other
-        loss = mix.lam * memory_contrast(anchor, memory, mix.cls, temperature) + (
-            1 - mix.lam
-        ) * memory_contrast(anchor, memory, mix.partner_cls, temperature)
-        per_image.setdefault(mix.image, []).append(loss)
-    if not per_image:
-        return mid.sum() * 0.0
-    return torch.stack([torch.stack(v).mean() for v in per_image.values()]).sum()
+        anchors.append(own * mix.lam + (1 - mix.lam) * other)
+    logits = bank_logits(torch.stack(anchors), memory, temperature)
+    device = mid.device
+    lam = torch.tensor([mix.lam for mix in mixes], dtype=logits.dtype, device=device)
+    first = contrast_from_logits(logits, torch.tensor([mix.cls for mix in mixes], device=device))
+    second = contrast_from_logits(logits, torch.tensor([mix.partner_cls for mix in mixes], device=device))
+    losses = lam * first + (1 - lam) * second
+    rows: dict[int, list[int]] = {}
+    for row, mix in enumerate(mixes):
+        rows.setdefault(mix.image, []).append(row)
+    return torch.stack([losses[index].mean() for index in rows.values()]).sum()
 
 
 def kmeans(
