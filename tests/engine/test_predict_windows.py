@@ -19,6 +19,7 @@ from rasterio.transform import from_origin
 from torch import nn
 
 from wsss_domains.domains import create_domain
+from wsss_domains.errors import UserError
 from wsss_domains.segmentation.inference import InferenceOptions, SegmenterPredictor
 from wsss_domains.segmentation.model import SegmenterConfig, build_segmenter, save_segmenter
 from wsss_domains.segmentation.raster import RasterSource, WindowedOptions, predict_windows
@@ -92,6 +93,31 @@ def test_a_raster_predicted_window_by_window_equals_the_whole_image_prediction(t
     assert (tmp_path / "overview.png").is_file()
     again = predict_windows(predictor, domain, label_space, RasterSource(raster), out, options)
     assert again.already_done
+
+
+def test_multi_scale_test_time_augmentation_averages_each_scales_flip_averaged_probabilities():
+    net = ShallowNet(3).eval()
+    x = torch.rand(3, 128, 192)
+    # Sides that are multiples of 32 at every scale: each scale is one unpadded window, so the
+    # sliding window adds nothing and the expected maps follow from the network alone.
+    options = InferenceOptions(window=512, runtime="torch", tta_scales=(0.5, 1.0, 1.5))
+    got = SegmenterPredictor(net, histo_config(), options).probabilities(x)
+    expected = torch.zeros(3, 128, 192)
+    with torch.no_grad():
+        for s in (0.5, 1.0, 1.5):
+            size = (int(128 * s), int(192 * s))
+            small = nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False)
+            probs = (net(small).softmax(1) + net(small.flip(-1)).softmax(1).flip(-1)) / 2
+            expected += (
+                nn.functional.interpolate(probs, size=(128, 192), mode="bilinear", align_corners=False)[0] / 3
+            )
+    assert torch.allclose(got, expected, atol=1e-5)
+    single = SegmenterPredictor(
+        net, histo_config(), InferenceOptions(window=512, runtime="torch")
+    ).probabilities(x)
+    assert not torch.allclose(got, single, atol=1e-3)  # the extra scales change the maps
+    with pytest.raises(UserError, match="tta-scales"):
+        InferenceOptions(tta_scales=(1.0, 0.0)).check()
 
 
 def write_slide(path: Path, h: int = 256, w: int = 384) -> np.ndarray:

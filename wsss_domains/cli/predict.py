@@ -13,7 +13,9 @@ from wsss_domains.segmentation.raster import DEFAULT_MARGIN, DEFAULT_WINDOW, Win
 
 # How the network runs over an image, shared with `run`.
 INFERENCE_OPTIONS = SettingsArguments(
-    InferenceOptions, ("window", "overlap", "flip", "runtime"), flags={"window": "--network-window"}
+    InferenceOptions,
+    ("window", "overlap", "flip", "tta_scales", "runtime"),
+    flags={"window": "--network-window"},
 )
 
 

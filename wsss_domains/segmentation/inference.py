@@ -3,8 +3,10 @@
 MONAI's sliding-window inference cuts the (scaled, normalised) image into ``window``-sized windows
 that overlap by ``overlap``, runs them in batches and blends their class probabilities with a
 Gaussian weight, so window seams do not show. Each window is also seen mirrored (flip test-time
-augmentation). Pixels the domain excludes (white glass, no-data) get the ignore index. No
-image-level label is read or needed: this is how the segmenter serves unlabelled data.
+augmentation), and optionally the whole image at several sizes (multi-scale test-time
+augmentation, as DeepLab evaluates). Pixels the domain excludes (white glass, no-data) get the
+ignore index. No image-level label is read or needed: this is how the segmenter serves unlabelled
+data.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from wsss_domains.settings import setting
 from wsss_domains.training.data import normalize
 
 DEFAULT_WINDOW = 512
+MAX_TTA_SCALE = 4.0
 
 
 @dataclass
@@ -39,6 +42,12 @@ class InferenceOptions:
     # window pair; more windows per pass were not faster on the CPU (benchmarks/results/predict_raster_memory.md).
     batch: int = 1
     flip: bool = setting(True, help="no horizontal-flip test-time augmentation")
+    tta_scales: tuple[float, ...] = setting(
+        (1.0,),
+        help="test-time scales: the image is also seen resized by each factor (on top of the segmenter's "
+        "training scale) and the class probabilities are averaged; costs about the sum of the squared factors",
+        metavar="0.75,1,1.25",
+    )
     runtime: str = setting(
         "auto",
         help="auto: ONNX Runtime on the CPU (same outputs, ~4x faster), PyTorch on a GPU",
@@ -53,6 +62,9 @@ class InferenceOptions:
             raise UserError(f"--overlap must lie in [0, 1), got {self.overlap}")
         if self.batch < 1:
             raise UserError(f"the window batch must be at least 1, got {self.batch}")
+        self.tta_scales = tuple(float(s) for s in self.tta_scales)
+        if not self.tta_scales or not all(0 < s <= MAX_TTA_SCALE for s in self.tta_scales):
+            raise UserError(f"--tta-scales must lie in (0, {MAX_TTA_SCALE:g}], got {self.tta_scales}")
 
 
 def window_probabilities(forward: Callable[[Tensor], Tensor], x: Tensor, flip: bool) -> Tensor:
@@ -114,11 +126,18 @@ class SegmenterPredictor:
 
     @torch.inference_mode()
     def probabilities(self, x: Tensor) -> Tensor:
-        """``K x H x W`` class probabilities of a normalised ``3 x H x W`` image."""
+        """``K x H x W`` class probabilities of a normalised ``3 x H x W`` image (mean over the test scales)."""
+        scales = self.options.tta_scales
+        total = self._probabilities_at(x, self.config.scale * scales[0])
+        for scale in scales[1:]:
+            total += self._probabilities_at(x, self.config.scale * scale)
+        return total / len(scales) if len(scales) > 1 else total
+
+    def _probabilities_at(self, x: Tensor, scale: float) -> Tensor:
+        """Class probabilities of the image resized by ``scale``, back at its own size."""
         from monai.inferers import sliding_window_inference
 
         h, w = x.shape[-2:]
-        scale = self.config.scale
         if scale != 1.0:
             size = (max(1, round(h * scale)), max(1, round(w * scale)))
             x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
