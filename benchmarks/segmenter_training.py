@@ -9,11 +9,15 @@ helps by more than the noise.
 
     python benchmarks/heldout.py --preset histo --seeds 0,1 --classifier-minutes 10 --segmenter-minutes 10
     python benchmarks/segmenter_training.py --preset histo --seeds 0,1 --training carb --segmenter-minutes 10
+    python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy --scale-range 0.5,2 \
+        --segmenter-minutes 15
     python benchmarks/segmenter_training.py --preset deepglobe --seeds 0 --training das --segmenter-minutes 10 \
         --source-data ../shared/data/remote_sensing/loveda-sample --source-dataset loveda --source-split val \
         --source-classes building=urban,road=urban,background=ignore
 
-A finished comparison (its ``segmenter-<training>/report.json`` in the job) is reused when re-run.
+``--scale-range`` adds random magnification of the training samples (the compared folder is then
+``segmenter-<training>-scale<low>-<high>``). A finished comparison (its ``report.json`` in that
+folder of the job) is reused when re-run.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
 
 
 def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, training: str, minutes: float,
-            seed: int, source: dict | None = None) -> dict:  # fmt: skip
+            seed: int, source: dict | None = None, scale_range: tuple[float, float] | None = None) -> dict:  # fmt: skip
     """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``.
 
     ``source``: Das et al.'s annotated source (``source_data``, ``source_dataset``, ``source_split``,
@@ -53,13 +57,15 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 
-    out = job / f"segmenter-{training}"
+    out = job / comparison_name(training, scale_range)
     preset = PRESETS[preset_name]
     options = dataset_options(job)
     saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
     settings = SegmenterSettings(
         **{**saved, "training": training, "rounds": 1, "max_minutes": minutes, "seed": seed, **(source or {})}
     )
+    if scale_range is not None:
+        settings.scale_range = scale_range
 
     def compute() -> dict:
         fit_segmenter(job / "classifier", job / "pseudo-labels" / "train", data, out / "segmenter", split=train,
@@ -74,6 +80,13 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     return cached_comparison(out, compute)
 
 
+def comparison_name(training: str, scale_range: tuple[float, float] | None) -> str:
+    """The compared segmenter's folder in the job: its training, and its scale range where one is given."""
+    if scale_range is None:
+        return f"segmenter-{training}"
+    return f"segmenter-{training}-scale{scale_range[0]:g}-{scale_range[1]:g}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_job_arguments(p)
@@ -81,6 +94,10 @@ def main() -> None:
         "--training", required=True, help="the segmenter training to compare: carb, beco, cross-entropy"
     )
     p.add_argument("--segmenter-minutes", type=float, default=10.0)
+    p.add_argument(
+        "--scale-range",
+        help="LOW,HIGH: also magnify each training sample by a factor drawn uniformly from it (segment --scale-range)",
+    )
     p.add_argument("--source-data", type=Path, help="das: an annotated source dataset's folder")
     p.add_argument("--source-domain", help="das: the domain plugin that reads it (default: the job's)")
     p.add_argument("--source-dataset", help="das: its loader")
@@ -99,26 +116,30 @@ def main() -> None:
 
     preset = PRESETS[args.preset]
     data = args.data_root / preset.path
-    other = f"segmenter trained with {args.training}"
+    scale_range = None
+    if args.scale_range:
+        low, high = (float(v) for v in args.scale_range.split(","))
+        scale_range = (low, high)
+    compared = args.training + (f", scales {scale_range[0]:g}-{scale_range[1]:g}" if scale_range else "")
+    other = f"segmenter trained with {compared}"
     rows = []
     report: dict = {}
     load_before = os.getloadavg()
     started = time.perf_counter()
     for name, train, test, seed, job, report in finished_jobs(args):
         with progress_bars(False):
-            result = retrain(
-                job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed, source
-            )
+            result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed,
+                             source, scale_range)  # fmt: skip
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {other: result["evaluation"]}
         if stages.get(SEGMENTER):
             scores[SEGMENTER] = stages[SEGMENTER]
         rows.append({"fold": name, "seed": seed, "scores": scores, "load": result["load_at_start"]})
-        print(f"{name} seed {seed}: {args.training} {result['evaluation']['miou']:.4f}", flush=True)
+        print(f"{name} seed {seed}: {compared} {result['evaluation']['miou']:.4f}", flush=True)
     job_training = report["settings"]["segmenter"]["training"] if rows else "?"
-    columns = ((SEGMENTER, f"the job's segmenter ({job_training})"), (other, f"{args.training}"))
+    columns = ((SEGMENTER, f"the job's segmenter ({job_training})"), (other, compared))
     lines = section_head(
-        f"{args.preset}: {args.training} against {job_training}, seeds {args.seeds}",
+        f"{args.preset}: {compared} against {job_training}, seeds {args.seeds}",
         f"{preset.note}. Segmenter {args.segmenter_minutes:g} min per run on each job's own pseudo-labels "
         f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs_folder(args)}`"
         + (f"; source {source}" if source else ""),

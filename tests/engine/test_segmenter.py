@@ -116,6 +116,26 @@ def test_crops_pad_with_ignore_and_the_augmentation_moves_the_mask_with_the_imag
     assert bool((item["mask"][20:] == 255).all())
 
 
+def test_scale_range_magnifies_each_training_sample_by_a_factor_drawn_from_it():
+    """A 20 x 40 sample in 32 x 32 crops: rows beyond the magnified height are padding (ignore)."""
+    sample = {"image": torch.rand(3, 20, 40), "mask": torch.zeros(20, 40, dtype=torch.long)}
+    stats = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+    def labelled_rows(scale_range: tuple[float, float], scale: float = 1.0) -> int:
+        view = SegmentationView([sample], create_domain(fakes.FAKE_DOMAIN), fakes.LABEL_SPACE, (32, 32), *stats,
+                                scale=scale, scale_range=scale_range)  # fmt: skip
+        return int((view[0]["mask"] != 255).any(-1).sum())
+
+    assert labelled_rows((1.0, 1.0)) == 20
+    assert labelled_rows((0.5, 0.5)) == 10 and labelled_rows((0.5, 0.5), scale=2.0) == 20  # factors multiply
+    assert labelled_rows((2.0, 2.0)) == 32
+    torch.manual_seed(0)
+    # Uniform on [0.5, 2]: 20 x factor labelled rows, at most the crop's 32.
+    drawn = [labelled_rows((0.5, 2.0)) for _ in range(40)]
+    assert all(10 <= r <= 32 for r in drawn) and min(drawn) < 16 and drawn.count(32) >= 3
+    assert len(set(drawn)) >= 8
+
+
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A classifier run, pseudo-labels of its training split and a segmenter trained on them (CLI)."""
@@ -126,7 +146,8 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     args = ["pseudo-labels", "--run", run, "--data", root, "--split", "train", "--out", pl, "--no-progress"]
     assert main([str(a) for a in args]) == 0
     args = ["segment", "--run", run, "--pseudo-labels", pl, "--data", root, "--split", "train", "--out", seg]
-    assert main([str(a) for a in [*args, *SEG_FAST, "--val-split", "val", "--max-epochs", "1"]]) == 0
+    extra = ["--val-split", "val", "--max-epochs", "1", "--scale-range", "0.75,1.5"]
+    assert main([str(a) for a in [*args, *SEG_FAST, *extra]]) == 0
     return {"root": root, "run": run, "pl": pl, "seg": seg}
 
 
@@ -135,6 +156,7 @@ def test_segment_writes_a_self_contained_model_folder(pipeline_run):
     cfg = json.loads((seg / "segmenter.json").read_text())
     assert cfg["classes"] == list(fakes.LABEL_SPACE.classes) and cfg["arch"] == "fpn"
     assert cfg["crop_size"] == [32, 32]  # the samples' size, rounded up to the encoders' stride
+    assert cfg["scale"] == 1.0 and cfg["scale_range"] == [0.75, 1.5]  # prediction stays at "scale"
     assert cfg["run"] == str(pipeline_run["run"].resolve())
     log = (seg / "logs" / "metrics.csv").read_text()
     assert "train/loss" in log and "train/miou_vs_pseudo_labels" in log
@@ -194,6 +216,8 @@ def test_bad_segment_and_predict_input_is_one_line(pipeline_run, tmp_path: Path,
          "pseudo-label folder not found"),
         (["segment", "--run", run, "--pseudo-labels", pipeline_run["pl"], "--data", root, "--out", tmp_path / "s",
           "--crop-size", "40"], "--crop-size must be a positive multiple of 32"),
+        (["segment", "--run", run, "--pseudo-labels", pipeline_run["pl"], "--data", root, "--out", tmp_path / "s",
+          "--scale-range", "2,0.5"], "--scale-range takes LOW,HIGH"),
         (["predict", "--model", tmp_path, "--data", root, "--out", tmp_path / "p"], "segmenter.json not found"),
         (["predict", "--model", seg, "--raster", root / "train" / "images" / "train_00.png", "--out", tmp_path / "p"],
          "--out names the GeoTIFF"),

@@ -18,6 +18,7 @@ SEGMENTER_NETWORK = SettingsArguments(
         "encoder",
         "weights",
         "crop_size",
+        "scale_range",
         "training",
         "carb_clip_model",
         "carb_clip_weights",

@@ -31,6 +31,7 @@ from wsss_domains.training.fit import TrainOptions
 from wsss_domains.training.run import RunConfig
 
 DEFAULT_CROP = 320
+MAX_SCALE_JITTER = 4.0  # beyond it a training crop would hold a few magnified pixels
 STRIDE = 32  # segmentation_models_pytorch needs inputs divisible by the encoder's total stride
 
 
@@ -54,6 +55,12 @@ class SegmenterSettings(TrainOptions):
         None, help=f"training crop side (default: the run's patch size, else {DEFAULT_CROP})"
     )
     scale: float = 1.0
+    scale_range: tuple[float, ...] = setting(
+        (1.0, 1.0),
+        help="random magnification of each training image, a factor drawn uniformly from LOW,HIGH (e.g. 0.5,2"
+        " as DeepLab trains); prediction stays at one scale. Default: none",
+        metavar="LOW,HIGH",
+    )
     training: str = setting(
         DEFAULT_TRAINING,
         help="cross-entropy on the pseudo-labels; beco: two co-trained networks, confident pixels from the"
@@ -107,6 +114,11 @@ class SegmenterSettings(TrainOptions):
             raise UserError(f"--crop-size must be a positive multiple of {STRIDE}, got {self.crop_size}")
         if not self.scale > 0:
             raise UserError(f"--scale must be positive, got {self.scale}")
+        jitter = self.scale_range = tuple(float(s) for s in self.scale_range)
+        if len(jitter) != 2 or not 0 < jitter[0] <= jitter[1] <= MAX_SCALE_JITTER:
+            raise UserError(
+                f"--scale-range takes LOW,HIGH with 0 < LOW <= HIGH <= {MAX_SCALE_JITTER:g}, got {jitter}"
+            )
         uses_source = self.training == "das"
         if uses_source and self.source_data is None:
             raise UserError("--seg-training das needs --source-data (an annotated source dataset)")
@@ -228,6 +240,7 @@ def _fit_round(
         std=std,
         crop_size=list(pair(crop)),
         scale=settings.scale,
+        scale_range=list(settings.scale_range),
         training=settings.training,
         run=str(Path(run).resolve()),
         pseudo_labels=str(Path(pseudo_labels).resolve()),

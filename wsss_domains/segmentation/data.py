@@ -156,7 +156,11 @@ def resize_pair(image: Tensor, mask: Tensor, scale: float) -> tuple[Tensor, Tens
 
 
 class SegmentationView(Dataset):
-    """Training crops: scale, a random crop, the domain's augmentation (masks follow), colour, normalise."""
+    """Training crops: scale, a random crop, the domain's augmentation (masks follow), colour, normalise.
+
+    ``scale_range``: each sample is magnified by ``scale`` times a factor drawn uniformly from
+    ``[low, high]`` before the crop, so the network sees its objects at several sizes.
+    """
 
     def __init__(
         self,
@@ -168,6 +172,7 @@ class SegmentationView(Dataset):
         std: tuple[float, ...],
         scale: float = 1.0,
         augment: bool = True,
+        scale_range: tuple[float, float] = (1.0, 1.0),
     ) -> None:
         self.base = base
         self.domain = domain
@@ -176,13 +181,16 @@ class SegmentationView(Dataset):
         self.mean, self.std = mean, std
         self.scale = scale
         self.augment = augment
+        self.scale_range = scale_range
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         sample: Sample = self.base[index]
-        image, mask = resize_pair(sample["image"], sample["mask"], self.scale)
+        low, high = self.scale_range
+        scale = self.scale * (low + (high - low) * float(torch.rand(()))) if high > low else self.scale * low
+        image, mask = resize_pair(sample["image"], sample["mask"], scale)
         sample = crop_or_pad(
             {**sample, "image": image, "mask": mask}, self.crop_size, self.label_space.ignore_index
         )

@@ -88,8 +88,9 @@ def train_segmenter(
     else:
         task = SegmenterTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
     crop = (config.crop_size[0], config.crop_size[1])
+    low, high = config.scale_range
     view: Dataset = SegmentationView(
-        dataset, domain, label_space, crop, config.mean, config.std, config.scale
+        dataset, domain, label_space, crop, config.mean, config.std, config.scale, scale_range=(low, high)
     )
     if config.training == "das":
         from wsss_domains.segmentation.source_domain import PairedView
@@ -97,7 +98,7 @@ def train_segmenter(
         if source is None:
             raise UserError("das training needs a source dataset (--source-data)")
         source_view = SegmentationView(
-            source, domain, label_space, crop, config.mean, config.std, config.scale
+            source, domain, label_space, crop, config.mean, config.std, config.scale, scale_range=(low, high)
         )
         view = PairedView(view, source_view)
     val_loader = None

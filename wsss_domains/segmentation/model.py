@@ -66,6 +66,9 @@ class SegmenterConfig:
     # Training crops (height, width) and the magnification images are resized by before the network.
     crop_size: list[int] = field(default_factory=lambda: [320, 320])
     scale: float = 1.0
+    # Random magnification of each training sample, on top of ``scale``: a factor drawn uniformly from
+    # [low, high] (DeepLab-style multi-scale training). Prediction stays at ``scale``.
+    scale_range: list[float] = field(default_factory=lambda: [1.0, 1.0])
     training: str = DEFAULT_TRAINING  # one of TRAINING_METHODS; "beco" saves two networks
     # Where it came from: the classifier run, the pseudo-labels and the split they label.
     run: str | None = None
