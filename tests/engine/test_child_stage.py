@@ -89,6 +89,9 @@ def test_a_killed_or_vanished_child_is_a_stage_killed_naming_the_signal():
 
 def test_an_interrupt_of_the_parent_ends_the_child(monkeypatch):
     monkeypatch.setattr("wsss_domains.child_stage.TERMINATE_SECONDS", 1.0)
+    # Python's own Ctrl-C handler, also where pytest started with SIGINT ignored (a background job
+    # of a shell without job control): interrupt_main does nothing under an ignored SIGINT.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(8.0, _thread.interrupt_main)  # Ctrl-C while the stage runs
     timer.start()
     start = time.perf_counter()
@@ -97,4 +100,5 @@ def test_an_interrupt_of_the_parent_ends_the_child(monkeypatch):
             run_stage(partial(sleep_ignoring_sigterm, 120.0), "cpu", PeakMemory())
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert time.perf_counter() - start < 60 and not multiprocessing.active_children()
