@@ -188,7 +188,7 @@ class SegmentationView(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         sample: Sample = self.base[index]
-        low, high = self.scale_range
+        low, high = self.scale_range  # no draw without a range: the crops' random stream stays as it was
         scale = self.scale * (low + (high - low) * float(torch.rand(()))) if high > low else self.scale * low
         image, mask = resize_pair(sample["image"], sample["mask"], scale)
         sample = crop_or_pad(
