@@ -16,8 +16,12 @@ helps by more than the noise.
         --source-classes building=urban,road=urban,background=ignore
 
 ``--scale-range`` adds random magnification of the training samples (the compared folder is then
-``segmenter-<training>-scale<low>-<high>``). A finished comparison (its ``report.json`` in that
-folder of the job) is reused when re-run.
+``segmenter-<training>-scale<low>-<high>``), ``--class-weighting median-frequency`` weights the
+pixel loss per class (folder ``segmenter-<training>-median-frequency``). A finished comparison (its
+``report.json`` in that folder of the job) is reused when re-run.
+
+    python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
+        --class-weighting median-frequency --segmenter-minutes 15
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
 
 
 def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, training: str, minutes: float,
-            seed: int, source: dict | None = None, scale_range: tuple[float, float] | None = None) -> dict:  # fmt: skip
+            seed: int, source: dict | None = None, scale_range: tuple[float, float] | None = None,
+            class_weighting: str = "none") -> dict:  # fmt: skip
     """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``.
 
     ``source``: Das et al.'s annotated source (``source_data``, ``source_dataset``, ``source_split``,
@@ -57,7 +62,7 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 
-    out = job / comparison_name(training, scale_range)
+    out = job / comparison_name(training, scale_range, class_weighting)
     preset = PRESETS[preset_name]
     options = dataset_options(job)
     saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
@@ -66,6 +71,7 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     )
     if scale_range is not None:
         settings.scale_range = scale_range
+    settings.class_weighting = class_weighting
 
     def compute() -> dict:
         fit_segmenter(job / "classifier", job / "pseudo-labels" / "train", data, out / "segmenter", split=train,
@@ -80,11 +86,16 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     return cached_comparison(out, compute)
 
 
-def comparison_name(training: str, scale_range: tuple[float, float] | None) -> str:
-    """The compared segmenter's folder in the job: its training, and its scale range where one is given."""
-    if scale_range is None:
-        return f"segmenter-{training}"
-    return f"segmenter-{training}-scale{scale_range[0]:g}-{scale_range[1]:g}"
+def comparison_name(
+    training: str, scale_range: tuple[float, float] | None, class_weighting: str = "none"
+) -> str:
+    """The compared segmenter's folder in the job: its training, scale range and class weighting where given."""
+    name = f"segmenter-{training}"
+    if scale_range is not None:
+        name += f"-scale{scale_range[0]:g}-{scale_range[1]:g}"
+    if class_weighting != "none":
+        name += f"-{class_weighting}"
+    return name
 
 
 def main() -> None:
@@ -97,6 +108,12 @@ def main() -> None:
     p.add_argument(
         "--scale-range",
         help="LOW,HIGH: also magnify each training sample by a factor drawn uniformly from it (segment --scale-range)",
+    )
+    p.add_argument(
+        "--class-weighting",
+        default="none",
+        choices=("none", "median-frequency"),
+        help="per-class weights of the pixel loss (segment --class-weighting)",
     )
     p.add_argument("--source-data", type=Path, help="das: an annotated source dataset's folder")
     p.add_argument("--source-domain", help="das: the domain plugin that reads it (default: the job's)")
@@ -121,6 +138,7 @@ def main() -> None:
         low, high = (float(v) for v in args.scale_range.split(","))
         scale_range = (low, high)
     compared = args.training + (f", scales {scale_range[0]:g}-{scale_range[1]:g}" if scale_range else "")
+    compared += f", {args.class_weighting} class weights" if args.class_weighting != "none" else ""
     other = f"segmenter trained with {compared}"
     rows = []
     report: dict = {}
@@ -129,7 +147,7 @@ def main() -> None:
     for name, train, test, seed, job, report in finished_jobs(args):
         with progress_bars(False):
             result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed,
-                             source, scale_range)  # fmt: skip
+                             source, scale_range, args.class_weighting)  # fmt: skip
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {other: result["evaluation"]}
         if stages.get(SEGMENTER):

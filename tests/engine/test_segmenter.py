@@ -147,6 +147,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     assert main([str(a) for a in args]) == 0
     args = ["segment", "--run", run, "--pseudo-labels", pl, "--data", root, "--split", "train", "--out", seg]
     extra = ["--val-split", "val", "--max-epochs", "1", "--scale-range", "0.75,1.5"]
+    extra += ["--class-weighting", "median-frequency"]
     assert main([str(a) for a in [*args, *SEG_FAST, *extra]]) == 0
     return {"root": root, "run": run, "pl": pl, "seg": seg}
 
@@ -157,6 +158,20 @@ def test_segment_writes_a_self_contained_model_folder(pipeline_run):
     assert cfg["classes"] == list(fakes.LABEL_SPACE.classes) and cfg["arch"] == "fpn"
     assert cfg["crop_size"] == [32, 32]  # the samples' size, rounded up to the encoders' stride
     assert cfg["scale"] == 1.0 and cfg["scale_range"] == [0.75, 1.5]  # prediction stays at "scale"
+    # Median frequency weights of the training pseudo-labels, counted here from their PNGs.
+    space = fakes.LABEL_SPACE
+    pixels, holding = np.zeros(space.num_classes), np.zeros(space.num_classes)
+    for png in sorted(pipeline_run["pl"].glob("*.png")):
+        label = read_index_mask(png).numpy()
+        label = label[label != space.ignore_index]
+        counts = np.bincount(label, minlength=space.num_classes)
+        pixels += counts
+        holding += np.where(counts > 0, label.size, 0)
+    seen = holding > 0
+    freq = pixels[seen] / holding[seen]
+    expected = np.ones(space.num_classes)
+    expected[seen] = np.median(freq) / freq
+    assert cfg["class_weights"] == pytest.approx(expected.tolist())
     assert cfg["run"] == str(pipeline_run["run"].resolve())
     log = (seg / "logs" / "metrics.csv").read_text()
     assert "train/loss" in log and "train/miou_vs_pseudo_labels" in log
@@ -218,6 +233,9 @@ def test_bad_segment_and_predict_input_is_one_line(pipeline_run, tmp_path: Path,
           "--crop-size", "40"], "--crop-size must be a positive multiple of 32"),
         (["segment", "--run", run, "--pseudo-labels", pipeline_run["pl"], "--data", root, "--out", tmp_path / "s",
           "--scale-range", "2,0.5"], "--scale-range takes LOW,HIGH"),
+        (["segment", "--run", run, "--pseudo-labels", pipeline_run["pl"], "--data", root, "--out", tmp_path / "s",
+          "--seg-training", "carb", "--class-weighting", "median-frequency"],
+         "--class-weighting applies to --seg-training cross-entropy"),
         (["predict", "--model", tmp_path, "--data", root, "--out", tmp_path / "p"], "segmenter.json not found"),
         (["predict", "--model", seg, "--raster", root / "train" / "images" / "train_00.png", "--out", tmp_path / "p"],
          "--out names the GeoTIFF"),

@@ -19,6 +19,7 @@ SEGMENTER_NETWORK = SettingsArguments(
         "weights",
         "crop_size",
         "scale_range",
+        "class_weighting",
         "training",
         "carb_clip_model",
         "carb_clip_weights",

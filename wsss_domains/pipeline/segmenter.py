@@ -15,6 +15,7 @@ from wsss_domains.domains.contract import LabelSpace
 from wsss_domains.errors import UserError
 from wsss_domains.pipeline.data import open_dataset, resolve_device
 from wsss_domains.pipeline.self_training import relabel_training_split
+from wsss_domains.segmentation.class_weights import WEIGHTINGS, weights_for
 from wsss_domains.segmentation.data import PseudoLabelledDataset
 from wsss_domains.segmentation.fit import SegmenterTraining, train_segmenter
 from wsss_domains.segmentation.model import (
@@ -70,6 +71,13 @@ class SegmenterSettings(TrainOptions):
         " adaptation from an annotated --source-data (the pseudo-labels give each crop's classes only)",
         choices=tuple(TRAINING_METHODS),
     )
+    class_weighting: str = setting(
+        "none",
+        help="median-frequency: each class's pixel loss weighted by median(f) / f_c, f_c its share of the"
+        " pseudo-labelled pixels of the training images that hold it (SegNet's balancing on CamVid);"
+        " cross-entropy training only",
+        choices=WEIGHTINGS,
+    )
     rounds: int = setting(
         1,
         help="training rounds: from the second on, the previous round's predictions of its training images"
@@ -119,6 +127,8 @@ class SegmenterSettings(TrainOptions):
             raise UserError(
                 f"--scale-range takes LOW,HIGH with 0 < LOW <= HIGH <= {MAX_SCALE_JITTER:g}, got {jitter}"
             )
+        if self.class_weighting != "none" and self.training != "cross-entropy":
+            raise UserError(f"--class-weighting applies to --seg-training cross-entropy, not {self.training}")
         uses_source = self.training == "das"
         if uses_source and self.source_data is None:
             raise UserError("--seg-training das needs --source-data (an annotated source dataset)")
@@ -248,6 +258,9 @@ def _fit_round(
         split=opened.split,
         seed=settings.seed,
         balance_classes=settings.balance_classes,
+        class_weights=weights_for(
+            settings.class_weighting, training, label_space.num_classes, label_space.ignore_index
+        ),
     )
     options = replace(settings, device=resolve_device(settings.device))
     if log and os.environ.get("LOCAL_RANK", "0") == "0":
@@ -255,6 +268,11 @@ def _fit_round(
             f"training segmenter {config.arch} ({config.encoder}) on {len(training)} pseudo-labelled samples "
             f"of {opened.spec.name}/{opened.split}, {config.crop_size[0]}x{config.crop_size[1]} crops -> {out}"
         )
+        if config.class_weights is not None:
+            weights = ", ".join(
+                f"{c} {w:.2f}" for c, w in zip(config.classes, config.class_weights, strict=True)
+            )
+            print(f"class weights ({settings.class_weighting}): {weights}")
     source = None
     if settings.training == "das":
         source, config.source = _open_source(config_run, label_space, settings)

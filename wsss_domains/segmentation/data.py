@@ -80,6 +80,10 @@ class PseudoLabelledDataset(SampleView):
             for i in self.ids
         ]
 
+    def label(self, index: int) -> Tensor:
+        """Sample ``index``'s pseudo-label alone (its image not decoded)."""
+        return read_index_mask(self.folder / pred_filename(self.ids[index]))
+
     def cams_path(self, sample_id: str) -> Path:
         return self.folder / "cams" / (pred_filename(sample_id)[: -len(".png")] + ".npz")
 

@@ -59,6 +59,8 @@ def train_segmenter(
     if config.arch == "deeplabv3plus" and min(n, options.batch_size) < 2:
         raise UserError("deeplabv3plus trains on batches of at least 2 crops (its pooling branch needs them)")
     training = training or SegmenterTraining()
+    if config.class_weights is not None and config.training != "cross-entropy":
+        raise UserError(f"class weights apply to cross-entropy training, not {config.training}")
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = build_segmenter(config)
     optimisation = {
@@ -86,7 +88,10 @@ def train_segmenter(
 
         task = DasTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
     else:
-        task = SegmenterTask(model, label_space.num_classes, label_space.ignore_index, **optimisation)
+        weights = config.class_weights
+        task = SegmenterTask(
+            model, label_space.num_classes, label_space.ignore_index, class_weights=weights, **optimisation
+        )
     crop = (config.crop_size[0], config.crop_size[1])
     low, high = config.scale_range
     view: Dataset = SegmentationView(

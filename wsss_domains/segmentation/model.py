@@ -78,6 +78,8 @@ class SegmenterConfig:
     seed: int = 0
     # Repeat-factor sampling's threshold where rare classes were oversampled (None: uniform).
     balance_classes: float | None = None
+    # Per-class weights of the pixel loss (median frequency balancing of the pseudo-labels; None: unweighted).
+    class_weights: list[float] | None = None
     # Das et al.'s annotated source dataset: data, dataset, split and the class map (None: not used).
     source: dict[str, object] | None = None
 

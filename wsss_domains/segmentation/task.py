@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -13,6 +14,9 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 class SegmenterTask(L.LightningModule):
     """Pixel-wise cross-entropy on pseudo-labels; ignore-index pixels carry no loss.
+
+    ``class_weights``: one weight per class for its pixels' loss (median frequency balancing,
+    :mod:`wsss_domains.segmentation.class_weights`); the mean is then weighted, as torch's is.
 
     Logs the training loss and, per epoch, the mIoU of the predictions against the pseudo-labels
     (how well the network fits its own targets) and, when a validation loader with ground-truth masks
@@ -27,9 +31,14 @@ class SegmenterTask(L.LightningModule):
         lr: float = 1e-3,
         weight_decay: float = 1e-4,
         encoder_lr_mult: float = 0.1,
+        class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        if class_weights is not None and len(class_weights) != num_classes:
+            raise ValueError(f"{len(class_weights)} class weights for {num_classes} classes")
+        weights = None if class_weights is None else torch.tensor(list(class_weights), dtype=torch.float32)
+        self.register_buffer("class_weights", weights, persistent=False)
         self.ignore_index = ignore_index
         self.lr = lr
         self.weight_decay = weight_decay
@@ -44,7 +53,8 @@ class SegmenterTask(L.LightningModule):
         if not (target != self.ignore_index).any():
             loss = logits.sum() * 0.0  # a batch of unassigned pixels only: nothing to learn, keep DDP in step
         else:
-            loss = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+            weight = None if self.class_weights is None else self.class_weights.to(logits.dtype)
+            loss = F.cross_entropy(logits, target, weight=weight, ignore_index=self.ignore_index)
         size = target.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.train_iou.update(logits.detach().argmax(1), target)
