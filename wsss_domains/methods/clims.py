@@ -124,6 +124,32 @@ def encode_texts(clip: nn.Module, tokenizer: Callable[..., Tensor], texts: Seque
     return features / features.norm(dim=-1, keepdim=True)
 
 
+def classifier_label_space(
+    method: str, domain: DomainPlugin | None, classes: Sequence[str] | None, num_classes: int
+) -> LabelSpace:
+    """The classes of a classifier's ``num_classes`` outputs, for a training-time method that names them
+    to CLIP: ``classes`` where given, else the domain's one label space of that size."""
+    if domain is None:
+        raise RuntimeError(f"{method}: call setup(domain, mean, std) before training")
+    if classes is not None:
+        if len(classes) != num_classes:
+            raise ValueError(
+                f"{method}: option classes names {len(classes)} classes, the classifier has {num_classes}"
+            )
+        return LabelSpace(tuple(classes), ((0, 0, 0),) * num_classes)
+    spaces = {
+        spec.label_space.foreground_names: spec.label_space
+        for spec in domain.datasets().values()
+        if spec.label_space_from is None and len(spec.label_space.foreground) == num_classes
+    }
+    if len(spaces) != 1:
+        raise ValueError(
+            f"{method}: cannot tell which classes of domain '{domain.name}' the classifier's {num_classes} "
+            "outputs are; pass them in order: --method-option 'classes=[\"name\", ...]'"
+        )
+    return next(iter(spaces.values()))
+
+
 @register_method
 class Clims(Method):
     name = "clims"
@@ -207,25 +233,7 @@ class Clims(Method):
 
     def label_space(self, num_classes: int) -> LabelSpace:
         """The classifier's classes: the ``classes`` option, or the domain's one label space of that size."""
-        if self.domain is None:
-            raise RuntimeError("clims: call setup(domain, mean, std) before training")
-        if self.classes is not None:
-            if len(self.classes) != num_classes:
-                raise ValueError(
-                    f"clims: option classes names {len(self.classes)} classes, the classifier has {num_classes}"
-                )
-            return LabelSpace(self.classes, ((0, 0, 0),) * num_classes)
-        spaces = {
-            spec.label_space.foreground_names: spec.label_space
-            for spec in self.domain.datasets().values()
-            if spec.label_space_from is None and len(spec.label_space.foreground) == num_classes
-        }
-        if len(spaces) != 1:
-            raise ValueError(
-                f"clims: cannot tell which classes of domain '{self.domain.name}' the classifier's {num_classes} "
-                "outputs are; pass them in order: --method-option 'classes=[\"name\", ...]'"
-            )
-        return next(iter(spaces.values()))
+        return classifier_label_space(self.name, self.domain, self.classes, num_classes)
 
     def texts(self, num_classes: int) -> tuple[list[str], list[str]]:
         """The class texts (one per classifier output) and the background texts."""

@@ -41,6 +41,7 @@ BUILT_IN_MODULES = (
     "more",
     "pbip",
     "pole",
+    "pot",
     "ppc",
     "psdpm",
     "rca",

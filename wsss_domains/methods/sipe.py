@@ -114,20 +114,40 @@ def gsc_loss(norm_cam: Tensor, iscam: Tensor) -> Tensor:
 
 
 class SideFeatures(nn.Module):
-    """Hierarchical features: detached stages through 1x1 side convolutions, L2-normalised, resized."""
+    """Hierarchical features: stages through 1x1 side convolutions, L2-normalised, resized.
 
-    def __init__(self, channels: Sequence[int], widths: Sequence[int] = SIDE_WIDTHS) -> None:
+    SIPE detaches the stages; POT (``detach=False, with_image=True``) trains through them and gives
+    each side convolution the input image too, resized to the stage (bilinear, aligned corners).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        widths: Sequence[int] = SIDE_WIDTHS,
+        detach: bool = True,
+        with_image: bool = False,
+    ) -> None:
         super().__init__()
         if len(channels) != len(widths):
             raise ValueError(f"{len(channels)} stages for {len(widths)} side widths")
+        extra = 3 if with_image else 0
         self.sides = nn.ModuleList(
-            nn.Conv2d(c, w, kernel_size=1, bias=False) for c, w in zip(channels, widths, strict=True)
+            nn.Conv2d(c + extra, w, kernel_size=1, bias=False) for c, w in zip(channels, widths, strict=True)
         )
+        self.detach = detach
+        self.with_image = with_image
 
-    def forward(self, stages: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+    def forward(self, stages: Sequence[Tensor], size: tuple[int, int], image: Tensor | None = None) -> Tensor:
+        if self.with_image and image is None:
+            raise ValueError("these side features read the input image: pass image=")
         parts = []
         for side, stage in zip(self.sides, stages, strict=True):
-            x = side(stage.detach())
+            x = stage.detach() if self.detach else stage
+            if self.with_image:
+                assert image is not None
+                resized = F.interpolate(image, size=x.shape[-2:], mode="bilinear", align_corners=True)
+                x = torch.cat([x, resized.to(x.dtype)], dim=1)
+            x = side(x)
             x = x / (x.norm(dim=1, keepdim=True) + 1e-5)
             parts.append(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
         return torch.cat(parts, dim=1)
