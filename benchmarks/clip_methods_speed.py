@@ -22,6 +22,10 @@ slower). Each method is driven through the registry as the engine drives it:
 * ``pbip``: one training step of PBIP (its prototype head on four stages, the per-stage losses and
   CLIP's contrast of every contrasted sub-class's masked foreground and background), 3 random
   prototypes per VOC class standing for those ``prepare_training`` clusters from the split;
+* ``pot``: one training step (the cluster prototypes of every present class's seeds, k-means over
+  the hierarchical features, CLIP-ES maps of each image's present classes, the consistency loss) and
+  the pseudo-labels of one 224 px image with three present classes (the engine's four scales with
+  flips of the cluster-prototype maps, then CLIP-ES's background and POT's rule);
 * ``weclip``: one decoder update of its fit (the official batch of 4 crops of 320 px: the frozen
   tower's blocks, CLIP-ES labels refined by the decoder's affinity and PAR, both losses, backward),
   and ``Method.refine`` of one 224 px image with three present classes after fitting.
@@ -106,7 +110,7 @@ def training_step(method_name: str, weights: Path, progress: float = 0.5) -> Cal
 
     domain = create_domain("voc")
     classes = len(domain.dataset("voc2012").label_space.foreground)
-    clip_method = method_name in ("clims", "pole", "pbip", "semples")
+    clip_method = method_name in ("clims", "pole", "pbip", "semples", "pot")
     options = {"clip_model": ARCH, "clip_weights": str(weights)} if clip_method else {}
     if method_name == "semples":
         options["prompt_length"] = SEMPLES_PROMPT_LENGTH
@@ -137,6 +141,24 @@ def training_step(method_name: str, weights: Path, progress: float = 0.5) -> Cal
         (loss + sum(extra.values())).backward()
 
     return step
+
+
+def pot_pseudo_label(weights: Path) -> Callable[[], object]:
+    """POT's pseudo-label maps of one image: its extractor (every scale, flipped) then its refine."""
+    from wsss_domains.models.classifier import CamClassifier
+
+    domain = create_domain("voc")
+    space = domain.dataset("voc2012").label_space
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    method = create_method("pot", clip_model=ARCH, clip_weights=str(weights))
+    method.setup(domain, mean, std)
+    model = CamClassifier(len(space.foreground), backbone="tf_efficientnet_lite0", weights="random").eval()
+    extractor = method.extractor(model, method.build_modules(model))
+    present = torch.tensor([float(c in PRESENT) for c in space.foreground_names])
+    image = torch.rand(3, 224, 224, generator=torch.Generator().manual_seed(0))
+    normalized = (image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    context = RefineContext.of(image, present, domain, space)
+    return lambda: method.refine(extractor(normalized), context)
 
 
 def weclip_calls(weights: Path) -> tuple[Callable[[], object], Callable[[], object]]:
@@ -195,6 +217,11 @@ def main() -> None:
         semples_c = median_ms(training_step("semples", weights, progress=0.8), args.repeats)
         rows.append(("semples", "training step, prompt learning (b), batch 8 x 224 px", semples_b))
         rows.append(("semples", "training step, refinement (c), batch 8 x 224 px", semples_c))
+        pot_step = median_ms(training_step("pot", weights), args.repeats)
+        rows.append(("pot", "training step, batch 8 x 224 px", pot_step))
+        rows.append(
+            ("pot", "pseudo-label one image (3 classes)", median_ms(pot_pseudo_label(weights), args.repeats))
+        )
         weclip_fit, weclip_refine = weclip_calls(weights)
         rows.append(("weclip", "decoder update, batch 4 x 320 px crops", median_ms(weclip_fit, args.repeats)))
         rows.append(("weclip", "pseudo-label one image (3 classes)", median_ms(weclip_refine, args.repeats)))
@@ -211,7 +238,7 @@ def main() -> None:
         f"\nCLIMS adds {clims_step - cam_step:.1f} ms to a plain-CAM step ({clims_step / cam_step:.2f}x); "
         f"POLE's choice adds {pole_step - clims_step:.1f} ms to a CLIMS step ({pole_step / clims_step:.2f}x); "
         f"a PBIP step costs {pbip_step / cam_step:.2f}x a plain-CAM step; SemPLeS steps cost "
-        f"{semples_b / cam_step:.2f}x (b) and {semples_c / cam_step:.2f}x (c).",
+        f"{semples_b / cam_step:.2f}x (b) and {semples_c / cam_step:.2f}x (c); a POT step {pot_step / cam_step:.2f}x.",
         "\nCommand:\n",
         "```",
         shlex.join(["python", "benchmarks/clip_methods_speed.py", *sys.argv[1:]]),
