@@ -38,13 +38,14 @@ Deviations (also :attr:`Pot.deviations`): the official loss weighs classificatio
 engine's 1, so the consistency weight is doubled here (20) to keep their ratio; the CLIP-ES maps
 are computed on each training crop as it is trained (official: read from ``.npy`` files that
 CLIP-ES wrote for the whole image resized to 512 x 512); k-means starts from a seeded random draw
-(official: numpy's global state) and stops after 100 rounds at most (official: no limit); the
-CLIP background and the cap are applied once after the scales are fused (official: per scale, before
-summing); no IRN random walk after the arg-max (official: IRN with the pseudo-labels to the power 1.5);
-the classifier is the run's timm CNN (official: ResNet-50, stride 16) and the engine's crops carry no
-padding (official: a valid mask zeroes padded borders). Options ``clusters`` and
-``consistency_weight`` change the official 2 and 10 (x2). ``background="none"`` (label spaces without
-a background class) skips CLIP at pseudo-labelling and returns the cluster-prototype maps.
+(official: numpy's global state) and stops after 100 rounds at most (official: no limit); at
+pseudo-labelling CLIP's background is subtracted once from the fused scales' maps (official: from
+each scale's maps before they are summed); no IRN random walk after the arg-max (official: IRN on
+the maps to the power 1.5); the classifier is the run's timm CNN (official: ResNet-50, stride 16)
+and the engine's crops carry no padding (official: a valid mask zeroes padded borders). Options
+``clusters`` and ``consistency_weight`` change the official 2 and 10 (x2). ``background="none"``, and
+any label space without a thresholded background (tissue, land cover), skip CLIP at pseudo-labelling
+and return the cluster-prototype maps.
 """
 
 from __future__ import annotations
@@ -234,8 +235,8 @@ class Pot(ClipEs):
     deviations = (
         "Consistency weight 20 against the engine's classification weight 1 (official 10 against 0.5). "
         "CLIP-ES maps computed on each training crop (official: precomputed for the whole image at "
-        "512 x 512). k-means starts from a seeded draw and stops after 100 rounds. The CLIP background and "
-        "the pseudo-label rule are applied once after the scales are fused (official: per scale). No IRN "
+        "512 x 512). k-means starts from a seeded draw and stops after 100 rounds. CLIP's background is "
+        "subtracted once from the fused scales' maps (official: from each scale's before summing). No IRN "
         "after the arg-max. The released Sinkhorn plan, which nothing uses, is not computed. timm CNN "
         "instead of ResNet-50; no padded crops."
     )
