@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from wsss_domains.reports.environment import cpu_model
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results" / "heldout.md"
@@ -192,7 +194,12 @@ def cached_comparison(out: Path, compute: Callable[[], dict]) -> dict:
         return json.loads(done.read_text())
     load = list(os.getloadavg())
     start = time.perf_counter()
-    result = {**compute(), "seconds": round(time.perf_counter() - start, 1), "load_at_start": load}
+    result = {
+        **compute(),
+        "seconds": round(time.perf_counter() - start, 1),
+        "load_at_start": load,
+        "cpu": cpu_model(),
+    }
     done.parent.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result, indent=2, default=str))
     return result
@@ -211,10 +218,11 @@ def dataset_options(job: Path) -> dict:
 
 def section_head(heading: str, description: str, load_before: tuple[float, ...], started: float) -> list[str]:
     """A record section's heading (with the time) and its description, followed by the machine, its load
-    before the work and the wall time since ``started`` (``time.perf_counter()``)."""
+    before the work and the wall time since ``started`` (``time.perf_counter()``). The CPU's model is
+    named because a time-budgeted run trains further on a faster one."""
     return [
         f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {heading}",
-        f"\n{description}; {platform.machine()}, {os.cpu_count()} cores; load average (1 min) before "
+        f"\n{description}; {platform.machine()}, {os.cpu_count()} cores ({cpu_model()}); load average (1 min) before "
         f"{load_before[0]:.2f}; {(time.perf_counter() - started) / 60:.0f} min wall.",
     ]
 
@@ -329,7 +337,8 @@ def main() -> None:
             seconds = {s["name"]: s["seconds"] for s in report["stages"]}
             rows.append({"fold": name, "seed": seed, "train": train_split, "test": test_split,
                          "scores": scores, "seconds": seconds, "method": report["recipe"]["method"],
-                         "reused": reused, "load": load})  # fmt: skip
+                         "reused": reused, "load": load,
+                         "cpus": report.get("environment", {}).get("CPUs", "not recorded")})  # fmt: skip
             print(f"{name} seed {seed}: " + ", ".join(
                 f"{short} {scores[stage]['miou']:.4f}" for stage, short in STAGES if stage in scores
             ), flush=True)  # fmt: skip
@@ -351,8 +360,8 @@ def main() -> None:
             if args.balance_classes
             else ""
         )
-        + f"; {platform.machine()}, "
-        f"{os.cpu_count()} cores; load average (1 min) before {load_before[0]:.2f}, after "
+        + f"; {platform.machine()}, CPUs of the runs: {' / '.join(sorted({r['cpus'] for r in rows}))}"
+        f"; load average (1 min) before {load_before[0]:.2f}, after "
         f"{load_after[0]:.2f}; {(time.perf_counter() - started) / 60:.0f} min wall"
         + (" (some runs reused from an earlier invocation)" if any(r["reused"] for r in rows) else "")
         + ".",

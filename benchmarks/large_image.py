@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from raster_windowed import CLASSES, GEN_WINDOW, Texture, build_run, cpu_model
+from raster_windowed import CLASSES, GEN_WINDOW, Texture, build_run
+
+from wsss_domains.reports.environment import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "large_image.md"

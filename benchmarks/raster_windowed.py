@@ -55,6 +55,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from torch import nn
 
+from wsss_domains.reports.environment import cpu_model
 from wsss_domains.training.run import RunConfig, build_model, save_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,13 +72,6 @@ COVERS = {
     "bare": (170, 150, 120),
 }
 COARSE, FINE = 512, 96
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def smooth(grid: np.ndarray, row: int, col: int, h: int, w: int, cell: int) -> np.ndarray:

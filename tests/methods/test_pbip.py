@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_setup import MEAN, STD, clip_method, tiny_clip
 from method_training import FAST_BACKBONE, train_steps
 from sklearn.metrics.pairwise import cosine_similarity
 
 from wsss_domains.cli import main
 from wsss_domains.clip.loading import ClipWeightsMissing, clip_mean_std, load_clip
-from wsss_domains.clip.tiny import save_tiny_clip
 from wsss_domains.domains import DomainPlugin
 from wsss_domains.errors import UserError
 from wsss_domains.methods import create_method, list_methods
@@ -21,7 +21,6 @@ from wsss_domains.models.weights import WeightsNotFound
 from wsss_domains.training.fit import TrainOptions, train
 from wsss_domains.training.run import RunConfig, load_run
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 K = 3  # sub-classes per class (the official k_list 3 3 3 3)
 
 
@@ -34,15 +33,11 @@ class _Domain(DomainPlugin):
 
 @pytest.fixture
 def tiny_weights(tmp_path):
-    path, _ = save_tiny_clip(tmp_path, "wsss-tiny-pbip", seed=3)
-    return "wsss-tiny-pbip", path
+    return tiny_clip(tmp_path, "wsss-tiny-pbip", seed=3)
 
 
 def _method(tiny_weights, **options):
-    name, path = tiny_weights
-    method = create_method("pbip", clip_model=name, clip_weights=str(path), **options)
-    method.setup(_Domain(), MEAN, STD)
-    return method
+    return clip_method("pbip", tiny_weights, _Domain(), **options)
 
 
 # -- the official code, transcribed ---------------------------------------------------------------

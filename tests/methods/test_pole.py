@@ -8,15 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clims_reference import official_clims_losses
+from clip_setup import MEAN, STD, clip_method, tiny_clip
 from method_training import train_steps
 
 from wsss_domains.cli import main
 from wsss_domains.clip.loading import ClipWeightsMissing, load_clip
-from wsss_domains.clip.tiny import save_tiny_clip
 from wsss_domains.domains import ClipPrompts, DomainPlugin
 from wsss_domains.methods import create_method, list_methods
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 CLASSES = ["cat", "tree"]
 NAMES = {"cat": ("cat", "kitty", "feline"), "tree": ("tree", "oak")}
 
@@ -33,16 +32,11 @@ class _Domain(DomainPlugin):
 
 @pytest.fixture
 def tiny_weights(tmp_path):
-    """The tiny random architecture registered with open_clip and a saved checkpoint of it."""
-    path, _ = save_tiny_clip(tmp_path, "wsss-tiny-pole", seed=7)
-    return "wsss-tiny-pole", path
+    return tiny_clip(tmp_path, "wsss-tiny-pole", seed=7)
 
 
 def _method(tiny_weights, **options):
-    name, path = tiny_weights
-    method = create_method("pole", clip_model=name, clip_weights=str(path), classes=CLASSES, **options)
-    method.setup(_Domain(), MEAN, STD)
-    return method
+    return clip_method("pole", tiny_weights, _Domain(), classes=CLASSES, **options)
 
 
 def _official_choice(clip, tokenizer, image, cams, label, candidates):

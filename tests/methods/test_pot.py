@@ -11,11 +11,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from clip_setup import MEAN, STD, clip_method, tiny_clip
 from method_training import FAST_BACKBONE, changed, train_steps
 
 from wsss_domains.cli import main
 from wsss_domains.clip.loading import ClipWeightsMissing
-from wsss_domains.clip.tiny import save_tiny_clip
 from wsss_domains.domains import ClipPrompts, DomainPlugin
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace
 from wsss_domains.methods import create_method, list_methods
@@ -31,7 +31,6 @@ from wsss_domains.methods.pot import (
 )
 from wsss_domains.models.classifier import CamClassifier
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 CLASSES = ["cat", "tree"]
 
 
@@ -47,15 +46,11 @@ class _Domain(DomainPlugin):
 
 @pytest.fixture
 def tiny_weights(tmp_path):
-    path, _ = save_tiny_clip(tmp_path, "wsss-tiny-pot", seed=3)
-    return "wsss-tiny-pot", path
+    return tiny_clip(tmp_path, "wsss-tiny-pot", seed=3)
 
 
 def _method(tiny_weights, **options):
-    name, path = tiny_weights
-    method = create_method("pot", clip_model=name, clip_weights=str(path), classes=CLASSES, **options)
-    method.setup(_Domain(), MEAN, STD)
-    return method
+    return clip_method("pot", tiny_weights, _Domain(), classes=CLASSES, **options)
 
 
 # -- numpy transcriptions of the formulas -------------------------------------------------------

@@ -7,15 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clims_reference import clip_pixels
+from clip_setup import MEAN, STD, clip_method, tiny_clip
 from method_training import FAST_BACKBONE, changed, cli_train_and_pseudo_label, train_steps
 
 from wsss_domains.clip.loading import ClipWeightsMissing, load_clip
-from wsss_domains.clip.tiny import save_tiny_clip
 from wsss_domains.domains import ClipPrompts, DomainPlugin
 from wsss_domains.methods import create_method, list_methods
 from wsss_domains.models.classifier import CamClassifier
 
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 CLASSES = ["cat", "tree"]
 LENGTH = 4
 
@@ -32,16 +31,13 @@ class _Domain(DomainPlugin):
 
 @pytest.fixture
 def tiny_weights(tmp_path):
-    path, _ = save_tiny_clip(tmp_path, "wsss-tiny-semples", seed=11)  # similarities inside the clamp
-    return "wsss-tiny-semples", path
+    return tiny_clip(tmp_path, "wsss-tiny-semples", seed=11)  # similarities inside the clamp
 
 
 def _method(tiny_weights, **options):
-    name, path = tiny_weights
-    options = {"prompt_length": LENGTH, **options}
-    method = create_method("semples", clip_model=name, clip_weights=str(path), classes=CLASSES, **options)
-    method.setup(_Domain(), MEAN, STD)
-    return method
+    return clip_method(
+        "semples", tiny_weights, _Domain(), **{"classes": CLASSES, "prompt_length": LENGTH, **options}
+    )
 
 
 # -- the official code, transcribed --------------------------------------------------------------

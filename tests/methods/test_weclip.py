@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from clip_setup import tiny_clip
 from probe_setup import TWO, WITH_BACKGROUND, Plain, fakes, ready, tiny_model
 
 from wsss_domains.cli import main
 from wsss_domains.clip.caa import box_mask
 from wsss_domains.clip.clip_es import gradcam_maps
 from wsss_domains.clip.loading import ClipWeightsMissing, load_clip
-from wsss_domains.clip.tiny import save_tiny_clip, tiny_model_config
+from wsss_domains.clip.tiny import tiny_model_config
 from wsss_domains.clip.vit import PrefixPass, prepare_pixels
 from wsss_domains.domains import ClipPrompts
 from wsss_domains.methods import create_method, list_methods
@@ -44,8 +45,7 @@ class _Domain(Plain):
 @pytest.fixture
 def tiny_weights(tmp_path):
     config = tiny_model_config(image_size=32, patch_size=8, layers=3)
-    path, _ = save_tiny_clip(tmp_path, "wsss-tiny-weclip", seed=5, config=config)
-    return "wsss-tiny-weclip", path
+    return tiny_clip(tmp_path, "wsss-tiny-weclip", seed=5, config=config)
 
 
 # -- the official code, transcribed ---------------------------------------------------------------
