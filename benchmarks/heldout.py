@@ -13,6 +13,14 @@ them (time-budgeted training does less work on a busy machine).
     python benchmarks/heldout.py --preset camvid --seeds 0,1          # CamVid's own train / val split
 
 A finished run (its ``report.json``) is reused when the script is re-run; ``--fresh`` recomputes.
+
+Under a wall-clock budget the number of optimiser steps, and so the result, depends on the machine
+and its load: the same seed re-run differs. ``--classifier-steps`` / ``--segmenter-steps`` budget a
+stage in steps instead (its minutes then no longer apply), so a seed's run is repeatable; choose
+steps that fit the minutes on the machine at hand (the records give the steps that 15 minutes
+bought).
+
+    python benchmarks/heldout.py --preset camvid --seeds 0,1 --classifier-steps 300 --segmenter-steps 1700
 """
 
 from __future__ import annotations
@@ -249,6 +257,21 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def stage_budget(minutes: float, steps: int | None) -> dict:
+    """A stage's training budget: ``steps`` optimiser steps where given (the minutes then do not
+    apply, so the seed fixes the run), else ``minutes`` of wall-clock time."""
+    if steps is None:
+        return {"max_minutes": minutes}
+    if steps < 1:
+        raise SystemExit(f"a step budget must be positive, got {steps}")
+    return {"max_minutes": None, "max_steps": steps}
+
+
+def budget_text(minutes: float, steps: int | None) -> str:
+    """How a stage's budget reads in a record."""
+    return f"{minutes:g} min" if steps is None else f"{steps} steps"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=tuple(PRESETS), required=True)
@@ -258,6 +281,16 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--classifier-minutes", type=float, default=15.0)
     p.add_argument("--segmenter-minutes", type=float, default=15.0)
+    p.add_argument(
+        "--classifier-steps",
+        type=int,
+        help="budget the classifier in optimiser steps instead of minutes (repeatable seeds)",
+    )
+    p.add_argument(
+        "--segmenter-steps",
+        type=int,
+        help="budget the segmenter in optimiser steps (per round) instead of minutes (repeatable seeds)",
+    )
     p.add_argument("--method", help="pseudo-labelling method (default: the domain's recipe)")
     p.add_argument(
         "--seg-training", default="cross-entropy", help="segmenter training: cross-entropy, beco or carb"
@@ -309,13 +342,13 @@ def main() -> None:
                     classifier=ClassifierSettings(
                         labels_from_masks=True,
                         patch_size=preset.patch_size,
-                        max_minutes=args.classifier_minutes,
+                        **stage_budget(args.classifier_minutes, args.classifier_steps),
                         seed=seed,
                         balance_classes=args.balance_classes,
                         device="cpu",
                     ),
                     segmenter=SegmenterSettings(
-                        max_minutes=args.segmenter_minutes,
+                        **stage_budget(args.segmenter_minutes, args.segmenter_steps),
                         seed=seed,
                         training=args.seg_training,
                         rounds=args.seg_rounds,
@@ -352,8 +385,8 @@ def main() -> None:
             else f"`{preset.split}` -> `{preset.test_split}`"
         )
         + f", seeds {args.seeds}",
-        f"\n{preset.note}. Classifier {args.classifier_minutes:g} min + segmenter {args.segmenter_minutes:g} "
-        f"min per run{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "
+        f"\n{preset.note}. Classifier {budget_text(args.classifier_minutes, args.classifier_steps)} + segmenter "
+        f"{budget_text(args.segmenter_minutes, args.segmenter_steps)} per run{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "
         f"`{rows[0]['method'] if rows else '?'}`, segmenter training `{args.seg_training}`"
         + (
             f", classes balanced (repeat factors, T = {args.balance_classes:g})"

@@ -10,6 +10,12 @@ and its spread over seeds say whether the method helps by more than the noise.
     python benchmarks/heldout.py --preset histo --seeds 0,1 --classifier-minutes 5 --segmenter-minutes 5
     python benchmarks/heldout_refinement.py --preset histo --seeds 0,1 --method label-probe+fma-seed
 
+``--scales`` sets the CAM scales instead of the default ones (the folder is then
+``refinement-<method>-scales<...>``); a later ``segmenter_training.py --pseudo-labels`` trains the
+job's segmenter on the compared pseudo-labels.
+
+    python benchmarks/heldout_refinement.py --preset camvid --seeds 0,1 --method cam-proto --scales 1,1.5,2,3
+
 A finished comparison (``refinement-<method>/report.json`` in the job) is reused when re-run.
 """
 
@@ -40,21 +46,29 @@ RESULTS = ROOT / "benchmarks" / "results" / "heldout_refinement.md"
 TRAIN, TEST = STAGES[0][0], STAGES[1][0]
 
 
-def relabel(job: Path, report: dict, data: Path, train: str, test: str, method: str) -> dict:
-    """Pseudo-labels of ``train`` and ``test`` (labels given) by the job's classifier with ``method``, scored."""
+def refinement_name(method: str, scales: tuple[float, ...] | None = None) -> str:
+    """The compared pseudo-labels' folder in the job: the method, and the CAM scales where given."""
+    return f"refinement-{method}" + ("-scales" + "-".join(f"{s:g}" for s in scales) if scales else "")
+
+
+def relabel(job: Path, report: dict, data: Path, train: str, test: str, method: str,
+            scales: tuple[float, ...] | None = None) -> dict:  # fmt: skip
+    """Pseudo-labels of ``train`` and ``test`` (labels given) by the job's classifier with ``method``
+    (and CAM ``scales`` where given), scored."""
     from wsss_domains.cam.settings import CamSettings
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.pseudo_labels import pseudo_label_split
 
     domain, dataset = report["domain"], report["dataset"]
     options = dataset_options(job)
-    out = job / f"refinement-{method}"
+    out = job / refinement_name(method, scales)
+    cam = CamSettings(cam_norm=report["recipe"]["cam_norm"], **({"scales": scales} if scales else {}))
 
     def compute() -> dict:
         scores = {}
         for stage, split, folder in ((TRAIN, train, "train"), (TEST, test, "test")):
             pseudo_label_split(job / "classifier", domain, dataset, data, split, out / folder, method_name=method,
-                               cam=CamSettings(cam_norm=report["recipe"]["cam_norm"]), overlays=False,
+                               cam=cam, overlays=False,
                                dataset_options=options)  # fmt: skip
             scores[stage] = evaluate_split(
                 domain, dataset, data, split, out / folder, dataset_options=options
@@ -70,7 +84,12 @@ def main() -> None:
     p.add_argument(
         "--method", required=True, help="the post-hoc method to compare, e.g. label-probe+fma-seed"
     )
+    p.add_argument(
+        "--scales", help="CAM scales of the compared pseudo-labels, e.g. 1,1.5,2,3 (default: the CLI's)"
+    )
     args = p.parse_args()
+    scales = tuple(float(v) for v in args.scales.split(",")) if args.scales else None
+    compared = args.method + (f" (scales {args.scales})" if scales else "")
 
     from wsss_domains.progress import progress_bars
 
@@ -83,9 +102,9 @@ def main() -> None:
     for name, train, test, seed, job, report in finished_jobs(args):
         recipe = report["recipe"]["method"]
         with progress_bars(False):
-            result = relabel(job, report, data, train, test, args.method)
+            result = relabel(job, report, data, train, test, args.method, scales)
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
-        scores = {f"{stage} [{args.method}]": value for stage, value in result["scores"].items()}
+        scores = {f"{stage} [{compared}]": value for stage, value in result["scores"].items()}
         scores.update({stage: stages[stage] for stage in (TRAIN, TEST) if stages.get(stage)})
         rows.append({"fold": name, "seed": seed, "scores": scores, "load": result["load_at_start"]})
         print(
@@ -93,14 +112,15 @@ def main() -> None:
         )
     columns = (
         (TRAIN, f"PL train, {recipe}"),
-        (f"{TRAIN} [{args.method}]", f"PL train, {args.method}"),
+        (f"{TRAIN} [{compared}]", f"PL train, {compared}"),
         (TEST, f"PL held-out, {recipe}"),
-        (f"{TEST} [{args.method}]", f"PL held-out, {args.method}"),
+        (f"{TEST} [{compared}]", f"PL held-out, {compared}"),
     )
     lines = section_head(
-        f"{args.preset}: {args.method} against {recipe}, seeds {args.seeds}",
+        f"{args.preset}: {compared} against {recipe}, seeds {args.seeds}",
         f"{preset.note}. Pseudo-labels with image-level labels given, by each job's own classifier (same "
-        f"classifier and CAM settings; only the post-hoc method differs); jobs `{jobs_folder(args)}`",
+        f"classifier; only the post-hoc method{' and the CAM scales' if scales else ''} differ); jobs "
+        f"`{jobs_folder(args)}`",
         load_before,
         started,
     )

@@ -22,6 +22,14 @@ pixel loss per class (folder ``segmenter-<training>-median-frequency``). A finis
 
     python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
         --class-weighting median-frequency --segmenter-minutes 15
+
+``--pseudo-labels FOLDER`` trains on another set of the job's pseudo-labels instead of its own, e.g.
+those ``heldout_refinement.py`` wrote (``refinement-<method>``; its ``train`` subfolder is used), so a
+refinement is measured through the segmenter. ``--segmenter-steps N`` budgets the segmenter in
+optimiser steps instead of minutes, so the same seed gives the same run on any machine.
+
+    python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
+        --pseudo-labels refinement-cam-proto-scales1-1.5-2-3 --segmenter-steps 1700
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from heldout import (  # noqa: E402
     ROOT,
     SEGMENTER,
     add_job_arguments,
+    budget_text,
     cached_comparison,
     comparison_lines,
     dataset_options,
@@ -46,6 +55,7 @@ from heldout import (  # noqa: E402
     jobs_folder,
     record,
     section_head,
+    stage_budget,
 )
 
 RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
@@ -53,28 +63,35 @@ RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
 
 def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, training: str, minutes: float,
             seed: int, source: dict | None = None, scale_range: tuple[float, float] | None = None,
-            class_weighting: str = "none") -> dict:  # fmt: skip
+            class_weighting: str = "none", pseudo_labels: str | None = None,
+            steps: int | None = None) -> dict:  # fmt: skip
     """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``.
 
     ``source``: Das et al.'s annotated source (``source_data``, ``source_dataset``, ``source_split``,
-    ``source_classes`` of :class:`SegmenterSettings`)."""
+    ``source_classes`` of :class:`SegmenterSettings`). ``pseudo_labels``: the job's subfolder whose
+    ``train`` pseudo-labels to train on instead of the job's own; ``steps``: a step budget instead of
+    ``minutes``."""
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 
-    out = job / comparison_name(training, scale_range, class_weighting)
+    out = job / comparison_name(training, scale_range, class_weighting, pseudo_labels, steps)
+    labels = job / pseudo_labels / "train" if pseudo_labels else job / "pseudo-labels" / "train"
+    if not labels.is_dir():
+        raise SystemExit(f"{labels}: no pseudo-labels of the training split there")
     preset = PRESETS[preset_name]
     options = dataset_options(job)
     saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
     settings = SegmenterSettings(
-        **{**saved, "training": training, "rounds": 1, "max_minutes": minutes, "seed": seed, **(source or {})}
-    )
+        **{**saved, "training": training, "rounds": 1, **stage_budget(minutes, steps), "seed": seed,
+           **(source or {})}
+    )  # fmt: skip
     if scale_range is not None:
         settings.scale_range = scale_range
     settings.class_weighting = class_weighting
 
     def compute() -> dict:
-        fit_segmenter(job / "classifier", job / "pseudo-labels" / "train", data, out / "segmenter", split=train,
+        fit_segmenter(job / "classifier", labels, data, out / "segmenter", split=train,
                       dataset=preset.dataset, dataset_options=options, settings=settings)  # fmt: skip
         predict_split(out / "segmenter", data, out / "predictions", split=test, dataset=preset.dataset)
         return {
@@ -87,14 +104,23 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
 
 
 def comparison_name(
-    training: str, scale_range: tuple[float, float] | None, class_weighting: str = "none"
+    training: str,
+    scale_range: tuple[float, float] | None,
+    class_weighting: str = "none",
+    pseudo_labels: str | None = None,
+    steps: int | None = None,
 ) -> str:
-    """The compared segmenter's folder in the job: its training, scale range and class weighting where given."""
+    """The compared segmenter's folder in the job: its training, scale range, class weighting, step
+    budget and pseudo-labels where given."""
     name = f"segmenter-{training}"
     if scale_range is not None:
         name += f"-scale{scale_range[0]:g}-{scale_range[1]:g}"
     if class_weighting != "none":
         name += f"-{class_weighting}"
+    if steps is not None:
+        name += f"-{steps}steps"
+    if pseudo_labels:
+        name += f"-on-{pseudo_labels}"
     return name
 
 
@@ -105,6 +131,12 @@ def main() -> None:
         "--training", required=True, help="the segmenter training to compare: carb, beco, cross-entropy"
     )
     p.add_argument("--segmenter-minutes", type=float, default=10.0)
+    p.add_argument("--segmenter-steps", type=int, help="budget in optimiser steps instead of minutes")
+    p.add_argument(
+        "--pseudo-labels",
+        metavar="FOLDER",
+        help="the job's subfolder whose train/ pseudo-labels to train on (default: the job's own)",
+    )
     p.add_argument(
         "--scale-range",
         help="LOW,HIGH: also magnify each training sample by a factor drawn uniformly from it (segment --scale-range)",
@@ -139,6 +171,7 @@ def main() -> None:
         scale_range = (low, high)
     compared = args.training + (f", scales {scale_range[0]:g}-{scale_range[1]:g}" if scale_range else "")
     compared += f", {args.class_weighting} class weights" if args.class_weighting != "none" else ""
+    compared += f", on `{args.pseudo_labels}`" if args.pseudo_labels else ""
     other = f"segmenter trained with {compared}"
     rows = []
     report: dict = {}
@@ -147,7 +180,8 @@ def main() -> None:
     for name, train, test, seed, job, report in finished_jobs(args):
         with progress_bars(False):
             result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed,
-                             source, scale_range, args.class_weighting)  # fmt: skip
+                             source, scale_range, args.class_weighting, args.pseudo_labels,
+                             args.segmenter_steps)  # fmt: skip
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {other: result["evaluation"]}
         if stages.get(SEGMENTER):
@@ -158,8 +192,15 @@ def main() -> None:
     columns = ((SEGMENTER, f"the job's segmenter ({job_training})"), (other, compared))
     lines = section_head(
         f"{args.preset}: {compared} against {job_training}, seeds {args.seeds}",
-        f"{preset.note}. Segmenter {args.segmenter_minutes:g} min per run on each job's own pseudo-labels "
-        f"(same classifier, pseudo-labels, recipe and seed; only the training differs); jobs `{jobs_folder(args)}`"
+        f"{preset.note}. Segmenter {budget_text(args.segmenter_minutes, args.segmenter_steps)} per run on "
+        + (
+            f"the job's `{args.pseudo_labels}/train` pseudo-labels (same classifier, recipe and seed; the "
+            "pseudo-labels differ)"
+            if args.pseudo_labels
+            else "each job's own pseudo-labels (same classifier, pseudo-labels, recipe and seed; only the "
+            "training differs)"
+        )
+        + f"; jobs `{jobs_folder(args)}`"
         + (f"; source {source}" if source else ""),
         load_before,
         started,

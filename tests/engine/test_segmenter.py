@@ -290,3 +290,26 @@ def test_a_second_round_trains_on_the_first_segmenters_labels_of_its_training_im
         assert torch.equal(ids == 255, first == 255)
     with pytest.raises(UserError, match="seg-rounds"):
         SegmenterSettings(rounds=0).check()
+
+
+def test_a_step_budget_with_the_same_seed_trains_the_same_segmenter(pipeline_run, tmp_path: Path):
+    """What the held-out benchmarks' step budgets rely on: a seed fixes a step-budgeted run."""
+    from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
+
+    def trained(name: str, seed: int) -> dict[str, torch.Tensor]:
+        settings = SegmenterSettings(
+            arch="fpn",
+            weights="random",
+            batch_size=2,
+            max_steps=3,
+            seed=seed,
+            device="cpu",
+            scale_range=(0.75, 1.5),
+        )
+        fit_segmenter(pipeline_run["run"], pipeline_run["pl"], pipeline_run["root"], tmp_path / name,
+                      split="train", settings=settings, log=False)  # fmt: skip
+        return load_segmenter(tmp_path / name)[1].state_dict()
+
+    a, b, c = trained("a", 3), trained("b", 3), trained("c", 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
