@@ -117,3 +117,31 @@ def test_default_crop_is_120x160_for_camvid(tmp_path):
     Image.fromarray(np.zeros((360, 480), dtype=np.uint8), mode="L").save(tmp_path / "trainannot" / "f.png")
     crops = camvid.build(tmp_path, "train", labels_from_masks=True)
     assert len(crops) == 9 and crops[8]["image"].shape == (3, 120, 160)
+
+
+def test_pseudo_labels_of_crops_take_the_crop_label_the_classifier_trained_with(tmp_path):
+    """A class with a few stray pixels in a crop (under the 1% share) is not in the crop's label, so
+    pseudo-labelling with labels from masks must not compete for the crop's pixels with its CAM."""
+    from wsss_domains.data.io import read_index_mask
+    from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
+    from wsss_domains.pipeline.pseudo_labels import pseudo_label_split
+
+    mask = np.zeros((240, 320), dtype=np.uint8)  # Sky (0) everywhere
+    mask[:2, :2] = 3  # four Road pixels in the top-left 120x160 crop: 0.02% of it
+    mask[120:, 160:] = 3  # the bottom-right crop is all Road, so the classifier knows the class
+    for folder in ("train", "trainannot"):
+        (tmp_path / folder).mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(tmp_path / "train" / "f.png")
+    Image.fromarray(mask, mode="L").save(tmp_path / "trainannot" / "f.png")
+    settings = ClassifierSettings(backbone="test_efficientnet", weights="random", image_size=32, batch_size=2,
+                                  max_steps=2, labels_from_masks=True, device="cpu")  # fmt: skip
+    run = train_classifier("driving", tmp_path, tmp_path / "run", split="train", dataset="camvid",
+                           settings=settings, log=False).run  # fmt: skip
+    out = tmp_path / "pl"
+    pseudo_label_split(run, "driving", "camvid", tmp_path, "train", out, labels_from_masks=True, overlays=False,
+                       save_cams=True, dataset_options={"labels_from_masks": True, "patch_size": (120, 160)})  # fmt: skip
+    # The saved CAMs name the classes each crop was labelled with.
+    assert np.load(out / "cams" / "f@0,0.npz")["classes"].tolist() == ["Sky"]  # no stray Road
+    assert np.load(out / "cams" / "f@120,160.npz")["classes"].tolist() == ["Road"]
+    assert read_index_mask(out / "f@0,0.png").unique().tolist() == [0]

@@ -219,3 +219,18 @@ def test_broken_entry_points_are_refused(monkeypatch, ep_name, target, message):
     monkeypatch.setattr(registry_module.DOMAINS, "entry_points", lambda: eps)
     with pytest.raises(TypeError, match=message):
         create_domain(ep_name)
+
+
+def test_every_built_in_recipe_names_registered_methods_and_valid_cam_settings():
+    """`run` follows a recipe blindly: a typo in a method name or a scale out of range would fail
+    only after the classifier's training."""
+    from wsss_domains.cam.settings import CamSettings
+    from wsss_domains.domains import create_domain
+    from wsss_domains.methods.registry import create_method
+
+    for domain in ("histo", "remote-sensing", "driving"):
+        plugin = create_domain(domain)
+        for dataset in plugin.datasets():
+            recipe = plugin.recipe(dataset)
+            create_method(recipe.method, **recipe.method_options)
+            CamSettings(scales=recipe.cam_scales or (1.0,), cam_norm=recipe.cam_norm)

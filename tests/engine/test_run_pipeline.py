@@ -66,3 +66,13 @@ def test_run_needs_both_splits_with_data_and_none_without(tmp_path: Path, capsys
     ):
         assert main(["run", "--domain", "histo", *args]) == 2
         assert fragment in capsys.readouterr().err
+
+
+def test_cam_scales_are_the_users_else_the_recipes_else_the_default():
+    from wsss_domains.cam.settings import DEFAULT_SCALES
+    from wsss_domains.domains.contract import Recipe
+    from wsss_domains.pipeline.run import cam_scales
+
+    assert cam_scales(None, Recipe()) == DEFAULT_SCALES
+    assert cam_scales(None, Recipe(cam_scales=(1, 3))) == (1.0, 3.0)
+    assert cam_scales((2.0,), Recipe(cam_scales=(1, 3))) == (2.0,)

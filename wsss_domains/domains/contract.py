@@ -183,6 +183,8 @@ class Recipe:
     # Training crop side of the segmenter; None: the classifier's patch size, else 320.
     segmenter_crop: int | None = None
     why: str = "the engine's default: plain CAM"
+    # CAM scales (image size factors) for pseudo-labelling; None: the engine's default.
+    cam_scales: tuple[float, ...] | None = None
 
 
 class PromptKind(str, enum.Enum):

@@ -62,6 +62,23 @@ def cam_extractor(
     )
 
 
+def label_source(
+    predicted_labels: bool, labels_from_masks: bool, dataset_options: Mapping[str, object] | None
+) -> str:
+    """Where each image's labels come from (:class:`PseudoLabelOptions`).
+
+    A loader opened with ``labels_from_masks`` already derives every sample's label from its mask
+    by the dataset's own rule, the rule its classifier was trained with (a driving crop's class
+    needs 1% of the crop): the sample's label is used then, not a second derivation that would
+    let a few stray pixels of a class into it.
+    """
+    if predicted_labels:
+        return "predicted"
+    if labels_from_masks and not (dataset_options or {}).get("labels_from_masks"):
+        return "masks"
+    return "auto"
+
+
 def pseudo_label_split(
     run: Path,
     domain_name: str | None,
@@ -120,7 +137,7 @@ def pseudo_label_split(
     )
     fit_on_training_split(method, config, run, extractor, opened.domain, label_space)
     options = PseudoLabelOptions(
-        label_source="predicted" if predicted_labels else "masks" if labels_from_masks else "auto",
+        label_source=label_source(predicted_labels, labels_from_masks, dataset_options),
         bg_threshold=cam.bg_threshold,
         save_cams=save_cams,
         overlays=overlays,

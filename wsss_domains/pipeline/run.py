@@ -58,7 +58,8 @@ class RunSettings:
     method: str | None = None
     method_options: dict[str, object] | None = None
     cam_norm: str | None = None
-    scales: tuple[float, ...] = DEFAULT_SCALES
+    # CAM scales; None: the recipe's, else the engine's default.
+    scales: tuple[float, ...] | None = None
     inference: InferenceOptions = field(default_factory=InferenceOptions)
     # Also pseudo-label the test split with its labels (only to report how much the segmenter adds).
     test_pseudo_labels: bool = True
@@ -125,6 +126,7 @@ def run_pipeline(
     method_options = dict(recipe.method_options if settings.method is None else {})
     method_options.update(settings.method_options or {})
     cam_norm = settings.cam_norm or recipe.cam_norm
+    scales = cam_scales(settings.scales, recipe)
     device = resolve_device(settings.classifier.device)
     classifier = replace(settings.classifier, device=device)
     segmenter = replace(
@@ -145,7 +147,7 @@ def run_pipeline(
         settings={
             "classifier": asdict(classifier),
             "segmenter": asdict(segmenter),
-            "scales": list(settings.scales),
+            "scales": list(scales),
             "inference": asdict(inference),
             "domain_options": domain_options,
         },
@@ -188,7 +190,7 @@ def run_pipeline(
     common = dict(
         method_name=method,
         options=method_options,
-        cam=CamSettings(scales=settings.scales, cam_norm=cam_norm),
+        cam=CamSettings(scales=scales, cam_norm=cam_norm),
         device=device,
         dataset_options=pl_options,
         runtime=inference.runtime,
@@ -289,6 +291,11 @@ def run_pipeline(
         items = run_gallery(report, test_opened.dataset, test_opened.label_space, folders, heat_maps)
     write_run_report(report, out, items, colours(test_opened.label_space))
     return report
+
+
+def cam_scales(chosen: tuple[float, ...] | None, recipe: Recipe) -> tuple[float, ...]:
+    """The CAM scales of the job: the user's, else the domain recipe's, else the engine's default."""
+    return tuple(float(s) for s in (chosen or recipe.cam_scales or DEFAULT_SCALES))
 
 
 def label_free_pseudo_labels(
