@@ -377,6 +377,8 @@ def main() -> None:
             ), flush=True)  # fmt: skip
     load_after = os.getloadavg()
     command = shlex.join([Path(sys.executable).name, *sys.argv])
+    classifier_budget = budget_text(args.classifier_minutes, args.classifier_steps)
+    segmenter_budget = budget_text(args.segmenter_minutes, args.segmenter_steps)
     lines = [
         f"\n## {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC — {args.preset}: "
         + (
@@ -385,8 +387,8 @@ def main() -> None:
             else f"`{preset.split}` -> `{preset.test_split}`"
         )
         + f", seeds {args.seeds}",
-        f"\n{preset.note}. Classifier {budget_text(args.classifier_minutes, args.classifier_steps)} + segmenter "
-        f"{budget_text(args.segmenter_minutes, args.segmenter_steps)} per run{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "
+        f"\n{preset.note}. Classifier {classifier_budget} + segmenter {segmenter_budget} per run"
+        f"{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "
         f"`{rows[0]['method'] if rows else '?'}`, segmenter training `{args.seg_training}`"
         + (
             f", classes balanced (repeat factors, T = {args.balance_classes:g})"

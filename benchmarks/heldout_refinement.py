@@ -85,7 +85,8 @@ def main() -> None:
         "--method", required=True, help="the post-hoc method to compare, e.g. label-probe+fma-seed"
     )
     p.add_argument(
-        "--scales", help="CAM scales of the compared pseudo-labels, e.g. 1,1.5,2,3 (default: the CLI's)"
+        "--scales",
+        help="CAM scales of the compared pseudo-labels, e.g. 1,1.5,2,3 (default: the engine's 1,0.5,1.5,2)",
     )
     args = p.parse_args()
     scales = tuple(float(v) for v in args.scales.split(",")) if args.scales else None
