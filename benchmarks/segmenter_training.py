@@ -17,8 +17,9 @@ helps by more than the noise.
 
 ``--scale-range`` adds random magnification of the training samples (the compared folder is then
 ``segmenter-<training>-scale<low>-<high>``), ``--class-weighting median-frequency`` weights the
-pixel loss per class (folder ``segmenter-<training>-median-frequency``). A finished comparison (its
-``report.json`` in that folder of the job) is reused when re-run.
+pixel loss per class (folder ``segmenter-<training>-median-frequency``), ``--balance-classes T``
+draws the training images of rare classes more often (folder ``...-balanced<T>``). A finished
+comparison (its ``report.json`` in that folder of the job) is reused when re-run.
 
     python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
         --class-weighting median-frequency --segmenter-minutes 15
@@ -64,18 +65,18 @@ RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
 def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, training: str, minutes: float,
             seed: int, source: dict | None = None, scale_range: tuple[float, float] | None = None,
             class_weighting: str = "none", pseudo_labels: str | None = None,
-            steps: int | None = None) -> dict:  # fmt: skip
+            steps: int | None = None, balance_classes: float | None = None) -> dict:  # fmt: skip
     """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``.
 
     ``source``: Das et al.'s annotated source (``source_data``, ``source_dataset``, ``source_split``,
     ``source_classes`` of :class:`SegmenterSettings`). ``pseudo_labels``: the job's subfolder whose
     ``train`` pseudo-labels to train on instead of the job's own; ``steps``: a step budget instead of
-    ``minutes``."""
+    ``minutes``; ``balance_classes``: repeat-factor sampling's threshold (``segment --balance-classes``)."""
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 
-    out = job / comparison_name(training, scale_range, class_weighting, pseudo_labels, steps)
+    out = job / comparison_name(training, scale_range, class_weighting, pseudo_labels, steps, balance_classes)
     labels = job / pseudo_labels / "train" if pseudo_labels else job / "pseudo-labels" / "train"
     if not labels.is_dir():
         raise SystemExit(f"{labels}: no pseudo-labels of the training split there")
@@ -89,6 +90,7 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     if scale_range is not None:
         settings.scale_range = scale_range
     settings.class_weighting = class_weighting
+    settings.balance_classes = balance_classes
 
     def compute() -> dict:
         fit_segmenter(job / "classifier", labels, data, out / "segmenter", split=train,
@@ -109,14 +111,17 @@ def comparison_name(
     class_weighting: str = "none",
     pseudo_labels: str | None = None,
     steps: int | None = None,
+    balance_classes: float | None = None,
 ) -> str:
-    """The compared segmenter's folder in the job: its training, scale range, class weighting, step
-    budget and pseudo-labels where given."""
+    """The compared segmenter's folder in the job: its training, scale range, class weighting,
+    class balancing, step budget and pseudo-labels where given."""
     name = f"segmenter-{training}"
     if scale_range is not None:
         name += f"-scale{scale_range[0]:g}-{scale_range[1]:g}"
     if class_weighting != "none":
         name += f"-{class_weighting}"
+    if balance_classes:
+        name += f"-balanced{balance_classes:g}"
     if steps is not None:
         name += f"-{steps}steps"
     if pseudo_labels:
@@ -147,6 +152,13 @@ def main() -> None:
         choices=("none", "median-frequency"),
         help="per-class weights of the pixel loss (segment --class-weighting)",
     )
+    p.add_argument(
+        "--balance-classes",
+        type=float,
+        metavar="T",
+        help="draw training images of rare classes more often, repeat factors with threshold T (segment"
+        " --balance-classes)",
+    )
     p.add_argument("--source-data", type=Path, help="das: an annotated source dataset's folder")
     p.add_argument("--source-domain", help="das: the domain plugin that reads it (default: the job's)")
     p.add_argument("--source-dataset", help="das: its loader")
@@ -171,6 +183,7 @@ def main() -> None:
         scale_range = (low, high)
     compared = args.training + (f", scales {scale_range[0]:g}-{scale_range[1]:g}" if scale_range else "")
     compared += f", {args.class_weighting} class weights" if args.class_weighting != "none" else ""
+    compared += f", classes balanced (T = {args.balance_classes:g})" if args.balance_classes else ""
     compared += f", on `{args.pseudo_labels}`" if args.pseudo_labels else ""
     other = f"segmenter trained with {compared}"
     rows = []
@@ -181,7 +194,7 @@ def main() -> None:
         with progress_bars(False):
             result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed,
                              source, scale_range, args.class_weighting, args.pseudo_labels,
-                             args.segmenter_steps)  # fmt: skip
+                             args.segmenter_steps, args.balance_classes)  # fmt: skip
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {other: result["evaluation"]}
         if stages.get(SEGMENTER):
