@@ -21,6 +21,9 @@ steps that fit the minutes on the machine at hand (the records give the steps th
 bought).
 
     python benchmarks/heldout.py --preset camvid --seeds 0,1 --classifier-steps 300 --segmenter-steps 1700
+
+``--balance-classes T`` draws the training images of rare classes more often, in both stages or,
+with ``--balance-stages classifier`` (or ``segmenter``), in one.
 """
 
 from __future__ import annotations
@@ -257,6 +260,11 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
 
+def balance_for(stage: str, args: argparse.Namespace) -> float | None:
+    """``--balance-classes`` where ``--balance-stages`` names ``stage`` (or both), else None."""
+    return args.balance_classes if args.balance_stages in ("both", stage) else None
+
+
 def stage_budget(minutes: float, steps: int | None) -> dict:
     """A stage's training budget: ``steps`` optimiser steps where given (the minutes then do not
     apply, so the seed fixes the run), else ``minutes`` of wall-clock time."""
@@ -307,6 +315,12 @@ def main() -> None:
         metavar="T",
         help="both stages draw images of rare classes more often (train/segment --balance-classes T)",
     )
+    p.add_argument(
+        "--balance-stages",
+        choices=("both", "classifier", "segmenter"),
+        default="both",
+        help="which stage --balance-classes applies to (default: both)",
+    )
     p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1), for splitting the work")
     p.add_argument("--out", type=Path, help="default: runs/heldout-<preset>")
     p.add_argument("--fresh", action="store_true", help="recompute finished runs")
@@ -344,7 +358,7 @@ def main() -> None:
                         patch_size=preset.patch_size,
                         **stage_budget(args.classifier_minutes, args.classifier_steps),
                         seed=seed,
-                        balance_classes=args.balance_classes,
+                        balance_classes=balance_for("classifier", args),
                         device="cpu",
                     ),
                     segmenter=SegmenterSettings(
@@ -352,7 +366,7 @@ def main() -> None:
                         seed=seed,
                         training=args.seg_training,
                         rounds=args.seg_rounds,
-                        balance_classes=args.balance_classes,
+                        balance_classes=balance_for("segmenter", args),
                     ),
                     method=args.method,
                 )
@@ -391,7 +405,8 @@ def main() -> None:
         f"{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "
         f"`{rows[0]['method'] if rows else '?'}`, segmenter training `{args.seg_training}`"
         + (
-            f", classes balanced (repeat factors, T = {args.balance_classes:g})"
+            f", classes balanced (repeat factors, T = {args.balance_classes:g}"
+            + (f", {args.balance_stages} only)" if args.balance_stages != "both" else ")")
             if args.balance_classes
             else ""
         )
