@@ -313,7 +313,8 @@ def main() -> None:
         "--balance-classes",
         type=float,
         metavar="T",
-        help="both stages draw images of rare classes more often (train/segment --balance-classes T)",
+        help="draw training images of rare classes more often (train/segment --balance-classes T), in the"
+        " stages --balance-stages names",
     )
     p.add_argument(
         "--balance-stages",

@@ -90,7 +90,8 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     if scale_range is not None:
         settings.scale_range = scale_range
     settings.class_weighting = class_weighting
-    settings.balance_classes = balance_classes
+    if balance_classes is not None:  # else the job's own, as the rest of its recipe
+        settings.balance_classes = balance_classes
 
     def compute() -> dict:
         fit_segmenter(job / "classifier", labels, data, out / "segmenter", split=train,
