@@ -23,7 +23,8 @@ bought).
     python benchmarks/heldout.py --preset camvid --seeds 0,1 --classifier-steps 300 --segmenter-steps 1700
 
 ``--balance-classes T`` draws the training images of rare classes more often, in both stages or,
-with ``--balance-stages classifier`` (or ``segmenter``), in one.
+with ``--balance-stages classifier`` (or ``segmenter``), in one; a stage it does not name follows the
+domain's recipe (the driving recipe balances the classifier; ``--balance-classes 0``: uniform).
 """
 
 from __future__ import annotations
@@ -261,8 +262,19 @@ def mean_spread(values: list[float]) -> str:
 
 
 def balance_for(stage: str, args: argparse.Namespace) -> float | None:
-    """``--balance-classes`` where ``--balance-stages`` names ``stage`` (or both), else None."""
+    """``--balance-classes`` where ``--balance-stages`` names ``stage`` (or both), else None (the
+    recipe's)."""
     return args.balance_classes if args.balance_stages in ("both", stage) else None
+
+
+def balance_text(rows: list[dict]) -> str:
+    """How the runs sampled their training images, as their reports record it (a recipe may balance)."""
+    stages = []
+    for stage in ("classifier", "segmenter"):
+        chosen = sorted({r["balance"][stage] or 0.0 for r in rows})
+        if any(chosen):
+            stages.append(f"{stage} T = {' / '.join(f'{t:g}' for t in chosen)}")
+    return f", classes balanced (repeat factors; {', '.join(stages)})" if stages else ""
 
 
 def stage_budget(minutes: float, steps: int | None) -> dict:
@@ -314,7 +326,7 @@ def main() -> None:
         type=float,
         metavar="T",
         help="draw training images of rare classes more often (train/segment --balance-classes T), in the"
-        " stages --balance-stages names",
+        " stages --balance-stages names (0: uniform; default: the domain's recipe)",
     )
     p.add_argument(
         "--balance-stages",
@@ -385,7 +397,9 @@ def main() -> None:
             seconds = {s["name"]: s["seconds"] for s in report["stages"]}
             rows.append({"fold": name, "seed": seed, "train": train_split, "test": test_split,
                          "scores": scores, "seconds": seconds, "method": report["recipe"]["method"],
-                         "reused": reused, "load": load,
+                         "reused": reused, "load": load, "balance": {
+                             stage: report["settings"][stage].get("balance_classes")
+                             for stage in ("classifier", "segmenter")},
                          "cpus": report.get("environment", {}).get("CPUs", "not recorded")})  # fmt: skip
             print(f"{name} seed {seed}: " + ", ".join(
                 f"{short} {scores[stage]['miou']:.4f}" for stage, short in STAGES if stage in scores
@@ -405,12 +419,7 @@ def main() -> None:
         f"\n{preset.note}. Classifier {classifier_budget} + segmenter {segmenter_budget} per run"
         f"{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "
         f"`{rows[0]['method'] if rows else '?'}`, segmenter training `{args.seg_training}`"
-        + (
-            f", classes balanced (repeat factors, T = {args.balance_classes:g}"
-            + (f", {args.balance_stages} only)" if args.balance_stages != "both" else ")")
-            if args.balance_classes
-            else ""
-        )
+        + balance_text(rows)
         + f"; {platform.machine()}, CPUs of the runs: {' / '.join(sorted({r['cpus'] for r in rows}))}"
         f"; load average (1 min) before {load_before[0]:.2f}, after "
         f"{load_after[0]:.2f}; {(time.perf_counter() - started) / 60:.0f} min wall"

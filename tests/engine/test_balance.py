@@ -135,6 +135,52 @@ def test_both_stages_train_balanced_and_record_it(tmp_path: Path, monkeypatch: p
     assert len(drawn_by) == 2 and all(len(f) == 4 and min(f) >= 1.0 for f in drawn_by)
 
 
-def test_a_threshold_that_balances_nothing_is_refused():
-    with pytest.raises(UserError, match="--balance-classes must be positive, got 0"):
-        TrainOptions(balance_classes=0.0).check()
+def test_a_negative_threshold_is_refused_and_zero_means_uniform():
+    with pytest.raises(UserError, match=r"--balance-classes must be positive \(or 0: off\), got -1"):
+        TrainOptions(balance_classes=-1.0).check()
+    TrainOptions(balance_classes=0.0).check()
+
+
+def test_zero_trains_on_uniformly_drawn_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """0 is how `run` turns off a recipe's balancing: no repeat factors, no weighted sampler."""
+    drawn_by: list[list[float]] = []
+    monkeypatch.setattr(wsss_domains.training.fit, "balanced_sampler", lambda f: drawn_by.append(f))
+    root = fakes.write_shapes(tmp_path / "data", n_train=4, n_val=1, n_unlabelled=0)
+    run = tmp_path / "run"
+    args = ["train", "--domain", fakes.FAKE_DOMAIN, "--out", str(run), "--data", str(root)]
+    assert main([*args, "--balance-classes", "0", *FAST]) == 0
+    assert drawn_by == [] and json.loads((run / "run.json").read_text())["balance_classes"] == 0.0
+
+
+def test_run_balances_the_classifier_as_the_recipe_says_unless_the_user_chooses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from dataclasses import replace
+
+    from wsss_domains.domains import create_domain
+    from wsss_domains.pipeline import run as run_module
+    from wsss_domains.pipeline.classifier import ClassifierSettings
+    from wsss_domains.pipeline.run import RunSettings, run_pipeline
+
+    class Trained(Exception):
+        pass
+
+    given: list[float | None] = []
+
+    def train_classifier(*args, settings, **kwargs):
+        given.append(settings.balance_classes)
+        raise Trained  # the later stages are not this test's
+
+    plugin = type(create_domain(fakes.FAKE_DOMAIN))
+    recipe = plugin.recipe
+    monkeypatch.setattr(
+        plugin, "recipe", lambda self, dataset: replace(recipe(self, dataset), classifier_balance=2.0)
+    )
+    monkeypatch.setattr(run_module, "train_classifier", train_classifier)
+    root = fakes.write_shapes(tmp_path / "data", n_train=2, n_val=1, n_unlabelled=0)
+    for chosen in (None, 0.0, 0.5):
+        settings = RunSettings(classifier=ClassifierSettings(balance_classes=chosen, device="cpu"))
+        with pytest.raises(Trained):
+            run_pipeline(fakes.FAKE_DOMAIN, root, tmp_path / "job", train_split="train", test_split="val",
+                         settings=settings, log=lambda *a: None)  # fmt: skip
+    assert given == [2.0, 0.0, 0.5]

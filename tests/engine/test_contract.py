@@ -234,3 +234,4 @@ def test_every_built_in_recipe_names_registered_methods_and_valid_cam_settings()
             recipe = plugin.recipe(dataset)
             create_method(recipe.method, **recipe.method_options)
             CamSettings(scales=recipe.cam_scales or (1.0,), cam_norm=recipe.cam_norm)
+            assert recipe.classifier_balance is None or recipe.classifier_balance > 0

@@ -89,7 +89,12 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
     add_inference_arguments(p)
     RUN_TRAINING.add(
         p,
-        helps={"max_steps": "optimiser step limit of each network (-1: none)"},
+        helps={
+            "max_steps": "optimiser step limit of each network (-1: none)",
+            "balance_classes": "draw training images of rare classes more often in both networks (LVIS"
+            " repeat-factor sampling at threshold T; 0: uniform, also where the domain's recipe balances"
+            " the classifier; default: the recipe's)",
+        },
         hidden=("devices", "strategy"),
     )
     p.set_defaults(func=run_run)

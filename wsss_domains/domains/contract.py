@@ -185,6 +185,9 @@ class Recipe:
     why: str = "the engine's default: plain CAM"
     # CAM scales (image size factors) for pseudo-labelling; None: the engine's default.
     cam_scales: tuple[float, ...] | None = None
+    # Class-balanced sampling of the classifier's training images (repeat-factor threshold T of
+    # ``wsss_domains.data.balance``) where the user chooses none; None: uniform sampling.
+    classifier_balance: float | None = None
 
 
 class PromptKind(str, enum.Enum):

@@ -128,7 +128,11 @@ def run_pipeline(
     cam_norm = settings.cam_norm or recipe.cam_norm
     scales = cam_scales(settings.scales, recipe)
     device = resolve_device(settings.classifier.device)
-    classifier = replace(settings.classifier, device=device)
+    classifier = replace(
+        settings.classifier,
+        device=device,
+        balance_classes=classifier_balance(settings.classifier.balance_classes, recipe),
+    )
     segmenter = replace(
         settings.segmenter,
         device=device,
@@ -296,6 +300,11 @@ def run_pipeline(
 def cam_scales(chosen: tuple[float, ...] | None, recipe: Recipe) -> tuple[float, ...]:
     """The CAM scales of the job: the user's, else the domain recipe's, else the engine's default."""
     return tuple(float(s) for s in (chosen or recipe.cam_scales or DEFAULT_SCALES))
+
+
+def classifier_balance(chosen: float | None, recipe: Recipe) -> float | None:
+    """The classifier's balancing threshold: the user's (0: uniform sampling), else the recipe's."""
+    return recipe.classifier_balance if chosen is None else chosen
 
 
 def label_free_pseudo_labels(

@@ -111,7 +111,7 @@ def train_segmenter(
         val_view = ValidationView(validation, domain, label_space, config.mean, config.std, config.scale)
         val_loader = DataLoader(val_view, batch_size=1, num_workers=options.num_workers)
     factors = None
-    if options.balance_classes is not None:
+    if options.balance_classes:  # None or 0: uniform
         factors = repeat_factors(sample_class_sets(dataset, label_space), options.balance_classes)
     trainer = fit_task(task, view, out, options, val_loader, factors)
     if trainer.is_global_zero:

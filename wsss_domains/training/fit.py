@@ -55,7 +55,7 @@ class TrainOptions:
         metavar="T",
         help="draw training images of rare classes more often: LVIS repeat-factor sampling, each image at"
         " max(1, sqrt(T / f)) over its classes' image frequencies f (T=1: every class found in fewer than"
-        " all images; off by default)",
+        " all images; 0: off; off by default)",
     )
     # Lightning precision; None: bf16 (else fp16) mixed precision on a GPU, full precision on the CPU.
     precision: str | None = None
@@ -83,8 +83,8 @@ class TrainOptions:
             raise UserError(f"--lr must be positive, got {self.lr}")
         if not self.checkpoint_minutes > 0:
             raise UserError(f"--checkpoint-minutes must be positive, got {self.checkpoint_minutes}")
-        if self.balance_classes is not None and not self.balance_classes > 0:
-            raise UserError(f"--balance-classes must be positive, got {self.balance_classes}")
+        if self.balance_classes is not None and not self.balance_classes >= 0:
+            raise UserError(f"--balance-classes must be positive (or 0: off), got {self.balance_classes}")
         if self.devices < 1 or self.num_workers < 0:
             raise UserError(
                 f"--devices must be >= 1 and --num-workers >= 0, got {self.devices}, {self.num_workers}"
@@ -137,7 +137,7 @@ def train(
     task = ClassifierTask(model, method, lr=options.lr)
     view = TrainingView(dataset, domain, size, config.mean, config.std, augment=True)
     factors = None
-    if options.balance_classes is not None:
+    if options.balance_classes:  # None or 0: uniform
         # Training samples carry image-level labels: no label space is needed to read their classes.
         factors = repeat_factors(sample_class_sets(dataset), options.balance_classes)
     trainer = fit_task(task, view, out, options, factors=factors)
