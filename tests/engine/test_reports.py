@@ -23,7 +23,7 @@ from wsss_domains.data.io import save_palette_png
 from wsss_domains.domains import DOMAINS, register_domain
 from wsss_domains.domains.contract import IGNORE_INDEX, DatasetSpec, DomainPlugin, LabelSpace
 from wsss_domains.evaluation import EvaluationReport, evaluate_predictions, pred_filename
-from wsss_domains.pipeline.report import SEGMENTATION_STAGE, html_page, run_gallery
+from wsss_domains.pipeline.report import SEGMENTATION_STAGE, html_page, markdown, run_gallery
 from wsss_domains.pipeline.run import RunReport, StageResult
 from wsss_domains.pseudo_labels.overlay import render_overlay, save_overlay
 from wsss_domains.reports.html import confusion_table, esc, evaluation_section, gallery, page, row_normalised
@@ -193,6 +193,16 @@ def test_run_page_shows_worst_images_confusion_and_the_command(evaluated, tmp_pa
     assert "<th>torch</th>" not in text and "<td>torch</td><td>2.x</td>" in text
     assert "(the 3 worst of 4)" in text
     assert 'src="data:image/jpeg;base64,' in text and "http" not in text.split("<main>")[1]
+
+
+def test_run_report_says_where_the_classifier_drew_balanced_images(evaluated, tmp_path: Path) -> None:
+    report = _run_report(evaluated[0])
+    said = "Classifier trained on class-balanced images (repeat factors, T = 1.5)."
+    assert said not in markdown(report) and said not in html_page(report, tmp_path, [])
+    report.settings = {"classifier": {"balance_classes": 1.5}}
+    assert said in markdown(report) and said in html_page(report, tmp_path, [])
+    report.settings = {"classifier": {"balance_classes": 0.0}}  # 0: uniform, as None
+    assert said not in markdown(report) and "class-balanced" not in html_page(report, tmp_path, [])
 
 
 def test_run_page_without_scores_shows_the_first_images(tmp_path: Path) -> None:

@@ -49,13 +49,24 @@ def _scored(report: RunReport) -> list[tuple[str, dict[str, Any]]]:
     return [(s.name, s.evaluation) for s in report.stages if s.evaluation is not None]
 
 
+def balancing(report: RunReport) -> str:
+    """A sentence on how the classifier drew its training images where it balanced them (a recipe may
+    choose it unseen by the user), else nothing."""
+    threshold = report.settings.get("classifier", {}).get("balance_classes")
+    return (
+        f" Classifier trained on class-balanced images (repeat factors, T = {threshold:g})."
+        if threshold
+        else ""
+    )
+
+
 def markdown(report: RunReport) -> str:
     """Headline table, per-class IoU and stage timings as Markdown."""
     lines = [
         f"# {report.domain} / {report.dataset}: train `{report.train_split}`, segment `{report.test_split}`",
         "",
         f"Data: `{report.data}`. Pseudo-labelling method: `{report.recipe['method']}` "
-        f"({report.recipe.get('why', '')}).",
+        f"({report.recipe.get('why', '')}).{balancing(report)}",
         "",
         "| stage | mIoU | images | seconds | note |",
         "|---|---|---|---|---|",
@@ -155,6 +166,7 @@ def html_page(
             ". Pseudo-labelling method: ",
             tag("code", method),
             f" \u2014 {why}." if why else ".",
+            balancing(report),
             class_="lead",
         ),
         section(
