@@ -145,3 +145,26 @@ def test_pseudo_labels_of_crops_take_the_crop_label_the_classifier_trained_with(
     assert np.load(out / "cams" / "f@0,0.npz")["classes"].tolist() == ["Sky"]  # no stray Road
     assert np.load(out / "cams" / "f@120,160.npz")["classes"].tolist() == ["Road"]
     assert read_index_mask(out / "f@0,0.png").unique().tolist() == [0]
+
+
+def test_a_fold_of_the_split_cuts_its_crops_by_the_loaders_own_rule(tmp_path):
+    """`train[fold=1/2]` selects whole frames, then crops them as the loader does (the 1% label
+    share, the crop size), so a crop's label does not depend on how its frame was selected."""
+    from wsss_domains.pipeline.data import open_dataset
+
+    for folder in ("train", "trainannot"):
+        (tmp_path / folder).mkdir()
+    for name in ("a", "b", "c"):
+        mask = np.zeros((240, 320), dtype=np.uint8)  # Sky everywhere
+        mask[:2, :2] = 3  # four Road pixels in the top-left crop: under 1% of it
+        Image.fromarray(np.zeros((240, 320, 3), dtype=np.uint8)).save(tmp_path / "train" / f"{name}.png")
+        Image.fromarray(mask, mode="L").save(tmp_path / "trainannot" / f"{name}.png")
+
+    def labels(split: str) -> dict[str, list[int]]:
+        crops = open_dataset("driving", "camvid", tmp_path, split, labels_from_masks=True).dataset
+        return {crops[i]["id"]: crops[i]["label"].nonzero().flatten().tolist() for i in range(len(crops))}
+
+    whole, fold = labels("train"), labels("train[fold=1/2]")
+    assert sorted({k.split("@")[0] for k in fold}) == ["a", "c"] and len(fold) == 8  # 2 frames x 4 crops
+    assert all(fold[k] == whole[k] for k in fold)
+    assert fold["a@0,0"] == [0]  # no stray Road

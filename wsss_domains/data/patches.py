@@ -119,6 +119,18 @@ class PatchDataset:
                         label = label_from_crop(label_space, torch.from_numpy(crop), min_pixels, min_fraction)
                         self.index.append((i, y, x, label))
 
+    def recut(self, base: Dataset) -> PatchDataset:
+        """The same patching (size, stride, label rule) over other images, e.g. a fold of these."""
+        return PatchDataset(
+            base,
+            self.label_space,
+            self.patch_size,
+            self.stride,
+            min_pixels=self.min_pixels,
+            cache_size=self._cache_size,
+            min_fraction=self.min_fraction,
+        )
+
     def _scored_mask(self, sample: Sample) -> torch.Tensor:
         mask = sample["mask"]
         if "exclude" in sample:

@@ -99,6 +99,11 @@ def _sliced_dataset(spec: DatasetSpec, root: Path, request: SplitRequest, **opti
     subset = Subset(full, [order[i] for i in request.indices(len(order), classes)])
     if not labels_from_masks:
         return subset
+    # The loader's own patching (its crop stride and label rule: a driving crop's class needs 1% of
+    # it), cut from the fold's images; indexing the whole split's masks once is the price.
+    patched = spec.build(root, request.base, labels_from_masks=True, patch_size=patch_size, **options)
+    if isinstance(patched, PatchDataset):
+        return patched.recut(subset)
     return PatchDataset(subset, spec.label_space_for(root), patch_size or spec.patch_size)  # type: ignore[arg-type]
 
 
