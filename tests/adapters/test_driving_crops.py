@@ -168,3 +168,26 @@ def test_a_fold_of_the_split_cuts_its_crops_by_the_loaders_own_rule(tmp_path):
     assert sorted({k.split("@")[0] for k in fold}) == ["a", "c"] and len(fold) == 8  # 2 frames x 4 crops
     assert all(fold[k] == whole[k] for k in fold)
     assert fold["a@0,0"] == [0]  # no stray Road
+
+
+def test_label_probe_windows_take_the_loaders_label_rule(tmp_path):
+    """label-probe fits on quarter-stride windows of the training frames: a window's label follows
+    the crops' 1% share (as the classifier learnt), so stray pixels do not enter it."""
+    from types import SimpleNamespace
+
+    from wsss_domains.pipeline.pseudo_labels import _window_factory
+
+    for folder in ("train", "trainannot"):
+        (tmp_path / folder).mkdir()
+    mask = np.zeros((240, 320), dtype=np.uint8)  # Sky everywhere
+    mask[:2, :2] = 3  # four Road pixels: under 1% of every window holding them
+    mask[200:, 280:] = 8  # a 40 x 40 Car: 8% of a 120 x 160 window holding it whole
+    Image.fromarray(np.zeros((240, 320, 3), dtype=np.uint8)).save(tmp_path / "train" / "f.png")
+    Image.fromarray(mask, mode="L").save(tmp_path / "trainannot" / "f.png")
+    config = SimpleNamespace(domain="driving", dataset="camvid", data=str(tmp_path), split="train[fold!=2/2]",
+                             domain_options={}, patch_size=[120, 160])  # fmt: skip
+    windows = _window_factory(config)()  # type: ignore[arg-type]
+    assert len(windows) == 25 and windows.stride_hw == (30, 40)  # 5 x 5 windows at a quarter stride
+    labels = {windows[i]["id"]: windows[i]["label"].nonzero().flatten().tolist() for i in range(len(windows))}
+    assert labels["f@0,0"] == [0]  # no stray Road
+    assert labels["f@120,160"] == [0, 8]

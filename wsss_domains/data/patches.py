@@ -119,13 +119,14 @@ class PatchDataset:
                         label = label_from_crop(label_space, torch.from_numpy(crop), min_pixels, min_fraction)
                         self.index.append((i, y, x, label))
 
-    def recut(self, base: Dataset) -> PatchDataset:
-        """The same patching (size, stride, label rule) over other images, e.g. a fold of these."""
+    def recut(self, base: Dataset, stride: int | tuple[int, int] | None = None) -> PatchDataset:
+        """The same patching (size, label rule) over other images, e.g. a fold of these; the same
+        stride unless ``stride`` is given (denser windows cut by the same rule)."""
         return PatchDataset(
             base,
             self.label_space,
             self.patch_size,
-            self.stride,
+            self.stride if stride is None else stride,
             min_pixels=self.min_pixels,
             cache_size=self._cache_size,
             min_fraction=self.min_fraction,

@@ -22,8 +22,9 @@ cover), and hurts street scenes, where nearly every crop holds road, sky and bui
 
 Fitted on :attr:`~wsss_domains.methods.fitting.FitContext.windows` where the run was trained with
 ``--labels-from-masks`` (the same images cut into windows of the training patch size at a
-quarter-patch stride, each labelled from its mask, the supervision training had, only more of
-it), else on the training samples as they are. Applied per image: the probe's softmax over the
+quarter-patch stride, each labelled from its mask by the loader's rule, e.g. a driving crop's
+class needs 1% of it: the supervision training had, only more of it), else on the training samples
+as they are. Applied per image: the probe's softmax over the
 present classes, upsampled, and ``cam' = (1 - w) * cam + w * prob`` (``fuse_weight`` ``w`` = 0.5;
 no re-normalisation, so a class the probe gives little area keeps little).
 """

@@ -218,18 +218,30 @@ def fit_on_training_split(
 
 
 def _window_factory(config: RunConfig) -> Callable[[], Dataset]:
-    """The run's annotated training images as overlapping mask-labelled windows of its patch size."""
+    """The run's annotated training images as overlapping mask-labelled windows of its patch size.
+
+    Each window is labelled by the loader's own rule where the loader cuts patches (a driving crop's
+    class needs 1% of it), the rule the classifier was trained with; else by any pixel of a class.
+    """
 
     def build() -> Dataset:
-        opened = open_dataset(
-            config.domain,
-            config.dataset,
-            Path(config.data),
-            config.split,
-            domain_options=config.domain_options,
-        )
         patch = pair(tuple(config.patch_size))  # type: ignore[arg-type]
         stride = (max(1, patch[0] // 4), max(1, patch[1] // 4))
+        data, split = Path(config.data), config.split
+        patched = open_dataset(
+            config.domain,
+            config.dataset,
+            data,
+            split,
+            domain_options=config.domain_options,
+            labels_from_masks=True,
+            patch_size=patch,
+        )
+        if isinstance(patched.dataset, PatchDataset):
+            return patched.dataset.recut(patched.dataset.base, stride=stride)
+        opened = open_dataset(
+            config.domain, config.dataset, data, split, domain_options=config.domain_options
+        )
         return PatchDataset(opened.dataset, opened.label_space, patch, stride=stride)
 
     return build
