@@ -18,7 +18,9 @@ helps by more than the noise.
 ``--scale-range`` adds random magnification of the training samples (the compared folder is then
 ``segmenter-<training>-scale<low>-<high>``), ``--class-weighting median-frequency`` weights the
 pixel loss per class (folder ``segmenter-<training>-median-frequency``), ``--balance-classes T``
-draws the training images of rare classes more often (folder ``...-balanced<T>``). A finished
+draws the training images of rare classes more often (folder ``...-balanced<T>``), ``--arch`` /
+``--encoder`` build another network than the job's (folder ``segmenter-<training>-<arch>-<encoder>``,
+the encoder from its packaged ImageNet weights as the job's). A finished
 comparison (its ``report.json`` in that folder of the job) is reused when re-run.
 
     python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
@@ -65,18 +67,22 @@ RESULTS = ROOT / "benchmarks" / "results" / "segmenter_training.md"
 def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, training: str, minutes: float,
             seed: int, source: dict | None = None, scale_range: tuple[float, float] | None = None,
             class_weighting: str = "none", pseudo_labels: str | None = None,
-            steps: int | None = None, balance_classes: float | None = None) -> dict:  # fmt: skip
+            steps: int | None = None, balance_classes: float | None = None,
+            network: dict[str, str] | None = None) -> dict:  # fmt: skip
     """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``.
 
     ``source``: Das et al.'s annotated source (``source_data``, ``source_dataset``, ``source_split``,
     ``source_classes`` of :class:`SegmenterSettings`). ``pseudo_labels``: the job's subfolder whose
     ``train`` pseudo-labels to train on instead of the job's own; ``steps``: a step budget instead of
-    ``minutes``; ``balance_classes``: repeat-factor sampling's threshold (``segment --balance-classes``)."""
+    ``minutes``; ``balance_classes``: repeat-factor sampling's threshold (``segment --balance-classes``);
+    ``network``: another ``arch`` and / or ``encoder`` than the job's (``segment --arch / --encoder``)."""
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 
-    out = job / comparison_name(training, scale_range, class_weighting, pseudo_labels, steps, balance_classes)
+    out = job / comparison_name(
+        training, scale_range, class_weighting, pseudo_labels, steps, balance_classes, network
+    )
     labels = job / pseudo_labels / "train" if pseudo_labels else job / "pseudo-labels" / "train"
     if not labels.is_dir():
         raise SystemExit(f"{labels}: no pseudo-labels of the training split there")
@@ -85,7 +91,7 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
     settings = SegmenterSettings(
         **{**saved, "training": training, "rounds": 1, **stage_budget(minutes, steps), "seed": seed,
-           **(source or {})}
+           **(source or {}), **(network or {})}
     )  # fmt: skip
     if scale_range is not None:
         settings.scale_range = scale_range
@@ -113,10 +119,14 @@ def comparison_name(
     pseudo_labels: str | None = None,
     steps: int | None = None,
     balance_classes: float | None = None,
+    network: dict[str, str] | None = None,
 ) -> str:
-    """The compared segmenter's folder in the job: its training, scale range, class weighting,
-    class balancing, step budget and pseudo-labels where given."""
+    """The compared segmenter's folder in the job: its training, architecture, encoder, scale range,
+    class weighting, class balancing, step budget and pseudo-labels where given."""
     name = f"segmenter-{training}"
+    for key in ("arch", "encoder"):
+        if (network or {}).get(key):
+            name += f"-{network[key]}"  # type: ignore[index]
     if scale_range is not None:
         name += f"-scale{scale_range[0]:g}-{scale_range[1]:g}"
     if class_weighting != "none":
@@ -160,6 +170,11 @@ def main() -> None:
         help="draw training images of rare classes more often, repeat factors with threshold T (segment"
         " --balance-classes)",
     )
+    p.add_argument("--arch", help="another segmentation architecture than the job's (segment --arch)")
+    p.add_argument(
+        "--encoder",
+        help="another timm encoder than the job's, e.g. tf_efficientnet_lite2 (segment --encoder)",
+    )
     p.add_argument("--source-data", type=Path, help="das: an annotated source dataset's folder")
     p.add_argument("--source-domain", help="das: the domain plugin that reads it (default: the job's)")
     p.add_argument("--source-dataset", help="das: its loader")
@@ -186,6 +201,8 @@ def main() -> None:
     compared += f", {args.class_weighting} class weights" if args.class_weighting != "none" else ""
     compared += f", classes balanced (T = {args.balance_classes:g})" if args.balance_classes else ""
     compared += f", on `{args.pseudo_labels}`" if args.pseudo_labels else ""
+    network = {key: getattr(args, key) for key in ("arch", "encoder") if getattr(args, key)}
+    compared += "".join(f", {key} {value}" for key, value in network.items())
     other = f"segmenter trained with {compared}"
     rows = []
     report: dict = {}
@@ -195,7 +212,7 @@ def main() -> None:
         with progress_bars(False):
             result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed,
                              source, scale_range, args.class_weighting, args.pseudo_labels,
-                             args.segmenter_steps, args.balance_classes)  # fmt: skip
+                             args.segmenter_steps, args.balance_classes, network)  # fmt: skip
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {other: result["evaluation"]}
         if stages.get(SEGMENTER):
