@@ -120,6 +120,25 @@ def test_multi_scale_test_time_augmentation_averages_each_scales_flip_averaged_p
         InferenceOptions(tta_scales=(1.0, 0.0)).check()
 
 
+def test_rotation_test_time_augmentation_averages_the_eight_views_of_the_dihedral_group():
+    net = ShallowNet(3).eval()
+    x = torch.rand(3, 96, 160)  # not square: a turned window has another shape
+    options = InferenceOptions(window=512, runtime="torch", tta_rotations=True)
+    got = SegmenterPredictor(net, histo_config(), options).probabilities(x)
+    expected = torch.zeros(3, 96, 160)
+    with torch.no_grad():
+        for k in range(4):  # each quarter turn and its mirror, turned back: the 8 symmetries of a square
+            for mirror in (False, True):
+                view = torch.rot90(x, k, (1, 2))
+                view = view.flip(-1) if mirror else view
+                probs = net(view[None]).softmax(1)[0]
+                probs = probs.flip(-1) if mirror else probs
+                expected += torch.rot90(probs, -k, (1, 2)) / 8
+    assert torch.allclose(got, expected, atol=1e-5)
+    plain = SegmenterPredictor(net, histo_config(), InferenceOptions(window=512, runtime="torch"))
+    assert not torch.allclose(got, plain.probabilities(x), atol=1e-3)  # the turns change the maps
+
+
 def write_slide(path: Path, h: int = 256, w: int = 384) -> np.ndarray:
     """A small pyramidal tiled TIFF (3 levels, 0.5 µm/px), as a scanner would write one."""
     level0 = tissue_image(h, w, seed=3)

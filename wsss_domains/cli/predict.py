@@ -14,7 +14,7 @@ from wsss_domains.segmentation.raster import DEFAULT_MARGIN, DEFAULT_WINDOW, Win
 # How the network runs over an image, shared with `run`.
 INFERENCE_OPTIONS = SettingsArguments(
     InferenceOptions,
-    ("window", "overlap", "flip", "tta_scales", "runtime"),
+    ("window", "overlap", "flip", "tta_rotations", "tta_scales", "runtime"),
     flags={"window": "--network-window"},
 )
 

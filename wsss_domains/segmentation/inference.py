@@ -3,7 +3,8 @@
 MONAI's sliding-window inference cuts the (scaled, normalised) image into ``window``-sized windows
 that overlap by ``overlap``, runs them in batches and blends their class probabilities with a
 Gaussian weight, so window seams do not show. Each window is also seen mirrored (flip test-time
-augmentation), and optionally the whole image at several sizes (multi-scale test-time
+augmentation), optionally also turned by 90, 180 and 270 degrees (for imagery without an up:
+tissue, overhead scenes) and the whole image at several sizes (multi-scale test-time
 augmentation, as DeepLab evaluates). Pixels the domain excludes (white glass, no-data) get the
 ignore index. No image-level label is read or needed: this is how the segmenter serves unlabelled
 data.
@@ -42,6 +43,11 @@ class InferenceOptions:
     # window pair; more windows per pass were not faster on the CPU (benchmarks/results/predict_raster_memory.md).
     batch: int = 1
     flip: bool = setting(True, help="no horizontal-flip test-time augmentation")
+    tta_rotations: bool = setting(
+        False,
+        help="also see each window turned by 90, 180 and 270 degrees and average (for imagery without an up:"
+        " tissue, overhead scenes); 4x the network's cost",
+    )
     tta_scales: tuple[float, ...] = setting(
         (1.0,),
         help="test-time scales: the image is also seen resized by each factor (on top of the segmenter's "
@@ -67,17 +73,30 @@ class InferenceOptions:
             raise UserError(f"--tta-scales must lie in (0, {MAX_TTA_SCALE:g}], got {self.tta_scales}")
 
 
-def window_probabilities(forward: Callable[[Tensor], Tensor], x: Tensor, flip: bool) -> Tensor:
-    """Softmax probabilities of a batch of windows, averaged with those of their mirror images.
+def window_probabilities(
+    forward: Callable[[Tensor], Tensor], x: Tensor, flip: bool, rotations: bool = False
+) -> Tensor:
+    """Softmax probabilities of a batch of windows, averaged with those of their mirror images
+    and, with ``rotations``, of the windows turned by 90, 180 and 270 degrees (each turned back).
 
-    Both views go through the network as one batch. The softmax stays in PyTorch: ONNX Runtime's
-    softmax over the channel axis of a ``B x K x H x W`` map costs more than the network's decoder.
+    A view and its mirror go through the network as one batch (a turned window of a non-square
+    size has another shape). The softmax stays in PyTorch: ONNX Runtime's softmax over the channel
+    axis of a ``B x K x H x W`` map costs more than the network's decoder.
     """
-    if not flip:
-        return forward(x).float().softmax(1)
-    n = x.shape[0]
-    probs = forward(torch.cat([x, x.flip(-1)])).float().softmax(1)
-    return (probs[:n] + probs[n:].flip(-1)) / 2
+    turns = (0, 1, 2, 3) if rotations else (0,)
+    total = None
+    for k in turns:
+        view = x.rot90(k, (-2, -1)) if k else x
+        if flip:
+            n = view.shape[0]
+            both = forward(torch.cat([view, view.flip(-1)])).float().softmax(1)
+            probs = (both[:n] + both[n:].flip(-1)) / 2
+        else:
+            probs = forward(view).float().softmax(1)
+        probs = probs.rot90(-k, (-2, -1)) if k else probs
+        total = probs if total is None else total + probs
+    assert total is not None
+    return total / len(turns) if len(turns) > 1 else total
 
 
 class SegmenterPredictor:
@@ -111,8 +130,8 @@ class SegmenterPredictor:
             return self.model(batch)
 
     def _windows(self, batch: Tensor) -> Tensor:
-        """Probabilities of a batch of windows (both views averaged when flipping)."""
-        return window_probabilities(self._forward, batch, self.options.flip)
+        """Probabilities of a batch of windows (all views averaged: flips, turns)."""
+        return window_probabilities(self._forward, batch, self.options.flip, self.options.tta_rotations)
 
     def _weight_map(self, roi: tuple[int, int], device: torch.device) -> Tensor:
         """The Gaussian blending weight of a window, computed once per window size."""
