@@ -20,7 +20,8 @@ helps by more than the noise.
 pixel loss per class (folder ``segmenter-<training>-median-frequency``), ``--balance-classes T``
 draws the training images of rare classes more often (folder ``...-balanced<T>``), ``--arch`` /
 ``--encoder`` build another network than the job's (folder ``segmenter-<training>-<arch>-<encoder>``,
-the encoder from its packaged ImageNet weights as the job's). A finished
+the encoder from its packaged ImageNet weights as the job's), ``--segmenter-seed N`` trains with seed N
+instead of the job's (folder ``...-seed<N>``: the segmenter's own noise on the same pseudo-labels). A finished
 comparison (its ``report.json`` in that folder of the job) is reused when re-run.
 
     python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
@@ -68,21 +69,23 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
             seed: int, source: dict | None = None, scale_range: tuple[float, float] | None = None,
             class_weighting: str = "none", pseudo_labels: str | None = None,
             steps: int | None = None, balance_classes: float | None = None,
-            network: dict[str, str] | None = None) -> dict:  # fmt: skip
+            network: dict[str, str] | None = None, seed_override: bool = False) -> dict:  # fmt: skip
     """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``.
 
     ``source``: Das et al.'s annotated source (``source_data``, ``source_dataset``, ``source_split``,
     ``source_classes`` of :class:`SegmenterSettings`). ``pseudo_labels``: the job's subfolder whose
     ``train`` pseudo-labels to train on instead of the job's own; ``steps``: a step budget instead of
     ``minutes``; ``balance_classes``: repeat-factor sampling's threshold (``segment --balance-classes``);
-    ``network``: another ``arch`` and / or ``encoder`` than the job's (``segment --arch / --encoder``)."""
+    ``network``: another ``arch`` and / or ``encoder`` than the job's (``segment --arch / --encoder``);
+    ``seed_override``: ``seed`` is not the job's (the folder says so)."""
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 
-    out = job / comparison_name(
+    name = comparison_name(
         training, scale_range, class_weighting, pseudo_labels, steps, balance_classes, network
     )
+    out = job / (name + (f"-seed{seed}" if seed_override else ""))
     labels = job / pseudo_labels / "train" if pseudo_labels else job / "pseudo-labels" / "train"
     if not labels.is_dir():
         raise SystemExit(f"{labels}: no pseudo-labels of the training split there")
@@ -175,6 +178,11 @@ def main() -> None:
         "--encoder",
         help="another timm encoder than the job's, e.g. tf_efficientnet_lite2 (segment --encoder)",
     )
+    p.add_argument(
+        "--segmenter-seed",
+        type=int,
+        help="train with this seed instead of each job's (the same pseudo-labels: the segmenter's own noise)",
+    )
     p.add_argument("--source-data", type=Path, help="das: an annotated source dataset's folder")
     p.add_argument("--source-domain", help="das: the domain plugin that reads it (default: the job's)")
     p.add_argument("--source-dataset", help="das: its loader")
@@ -203,6 +211,8 @@ def main() -> None:
     compared += f", on `{args.pseudo_labels}`" if args.pseudo_labels else ""
     network = {key: getattr(args, key) for key in ("arch", "encoder") if getattr(args, key)}
     compared += "".join(f", {key} {value}" for key, value in network.items())
+    override = args.segmenter_seed is not None
+    compared += f", segmenter seed {args.segmenter_seed}" if override else ""
     other = f"segmenter trained with {compared}"
     rows = []
     report: dict = {}
@@ -210,9 +220,10 @@ def main() -> None:
     started = time.perf_counter()
     for name, train, test, seed, job, report in finished_jobs(args):
         with progress_bars(False):
-            result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes, seed,
-                             source, scale_range, args.class_weighting, args.pseudo_labels,
-                             args.segmenter_steps, args.balance_classes, network)  # fmt: skip
+            result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes,
+                             args.segmenter_seed if override else seed, source, scale_range, args.class_weighting,
+                             args.pseudo_labels, args.segmenter_steps, args.balance_classes, network,
+                             override)  # fmt: skip
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {other: result["evaluation"]}
         if stages.get(SEGMENTER):
