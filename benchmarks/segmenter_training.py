@@ -21,7 +21,9 @@ pixel loss per class (folder ``segmenter-<training>-median-frequency``), ``--bal
 draws the training images of rare classes more often (folder ``...-balanced<T>``), ``--arch`` /
 ``--encoder`` build another network than the job's (folder ``segmenter-<training>-<arch>-<encoder>``,
 the encoder from its packaged ImageNet weights as the job's), ``--segmenter-seed N`` trains with seed N
-instead of the job's (folder ``...-seed<N>``: the segmenter's own noise on the same pseudo-labels). A finished
+instead of the job's (folder ``...-seed<N>``: the segmenter's own noise on the same pseudo-labels),
+``--encoder-weights classifier`` starts the encoder from the job's trained classifier backbone instead
+of ImageNet (folder ``...-from-classifier``). A finished
 comparison (its ``report.json`` in that folder of the job) is reused when re-run.
 
     python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
@@ -69,7 +71,8 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
             seed: int, source: dict | None = None, scale_range: tuple[float, float] | None = None,
             class_weighting: str = "none", pseudo_labels: str | None = None,
             steps: int | None = None, balance_classes: float | None = None,
-            network: dict[str, str] | None = None, seed_override: bool = False) -> dict:  # fmt: skip
+            network: dict[str, str] | None = None, seed_override: bool = False,
+            encoder_weights: str | None = None) -> dict:  # fmt: skip
     """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``.
 
     ``source``: Das et al.'s annotated source (``source_data``, ``source_dataset``, ``source_split``,
@@ -77,14 +80,16 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     ``train`` pseudo-labels to train on instead of the job's own; ``steps``: a step budget instead of
     ``minutes``; ``balance_classes``: repeat-factor sampling's threshold (``segment --balance-classes``);
     ``network``: another ``arch`` and / or ``encoder`` than the job's (``segment --arch / --encoder``);
-    ``seed_override``: ``seed`` is not the job's (the folder says so)."""
+    ``seed_override``: ``seed`` is not the job's (the folder says so); ``encoder_weights``: where the
+    encoder starts instead of the job's (``segment --encoder-weights``, e.g. ``classifier``)."""
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 
     name = comparison_name(
-        training, scale_range, class_weighting, pseudo_labels, steps, balance_classes, network
-    )
+        training, scale_range, class_weighting, pseudo_labels, steps, balance_classes, network,
+        encoder_weights,
+    )  # fmt: skip
     out = job / (name + (f"-seed{seed}" if seed_override else ""))
     labels = job / pseudo_labels / "train" if pseudo_labels else job / "pseudo-labels" / "train"
     if not labels.is_dir():
@@ -94,7 +99,7 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     saved = json.loads((job / "report.json").read_text())["settings"]["segmenter"]
     settings = SegmenterSettings(
         **{**saved, "training": training, "rounds": 1, **stage_budget(minutes, steps), "seed": seed,
-           **(source or {}), **(network or {})}
+           **(source or {}), **(network or {}), **({"weights": encoder_weights} if encoder_weights else {})}
     )  # fmt: skip
     if scale_range is not None:
         settings.scale_range = scale_range
@@ -123,13 +128,16 @@ def comparison_name(
     steps: int | None = None,
     balance_classes: float | None = None,
     network: dict[str, str] | None = None,
+    encoder_weights: str | None = None,
 ) -> str:
-    """The compared segmenter's folder in the job: its training, architecture, encoder, scale range,
-    class weighting, class balancing, step budget and pseudo-labels where given."""
+    """The compared segmenter's folder in the job: its training, architecture, encoder, its weights,
+    scale range, class weighting, class balancing, step budget and pseudo-labels where given."""
     name = f"segmenter-{training}"
     for key in ("arch", "encoder"):
         if (network or {}).get(key):
             name += f"-{network[key]}"  # type: ignore[index]
+    if encoder_weights:
+        name += f"-from-{Path(encoder_weights).stem}"
     if scale_range is not None:
         name += f"-scale{scale_range[0]:g}-{scale_range[1]:g}"
     if class_weighting != "none":
@@ -179,6 +187,11 @@ def main() -> None:
         help="another timm encoder than the job's, e.g. tf_efficientnet_lite2 (segment --encoder)",
     )
     p.add_argument(
+        "--encoder-weights",
+        help="where the encoder starts instead of the job's ImageNet weights: 'classifier' (the job's trained"
+        " backbone) or a state-dict path (segment --encoder-weights; folder ...-from-<name>)",
+    )
+    p.add_argument(
         "--segmenter-seed",
         type=int,
         help="train with this seed instead of each job's (the same pseudo-labels: the segmenter's own noise)",
@@ -213,6 +226,7 @@ def main() -> None:
     compared += "".join(f", {key} {value}" for key, value in network.items())
     override = args.segmenter_seed is not None
     compared += f", segmenter seed {args.segmenter_seed}" if override else ""
+    compared += f", encoder from {args.encoder_weights}" if args.encoder_weights else ""
     other = f"segmenter trained with {compared}"
     rows = []
     report: dict = {}
@@ -223,7 +237,7 @@ def main() -> None:
             result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes,
                              args.segmenter_seed if override else seed, source, scale_range, args.class_weighting,
                              args.pseudo_labels, args.segmenter_steps, args.balance_classes, network,
-                             override)  # fmt: skip
+                             override, args.encoder_weights)  # fmt: skip
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {other: result["evaluation"]}
         if stages.get(SEGMENTER):

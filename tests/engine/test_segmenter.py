@@ -179,6 +179,24 @@ def test_segment_writes_a_self_contained_model_folder(pipeline_run):
     assert (seg / "checkpoints" / "last.ckpt").is_file() and (seg / "model.pt").is_file()
 
 
+def test_the_encoder_can_start_from_the_runs_trained_classifier(pipeline_run):
+    """``--encoder-weights classifier``: the run's weights file, of which the encoder takes the backbone."""
+    from wsss_domains.pipeline.segmenter import encoder_weights
+    from wsss_domains.training.run import RunConfig
+
+    run = pipeline_run["run"]
+    config_run = RunConfig.load(run)
+    path = encoder_weights(run, config_run, config_run.backbone, "classifier")
+    assert path == str((run / "model.pt").resolve())
+    assert encoder_weights(run, config_run, config_run.backbone, "imagenet") == "imagenet"
+    trained = torch.load(run / "model.pt", map_location="cpu", weights_only=True)
+    encoder = build_segmenter(config(weights=path)).encoder.model.state_dict()
+    assert encoder and all(torch.equal(t, trained["backbone." + k]) for k, t in encoder.items())
+    assert not all(torch.equal(t, trained["backbone." + k]) for k, t in build_segmenter(config()).encoder.model.state_dict().items() if t.is_floating_point())  # fmt: skip
+    with pytest.raises(UserError, match="needs the run's backbone as encoder"):
+        encoder_weights(run, config_run, "resnet18", "classifier")
+
+
 def test_predict_reads_only_pixels_and_evaluate_scores_it_like_pseudo_labels(
     pipeline_run, tmp_path: Path, capsys
 ):
@@ -236,6 +254,8 @@ def test_bad_segment_and_predict_input_is_one_line(pipeline_run, tmp_path: Path,
         (["segment", "--run", run, "--pseudo-labels", pipeline_run["pl"], "--data", root, "--out", tmp_path / "s",
           "--seg-training", "carb", "--class-weighting", "median-frequency"],
          "--class-weighting applies to --seg-training cross-entropy"),
+        (["segment", "--run", run, "--pseudo-labels", pipeline_run["pl"], "--data", root, "--out", tmp_path / "s",
+          "--encoder-weights", "classifier", "--encoder", "resnet18"], "needs the run's backbone as encoder"),
         (["predict", "--model", tmp_path, "--data", root, "--out", tmp_path / "p"], "segmenter.json not found"),
         (["predict", "--model", seg, "--raster", root / "train" / "images" / "train_00.png", "--out", tmp_path / "p"],
          "--out names the GeoTIFF"),

@@ -22,6 +22,7 @@ from torch import nn
 from wsss_domains.registry import Registry
 
 ENTRY_POINT_GROUP = "wsss_domains.weights"
+RUN_BACKBONE = "backbone."  # a classifier run's model.pt holds its backbone under this prefix
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -158,7 +159,8 @@ def load_backbone_weights(model: nn.Module, model_name: str, weights: str | os.P
     """Load ``weights`` into a headless timm backbone and say where they came from.
 
     ``weights``: ``"imagenet"`` (the packaged file, else timm's local cache), ``"random"`` (explicit
-    random init, for tests and ablations) or a path to a state dict (timm or original naming).
+    random init, for tests and ablations) or a path to a state dict (timm or original naming, or a
+    classifier run's ``model.pt``, whose backbone part is taken).
     """
     if weights in (None, "random"):
         return "random initialisation (explicitly requested)"
@@ -177,6 +179,10 @@ def load_backbone_weights(model: nn.Module, model_name: str, weights: str | os.P
     source = load_state(path, "weights (--weights)")
     if "state_dict" in source:
         source = source["state_dict"]
+    if any(key.startswith(RUN_BACKBONE) for key in source):  # a classifier run's model.pt: its backbone
+        source = {
+            key.removeprefix(RUN_BACKBONE): t for key, t in source.items() if key.startswith(RUN_BACKBONE)
+        }
     missing, _ = model.load_state_dict(source, strict=False)
     if missing:
         model.load_state_dict(map_state_dict_by_order(source, model))

@@ -29,9 +29,10 @@ from wsss_domains.segmentation.model import (
 )
 from wsss_domains.settings import setting
 from wsss_domains.training.fit import TrainOptions
-from wsss_domains.training.run import RunConfig
+from wsss_domains.training.run import MODEL_FILE, RunConfig
 
 DEFAULT_CROP = 320
+FROM_CLASSIFIER = "classifier"  # --encoder-weights: the run's own trained backbone
 MAX_SCALE_JITTER = 4.0  # beyond it a training crop would hold a few magnified pixels
 STRIDE = 32  # segmentation_models_pytorch needs inputs divisible by the encoder's total stride
 
@@ -50,7 +51,10 @@ class SegmenterSettings(TrainOptions):
     )
     encoder: str | None = setting(None, help="timm encoder (default: the classifier run's backbone)")
     weights: str = setting(
-        "imagenet", help="'imagenet' (packaged weights, as the classifier's), 'random', or a state-dict path"
+        "imagenet",
+        help="'imagenet' (packaged weights, as the classifier's), 'classifier' (the run's trained backbone:"
+        " what it learnt of the domain from the image labels; needs the run's encoder), 'random', or a"
+        " state-dict path",
     )
     crop_size: int | None = setting(
         None, help=f"training crop side (default: the run's patch size, else {DEFAULT_CROP})"
@@ -161,6 +165,18 @@ def default_crop(run: RunConfig, training: PseudoLabelledDataset, scale: float) 
     return (-(-hw[0] // STRIDE) * STRIDE, -(-hw[1] // STRIDE) * STRIDE)
 
 
+def encoder_weights(run: Path, config_run: RunConfig, encoder: str, weights: str) -> str:
+    """``weights`` with ``classifier`` resolved to the run's weights file (its backbone part is loaded)."""
+    if weights != FROM_CLASSIFIER:
+        return weights
+    if encoder != config_run.backbone:
+        raise UserError(
+            f"--encoder-weights classifier needs the run's backbone as encoder ({config_run.backbone}),"
+            f" not {encoder}"
+        )
+    return str(Path(run).resolve() / MODEL_FILE)
+
+
 def fit_segmenter(
     run: Path,
     pseudo_labels: Path,
@@ -237,6 +253,7 @@ def _fit_round(
         opened.dataset, Path(pseudo_labels), label_space, confidence=settings.training == "beco"
     )
     crop = settings.crop_size or default_crop(config_run, training, settings.scale)
+    encoder = settings.encoder or config_run.backbone
     mean, std = opened.domain.input_statistics()
     config = SegmenterConfig(
         domain=config_run.domain,
@@ -244,8 +261,8 @@ def _fit_round(
         classes=list(label_space.classes),
         domain_options=dict(config_run.domain_options),
         arch=settings.arch or DEFAULT_ARCH,
-        encoder=settings.encoder or config_run.backbone,
-        weights=settings.weights,
+        encoder=encoder,
+        weights=encoder_weights(run, config_run, encoder, settings.weights),
         mean=mean,
         std=std,
         crop_size=list(pair(crop)),
