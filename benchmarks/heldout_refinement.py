@@ -11,7 +11,8 @@ and its spread over seeds say whether the method helps by more than the noise.
     python benchmarks/heldout_refinement.py --preset histo --seeds 0,1 --method label-probe+fma-seed
 
 ``--scales`` sets the CAM scales instead of the default ones (the folder is then
-``refinement-<method>-scales<...>``); a later ``segmenter_training.py --pseudo-labels`` trains the
+``refinement-<method>-scales<...>``), ``--method-option KEY=VALUE`` an option of the method (folder
+``refinement-<method>-<key>=<value>``); a later ``segmenter_training.py --pseudo-labels`` trains the
 job's segmenter on the compared pseudo-labels.
 
     python benchmarks/heldout_refinement.py --preset camvid --seeds 0,1 --method cam-proto --scales 1,1.5,2,3
@@ -46,29 +47,32 @@ RESULTS = ROOT / "benchmarks" / "results" / "heldout_refinement.md"
 TRAIN, TEST = STAGES[0][0], STAGES[1][0]
 
 
-def refinement_name(method: str, scales: tuple[float, ...] | None = None) -> str:
-    """The compared pseudo-labels' folder in the job: the method, and the CAM scales where given."""
-    return f"refinement-{method}" + ("-scales" + "-".join(f"{s:g}" for s in scales) if scales else "")
+def refinement_name(
+    method: str, scales: tuple[float, ...] | None = None, options: dict[str, object] | None = None
+) -> str:
+    """The compared pseudo-labels' folder in the job: the method, its options and the CAM scales where given."""
+    name = f"refinement-{method}" + "".join(f"-{key}={value}" for key, value in (options or {}).items())
+    return name + ("-scales" + "-".join(f"{s:g}" for s in scales) if scales else "")
 
 
 def relabel(job: Path, report: dict, data: Path, train: str, test: str, method: str,
-            scales: tuple[float, ...] | None = None) -> dict:  # fmt: skip
+            scales: tuple[float, ...] | None = None, options: dict[str, object] | None = None) -> dict:  # fmt: skip
     """Pseudo-labels of ``train`` and ``test`` (labels given) by the job's classifier with ``method``
-    (and CAM ``scales`` where given), scored."""
+    (its ``options``, and CAM ``scales`` where given), scored."""
     from wsss_domains.cam.settings import CamSettings
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.pseudo_labels import pseudo_label_split
 
     domain, dataset = report["domain"], report["dataset"]
     options = dataset_options(job)
-    out = job / refinement_name(method, scales)
+    out = job / refinement_name(method, scales, options)
     cam = CamSettings(cam_norm=report["recipe"]["cam_norm"], **({"scales": scales} if scales else {}))
 
     def compute() -> dict:
         scores = {}
         for stage, split, folder in ((TRAIN, train, "train"), (TEST, test, "test")):
             pseudo_label_split(job / "classifier", domain, dataset, data, split, out / folder, method_name=method,
-                               cam=cam, overlays=False,
+                               options=options, cam=cam, overlays=False,
                                dataset_options=options)  # fmt: skip
             scores[stage] = evaluate_split(
                 domain, dataset, data, split, out / folder, dataset_options=options
@@ -88,9 +92,20 @@ def main() -> None:
         "--scales",
         help="CAM scales of the compared pseudo-labels, e.g. 1,1.5,2,3 (default: the engine's 1,0.5,1.5,2)",
     )
+    p.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of --method, repeatable (pseudo-labels --method-option), e.g. features=sam+backbone",
+    )
     args = p.parse_args()
+    from wsss_domains.cli.common import key_values
+
+    options = key_values(args.method_option, "--method-option")
     scales = tuple(float(v) for v in args.scales.split(",")) if args.scales else None
-    compared = args.method + (f" (scales {args.scales})" if scales else "")
+    compared = args.method + "".join(f" {key}={value}" for key, value in options.items())
+    compared += f" (scales {args.scales})" if scales else ""
 
     from wsss_domains.progress import progress_bars
 
@@ -103,7 +118,7 @@ def main() -> None:
     for name, train, test, seed, job, report in finished_jobs(args):
         recipe = report["recipe"]["method"]
         with progress_bars(False):
-            result = relabel(job, report, data, train, test, args.method, scales)
+            result = relabel(job, report, data, train, test, args.method, scales, options)
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {f"{stage} [{compared}]": value for stage, value in result["scores"].items()}
         scores.update({stage: stages[stage] for stage in (TRAIN, TEST) if stages.get(stage)})
