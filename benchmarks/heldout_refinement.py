@@ -135,7 +135,7 @@ def main() -> None:
     lines = section_head(
         f"{args.preset}: {compared} against {recipe}, seeds {args.seeds}",
         f"{preset.note}. Pseudo-labels with image-level labels given, by each job's own classifier (same "
-        f"classifier; only the post-hoc method{' and the CAM scales' if scales else ''} differ); jobs "
+        f"classifier; only the post-hoc method{' and the CAM scales differ' if scales else ' differs'}); jobs "
         f"`{jobs_folder(args)}`",
         load_before,
         started,
