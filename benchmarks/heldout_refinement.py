@@ -56,23 +56,23 @@ def refinement_name(
 
 
 def relabel(job: Path, report: dict, data: Path, train: str, test: str, method: str,
-            scales: tuple[float, ...] | None = None, options: dict[str, object] | None = None) -> dict:  # fmt: skip
+            scales: tuple[float, ...] | None = None, method_options: dict[str, object] | None = None) -> dict:  # fmt: skip
     """Pseudo-labels of ``train`` and ``test`` (labels given) by the job's classifier with ``method``
-    (its ``options``, and CAM ``scales`` where given), scored."""
+    (its ``method_options``, and CAM ``scales`` where given), scored."""
     from wsss_domains.cam.settings import CamSettings
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.pseudo_labels import pseudo_label_split
 
     domain, dataset = report["domain"], report["dataset"]
     options = dataset_options(job)
-    out = job / refinement_name(method, scales, options)
+    out = job / refinement_name(method, scales, method_options)
     cam = CamSettings(cam_norm=report["recipe"]["cam_norm"], **({"scales": scales} if scales else {}))
 
     def compute() -> dict:
         scores = {}
         for stage, split, folder in ((TRAIN, train, "train"), (TEST, test, "test")):
             pseudo_label_split(job / "classifier", domain, dataset, data, split, out / folder, method_name=method,
-                               options=options, cam=cam, overlays=False,
+                               options=method_options, cam=cam, overlays=False,
                                dataset_options=options)  # fmt: skip
             scores[stage] = evaluate_split(
                 domain, dataset, data, split, out / folder, dataset_options=options
