@@ -32,6 +32,15 @@ def _seed() -> None:
 
 
 @pytest.fixture(autouse=True)
+def _sam_cache_per_test(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Each test's SAM embeddings go to a folder of its own, never the user's cache: tiny random SAMs
+    share a name and checkpoint id across tests, so a shared cache would hand one test another's."""
+    from wsss_domains.sam.cache import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("sam-embeddings")))
+
+
+@pytest.fixture(autouse=True)
 def _no_progress_bars() -> Iterator[None]:
     """Progress bars off in every test (the process-wide switch of wsss_domains.progress)."""
     from wsss_domains.progress import progress_bars

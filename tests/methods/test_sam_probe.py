@@ -107,3 +107,23 @@ def test_fit_caches_under_its_own_name_and_refine_fuses(tmp_path: Path):
     logits = method.probe(method._features(image, Plain()))[0]
     probs = F.interpolate(logits.softmax(0)[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
     torch.testing.assert_close(out, 0.5 * cams + 0.5 * probs, atol=1e-5, rtol=1e-4)
+
+
+def test_window_embeddings_are_read_back_from_the_disk_cache(tmp_path: Path):
+    sam = tiny_sam()
+    encoded: list[int] = []
+    sam.model.image_encoder.register_forward_hook(lambda *_: encoded.append(1))
+    image = torch.rand(3, TINY_SIZE, 96)  # two windows
+
+    def features(cache: str) -> torch.Tensor:
+        method = create_method("sam-label-probe", window=TINY_SIZE, grid=8, sam=sam, sam_cache=cache)
+        ready(method, tiny_model())
+        return method._features(image, Plain())
+
+    first = features(str(tmp_path / "cache"))
+    assert len(encoded) == 2 and len(list((tmp_path / "cache").rglob("*.pt"))) == 2
+    again = features(str(tmp_path / "cache"))  # a new method instance, as in the next fold or run
+    assert len(encoded) == 2
+    torch.testing.assert_close(again, first)
+    features("none")
+    assert len(encoded) == 4 and len(list(tmp_path.rglob("*.pt"))) == 2

