@@ -86,6 +86,14 @@ class LastEmbedding:
         return value
 
 
+def embedding_cache(option: object = None) -> LastEmbedding:
+    """The last embedding in memory, in front of the on-disk cache of :func:`sam_cache_dir` (``none``: memory only)."""
+    from wsss_domains.sam.cache import EmbeddingCache
+
+    root = sam_cache_dir(option)
+    return LastEmbedding(EmbeddingCache(root) if root is not None else None)
+
+
 class SamMethod(Method):
     """Base of the SAM methods: resolves, loads and caches one SAM, and segments images with it.
 
@@ -168,10 +176,7 @@ class SamMethod(Method):
     def embedding_cache(self) -> LastEmbedding:
         """The last embedding in memory, in front of the on-disk cache unless ``sam_cache=none``."""
         if self._cache is None:
-            from wsss_domains.sam.cache import EmbeddingCache
-
-            root = sam_cache_dir(self.options.get("sam_cache"))
-            self._cache = LastEmbedding(EmbeddingCache(root) if root is not None else None)
+            self._cache = embedding_cache(self.options.get("sam_cache"))
         return self._cache
 
     def segmenter(

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 from wsss_domains.data.windows import grid_starts
 from wsss_domains.methods.label_probe import LabelProbe, optical_density
 from wsss_domains.methods.registry import register_method
-from wsss_domains.methods.sam_base import LastEmbedding, sam_cache_dir
+from wsss_domains.methods.sam_base import embedding_cache
 
 if TYPE_CHECKING:
     from wsss_domains.domains.contract import DomainPlugin
@@ -124,7 +124,6 @@ class SamLabelProbe(LabelProbe):
 
     def predictor(self, device: torch.device | str) -> CachedSamPredictor:
         """The SAM predictor over the embedding cache (unless ``sam_cache=none``), loaded on first use."""
-        from wsss_domains.sam.cache import EmbeddingCache
         from wsss_domains.sam.predictor import CachedSamPredictor
 
         if self._sam is None:
@@ -135,8 +134,7 @@ class SamLabelProbe(LabelProbe):
             self._sam.model.to(device)
             self._predictor = None
         if self._predictor is None:
-            root = sam_cache_dir(self.options.get("sam_cache"))
-            cache = LastEmbedding(EmbeddingCache(root)) if root is not None else None
+            cache = embedding_cache(self.options.get("sam_cache"))
             self._predictor = CachedSamPredictor(self._sam, cache)  # type: ignore[arg-type]  # same get_or_compute
         return self._predictor
 
