@@ -367,6 +367,49 @@ def test_pseudo_labels_of_a_split_without_labels_say_predictions_were_used(
     assert not (pl / "overlays").exists()
 
 
+def test_pseudo_labels_take_their_labels_from_a_segmentation_folder(
+    capsys, trained: tuple[Path, Path], tmp_path: Path
+):
+    root, run = trained
+    for class_id in (1, 2):  # red everywhere, then blue everywhere: the pseudo-labels follow
+        segmentation = tmp_path / f"seg{class_id}"
+        segmentation.mkdir()
+        for k in range(3):
+            Image.fromarray(np.full((32, 32), class_id, np.uint8), mode="L").save(
+                segmentation / f"val_{k:02d}.png"
+            )
+        pl = tmp_path / f"pl{class_id}"
+        code, out, err = cli(
+            capsys, "pseudo-labels", "--run", run, "--data", root, "--split", "val", "--out", pl,
+            "--label-free", "segmentation", "--label-segmentation", segmentation, "--device", "cpu",
+            "--no-progress", "--no-overlays",
+        )  # fmt: skip
+        assert code == 0, err
+        assert json.loads((pl / "pseudo-labels.json").read_text())["label_source"] == "segmentation"
+        for k in range(3):
+            assert set(np.unique(np.asarray(Image.open(pl / f"val_{k:02d}.png"))).tolist()) <= {0, class_id}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--label-free", "segmentation"], "--label-free segmentation needs --label-segmentation DIR"),
+        (["--label-segmentation", "x"], "--label-segmentation applies to --label-free segmentation"),
+        (["--label-free", "all", "--labels-from-masks"], "--label-free ignores the images' labels"),
+        (
+            ["--label-free", "segmentation", "--label-segmentation", "x", "--label-fraction", "2"],
+            "must lie in",
+        ),
+    ],
+)
+def test_label_free_flags_are_checked_before_any_work(capsys, shapes: Path, tmp_path: Path, flags, message):
+    code, _, err = cli(
+        capsys, "pseudo-labels", "--run", tmp_path / "no-run", "--data", shapes, "--out", tmp_path / "pl", *flags
+    )  # fmt: skip
+    assert code != 0 and message in err
+    assert not (tmp_path / "pl").exists()
+
+
 def test_a_dataset_declaring_its_classes_in_the_folder_trains_on_those_classes(capsys, tmp_path: Path):
     root = fakes.write_shapes(tmp_path / "declared", n_train=4, n_val=1, n_unlabelled=0, declared=True)
     run = tmp_path / "run"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from wsss_domains.cam.extract import CamExtractor
-from wsss_domains.data.io import read_index_mask
+from wsss_domains.data.io import DataError, read_index_mask
 from wsss_domains.domains.contract import BackgroundMode, LabelSpace
 from wsss_domains.methods.base import Method
 from wsss_domains.models.classifier import CamClassifier
@@ -21,6 +21,7 @@ from wsss_domains.pseudo_labels.writer import (
     SUMMARY_FILE,
     PseudoLabelOptions,
     PseudoLabelSummary,
+    image_labels,
     write_pseudo_labels,
 )
 
@@ -266,6 +267,52 @@ def test_a_split_without_labels_uses_predicted_labels(shapes: Path, model: CamCl
     assert labelled.predicted_label_images == 0  # given labels win over predictions
 
 
+def test_label_source_all_lets_every_class_compete(model: CamClassifier, tmp_path: Path):
+    # The CAMs of a red-only sample, labels ignored: with every class present, each pixel takes the
+    # class of its largest CAM, computed here from the extractor directly.
+    sample = {"image": torch.rand(3, 32, 32), "label": torch.tensor([1.0, 0.0]), "id": "x"}
+    summary = write([sample], SureOfBlue(model), tmp_path / "pl", label_source="all", bg_threshold=0.0)
+    assert summary.predicted_label_images == 0 and summary.label_source == "all"
+    cams = CamExtractor(model, scales=(1.0, 0.5))((sample["image"] - 0.5) / 0.25)
+    expected = torch.cat([torch.zeros(1, 32, 32), cams]).argmax(0)  # background 0, red 1, blue 2
+    assert torch.equal(read_index_mask(tmp_path / "pl" / "x.png"), expected)
+    assert (expected == 2).any()  # blue, absent from the label, is drawn
+    write([sample], SureOfBlue(model), tmp_path / "given", bg_threshold=0.0)
+    assert set(read_index_mask(tmp_path / "given" / "x.png").unique().tolist()) <= {0, 1}
+
+
+def test_labels_read_off_a_segmentation_at_a_patch_offset(tmp_path: Path):
+    ids = np.zeros((8, 8), dtype=np.uint8)  # a (class 0) everywhere
+    ids[0:2, 4:8] = 1  # b in the top right corner: 8 pixels
+    ids[6:8, 6:8] = 2  # c in the bottom right corner: 4 pixels
+    ids[7, 0] = U  # not scored
+    Image.fromarray(ids, mode="L").save(tmp_path / "roi%2F1.png")
+    patch = {"image": torch.rand(3, 4, 4), "id": "roi/1@4,4", "meta": {"parent": "roi/1", "offset": (4, 4)}}
+    top = {"image": torch.rand(3, 4, 4), "id": "roi/1@0,4", "meta": {"parent": "roi/1", "offset": (0, 4)}}
+    # Bottom right quarter: a on 12 pixels, c on 4; top right: b on 8, a on 8.
+    assert image_labels(patch, EXCLUDE, "segmentation", tmp_path).tolist() == [1.0, 0.0, 1.0]
+    assert image_labels(top, EXCLUDE, "segmentation", tmp_path).tolist() == [1.0, 1.0, 0.0]
+    # c covers 4 / 16 = 25% of the patch: present from a fraction of 0.25, absent above it.
+    assert image_labels(patch, EXCLUDE, "segmentation", tmp_path, 0.25).tolist() == [1.0, 0.0, 1.0]
+    assert image_labels(patch, EXCLUDE, "segmentation", tmp_path, 0.3).tolist() == [1.0, 0.0, 0.0]
+    # Excluded pixels are left out: with c's corner excluded, only a remains.
+    exclude = torch.zeros(4, 4, dtype=torch.bool)
+    exclude[2:, 2:] = True
+    assert image_labels({**patch, "exclude": exclude}, EXCLUDE, "segmentation", tmp_path).tolist() == [
+        1,
+        0,
+        0,
+    ]
+    whole = {"image": torch.rand(3, 8, 8), "id": "roi/1"}
+    assert image_labels(whole, EXCLUDE, "segmentation", tmp_path).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(DataError, match="no segmentation of other"):
+        image_labels({"image": torch.rand(3, 4, 4), "id": "other"}, EXCLUDE, "segmentation", tmp_path)
+    with pytest.raises(DataError, match="does not cover"):
+        image_labels({"image": torch.rand(3, 16, 16), "id": "roi/1"}, EXCLUDE, "segmentation", tmp_path)
+    with pytest.raises(ValueError, match="needs a folder"):
+        image_labels(whole, EXCLUDE, "segmentation")
+
+
 def test_exclude_pixels_of_a_sample_are_written_as_ignore(model: CamClassifier, tmp_path: Path):
     space = LabelSpace(("red", "blue"), fakes.PALETTE[1:], BackgroundMode.EXCLUDE)
     exclude = torch.zeros(32, 32, dtype=torch.bool)
@@ -292,3 +339,15 @@ def test_a_label_vector_of_the_wrong_length_is_refused(model: CamClassifier, tmp
 def test_an_empty_split_is_refused(model: CamClassifier, tmp_path: Path):
     with pytest.raises(ValueError, match="holds no images"):
         write([], model, tmp_path / "pl")
+
+
+def test_label_free_sources_are_checked_by_name():
+    from wsss_domains.errors import UserError
+    from wsss_domains.pipeline.pseudo_labels import label_source
+
+    assert label_source(None, False, None) == "auto"
+    assert label_source("segmentation", True, None) == "segmentation"  # label-free wins over masks
+    with pytest.raises(
+        UserError, match="label_free must be one of predicted, all, segmentation, got 'given'"
+    ):
+        label_source("given", False, None)

@@ -25,7 +25,11 @@ from wsss_domains.cli.common import (
 from wsss_domains.cli.settings_arguments import SettingsArguments
 from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS
 from wsss_domains.models.runtime import RUNTIMES
-from wsss_domains.pipeline.pseudo_labels import pseudo_label_raster_file, pseudo_label_split
+from wsss_domains.pipeline.pseudo_labels import (
+    LABEL_FREE_SOURCES,
+    pseudo_label_raster_file,
+    pseudo_label_split,
+)
 from wsss_domains.pseudo_labels.raster import RasterOptions
 
 
@@ -37,7 +41,7 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
             "Compute multi-scale + flip CAMs of every image with the run's classifier and write palette PNG "
             "pseudo-labels (plus overlays, optionally raw CAMs). Each image's image-level labels are used, as "
             "WSSS pseudo-labelling does; where a split carries none, the classifier's predictions are used "
-            "and this is reported. Finished images are skipped, so a killed run resumes. "
+            "and this is reported; --label-free takes them from elsewhere on purpose. Finished images are skipped, so a killed run resumes. "
             "With --raster instead of --data, one raster of any size (GeoTIFF, anything rasterio reads) is "
             "pseudo-labelled window by window into a single-band palette GeoTIFF --out OUT.tif; its labels "
             "come from --labels, from --raster-mask, or else from the classifier (reported)."
@@ -57,6 +61,26 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
         "--labels-from-masks", action="store_true", help="derive each image's labels from its mask"
     )
     add_tiles_argument(p)
+    p.add_argument(
+        "--label-free",
+        choices=LABEL_FREE_SOURCES,
+        help="ignore the split's image-level labels and take them from: predicted (the classifier's "
+        "logits), all (every class: the method's own pixel decisions choose, e.g. label-probe's probe), "
+        "segmentation (the classes of each image's segmentation in --label-segmentation)",
+    )
+    p.add_argument(
+        "--label-segmentation",
+        type=Path,
+        metavar="DIR",
+        help="--label-free segmentation: a folder of label PNGs named by image id, e.g. predict --out",
+    )
+    p.add_argument(
+        "--label-fraction",
+        type=float,
+        default=0.0,
+        help="--label-free segmentation: the share of an image's (or tile's) scored pixels a class needs"
+        " (0: one pixel)",
+    )
     p.add_argument(
         "--out", type=Path, required=True, help="output folder for the PNGs (with --raster: the .tif file)"
     )
@@ -127,6 +151,7 @@ def run_raster(args: argparse.Namespace, cam: CamSettings) -> int:
         ("--labels-from-masks", args.labels_from_masks),
         ("--save-cams", args.save_cams),
         ("--tiles", args.tiles),
+        ("--label-free", args.label_free),
     ):
         if value:
             raise CliError(f"{flag} applies to --data, not to --raster")
@@ -180,6 +205,21 @@ def run_raster(args: argparse.Namespace, cam: CamSettings) -> int:
     return 0
 
 
+def check_label_free(args: argparse.Namespace) -> None:
+    """--label-free and its two options: each needs the other, and labels are either ignored or read."""
+    segmentation = args.label_free == "segmentation"
+    if segmentation and args.label_segmentation is None:
+        raise CliError(
+            "--label-free segmentation needs --label-segmentation DIR (e.g. a predict --out folder)"
+        )
+    if not segmentation and args.label_segmentation is not None:
+        raise CliError("--label-segmentation applies to --label-free segmentation")
+    if not 0.0 <= args.label_fraction <= 1.0:
+        raise CliError(f"--label-fraction must lie in [0, 1], got {args.label_fraction}")
+    if args.label_free and args.labels_from_masks:
+        raise CliError("--label-free ignores the images' labels; --labels-from-masks derives them: give one")
+
+
 def run_pseudo_labels(args: argparse.Namespace) -> int:
     cam = CAM_OPTIONS.build(args)
     if args.raster is not None:
@@ -189,6 +229,7 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         raise CliError(f"{flag} applies to --raster, not to --data")
     if args.max_image_pixels < 0:
         raise CliError(f"--max-image-pixels must be >= 0 (0: every image whole), got {args.max_image_pixels}")
+    check_label_free(args)
     summary = pseudo_label_split(
         args.run,
         None,
@@ -206,6 +247,9 @@ def run_pseudo_labels(args: argparse.Namespace) -> int:
         dataset_options=tile_options(args.tiles),
         runtime=args.runtime,
         max_image_pixels=args.max_image_pixels or None,
+        label_free=args.label_free,
+        label_segmentation=args.label_segmentation,
+        label_fraction=args.label_fraction,
     )
     if summary.windowed:
         print(

@@ -36,6 +36,8 @@ from wsss_domains.training.run import MODEL_FILE, RunConfig, load_run, run_label
 
 # Exported networks (ONNX) are cached in the run folder.
 RUNTIME_CACHE = "inference"
+# Where the labels of images pseudo-labelled without their own come from (see ``pseudo_label_split``).
+LABEL_FREE_SOURCES = ("predicted", "all", "segmentation")
 
 
 def recorded_domain_options(config: RunConfig, domain_name: str | None = None) -> dict[str, object]:
@@ -63,7 +65,7 @@ def cam_extractor(
 
 
 def label_source(
-    predicted_labels: bool, labels_from_masks: bool, dataset_options: Mapping[str, object] | None
+    label_free: str | None, labels_from_masks: bool, dataset_options: Mapping[str, object] | None
 ) -> str:
     """Where each image's labels come from (:class:`PseudoLabelOptions`).
 
@@ -72,8 +74,10 @@ def label_source(
     needs 1% of the crop): the sample's label is used then, not a second derivation that would
     let a few stray pixels of a class into it.
     """
-    if predicted_labels:
-        return "predicted"
+    if label_free is not None:
+        if label_free not in LABEL_FREE_SOURCES:
+            raise UserError(f"label_free must be one of {', '.join(LABEL_FREE_SOURCES)}, got {label_free!r}")
+        return label_free
     if labels_from_masks and not (dataset_options or {}).get("labels_from_masks"):
         return "masks"
     return "auto"
@@ -95,7 +99,9 @@ def pseudo_label_split(
     device: str = "cpu",
     dataset_options: Mapping[str, object] | None = None,
     runtime: str = "auto",
-    predicted_labels: bool = False,
+    label_free: str | None = None,
+    label_segmentation: Path | None = None,
+    label_fraction: float = 0.0,
     max_image_pixels: int | None = LARGE_IMAGE_PIXELS,
 ) -> PseudoLabelSummary:
     """Pseudo-label every image of ``split`` with the run at ``run`` into PNGs in ``out``.
@@ -103,8 +109,10 @@ def pseudo_label_split(
     ``cam``: scales, flips, CAM normalisation and background threshold (default: :class:`CamSettings`).
     ``dataset_options`` go to the loader, e.g. ``labels_from_masks``/``patch_size`` to score tiles.
     ``runtime``: where the CAM pass runs (``auto``: ONNX Runtime on the CPU, see
-    :mod:`wsss_domains.models.runtime`). ``predicted_labels``: ignore the split's image-level labels
-    and use the classifier's predictions (label-free pseudo-labels of unlabelled images).
+    :mod:`wsss_domains.models.runtime`). ``label_free``: ignore the split's image-level labels and
+    use the classifier's predictions (``predicted``), every class (``all``: the method's own pixel
+    decisions choose) or the classes of each image's segmentation in ``label_segmentation`` (a
+    folder as ``predict`` writes it; a class needs ``label_fraction`` of the scored pixels).
     ``max_image_pixels``: larger images are labelled window by window in bounded memory (None: never).
     """
     cam = cam or CamSettings()
@@ -137,7 +145,9 @@ def pseudo_label_split(
     )
     fit_on_training_split(method, config, run, extractor, opened.domain, label_space)
     options = PseudoLabelOptions(
-        label_source=label_source(predicted_labels, labels_from_masks, dataset_options),
+        label_source=label_source(label_free, labels_from_masks, dataset_options),
+        label_segmentation=label_segmentation,
+        label_fraction=label_fraction,
         bg_threshold=cam.bg_threshold,
         save_cams=save_cams,
         overlays=overlays,

@@ -317,7 +317,7 @@ def label_free_pseudo_labels(
     """
     options = {**common, "overlays": False}
     return pseudo_label_and_score(
-        run, domain, dataset, data, split, out, predicted_labels=True, score=True, **options
+        run, domain, dataset, data, split, out, label_free="predicted", score=True, **options
     )
 
 

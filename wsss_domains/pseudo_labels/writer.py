@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from wsss_domains.cam.extract import CamExtractor
-from wsss_domains.data.io import DataError, atomic_write, output_folder, save_palette_png
+from wsss_domains.data.io import DataError, atomic_write, output_folder, read_index_mask, save_palette_png
 from wsss_domains.data.large_images import (
     LARGE_IMAGE_PIXELS,
     SCRATCH_FOLDER,
@@ -34,6 +34,7 @@ from wsss_domains.data.large_images import (
     stage_image,
 )
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace, Sample
+from wsss_domains.errors import UserError
 from wsss_domains.evaluation.evaluate import pred_filename
 from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.progress import progress_bar
@@ -47,7 +48,13 @@ SUMMARY_FILE = "pseudo-labels.json"
 
 @dataclass
 class PseudoLabelOptions:
-    label_source: str = "auto"  # auto | given | masks | predicted
+    # auto | given | masks | predicted | all | segmentation. Without labels: ``predicted`` (the
+    # classifier's), ``all`` (every class, the method's own pixel decisions choose) or
+    # ``segmentation`` (read off ``label_segmentation``, e.g. the segmenter's predictions).
+    label_source: str = "auto"
+    label_segmentation: Path | None = None
+    # ``segmentation``: the share of a sample's scored pixels a class needs to be present (0: one pixel).
+    label_fraction: float = 0.0
     bg_threshold: float | None = None
     save_cams: bool = False
     overlays: bool = True
@@ -72,8 +79,15 @@ class PseudoLabelSummary:
     windowed: list[str] = field(default_factory=list)  # images labelled window by window
 
 
-def image_labels(sample: Sample, label_space: LabelSpace, source: str) -> Tensor | None:
-    """The image-level labels pseudo-labelling uses, or None where the sample carries none."""
+def image_labels(
+    sample: Sample,
+    label_space: LabelSpace,
+    source: str,
+    segmentation: Path | None = None,
+    fraction: float = 0.0,
+) -> Tensor | None:
+    """The image-level labels pseudo-labelling uses (``source``: see :class:`PseudoLabelOptions`), or
+    None where the classifier must predict them."""
     if source in ("masks",) or (source == "auto" and "label" not in sample and "mask" in sample):
         if "mask" not in sample:
             raise ValueError(f"sample {sample['id']} has no mask to derive labels from (--labels-from-masks)")
@@ -83,7 +97,41 @@ def image_labels(sample: Sample, label_space: LabelSpace, source: str) -> Tensor
         return label_space.label_from_mask(mask)
     if source == "predicted":
         return None
+    if source == "all":
+        return torch.ones(len(label_space.foreground))
+    if source == "segmentation":
+        if segmentation is None:
+            raise ValueError("label source 'segmentation' needs a folder of segmentations to read labels off")
+        return labels_from_segmentation(sample, label_space, segmentation, fraction)
     return sample.get("label")
+
+
+def labels_from_segmentation(
+    sample: Sample, label_space: LabelSpace, folder: Path, fraction: float = 0.0
+) -> Tensor:
+    """The classes covering ``fraction`` of ``sample``'s scored pixels (at least one) in its segmentation
+    in ``folder`` (its own file, or its parent's at the sample's offset for a patch).
+
+    Why: on images without labels, a segmenter's prediction can name an image's classes in place of
+    the classifier's logits, while a post-hoc method draws their borders.
+    """
+    from wsss_domains.data.patches import label_from_crop
+
+    meta = sample.get("meta", {})
+    parent = meta.get("parent", sample["id"])
+    path = Path(folder) / pred_filename(parent)
+    if not path.is_file():
+        raise DataError(path, f"no segmentation of {parent} to read sample {sample['id']}'s labels from")
+    y, x = meta.get("offset", (0, 0)) if "parent" in meta else (0, 0)
+    h, w = sample["image"].shape[-2:]
+    crop = read_index_mask(path)[y : y + h, x : x + w]
+    if tuple(crop.shape) != (h, w):
+        raise DataError(
+            path, f"segmentation of {tuple(crop.shape)} pixels does not cover sample {sample['id']}"
+        )
+    if "exclude" in sample:
+        crop = crop.masked_fill(sample["exclude"], label_space.ignore_index)
+    return label_from_crop(label_space, crop, min_fraction=fraction)
 
 
 def write_pseudo_labels(
@@ -140,7 +188,9 @@ def write_pseudo_labels(
             prepared = domain.preprocess(raw)
             image = normalize(prepared, mean, std).to(options.device)
             cams = extractor(image)
-            present = image_labels(sample, label_space, options.label_source)
+            present = image_labels(
+                sample, label_space, options.label_source, options.label_segmentation, options.label_fraction
+            )
             if present is None:
                 with torch.no_grad():  # at the magnification the classifier was trained at
                     logits = extractor.model(extractor.training_view(image))["logits"][0]
@@ -213,8 +263,14 @@ def _label_large_image(
     from wsss_domains.pseudo_labels.raster import RasterOptions, pseudo_label_raster
 
     label, mask = file.label, None
+    if options.label_source == "segmentation":
+        raise UserError(
+            f"{file.path}: labels read off a segmentation are not supported for images labelled window by window"
+        )
     if options.label_source == "predicted":
         label = None
+    elif options.label_source == "all":
+        label = torch.ones(len(config.foreground))
     elif options.label_source == "masks" or label is None:
         if file.mask is None:
             raise DataError(file.path, "no image-level label and no mask to derive one from")
