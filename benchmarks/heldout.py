@@ -177,6 +177,29 @@ def add_job_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-record", action="store_true")
 
 
+def add_method_option_argument(p: argparse.ArgumentParser, example: str) -> None:
+    """``--method-option KEY=VALUE``, repeatable, as ``pseudo-labels`` takes it; read by :func:`method_options`."""
+    p.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"an option of the compared method, repeatable (pseudo-labels --method-option), e.g. {example}",
+    )
+
+
+def method_options(args: argparse.Namespace) -> dict[str, object]:
+    """The ``--method-option`` values, parsed, in the order given."""
+    from wsss_domains.cli.common import key_values
+
+    return key_values(args.method_option, "--method-option")
+
+
+def options_suffix(options: dict[str, object], sep: str = "-") -> str:
+    """``options`` in a folder name (``-key=value`` each) or, with ``sep=" "``, in a record's column."""
+    return "".join(f"{sep}{key}={value}" for key, value in options.items())
+
+
 def jobs_folder(args: argparse.Namespace) -> Path:
     return args.jobs or ROOT / "runs" / f"heldout-{args.preset}"
 

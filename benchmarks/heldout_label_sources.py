@@ -32,11 +32,14 @@ from heldout import (  # noqa: E402
     ROOT,
     STAGES,
     add_job_arguments,
+    add_method_option_argument,
     cached_comparison,
     comparison_lines,
     dataset_options,
     finished_jobs,
     jobs_folder,
+    method_options,
+    options_suffix,
     record,
     section_head,
 )
@@ -47,7 +50,7 @@ PREDICTED, SEGMENTER = STAGES[2][0], STAGES[3][0]
 
 def source_name(source: str, options: dict[str, object], fraction: float) -> str:
     """The compared pseudo-labels' folder in the job: the source, the method's options and the fraction."""
-    name = f"label-free-{source}" + "".join(f"-{key}={value}" for key, value in options.items())
+    name = f"label-free-{source}" + options_suffix(options)
     return name + (f"-fraction{fraction:g}" if source == "segmentation" and fraction else "")
 
 
@@ -84,19 +87,12 @@ def main() -> None:
         default=0.0,
         help="--source segmentation: the share of a patch's scored pixels a class needs (0: one pixel)",
     )
-    p.add_argument(
-        "--method-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of the job's method, repeatable, e.g. fuse_weight=1",
-    )
+    add_method_option_argument(p, "fuse_weight=1")
     args = p.parse_args()
-    from wsss_domains.cli.common import key_values
     from wsss_domains.progress import progress_bars
 
-    options = key_values(args.method_option, "--method-option")
-    compared = args.source + "".join(f" {key}={value}" for key, value in options.items())
+    options = method_options(args)
+    compared = args.source + options_suffix(options, " ")
     compared += f" (fraction {args.label_fraction:g})" if args.source == "segmentation" else ""
     preset = PRESETS[args.preset]
     data = args.data_root / preset.path

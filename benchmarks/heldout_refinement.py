@@ -34,11 +34,14 @@ from heldout import (  # noqa: E402
     ROOT,
     STAGES,
     add_job_arguments,
+    add_method_option_argument,
     cached_comparison,
     comparison_lines,
     dataset_options,
     finished_jobs,
     jobs_folder,
+    method_options,
+    options_suffix,
     record,
     section_head,
 )
@@ -51,7 +54,7 @@ def refinement_name(
     method: str, scales: tuple[float, ...] | None = None, options: dict[str, object] | None = None
 ) -> str:
     """The compared pseudo-labels' folder in the job: the method, its options and the CAM scales where given."""
-    name = f"refinement-{method}" + "".join(f"-{key}={value}" for key, value in (options or {}).items())
+    name = f"refinement-{method}" + options_suffix(options or {})
     return name + ("-scales" + "-".join(f"{s:g}" for s in scales) if scales else "")
 
 
@@ -92,19 +95,11 @@ def main() -> None:
         "--scales",
         help="CAM scales of the compared pseudo-labels, e.g. 1,1.5,2,3 (default: the engine's 1,0.5,1.5,2)",
     )
-    p.add_argument(
-        "--method-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an option of --method, repeatable (pseudo-labels --method-option), e.g. features=sam+backbone",
-    )
+    add_method_option_argument(p, "features=sam+backbone")
     args = p.parse_args()
-    from wsss_domains.cli.common import key_values
-
-    options = key_values(args.method_option, "--method-option")
+    options = method_options(args)
     scales = tuple(float(v) for v in args.scales.split(",")) if args.scales else None
-    compared = args.method + "".join(f" {key}={value}" for key, value in options.items())
+    compared = args.method + options_suffix(options, " ")
     compared += f" (scales {args.scales})" if scales else ""
 
     from wsss_domains.progress import progress_bars
