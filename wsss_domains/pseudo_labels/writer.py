@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,12 @@ def image_labels(
     return sample.get("label")
 
 
+@lru_cache(maxsize=4)
+def _segmentation(path: str, mtime_ns: int) -> Tensor:
+    """A segmentation file, read once for all the patches of its image (keyed by its modification time)."""
+    return read_index_mask(path)
+
+
 def labels_from_segmentation(
     sample: Sample, label_space: LabelSpace, folder: Path, fraction: float = 0.0
 ) -> Tensor:
@@ -124,7 +131,7 @@ def labels_from_segmentation(
         raise DataError(path, f"no segmentation of {parent} to read sample {sample['id']}'s labels from")
     y, x = meta.get("offset", (0, 0)) if "parent" in meta else (0, 0)
     h, w = sample["image"].shape[-2:]
-    crop = read_index_mask(path)[y : y + h, x : x + w]
+    crop = _segmentation(str(path), path.stat().st_mtime_ns)[y : y + h, x : x + w]
     if tuple(crop.shape) != (h, w):
         raise DataError(
             path, f"segmentation of {tuple(crop.shape)} pixels does not cover sample {sample['id']}"
