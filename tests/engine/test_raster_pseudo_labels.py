@@ -8,6 +8,7 @@ across window borders; how close it comes is measured separately, with a stated 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -364,6 +365,68 @@ def test_labels_per_window_come_from_each_mask_window(tif: Path, config: RunConf
     assert (ids[128:256, 128:256] == 0).all()
 
 
+def test_a_label_fraction_drops_the_classes_of_too_few_mask_pixels(
+    tif: Path, config: RunConfig, tmp_path: Path
+):
+    mask = write_tif(tmp_path / "mask.tif", truth()[None])
+    # Scored pixels: the raster less its no-data corner; red covers 15300 of them, blue 12000.
+    scored = H * W - 40 * 60
+    red, blue = 80 * 90 + 90 * 90, 100 * 120
+    assert blue / scored < 0.09 < red / scored
+    for fraction, expected in ((blue / scored, ["red", "blue"]), (0.09, ["red"]), (1.0, [])):
+        summary = pseudo_label_raster(
+            config,
+            Pixelwise(),
+            Method(),
+            tif,
+            tmp_path / f"pl-{fraction}.tif",
+            mask=mask,
+            options=options(label_fraction=fraction),
+        )
+        assert summary.labels == expected, fraction
+    ids = read_labels(tmp_path / "pl-0.09.tif")
+    assert (ids == 1).any() and not (ids == 2).any()
+    # Per window: the share of each window's scored pixels, computed here from the mask's cores.
+    fraction = 0.5
+    per_window = pseudo_label_raster(
+        config,
+        Pixelwise(),
+        Method(),
+        tif,
+        tmp_path / "pw.tif",
+        mask=mask,
+        options=options(labels_per_window=True, label_fraction=fraction),
+    )
+    ids, scored_pixels = read_labels(tmp_path / "pw.tif"), np.ones((H, W), dtype=bool)
+    scored_pixels[NODATA] = False
+    union, dropped = set(), 0
+    for y in range(0, H, WINDOW):
+        for x in range(0, W, WINDOW):
+            core = (slice(y, y + WINDOW), slice(x, x + WINDOW))
+            classes = truth()[core][scored_pixels[core]]
+            need = max(1, math.ceil(fraction * classes.size))
+            present = {c for c in (1, 2) if (classes == c).sum() >= need}
+            dropped += len({c for c in (1, 2) if (classes == c).any()} - present)
+            union |= present
+            assert set(np.unique(ids[core])) - {0, U} <= present, (y, x)
+    assert dropped > 0  # some window holds a class on less than half its pixels
+    assert per_window.labels == [fakes.LABEL_SPACE.classes[c] for c in sorted(union)]
+    with pytest.raises(ValueError, match="label_fraction applies to labels read off a mask raster"):
+        pseudo_label_raster(
+            config, Pixelwise(), Method(), tif, tmp_path / "x.tif", options=options(label_fraction=0.1)
+        )
+    with pytest.raises(ValueError, match=r"label_fraction must lie in \[0, 1\], got 1.5"):
+        pseudo_label_raster(
+            config,
+            Pixelwise(),
+            Method(),
+            tif,
+            tmp_path / "x.tif",
+            mask=mask,
+            options=options(label_fraction=1.5),
+        )
+
+
 def test_predicted_labels_are_reported(tif: Path, config: RunConfig, tmp_path: Path):
     summary = pseudo_label_raster(config, Pixelwise(), Method(), tif, tmp_path / "pl.tif", options=options())
     assert summary.label_source == "predicted"
@@ -527,6 +590,11 @@ def test_cli_with_a_mask_raster_and_with_predicted_labels(capsys, run_dir: Path,
     code, stdout, err = cli(capsys, *base, "--raster-mask", mask, "--out", tmp_path / "a.tif")
     assert code == 0, err
     assert f"labels (for the raster, from {mask}): red, blue" in stdout
+    code, stdout, err = cli(
+        capsys, *base, "--raster-mask", mask, "--label-fraction", "0.09", "--out", tmp_path / "c.tif"
+    )
+    assert code == 0, err
+    assert f"labels (for the raster, from {mask}): red\n" in stdout  # blue covers 8 % of the scored pixels
     code, stdout, err = cli(capsys, *base, "--out", tmp_path / "b.tif")
     assert code == 0, err
     assert (
@@ -552,6 +620,12 @@ def test_cli_with_a_mask_raster_and_with_predicted_labels(capsys, run_dir: Path,
         (["--raster", "{tif}", "--labels", "red", "--bands", "1,2,9"], "asks for band 9"),
         (["--raster", "{tif}", "--labels", "red", "--window", "100"], "multiple of 16"),
         (["--data", "{tmp}", "--window", "128"], "--window applies to --raster, not to --data"),
+        (
+            ["--raster", "{tif}", "--label-fraction", "0.1"],
+            "--label-fraction applies to the labels read off --raster-mask",
+        ),
+        (["--raster", "{tif}", "--raster-mask", "{tif}", "--label-fraction", "2"], "must lie in [0, 1]"),
+        (["--raster", "{tif}", "--label-segmentation", "{tmp}"], "--label-segmentation applies to --data"),
     ],
 )
 def test_cli_errors_exit_2_with_one_clear_line(capsys, run_dir, tif, tmp_path, extra, fragment):
@@ -719,6 +793,43 @@ def test_a_large_image_takes_its_labels_from_its_mask_or_the_classifier(config: 
     assert predicted.predicted_label_images == 1 and {1, 2} <= set(np.unique(ids))
     with pytest.raises(DataError, match="scene.png: no image-level label and no mask"):
         write_split(FileDataset(tmp_path / "images", labels), config, tmp_path / "x")
+
+
+def test_a_large_image_reads_its_labels_off_a_segmentation_as_a_whole_image_would(
+    config: RunConfig, tmp_path: Path
+):
+    scene_png(tmp_path / "images")
+    segmentations = tmp_path / "segmentations"
+    segmentations.mkdir()
+    palette = [v for colour in fakes.LABEL_SPACE.palette for v in colour]
+    for name, ids in (("scene", truth()), ("small", np.zeros((40, 30), dtype=np.uint8))):
+        picture = Image.fromarray(ids, mode="P")
+        picture.putpalette(palette)
+        picture.save(segmentations / f"{name}.png")  # as predict --out writes them
+    labels = {"scene": torch.tensor([0.0, 0.0]), "small": None}  # given labels are ignored
+    # Red covers 10.2 % of the scene, blue 8 %: a 9 % share keeps red only.
+    read = {"label_source": "segmentation", "label_segmentation": segmentations, "label_fraction": 0.09}
+    windowed = FileDataset(tmp_path / "images", labels)
+    summary = write_split(windowed, config, tmp_path / "windowed", **read)
+    whole = FileDataset(tmp_path / "images", labels)
+    write_split(whole, config, tmp_path / "whole", max_image_pixels=None, **read)
+    assert summary.windowed == ["scene.png"] and windowed.decoded == ["small"]
+    assert summary.predicted_label_images == 0
+    ids = read_index_mask(tmp_path / "windowed" / "scene.png").numpy()
+    assert (ids == read_index_mask(tmp_path / "whole" / "scene.png").numpy()).all()
+    assert (ids == 1).any() and not (ids == 2).any()
+    both = write_split(
+        FileDataset(tmp_path / "images", labels),
+        config,
+        tmp_path / "both",
+        **(read | {"label_fraction": 0.0}),
+    )
+    assert both.written == 2 and {1, 2} <= set(
+        np.unique(read_index_mask(tmp_path / "both" / "scene.png").numpy())
+    )
+    (segmentations / "scene.png").unlink()
+    with pytest.raises(DataError, match="no segmentation of scene to read its labels from"):
+        write_split(FileDataset(tmp_path / "images", labels), config, tmp_path / "x", **read)
 
 
 def test_stage_image_copies_a_png_into_a_tiled_geotiff(tmp_path: Path):

@@ -78,8 +78,8 @@ def add_pseudo_labels_subcommand(sub: argparse._SubParsersAction) -> None:
         "--label-fraction",
         type=float,
         default=0.0,
-        help="--label-free segmentation: the share of an image's (or tile's) scored pixels a class needs"
-        " (0: one pixel)",
+        help="--label-free segmentation (or --raster with --raster-mask): the share of an image's (tile's,"
+        " window's) scored pixels a class needs to be among its labels (0: one pixel)",
     )
     p.add_argument(
         "--out", type=Path, required=True, help="output folder for the PNGs (with --raster: the .tif file)"
@@ -152,6 +152,7 @@ def run_raster(args: argparse.Namespace, cam: CamSettings) -> int:
         ("--save-cams", args.save_cams),
         ("--tiles", args.tiles),
         ("--label-free", args.label_free),
+        ("--label-segmentation", args.label_segmentation),
     ):
         if value:
             raise CliError(f"{flag} applies to --data, not to --raster")
@@ -163,8 +164,13 @@ def run_raster(args: argparse.Namespace, cam: CamSettings) -> int:
         raise CliError(
             "give the raster's labels (--labels) or a mask to derive them from (--raster-mask), not both"
         )
+    if not 0.0 <= args.label_fraction <= 1.0:
+        raise CliError(f"--label-fraction must lie in [0, 1], got {args.label_fraction}")
+    if args.label_fraction and mask is None:
+        raise CliError("with --raster, --label-fraction applies to the labels read off --raster-mask")
     bands = getattr(args, "bands", None)
     options = RasterOptions(
+        label_fraction=args.label_fraction,
         **asdict(cam),
         **RASTER_OPTIONS.values(args),
         bands=None if bands is None else _ints(bands, "--bands"),

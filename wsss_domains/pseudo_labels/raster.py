@@ -54,7 +54,8 @@ alone take 1.0 GB): 1.28 GB for a 4096² and 1.25 GB for a 16384² raster at CAM
 1, 1.78 GB with the default window and margin, 1.30 GB with ``window=512``.
 
 Image-level labels, once for the whole raster by default: given by name, or the classes present in
-a mask raster (read window by window, no-data left out), or, when neither is given, predicted by
+a mask raster (read window by window, no-data left out; ``label_fraction``: a class must cover that
+share of the scored pixels, e.g. when the mask is a segmenter's prediction), or, when neither is given, predicted by
 the classifier on every core and united (at least its top class per window); the summary says
 which (``label_source``). With ``labels_per_window`` each window takes its own labels from its mask
 window or its own prediction instead (the tile-level protocol of remote-sensing WSSS).
@@ -73,6 +74,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -147,6 +149,9 @@ class RasterOptions(CamSettings):
     labels_per_window: bool = setting(
         False, help="each window takes its own labels, from its mask window or its own prediction"
     )
+    # Labels from a mask raster: the share of the scored pixels (the raster's, or a window's with
+    # labels_per_window) a class needs, so that a few stray pixels of a predicted mask name no class.
+    label_fraction: float = 0.0
     # Disk the first pass may fill with raw maps so the second need not recompute them (see MapCache).
     map_cache_gb: float = 8.0
     overview: Path | None = setting(None, help="also write a downsampled palette PNG", metavar="PNG")
@@ -166,6 +171,8 @@ class RasterOptions(CamSettings):
             raise ValueError(f"map_cache_gb must be >= 0, got {self.map_cache_gb}")
         if self.overview_size < 1:
             raise ValueError(f"overview_size must be positive, got {self.overview_size}")
+        if not 0.0 <= self.label_fraction <= 1.0:
+            raise ValueError(f"label_fraction must lie in [0, 1], got {self.label_fraction}")
 
 
 @dataclass
@@ -343,7 +350,9 @@ class _Job:
         return np.bincount(ids[scored].ravel(), minlength=self.label_space.num_classes)
 
     def present_from_counts(self, counts: np.ndarray) -> Tensor:
-        return torch.from_numpy((counts[list(self.label_space.foreground)] >= 1).astype(np.float32))
+        """Classes covering ``label_fraction`` of the counted (scored) pixels, at least one pixel."""
+        need = max(1, math.ceil(self.options.label_fraction * int(counts.sum())))
+        return torch.from_numpy((counts[list(self.label_space.foreground)] >= need).astype(np.float32))
 
     def labels(
         self, pair: WindowPair, present: Tensor | None, maxima: Tensor | None, maps: Tensor | None = None
@@ -405,6 +414,8 @@ def pseudo_label_raster(
         raise ValueError("give the raster's labels or a mask raster to derive them from, not both")
     if labels is not None and options.labels_per_window:
         raise ValueError("labels_per_window needs a mask raster or predicted labels, not given labels")
+    if options.label_fraction and mask is None:
+        raise ValueError("label_fraction applies to labels read off a mask raster (mask=...)")
     domain, label_space = run_label_space(config)
     with warnings.catch_warnings(), rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         warnings.simplefilter("ignore", NotGeoreferencedWarning)

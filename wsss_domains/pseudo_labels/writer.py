@@ -35,7 +35,6 @@ from wsss_domains.data.large_images import (
     stage_image,
 )
 from wsss_domains.domains.contract import BackgroundMode, DomainPlugin, LabelSpace, Sample
-from wsss_domains.errors import UserError
 from wsss_domains.evaluation.evaluate import pred_filename
 from wsss_domains.methods.base import Method, RefineContext
 from wsss_domains.progress import progress_bar
@@ -264,17 +263,27 @@ def _label_large_image(
 ) -> bool:
     """One image above the size limit, window by window, into its palette PNG; True if labels were predicted.
 
+    Labels read off a segmentation (``label_source="segmentation"``) come from its file taken as a
+    mask raster, window by window, the same share of scored pixels required as for a whole image.
+
     The image is staged as a tiled GeoTIFF where its format cannot read windows, labelled by the
     raster engine into a GeoTIFF beside the output (resumable), then streamed into the PNG.
     """
     from wsss_domains.pseudo_labels.raster import RasterOptions, pseudo_label_raster
 
-    label, mask = file.label, None
+    label, mask, fraction = file.label, None, 0.0
     if options.label_source == "segmentation":
-        raise UserError(
-            f"{file.path}: labels read off a segmentation are not supported for images labelled window by window"
+        if options.label_segmentation is None:
+            raise ValueError("label source 'segmentation' needs a folder of segmentations to read labels off")
+        # Read window by window as a mask raster, like the image itself.
+        label, mask, fraction = (
+            None,
+            options.label_segmentation / pred_filename(file.id),
+            options.label_fraction,
         )
-    if options.label_source == "predicted":
+        if not mask.is_file():
+            raise DataError(mask, f"no segmentation of {file.id} to read its labels from")
+    elif options.label_source == "predicted":
         label = None
     elif options.label_source == "all":
         label = torch.ones(len(config.foreground))
@@ -289,7 +298,9 @@ def _label_large_image(
     if options.overlays:
         overview = label_path.parent / "overlays" / label_path.name
         overview.parent.mkdir(parents=True, exist_ok=True)
-    raster_options = RasterOptions(bg_threshold=bg, overview=overview, device=options.device)
+    raster_options = RasterOptions(
+        bg_threshold=bg, overview=overview, device=options.device, label_fraction=fraction
+    )
     if options.window is not None:
         raster_options.window = options.window
     if options.margin is not None:
