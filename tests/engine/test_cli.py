@@ -400,6 +400,11 @@ def test_pseudo_labels_take_their_labels_from_a_segmentation_folder(
             ["--label-free", "segmentation", "--label-segmentation", "x", "--label-fraction", "2"],
             "must lie in",
         ),
+        (["--label-fraction", "0.05"], "--label-fraction applies to --label-free segmentation"),
+        (
+            ["--label-free", "all", "--label-fraction", "0.05"],
+            "--label-fraction applies to --label-free segmentation",
+        ),
     ],
 )
 def test_label_free_flags_are_checked_before_any_work(capsys, shapes: Path, tmp_path: Path, flags, message):

@@ -222,6 +222,8 @@ def check_label_free(args: argparse.Namespace) -> None:
         raise CliError("--label-segmentation applies to --label-free segmentation")
     if not 0.0 <= args.label_fraction <= 1.0:
         raise CliError(f"--label-fraction must lie in [0, 1], got {args.label_fraction}")
+    if args.label_fraction and not segmentation:
+        raise CliError("--label-fraction applies to --label-free segmentation (with --data)")
     if args.label_free and args.labels_from_masks:
         raise CliError("--label-free ignores the images' labels; --labels-from-masks derives them: give one")
 
