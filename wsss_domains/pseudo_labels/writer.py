@@ -278,7 +278,7 @@ def _label_large_image(
         # Read window by window as a mask raster, like the image itself.
         label, mask, fraction = (
             None,
-            options.label_segmentation / pred_filename(file.id),
+            Path(options.label_segmentation) / pred_filename(file.id),
             options.label_fraction,
         )
         if not mask.is_file():
