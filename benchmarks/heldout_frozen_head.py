@@ -15,6 +15,15 @@ bilinearly, and scored as the segmenter's predictions are.
     python benchmarks/heldout.py --preset histo --seeds 0,1 --classifier-minutes 5 --segmenter-minutes 5
     python benchmarks/heldout_frozen_head.py --preset histo --seeds 0,1 --head linear
 
+``--method sam-label-probe --method-option features=sam+backbone`` reads that method's features
+instead (LiteMedSAM's window embeddings beside the CNN's stages and the optical density; the
+windows come from the SAM embedding cache, so a job whose refinement already embedded them embeds
+nothing), to ask whether the SAM encoder's context on a 256-pixel window carries what a stride-8
+cell of the CNN lacks (folder ``frozen-head-<head>-<method>-<key>=<value>``).
+
+    python benchmarks/heldout_frozen_head.py --preset histo --seeds 0,1 --head mlp \
+        --method sam-label-probe --method-option features=sam+backbone
+
 Heads are trained for ``--steps`` Adam steps on random batches of 8192 cells (seeded by the job's
 seed), not on a clock, so the figure does not depend on the load. A finished comparison
 (``frozen-head-<head>/report.json`` in the job) is reused when re-run.
@@ -34,10 +43,13 @@ from heldout import (  # noqa: E402
     ROOT,
     STAGES,
     add_job_arguments,
+    add_method_option_argument,
     cached_comparison,
     comparison_lines,
     finished_jobs,
     jobs_folder,
+    method_options,
+    options_suffix,
     record,
     section_head,
 )
@@ -48,6 +60,7 @@ HEADS = ("linear", "mlp")
 MIN_SHARE = 0.6  # a training cell's majority pseudo-label class must cover this much of it
 BATCH = 8192
 HIDDEN = 256
+FEATURE_METHODS = ("label-probe", "sam-label-probe")  # methods whose ``_features`` the head reads
 
 
 def head_network(kind: str, cells, classes: int):
@@ -96,9 +109,27 @@ def labelled_cells(method, domain, dataset, folder: Path, foreground: list[int])
     return x[y >= 0], y[y >= 0]
 
 
-def compare(job: Path, report: dict, data: Path, test: str, head: str, steps: int, seed: int) -> dict:
+def head_folder(head: str, feature_method: str, options: dict[str, object]) -> str:
+    """The job's subfolder of a comparison (label-probe's features keep the first runs' name)."""
+    if feature_method == "label-probe" and not options:
+        return f"frozen-head-{head}"
+    return f"frozen-head-{head}-{feature_method}" + options_suffix(options)
+
+
+def compare(
+    job: Path,
+    report: dict,
+    data: Path,
+    test: str,
+    head: str,
+    steps: int,
+    seed: int,
+    feature_method: str = "label-probe",
+    options: dict[str, object] | None = None,
+) -> dict:
     """The job's held-out fold segmented without labels by a ``head`` trained on its pseudo-labels, scored."""
-    out = job / f"frozen-head-{head}"
+    options = options or {}
+    out = job / head_folder(head, feature_method, options)
 
     def compute() -> dict:
         import torch
@@ -117,7 +148,7 @@ def compare(job: Path, report: dict, data: Path, test: str, head: str, steps: in
             labels_from_masks=True, patch_size=tuple(config.patch_size),
         )  # fmt: skip
         domain, space = train.domain, train.label_space
-        method = create_method("label-probe")
+        method = create_method(feature_method, **options)
         method.extractor(model, modules, scales=(1.0,), flip=False, base_scale=config.base_scale)
         method.setup(domain, config.mean, config.std)
         foreground = list(space.foreground)
@@ -148,7 +179,11 @@ def compare(job: Path, report: dict, data: Path, test: str, head: str, steps: in
                 labels = lut[logits[0].argmax(0)].numpy().astype("uint8")
                 save_palette_png(out / "test" / pred_filename(sample["id"]), labels, space.flat_palette())
         scored = evaluate_split(report["domain"], report["dataset"], data, test, out / "test")
-        return {"scores": {"label-free": scored.to_dict()}, "training_cells": len(x)}
+        return {
+            "scores": {"label-free": scored.to_dict()},
+            "training_cells": len(x),
+            "features": int(x.shape[1]),
+        }
 
     return cached_comparison(out, compute)
 
@@ -158,13 +193,26 @@ def main() -> None:
     add_job_arguments(p)
     p.add_argument("--head", choices=HEADS, required=True, help="the head trained on the frozen features")
     p.add_argument("--steps", type=int, help="Adam steps (default: 300 linear, 1000 mlp)")
+    p.add_argument(
+        "--method",
+        choices=FEATURE_METHODS,
+        default="label-probe",
+        help="whose pixel features the head reads (default: label-probe's)",
+    )
+    add_method_option_argument(p, "features=sam+backbone")
     args = p.parse_args()
+    options = method_options(args)
     steps = args.steps or (300 if args.head == "linear" else 1000)
     from wsss_domains.progress import progress_bars
 
     preset = PRESETS[args.preset]
     data = args.data_root / preset.path
-    compared = f"frozen features, {args.head} head"
+    source = (
+        ""
+        if args.method == "label-probe" and not options
+        else f" ({args.method}{options_suffix(options, ' ')})"
+    )
+    compared = f"frozen features{source}, {args.head} head"
     rows = []
     load_before = os.getloadavg()
     started = time.perf_counter()
@@ -174,7 +222,7 @@ def main() -> None:
                 f"{job}: the frozen features are label-probe's, with the optical density: histology only"
             )
         with progress_bars(False):
-            result = compare(job, report, data, test, args.head, steps, seed)
+            result = compare(job, report, data, test, args.head, steps, seed, args.method, options)
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {compared: result["scores"]["label-free"], SEGMENTER: stages[SEGMENTER]}
         rows.append({"fold": name, "seed": seed, "scores": scores, "load": result["load_at_start"]})
