@@ -23,7 +23,9 @@ draws the training images of rare classes more often (folder ``...-balanced<T>``
 the encoder from its packaged ImageNet weights as the job's), ``--segmenter-seed N`` trains with seed N
 instead of the job's (folder ``...-seed<N>``: the segmenter's own noise on the same pseudo-labels),
 ``--encoder-weights classifier`` starts the encoder from the job's trained classifier backbone instead
-of ImageNet (folder ``...-from-classifier``). A finished
+of ImageNet (folder ``...-from-classifier``), ``--scale S`` trains and predicts at magnification S
+(0.5: every image halved, a crop sees four times the tissue; folder ``...-at<S>``) and ``--crop-size``
+sets the training crop (folder ``...-crop<N>``). A finished
 comparison (its ``report.json`` in that folder of the job) is reused when re-run.
 
     python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
@@ -72,7 +74,8 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
             class_weighting: str = "none", pseudo_labels: str | None = None,
             steps: int | None = None, balance_classes: float | None = None,
             network: dict[str, str] | None = None, seed_override: bool = False,
-            encoder_weights: str | None = None) -> dict:  # fmt: skip
+            encoder_weights: str | None = None, scale: float | None = None,
+            crop_size: int | None = None) -> dict:  # fmt: skip
     """The job's segmenter recipe with ``training`` on the job's pseudo-labels, scored on ``test``.
 
     ``source``: Das et al.'s annotated source (``source_data``, ``source_dataset``, ``source_split``,
@@ -81,14 +84,16 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     ``minutes``; ``balance_classes``: repeat-factor sampling's threshold (``segment --balance-classes``);
     ``network``: another ``arch`` and / or ``encoder`` than the job's (``segment --arch / --encoder``);
     ``seed_override``: ``seed`` is not the job's (the folder says so); ``encoder_weights``: where the
-    encoder starts instead of the job's (``segment --encoder-weights``, e.g. ``classifier``)."""
+    encoder starts instead of the job's (``segment --encoder-weights``, e.g. ``classifier``); ``scale``:
+    the magnification the segmenter trains and predicts at (``SegmenterSettings.scale``; 0.5 halves
+    every image), ``crop_size``: its training crop side (default: the job's patch size at that scale)."""
     from wsss_domains.pipeline.evaluate import evaluate_split
     from wsss_domains.pipeline.predict import predict_split
     from wsss_domains.pipeline.segmenter import SegmenterSettings, fit_segmenter
 
     name = comparison_name(
         training, scale_range, class_weighting, pseudo_labels, steps, balance_classes, network,
-        encoder_weights,
+        encoder_weights, scale, crop_size,
     )  # fmt: skip
     out = job / (name + (f"-seed{seed}" if seed_override else ""))
     labels = job / pseudo_labels / "train" if pseudo_labels else job / "pseudo-labels" / "train"
@@ -103,6 +108,10 @@ def retrain(job: Path, preset_name: str, data: Path, train: str, test: str, trai
     )  # fmt: skip
     if scale_range is not None:
         settings.scale_range = scale_range
+    if scale is not None:
+        settings.scale = scale
+    if crop_size is not None:
+        settings.crop_size = crop_size
     settings.class_weighting = class_weighting
     if balance_classes is not None:  # else the job's own, as the rest of its recipe
         settings.balance_classes = balance_classes
@@ -129,15 +138,22 @@ def comparison_name(
     balance_classes: float | None = None,
     network: dict[str, str] | None = None,
     encoder_weights: str | None = None,
+    scale: float | None = None,
+    crop_size: int | None = None,
 ) -> str:
     """The compared segmenter's folder in the job: its training, architecture, encoder, its weights,
-    scale range, class weighting, class balancing, step budget and pseudo-labels where given."""
+    magnification, crop, scale range, class weighting, class balancing, step budget and pseudo-labels
+    where given."""
     name = f"segmenter-{training}"
     for key in ("arch", "encoder"):
         if (network or {}).get(key):
             name += f"-{network[key]}"  # type: ignore[index]
     if encoder_weights:
         name += f"-from-{Path(encoder_weights).stem}"
+    if scale is not None:
+        name += f"-at{scale:g}"
+    if crop_size is not None:
+        name += f"-crop{crop_size}"
     if scale_range is not None:
         name += f"-scale{scale_range[0]:g}-{scale_range[1]:g}"
     if class_weighting != "none":
@@ -158,6 +174,15 @@ def main() -> None:
         "--training", required=True, help="the segmenter training to compare: carb, beco, cross-entropy"
     )
     p.add_argument("--segmenter-minutes", type=float, default=10.0)
+    p.add_argument(
+        "--scale",
+        type=float,
+        help="magnification the segmenter trains and predicts at, e.g. 0.5: every image halved, so a crop"
+        " sees four times the tissue (folder ...-at<scale>)",
+    )
+    p.add_argument(
+        "--crop-size", type=int, help="training crop side (folder ...-crop<N>; default: the job's)"
+    )
     p.add_argument("--segmenter-steps", type=int, help="budget in optimiser steps instead of minutes")
     p.add_argument(
         "--pseudo-labels",
@@ -227,6 +252,8 @@ def main() -> None:
     override = args.segmenter_seed is not None
     compared += f", segmenter seed {args.segmenter_seed}" if override else ""
     compared += f", encoder from {args.encoder_weights}" if args.encoder_weights else ""
+    compared += f", at scale {args.scale:g}" if args.scale is not None else ""
+    compared += f", crop {args.crop_size}" if args.crop_size is not None else ""
     other = f"segmenter trained with {compared}"
     rows = []
     report: dict = {}
@@ -237,7 +264,7 @@ def main() -> None:
             result = retrain(job, args.preset, data, train, test, args.training, args.segmenter_minutes,
                              args.segmenter_seed if override else seed, source, scale_range, args.class_weighting,
                              args.pseudo_labels, args.segmenter_steps, args.balance_classes, network,
-                             override, args.encoder_weights)  # fmt: skip
+                             override, args.encoder_weights, args.scale, args.crop_size)  # fmt: skip
         stages = {s["name"]: s.get("evaluation") for s in report["stages"]}
         scores = {other: result["evaluation"]}
         if stages.get(SEGMENTER):
