@@ -18,6 +18,7 @@ SEGMENTER_NETWORK = SettingsArguments(
         "encoder",
         "weights",
         "crop_size",
+        "scale",
         "scale_range",
         "class_weighting",
         "training",
@@ -35,6 +36,7 @@ SEGMENTER_NETWORK = SettingsArguments(
     ),  # fmt: skip
     flags={
         "weights": "--encoder-weights",
+        "scale": "--seg-scale",
         "training": "--seg-training",
         "rounds": "--seg-rounds",
         "batch_size": "--seg-batch-size",

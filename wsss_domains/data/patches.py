@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,8 +83,6 @@ class PatchDataset:
         cache_size: int = 64,
         min_fraction: float = 0.0,
     ) -> None:
-        import torch
-
         self.base = base
         self.label_space = label_space
         self.patch_size = patch_size
@@ -94,9 +93,17 @@ class PatchDataset:
         self.min_fraction = min_fraction
         self._cache: OrderedDict[int, Sample] = OrderedDict()
         self._cache_size = cache_size
-        self.index: list[tuple[int, int, int, torch.Tensor]] = []
+
+    @cached_property
+    def index(self) -> list[tuple[int, int, int, torch.Tensor]]:
+        """(image, top, left, label) of every kept patch, built on first use: a loader's patching that
+        is only :meth:`recut` over other images (a fold, a denser stride) never reads its own masks."""
+        import torch
+
+        index: list[tuple[int, int, int, torch.Tensor]] = []
         ph, pw = self.patch_hw
         sh, sw = self.stride_hw
+        base, label_space = self.base, self.label_space
         load_mask = getattr(base, "load_mask", None)
         for i in range(len(base)):  # type: ignore[arg-type]
             if callable(load_mask):
@@ -116,8 +123,11 @@ class PatchDataset:
                 for x in grid_starts(w, pw, sw):
                     crop = ids[y : y + ph, x : x + pw]
                     if (crop != label_space.ignore_index).any():
-                        label = label_from_crop(label_space, torch.from_numpy(crop), min_pixels, min_fraction)
-                        self.index.append((i, y, x, label))
+                        label = label_from_crop(
+                            label_space, torch.from_numpy(crop), self.min_pixels, self.min_fraction
+                        )
+                        index.append((i, y, x, label))
+        return index
 
     def recut(self, base: Dataset, stride: int | tuple[int, int] | None = None) -> PatchDataset:
         """The same patching (size, label rule) over other images, e.g. a fold of these; the same

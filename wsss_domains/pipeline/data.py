@@ -83,7 +83,10 @@ def open_dataset(
         dataset = _sliced_dataset(spec, Path(data), request, **options)
     else:
         dataset = spec.build(Path(data), split, **options)
-    if len(dataset) == 0:  # type: ignore[arg-type]
+    # Images, not patches: counting a patching's patches would index all its masks here, and a
+    # caller that recuts it (a denser stride) would read them twice.
+    images = dataset.base if isinstance(dataset, PatchDataset) else dataset
+    if len(images) == 0:  # type: ignore[arg-type]
         raise UserError(f"{data}: split '{split}' of {spec.name} holds no images")
     return OpenedData(domain, spec, split, dataset, spec.label_space_for(Path(data)))
 
@@ -100,7 +103,8 @@ def _sliced_dataset(spec: DatasetSpec, root: Path, request: SplitRequest, **opti
     if not labels_from_masks:
         return subset
     # The loader's own patching (its crop stride and label rule: a driving crop's class needs 1% of
-    # it), cut from the fold's images; indexing the whole split's masks once is the price.
+    # it), cut from the fold's images (a patching indexes its masks on first use, so the whole
+    # split's are never read).
     patched = spec.build(root, request.base, labels_from_masks=True, patch_size=patch_size, **options)
     if isinstance(patched, PatchDataset):
         return patched.recut(subset)

@@ -59,7 +59,11 @@ class SegmenterSettings(TrainOptions):
     crop_size: int | None = setting(
         None, help=f"training crop side (default: the run's patch size, else {DEFAULT_CROP})"
     )
-    scale: float = 1.0
+    scale: float = setting(
+        1.0,
+        help="magnification the segmenter trains and predicts at: 0.5 halves every image (a crop then covers"
+        " four times the area, a step costs a quarter), 2 doubles it; predictions come back at the image's size",
+    )
     scale_range: tuple[float, ...] = setting(
         (1.0, 1.0),
         help="random magnification of each training image, a factor drawn uniformly from LOW,HIGH (e.g. 0.5,2"
@@ -125,7 +129,7 @@ class SegmenterSettings(TrainOptions):
         if self.crop_size is not None and (self.crop_size < STRIDE or self.crop_size % STRIDE):
             raise UserError(f"--crop-size must be a positive multiple of {STRIDE}, got {self.crop_size}")
         if not self.scale > 0:
-            raise UserError(f"--scale must be positive, got {self.scale}")
+            raise UserError(f"--seg-scale must be positive, got {self.scale}")
         jitter = self.scale_range = tuple(float(s) for s in self.scale_range)
         if len(jitter) != 2 or not 0 < jitter[0] <= jitter[1] <= MAX_SCALE_JITTER:
             raise UserError(
