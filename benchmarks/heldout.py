@@ -357,18 +357,28 @@ def main() -> None:
         default="both",
         help="which stage --balance-classes applies to (default: both)",
     )
+    p.add_argument(
+        "--domain-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the preset's domain plugin for every stage, repeatable (run --domain-option), "
+        "e.g. stain=macenko for histo",
+    )
     p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1), for splitting the work")
     p.add_argument("--out", type=Path, help="default: runs/heldout-<preset>")
     p.add_argument("--fresh", action="store_true", help="recompute finished runs")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
 
+    from wsss_domains.cli.common import key_values
     from wsss_domains.pipeline.classifier import ClassifierSettings
     from wsss_domains.pipeline.run import RunSettings, run_pipeline
     from wsss_domains.pipeline.segmenter import SegmenterSettings
     from wsss_domains.progress import progress_bars
 
     preset = PRESETS[args.preset]
+    domain_options = key_values(args.domain_option, "--domain-option")
     data = args.data_root / preset.path
     out = args.out or ROOT / "runs" / f"heldout-{args.preset}"
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -408,7 +418,7 @@ def main() -> None:
                 )
                 with progress_bars(False):  # the log lines are the record
                     run_pipeline(preset.domain, data, job, train_split=train_split, test_split=test_split,
-                                 dataset=preset.dataset, settings=settings)  # fmt: skip
+                                 dataset=preset.dataset, settings=settings, domain_options=domain_options)  # fmt: skip
             report = json.loads(report_path.read_text())
             if not reused:  # the load while the run trained, kept for later invocations that reuse it
                 report["load_at_start"] = list(load)
@@ -418,6 +428,9 @@ def main() -> None:
                 add_label_free_stage(job, report, preset.domain, preset.dataset, data, test_split)
             scores = {s["name"]: s["evaluation"] for s in report["stages"] if s.get("evaluation")}
             seconds = {s["name"]: s["seconds"] for s in report["stages"]}
+            if report["settings"].get("domain_options", {}) != domain_options:
+                raise SystemExit(f"{job} ran with domain options {report['settings'].get('domain_options')}, "
+                                 f"not {domain_options}: give another --out")  # fmt: skip
             rows.append({"fold": name, "seed": seed, "train": train_split, "test": test_split,
                          "scores": scores, "seconds": seconds, "method": report["recipe"]["method"],
                          "reused": reused, "load": load, "balance": {
