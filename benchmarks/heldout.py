@@ -455,6 +455,7 @@ def main() -> None:
         f"\n{preset.note}. Classifier {classifier_budget} + segmenter {segmenter_budget} per run"
         f"{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "
         f"`{rows[0]['method'] if rows else '?'}`, segmenter training `{args.seg_training}`"
+        + "".join(f", domain option `{key}={value}`" for key, value in domain_options.items())
         + balance_text(rows)
         + f"; {platform.machine()}, CPUs of the runs: {' / '.join(sorted({r['cpus'] for r in rows}))}"
         f"; load average (1 min) before {load_before[0]:.2f}, after "
