@@ -420,6 +420,9 @@ def main() -> None:
                     run_pipeline(preset.domain, data, job, train_split=train_split, test_split=test_split,
                                  dataset=preset.dataset, settings=settings, domain_options=domain_options)  # fmt: skip
             report = json.loads(report_path.read_text())
+            if report["settings"].get("domain_options", {}) != domain_options:
+                raise SystemExit(f"{job} ran with domain options {report['settings'].get('domain_options')}, "
+                                 f"not {domain_options}: give another --out")  # fmt: skip
             if not reused:  # the load while the run trained, kept for later invocations that reuse it
                 report["load_at_start"] = list(load)
                 report_path.write_text(json.dumps(report, indent=2, default=str))
@@ -428,9 +431,6 @@ def main() -> None:
                 add_label_free_stage(job, report, preset.domain, preset.dataset, data, test_split)
             scores = {s["name"]: s["evaluation"] for s in report["stages"] if s.get("evaluation")}
             seconds = {s["name"]: s["seconds"] for s in report["stages"]}
-            if report["settings"].get("domain_options", {}) != domain_options:
-                raise SystemExit(f"{job} ran with domain options {report['settings'].get('domain_options')}, "
-                                 f"not {domain_options}: give another --out")  # fmt: skip
             rows.append({"fold": name, "seed": seed, "train": train_split, "test": test_split,
                          "scores": scores, "seconds": seconds, "method": report["recipe"]["method"],
                          "reused": reused, "load": load, "balance": {
