@@ -65,7 +65,7 @@ def ensemble(job: Path, report: dict, data: Path, test: str, members: list[str])
         from wsss_domains.pipeline.data import open_dataset
         from wsss_domains.pipeline.evaluate import evaluate_split
         from wsss_domains.pipeline.predict import load_predictor
-        from wsss_domains.segmentation.inference import InferenceOptions
+        from wsss_domains.segmentation.inference import InferenceOptions, labels_from_probabilities
 
         loaded = [load_predictor(member_folder(job, m), InferenceOptions(device="cpu")) for m in members]
         first = loaded[0]
@@ -81,10 +81,7 @@ def ensemble(job: Path, report: dict, data: Path, test: str, members: list[str])
                 sample = opened.dataset[i]
                 image = sample["image"]
                 probs = sum(m.predictor.probabilities(m.predictor.prepare(image, domain)) for m in loaded)
-                ids = probs.argmax(0).cpu()
-                rule = domain.exclude_mask(image, space)
-                if rule is not None:
-                    ids = ids.masked_fill(rule.cpu().bool(), space.ignore_index)
+                ids = labels_from_probabilities(probs, image, domain, space)
                 save_palette_png(
                     out / "test" / pred_filename(sample["id"]),
                     ids.numpy().astype("uint8"),

@@ -192,9 +192,17 @@ class SegmenterPredictor:
         the domain's own rule (e.g. white glass) is added to it.
         """
         probs = self.probabilities(self.prepare(image, domain))
-        ids = probs.argmax(0).cpu()
-        rule = domain.exclude_mask(image, label_space)
-        for mask in (exclude, rule):
-            if mask is not None:
-                ids = ids.masked_fill(mask.cpu().bool(), label_space.ignore_index)
-        return ids
+        return labels_from_probabilities(probs, image, domain, label_space, exclude)
+
+
+def labels_from_probabilities(
+    probs: Tensor, image: Tensor, domain: DomainPlugin, label_space: LabelSpace, exclude: Tensor | None = None
+) -> Tensor:
+    """``H x W`` class ids of ``C x H x W`` probabilities of ``image``; excluded pixels (``exclude`` and
+    the domain's own rule) get the ignore index. Shared by one segmenter and averaged segmenters."""
+    ids = probs.argmax(0).cpu()
+    rule = domain.exclude_mask(image, label_space)
+    for mask in (exclude, rule):
+        if mask is not None:
+            ids = ids.masked_fill(mask.cpu().bool(), label_space.ignore_index)
+    return ids
