@@ -45,11 +45,19 @@ from heldout import (  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "segmenter_ensemble.md"
 
 
+def member_names(text: str) -> list[str]:
+    """``--members`` as variant names: ``variant/segmenter`` (the folder itself) names ``variant``."""
+    names = [m.strip().strip("/") for m in text.split(",") if m.strip().strip("/")]
+    return [m.removesuffix("/segmenter") if m != "segmenter" else m for m in names]
+
+
 def member_folder(job: Path, member: str) -> Path:
     """A member's trained segmenter folder in the job (``segmenter``: the job's own)."""
     folder = job / member if member == "segmenter" else job / member / "segmenter"
     if not (folder / "segmenter.json").is_file():
         raise SystemExit(f"{folder}: no trained segmenter there (run segmenter_training.py first)")
+    if member != "segmenter" and not (job / member / "report.json").is_file():
+        raise SystemExit(f"{job / member}: no report.json (segmenter_training.py did not finish there)")
     return folder
 
 
@@ -102,7 +110,7 @@ def main() -> None:
         help="comma-separated segmenter folders of each job to average, e.g. segmenter,segmenter-cross-entropy-at0.5",
     )
     args = p.parse_args()
-    members = [m.strip() for m in args.members.split(",") if m.strip()]
+    members = member_names(args.members)
     if len(members) < 2:
         sys.exit("--members needs at least two segmenter folders")
     from wsss_domains.progress import progress_bars
@@ -113,7 +121,11 @@ def main() -> None:
     rows = []
     load_before = os.getloadavg()
     started = time.perf_counter()
-    for name, _train, test, seed, job, report in finished_jobs(args):
+    jobs = list(finished_jobs(args))
+    for _name, _train, _test, _seed, job, _report in jobs:
+        for member in members:
+            member_folder(job, member)  # every member of every job exists before any is scored
+    for name, _train, test, seed, job, report in jobs:
         scores = {}
         with progress_bars(False):
             for member in members:
