@@ -21,7 +21,7 @@ windows come from the SAM embedding cache, so a job whose refinement already emb
 nothing), to ask whether the SAM encoder's context on a 256-pixel window carries what a stride-8
 cell of the CNN lacks (folder ``frozen-head-<head>-<method>-<key>=<value>``).
 
-    python benchmarks/heldout_frozen_head.py --preset histo --seeds 0,1 --head mlp \
+    python benchmarks/heldout_frozen_head.py --preset histo --seeds 0,1 --head mlp \\
         --method sam-label-probe --method-option features=sam+backbone
 
 Heads are trained for ``--steps`` Adam steps on random batches of 8192 cells (seeded by the job's

@@ -9,10 +9,10 @@ helps by more than the noise.
 
     python benchmarks/heldout.py --preset histo --seeds 0,1 --classifier-minutes 10 --segmenter-minutes 10
     python benchmarks/segmenter_training.py --preset histo --seeds 0,1 --training carb --segmenter-minutes 10
-    python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy --scale-range 0.5,2 \
+    python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy --scale-range 0.5,2 \\
         --segmenter-minutes 15
-    python benchmarks/segmenter_training.py --preset deepglobe --seeds 0 --training das --segmenter-minutes 10 \
-        --source-data ../shared/data/remote_sensing/loveda-sample --source-dataset loveda --source-split val \
+    python benchmarks/segmenter_training.py --preset deepglobe --seeds 0 --training das --segmenter-minutes 10 \\
+        --source-data ../shared/data/remote_sensing/loveda-sample --source-dataset loveda --source-split val \\
         --source-classes building=urban,road=urban,background=ignore
 
 ``--scale-range`` adds random magnification of the training samples (the compared folder is then
@@ -28,7 +28,7 @@ of ImageNet (folder ``...-from-classifier``), ``--scale S`` trains and predicts 
 sets the training crop (folder ``...-crop<N>``). A finished
 comparison (its ``report.json`` in that folder of the job) is reused when re-run.
 
-    python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
+    python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \\
         --class-weighting median-frequency --segmenter-minutes 15
 
 ``--pseudo-labels FOLDER`` trains on another set of the job's pseudo-labels instead of its own, e.g.
@@ -36,7 +36,7 @@ those ``heldout_refinement.py`` wrote (``refinement-<method>``; its ``train`` su
 refinement is measured through the segmenter. ``--segmenter-steps N`` budgets the segmenter in
 optimiser steps instead of minutes, so the same seed gives the same run on any machine.
 
-    python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \
+    python benchmarks/segmenter_training.py --preset camvid --seeds 0,1 --training cross-entropy \\
         --pseudo-labels refinement-cam-proto-scales1-1.5-2-3 --segmenter-steps 1700
 """
 
