@@ -11,6 +11,7 @@ them (time-budgeted training does less work on a busy machine).
     python benchmarks/heldout.py --preset histo --seeds 0,1        # 4 interleaved folds of 31 ROIs
     python benchmarks/heldout.py --preset deepglobe --seeds 0,1 --stratified  # 2 folds of 8 scenes, by class
     python benchmarks/heldout.py --preset camvid --seeds 0,1          # CamVid's own train / val split
+    python benchmarks/heldout.py --preset histo --seeds 0,1 --extra-train-split training  # + 1.training patches
 
 A finished run (its ``report.json``) is reused when the script is re-run; ``--fresh`` recomputes.
 
@@ -107,17 +108,21 @@ def add_label_free_stage(
     (job / "report.json").write_text(json.dumps(report, indent=2, default=str))
 
 
-def splits(preset: Preset, folds: int, stratified: bool = False) -> list[tuple[str, str, str]]:
-    """(name, train split, test split) of every fold; ``stratified``: folds balanced by class."""
+def splits(
+    preset: Preset, folds: int, stratified: bool = False, extra_train: str | None = None
+) -> list[tuple[str, str, str]]:
+    """(name, train split, test split) of every fold; ``stratified``: folds balanced by class;
+    ``extra_train``: a split joined to every training split (``... + training``), never scored."""
+    join = (lambda split: f"{split} + {extra_train}") if extra_train else (lambda split: split)
     if preset.test_split is not None:
-        return [("fixed", preset.split, preset.test_split)]
+        return [("fixed", join(preset.split), preset.test_split)]
     from wsss_domains.data.splits import fold_split
 
     kind = "sfold" if stratified else "fold"
     return [
         (
             f"{kind}{f}",
-            fold_split(preset.split, f, folds, complement=True, stratified=stratified),
+            join(fold_split(preset.split, f, folds, complement=True, stratified=stratified)),
             fold_split(preset.split, f, folds, stratified=stratified),
         )
         for f in range(1, folds + 1)
@@ -217,7 +222,9 @@ def finished_jobs(args: argparse.Namespace) -> Iterator[tuple[str, str, str, int
             job = jobs / f"{name}-seed{seed}"
             if not (job / "report.json").is_file():
                 sys.exit(f"{job}: no finished heldout.py job here; run heldout.py first (or name --jobs)")
-            yield name, train, test, seed, job, json.loads((job / "report.json").read_text())
+            report = json.loads((job / "report.json").read_text())
+            # The job's own training split: it may hold a split joined by --extra-train-split.
+            yield name, report.get("train_split", train), test, seed, job, report
 
 
 def cached_comparison(out: Path, compute: Callable[[], dict]) -> dict:
@@ -366,6 +373,12 @@ def main() -> None:
         "e.g. stain=macenko for histo",
     )
     p.add_argument("--only", help="comma-separated fold names to run (e.g. fold1), for splitting the work")
+    p.add_argument(
+        "--extra-train-split",
+        metavar="SPLIT",
+        help="a split of the same dataset joined to every fold's training split and never scored, e.g. "
+        "training (WSSS4LUAD's training patches, labels in their file names: the challenge's own format)",
+    )
     p.add_argument("--out", type=Path, help="default: runs/heldout-<preset>")
     p.add_argument("--fresh", action="store_true", help="recompute finished runs")
     p.add_argument("--no-record", action="store_true")
@@ -383,7 +396,7 @@ def main() -> None:
     out = args.out or ROOT / "runs" / f"heldout-{args.preset}"
     seeds = [int(s) for s in args.seeds.split(",")]
     args.folds = args.folds or preset.folds
-    chosen = splits(preset, args.folds, args.stratified)
+    chosen = splits(preset, args.folds, args.stratified, args.extra_train_split)
     if args.only:
         chosen = [c for c in chosen if c[0] in args.only.split(",")]
     rows = []
@@ -420,6 +433,9 @@ def main() -> None:
                     run_pipeline(preset.domain, data, job, train_split=train_split, test_split=test_split,
                                  dataset=preset.dataset, settings=settings, domain_options=domain_options)  # fmt: skip
             report = json.loads(report_path.read_text())
+            if report.get("train_split", train_split) != train_split:
+                raise SystemExit(f"{job} trained on '{report['train_split']}', not '{train_split}': "
+                                 "give another --out")  # fmt: skip
             if report["settings"].get("domain_options", {}) != domain_options:
                 raise SystemExit(f"{job} ran with domain options {report['settings'].get('domain_options')}, "
                                  f"not {domain_options}: give another --out")  # fmt: skip
@@ -451,6 +467,7 @@ def main() -> None:
             if preset.test_split is None
             else f"`{preset.split}` -> `{preset.test_split}`"
         )
+        + (f", training split joined with `{args.extra_train_split}`" if args.extra_train_split else "")
         + f", seeds {args.seeds}",
         f"\n{preset.note}. Classifier {classifier_budget} + segmenter {segmenter_budget} per run"
         f"{f' and round ({args.seg_rounds} rounds)' if args.seg_rounds > 1 else ''}, method "

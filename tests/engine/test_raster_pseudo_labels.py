@@ -843,12 +843,12 @@ def test_stage_image_copies_a_png_into_a_tiled_geotiff(tmp_path: Path):
 
 
 def test_whether_a_large_first_image_has_a_mask_is_read_from_its_file_list(tmp_path: Path, monkeypatch):
-    from wsss_domains.pipeline import pseudo_labels as stage
+    from wsss_domains.pipeline import data as stage
 
     scene_png(tmp_path / "images")
     Image.fromarray(truth()).save(tmp_path / "mask.png")
     monkeypatch.setattr(stage, "LARGE_IMAGE_PIXELS", 100 * 100)
     with_mask = FileDataset(tmp_path / "images", {"scene": None}, {"scene": tmp_path / "mask.png"})
     without = FileDataset(tmp_path / "images", {"scene": torch.tensor([1.0, 0.0])})
-    assert stage._has_mask(with_mask) and not stage._has_mask(without)  # type: ignore[arg-type]
+    assert stage.has_masks(with_mask) and not stage.has_masks(without)  # type: ignore[arg-type]
     assert with_mask.decoded == without.decoded == []

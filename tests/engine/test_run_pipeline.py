@@ -76,3 +76,29 @@ def test_cam_scales_are_the_users_else_the_recipes_else_the_default():
     assert cam_scales(None, Recipe()) == DEFAULT_SCALES
     assert cam_scales(None, Recipe(cam_scales=(1, 3))) == (1.0, 3.0)
     assert cam_scales((2.0,), Recipe(cam_scales=(1, 3))) == (2.0,)
+
+
+@pytest.mark.slow
+def test_run_trains_on_a_union_of_annotated_rois_and_name_labelled_patches(tmp_path: Path, capsys):
+    from wsss_adapters.histo.demo import N_TRAIN, write_demo
+
+    data = write_demo(tmp_path / "data")
+    out = tmp_path / "job"
+    train = "validation[fold!=1/3] + training"
+    args = ["--data", str(data), "--train-split", train, "--test-split", "validation[fold=1/3]"]
+    args += ["--labels-from-masks", "--patch-size", "128"]
+    assert main(["run", "--domain", "histo", "--out", str(out), *args, *TINY]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_split"] == train
+    # Eight ROIs (192-256 px) in 128 px patches, then the 60 training patches whole.
+    pseudo_labels = sorted((out / "pseudo-labels" / "train").glob("*.png"))
+    from_names = [p for p in pseudo_labels if "%5B" in p.name]  # "[": %-escaped in file names
+    assert len(from_names) == N_TRAIN and len(pseudo_labels) > N_TRAIN + 8
+    segmenter_line = re.search(r"training segmenter .* on (\d+) pseudo-labelled samples", printed)
+    assert segmenter_line is not None and int(segmenter_line[1]) == len(pseudo_labels)
+    # Only the ROIs' patches have masks: the training split's score counts them alone.
+    stages = {s["name"]: s for s in report["stages"]}
+    scored = stages["pseudo-labels (training split, labels given)"]["evaluation"]
+    assert scored["n_images"] == len(pseudo_labels) - N_TRAIN
+    assert stages["segmentation (test split, no labels)"]["evaluation"]["n_images"] == 4

@@ -61,7 +61,10 @@ def add_run_subcommand(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data", type=Path, metavar="DIR", help="dataset folder (none: the domain's synthetic demo set)"
     )
-    p.add_argument("--train-split", help="split to train on, e.g. train or 'validation[fold!=1/3]'")
+    p.add_argument(
+        "--train-split",
+        help="split to train on, e.g. train, 'validation[fold!=1/3]' or a union 'validation + training'",
+    )
     p.add_argument("--test-split", help="split to segment without labels, e.g. val")
     p.add_argument("--out", type=Path, help="job folder (default for the demo: runs/<domain>-demo)")
     p.add_argument(

@@ -17,6 +17,9 @@ percentages of the split's size, rounded to the nearest image:
   Each image's classes are those covering at least ``STRATIFY_MIN_SHARE`` of its scored pixels
   (its image-level label where it has no mask); the assignment is the iterative stratification of
   Sechidis et al. (2011) with ties broken by fold order, so it is deterministic.
+* ``validation[fold!=1/4] + training``: the union of several splits (each with its own slice or
+  fold) of one dataset, in the order given: WSSS4LUAD's annotated ROIs of three folds plus the
+  challenge's training patches, whose labels are in their file names. An image may appear once.
 
 Sorting by id keeps the hold-out stable across machines and runs; for datasets whose ids follow
 geography (Dubai tiles, ISPRS areas) it also keeps train and score regions apart.
@@ -166,6 +169,26 @@ def _index(text: str, n: int) -> int | None:
     if "." in match["value"]:
         raise ValueError(f"slice bound '{text}' must be an integer (or end in % for a fraction)")
     return int(match["value"])
+
+
+def union_parts(split: str) -> list[str]:
+    """``'validation[fold!=1/4] + training'`` -> ``['validation[fold!=1/4]', 'training']``.
+
+    Splits on ``+`` outside brackets; a split without one gives itself. ValueError on an empty part.
+    """
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(split):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "+" and depth == 0:
+            parts.append(split[start:i])
+            start = i + 1
+    parts.append(split[start:])
+    if len(parts) == 1:
+        return [split]
+    parts = [part.strip() for part in parts]
+    if not all(parts):
+        raise ValueError(f"split '{split}': a union is written 'a + b' (e.g. 'validation + training')")
+    return parts
 
 
 def parse_split(split: str) -> SplitRequest:

@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Subset
 
-from wsss_domains.data.large_images import large_image_file
+from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS, large_image_file
 from wsss_domains.data.patches import PatchDataset, RandomPatchDataset
-from wsss_domains.data.splits import SplitRequest, mask_classes, parse_split, sample_ids
+from wsss_domains.data.splits import SplitRequest, mask_classes, parse_split, sample_ids, union_parts
+from wsss_domains.data.union import SplitUnion, image_ids
 from wsss_domains.domains import DatasetSpec, DomainPlugin, LabelSpace, create_domain
 from wsss_domains.errors import UserError
 from wsss_domains.progress import progress_bar
@@ -54,8 +55,12 @@ def open_dataset(
     ``domain_options`` build the domain plugin (``--domain-option``; a run records them), the other
     ``options`` go to the loader. ``random_patches=K`` with ``labels_from_masks`` draws K random
     windows per image instead of the loader's fixed grid (see :class:`RandomPatchDataset`); meant
-    for training.
+    for training. A union of splits (``validation[fold!=1/4] + training``) opens each part with these
+    options, except that a part without masks is read whole with its own labels (see :class:`SplitUnion`).
     """
+    parts = _union_parts(split) if split is not None else []
+    if split is not None and len(parts) > 1:
+        return _open_union(domain_name, dataset_name, data, split, parts, domain_options, options)
     random_patches = options.pop("random_patches", None)
     if random_patches and options.get("labels_from_masks"):
         options.pop("labels_from_masks")
@@ -89,6 +94,70 @@ def open_dataset(
     if len(images) == 0:  # type: ignore[arg-type]
         raise UserError(f"{data}: split '{split}' of {spec.name} holds no images")
     return OpenedData(domain, spec, split, dataset, spec.label_space_for(Path(data)))
+
+
+def _union_parts(split: str) -> list[str]:
+    try:
+        return union_parts(split)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+
+
+# Loader options that cut an annotated split into patches; a part of a union without masks drops them.
+_PATCHING = ("labels_from_masks", "patch_size", "random_patches")
+
+
+def _open_union(
+    domain_name: str,
+    dataset_name: str | None,
+    data: Path,
+    split: str,
+    parts: list[str],
+    domain_options: Mapping[str, object] | None,
+    options: dict[str, object],
+) -> OpenedData:
+    """Each part opened on its own (its slice or fold, its patches), then read in the order given."""
+    plain_options = {k: v for k, v in options.items() if k not in _PATCHING}
+    opened: list[OpenedData] = []
+    annotated: list[bool] = []
+    for part in parts:
+        name = opened[0].spec.name if opened else dataset_name
+        whole = open_dataset(domain_name, name, data, part, domain_options=domain_options, **plain_options)
+        masks = has_masks(whole.dataset)
+        if masks and options.get("labels_from_masks"):
+            whole = open_dataset(domain_name, name, data, part, domain_options=domain_options, **options)
+        opened.append(whole)
+        annotated.append(masks)
+    seen: dict[str, str] = {}
+    for part, each in zip(parts, opened, strict=True):
+        for image in image_ids(each.dataset):
+            if image in seen:
+                raise UserError(f"split '{split}': image {image} is in both '{seen[image]}' and '{part}'")
+            seen[image] = part
+    union = SplitUnion([each.dataset for each in opened], parts, annotated)
+    first = opened[0]
+    return OpenedData(first.domain, first.spec, split, union, first.label_space)
+
+
+def has_masks(dataset: Dataset) -> bool:
+    """Whether the split's samples carry masks (a union: any of its parts), judged by the first sample,
+    read from its file list where it is a large image."""
+    if isinstance(dataset, SplitUnion):
+        return any(dataset.annotated_parts)
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        return False
+    large = large_image_file(dataset, 0, LARGE_IMAGE_PIXELS)
+    return large.mask is not None if large is not None else "mask" in dataset[0]  # type: ignore[index]
+
+
+def scored_samples(dataset: Dataset) -> Dataset:
+    """The samples a score can use: a union's annotated parts (its other parts carry no masks)."""
+    if isinstance(dataset, SplitUnion):
+        annotated = dataset.annotated()
+        if annotated is None:
+            raise UserError(f"no part of the split '{' + '.join(dataset.names)}' has masks to score against")
+        return annotated
+    return dataset
 
 
 def _sliced_dataset(spec: DatasetSpec, root: Path, request: SplitRequest, **options: object) -> Dataset:

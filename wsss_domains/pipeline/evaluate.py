@@ -7,7 +7,7 @@ from pathlib import Path
 
 from wsss_domains.data.io import atomic_write
 from wsss_domains.evaluation import EvaluationReport, evaluate_predictions
-from wsss_domains.pipeline.data import OpenedData, open_dataset
+from wsss_domains.pipeline.data import OpenedData, open_dataset, scored_samples
 from wsss_domains.reports.environment import command_line, environment
 from wsss_domains.reports.html import (
     environment_block,
@@ -41,7 +41,8 @@ def evaluate_split(
     opened = open_dataset(
         domain, dataset, data, split, domain_options=domain_options, **(dataset_options or {})
     )
-    report = evaluate_predictions(opened.domain, opened.label_space, opened.dataset, pred)
+    scored = scored_samples(opened.dataset)  # a union of splits: its annotated parts
+    report = evaluate_predictions(opened.domain, opened.label_space, scored, pred)
     if html is not None:
         text = evaluation_page(report, opened, Path(pred))
         atomic_write(Path(html), lambda tmp: tmp.write_text(text))

@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import ConcatDataset, Dataset
 
 from wsss_domains.cam.extract import CamExtractor
 from wsss_domains.cam.settings import CamSettings
 from wsss_domains.data.io import DataError
-from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS, large_image_file
+from wsss_domains.data.large_images import LARGE_IMAGE_PIXELS
 from wsss_domains.data.patches import PatchDataset
+from wsss_domains.data.splits import union_parts
 from wsss_domains.data.windows import pair
 from wsss_domains.domains.contract import DomainPlugin, LabelSpace
 from wsss_domains.errors import UserError
@@ -28,7 +29,7 @@ from wsss_domains.evaluation import EvaluationReport
 from wsss_domains.methods import Method, create_method
 from wsss_domains.methods.fitting import FIT_FOLDER, FitContext, extractor_settings
 from wsss_domains.models.runtime import resolve_runtime
-from wsss_domains.pipeline.data import open_dataset, validate_dataset
+from wsss_domains.pipeline.data import has_masks, open_dataset, validate_dataset
 from wsss_domains.pipeline.evaluate import evaluate_split
 from wsss_domains.pseudo_labels.raster import RasterOptions, RasterSummary, pseudo_label_raster
 from wsss_domains.pseudo_labels.writer import PseudoLabelOptions, PseudoLabelSummary, write_pseudo_labels
@@ -232,29 +233,36 @@ def _window_factory(config: RunConfig) -> Callable[[], Dataset]:
 
     Each window is labelled by the loader's own rule where the loader cuts patches (a driving crop's
     class needs 1% of it), the rule the classifier was trained with; else by any pixel of a class.
+    A part of a union of splits without masks (patches labelled by file name) gives its images whole.
     """
 
     def build() -> Dataset:
         patch = pair(tuple(config.patch_size))  # type: ignore[arg-type]
-        stride = (max(1, patch[0] // 4), max(1, patch[1] // 4))
-        data, split = Path(config.data), config.split
-        patched = open_dataset(
-            config.domain,
-            config.dataset,
-            data,
-            split,
-            domain_options=config.domain_options,
-            labels_from_masks=True,
-            patch_size=patch,
-        )
-        if isinstance(patched.dataset, PatchDataset):
-            return patched.dataset.recut(patched.dataset.base, stride=stride)
-        opened = open_dataset(
-            config.domain, config.dataset, data, split, domain_options=config.domain_options
-        )
-        return PatchDataset(opened.dataset, opened.label_space, patch, stride=stride)
+        parts = [_split_windows(config, part, patch) for part in union_parts(config.split)]
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     return build
+
+
+def _split_windows(config: RunConfig, split: str, patch: tuple[int, int]) -> Dataset:
+    """One split's windows for :func:`_window_factory`, at a quarter of the patch size's stride."""
+    stride = (max(1, patch[0] // 4), max(1, patch[1] // 4))
+    data = Path(config.data)  # type: ignore[arg-type]
+    opened = open_dataset(config.domain, config.dataset, data, split, domain_options=config.domain_options)
+    if not has_masks(opened.dataset):
+        return opened.dataset
+    patched = open_dataset(
+        config.domain,
+        config.dataset,
+        data,
+        split,
+        domain_options=config.domain_options,
+        labels_from_masks=True,
+        patch_size=patch,
+    )
+    if isinstance(patched.dataset, PatchDataset):
+        return patched.dataset.recut(patched.dataset.base, stride=stride)
+    return PatchDataset(opened.dataset, opened.label_space, patch, stride=stride)
 
 
 def pseudo_label_raster_file(
@@ -334,7 +342,7 @@ def pseudo_label_and_score(
         opened = open_dataset(
             domain_name, dataset, data, split, domain_options=domain_options, **dict(dataset_options or {})
         )
-        score = len(opened.dataset) > 0 and _has_mask(opened.dataset)
+        score = has_masks(opened.dataset)
     if not score:
         return ScoredPseudoLabels(summary, None, seconds)
     start = time.perf_counter()
@@ -342,9 +350,3 @@ def pseudo_label_and_score(
         domain_name, dataset, data, split, out, dataset_options, domain_options=domain_options
     )
     return ScoredPseudoLabels(summary, report, seconds, time.perf_counter() - start)
-
-
-def _has_mask(dataset: Dataset) -> bool:
-    """Whether the first sample carries a mask, read from its file list where it is a large image."""
-    large = large_image_file(dataset, 0, LARGE_IMAGE_PIXELS)
-    return large.mask is not None if large is not None else "mask" in dataset[0]  # type: ignore[index]

@@ -35,7 +35,7 @@ from wsss_domains.cam.settings import DEFAULT_SCALES, CamSettings
 from wsss_domains.domains import Recipe, check_domain_options, create_domain
 from wsss_domains.evaluation import EvaluationReport
 from wsss_domains.pipeline.classifier import ClassifierSettings, train_classifier
-from wsss_domains.pipeline.data import open_dataset, resolve_device
+from wsss_domains.pipeline.data import has_masks, open_dataset, resolve_device
 from wsss_domains.pipeline.evaluate import evaluate_split
 from wsss_domains.pipeline.predict import predict_split
 from wsss_domains.pipeline.pseudo_labels import ScoredPseudoLabels, pseudo_label_and_score
@@ -93,10 +93,6 @@ class RunReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _has_masks(dataset: Any) -> bool:
-    return len(dataset) > 0 and "mask" in dataset[0]
 
 
 def run_pipeline(
@@ -218,7 +214,7 @@ def run_pipeline(
     )
     report.stages[-1].evaluation = None if scored.report is None else scored.report.to_dict()
     test_opened = open_dataset(domain, spec.name, data, test_split, domain_options=domain_options)
-    test_masks = _has_masks(test_opened.dataset)
+    test_masks = has_masks(test_opened.dataset)
     if settings.test_pseudo_labels and test_masks:
         test_pl = out / "pseudo-labels" / "test"
         scored = timed(
