@@ -78,8 +78,9 @@ def test_a_score_of_a_union_counts_its_annotated_parts(tmp_path: Path):
         if name == "01":
             guess[:, :24] = 0
         Image.fromarray(guess).save(pred / pred_filename(name))
-    report = evaluate_split("histo", "wsss4luad", root, "validation + training", pred)
-    assert report.n_images == 2
+    page = tmp_path / "page.html"
+    report = evaluate_split("histo", "wsss4luad", root, "validation + training", pred, html=page)
+    assert report.n_images == 2 and "scored against the masks of 2 images" in page.read_text()
     # By hand, over the scored pixels (ids 0..2; id 3 and ROI 01's top strip are excluded):
     strip = np.zeros((40, 48), dtype=bool)
     strip[:4, :] = True

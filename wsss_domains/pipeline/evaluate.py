@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from wsss_domains.data.io import atomic_write
@@ -41,8 +42,9 @@ def evaluate_split(
     opened = open_dataset(
         domain, dataset, data, split, domain_options=domain_options, **(dataset_options or {})
     )
-    scored = scored_samples(opened.dataset)  # a union of splits: its annotated parts
-    report = evaluate_predictions(opened.domain, opened.label_space, scored, pred)
+    # A union of splits is scored (and pictured) by its annotated parts.
+    opened = replace(opened, dataset=scored_samples(opened.dataset))
+    report = evaluate_predictions(opened.domain, opened.label_space, opened.dataset, pred)
     if html is not None:
         text = evaluation_page(report, opened, Path(pred))
         atomic_write(Path(html), lambda tmp: tmp.write_text(text))
