@@ -41,7 +41,10 @@ def add_data_arguments(
         help="dataset folder",
     )
     parser.add_argument(
-        "--split", metavar="S", help="split name as the dataset spells it (default: the loader's)"
+        "--split",
+        metavar="S",
+        help="split name as the dataset spells it (default: the loader's), optionally sliced or folded"
+        " ('train[0:6]', 'validation[fold=2/4]') or joined ('validation + training')",
     )
 
 
