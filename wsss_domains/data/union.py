@@ -8,6 +8,7 @@ every sample carries a mask.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,13 +44,13 @@ class SplitUnion(ConcatDataset):
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def _locate(self, index: int) -> tuple[int, int]:
+        """(part, index within it) of a sample, as ``ConcatDataset.__getitem__`` finds it."""
         if index < 0:
             index += len(self)
-        for part, end in enumerate(self.cumulative_sizes):
-            if index < end:
-                start = self.cumulative_sizes[part - 1] if part else 0
-                return part, index - start
-        raise IndexError(f"index {index} out of range for {len(self)} samples")
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        part = bisect.bisect_right(self.cumulative_sizes, index)
+        return part, index - (self.cumulative_sizes[part - 1] if part else 0)
 
 
 def image_ids(dataset: Any) -> list[str]:
