@@ -25,9 +25,13 @@ class SplitUnion(ConcatDataset):
         if not len(parts) == len(names) == len(annotated):
             raise ValueError("SplitUnion needs one name and one annotated flag per part")
         super().__init__(list(parts))
-        self.parts = list(parts)
         self.names = list(names)
         self.annotated_parts = list(annotated)
+
+    @property
+    def parts(self) -> list[Dataset]:
+        """The parts' datasets, in order (``ConcatDataset.datasets``)."""
+        return list(self.datasets)
 
     def sample_ids(self) -> list[str]:
         return [sample_id for part in self.parts for sample_id in sample_ids(part)]
@@ -55,10 +59,8 @@ class SplitUnion(ConcatDataset):
 
 def image_ids(dataset: Any) -> list[str]:
     """The ids of the whole images under ``dataset`` (a split, a fold of one, or their patches)."""
-    base = getattr(dataset, "base", None)
-    if base is not None and not isinstance(dataset, Subset):  # patches: the images they are cut from
-        return image_ids(base)
     if isinstance(dataset, Subset):
         ids = image_ids(dataset.dataset)
         return [ids[int(i)] for i in dataset.indices]
-    return sample_ids(dataset)
+    base = getattr(dataset, "base", None)  # patches: the images they are cut from
+    return image_ids(base) if base is not None else sample_ids(dataset)
